@@ -1,0 +1,1 @@
+"""Quantization: stored formats (formats.py), grid math (grid.py), bit packing (pack.py), methods."""

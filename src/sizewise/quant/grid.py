@@ -1,0 +1,86 @@
+"""Grid math as pure functions: fit a group's scale/zero, encode weights to codes, decode back.
+
+Scales and zeros are rounded to their stored precision *before* codes are computed, so the codes
+are optimal for what is actually stored, and `decode` is the single definition of a weight's
+value everywhere (engine, artifact loading, exporters).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .formats import TORCH_DTYPES, QuantFormat, QuantizedTensor
+
+_TINY = 2.0 ** -24  # smallest float16 subnormal: a scale never rounds to zero
+
+
+def _stored(x: torch.Tensor, dtype: str) -> torch.Tensor:
+    return x.to(TORCH_DTYPES[dtype]).float()
+
+
+def fit(w: torch.Tensor, fmt: QuantFormat, clip: float | torch.Tensor = 1.0):
+    """Scale and zero for groups laid along the last dim of `w` (reduced away).
+
+    `clip` < 1 shrinks the range (MSE-optimal clipping searches it). Returns float32 tensors
+    already rounded to their stored precision; zero is None for symmetric formats.
+    """
+    w = w.float()
+    if fmt.symmetric:
+        amax = w.abs().amax(dim=-1) * clip
+        scale = _stored(amax * 2 / fmt.qmax, fmt.scale_dtype).clamp_min(_TINY)
+        return scale, None
+    lo, hi = w.amin(dim=-1) * clip, w.amax(dim=-1) * clip
+    if fmt.zero == "int":
+        # The range must contain 0 so that the integer zero point lies on the grid.
+        lo, hi = lo.clamp(max=0), hi.clamp(min=0)
+        scale = _stored((hi - lo) / fmt.qmax, fmt.scale_dtype).clamp_min(_TINY)
+        zero = torch.round(-lo / scale).clamp(0, fmt.qmax)
+        return scale, zero
+    scale = _stored((hi - lo) / fmt.qmax, fmt.scale_dtype).clamp_min(_TINY)
+    return scale, _stored(lo, "float16")
+
+
+def encode(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, fmt: QuantFormat):
+    """Nearest code for each weight; scale/zero broadcast against `w`. Returns uint8 codes."""
+    w = w.float()
+    if fmt.symmetric:
+        q = torch.round(w / scale) + (1 << (fmt.bits - 1))
+    elif fmt.zero == "int":
+        q = torch.round(w / scale) + zero
+    else:
+        q = torch.round((w - zero) / scale)
+    return q.clamp(0, fmt.qmax).to(torch.uint8)
+
+
+def decode(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, fmt: QuantFormat):
+    """The value of each code, in float32; scale/zero broadcast against `codes`."""
+    q = codes.float()
+    if fmt.symmetric:
+        return scale * (q - (1 << (fmt.bits - 1)))
+    if fmt.zero == "int":
+        return scale * (q - zero)
+    return scale * q + zero
+
+
+def grouped(w: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
+    """View [out, in] as [out, groups, group_len]."""
+    out, inp = w.shape
+    fmt.check(inp)
+    return w.reshape(out, inp // fmt.group_len(inp), fmt.group_len(inp))
+
+
+def pack_tensor(codes: torch.Tensor, scale: torch.Tensor, zero, fmt: QuantFormat) -> QuantizedTensor:
+    """Wrap codes and per-group scale/zero ([out, groups]) in their stored dtypes."""
+    zeros = None
+    if zero is not None:
+        zeros = zero.to(torch.uint8) if fmt.zero == "int" else zero.to(torch.float16)
+    return QuantizedTensor(fmt, codes, scale.to(TORCH_DTYPES[fmt.scale_dtype]), zeros)
+
+
+def rtn(w: torch.Tensor, fmt: QuantFormat, clip: float | torch.Tensor = 1.0) -> QuantizedTensor:
+    """Round-to-nearest: fit each group's grid to its own min/max, then round every weight."""
+    wg = grouped(w.float(), fmt)
+    scale, zero = fit(wg, fmt, clip)
+    z = None if zero is None else zero[..., None]
+    codes = encode(wg, scale[..., None], z, fmt).reshape(w.shape)
+    return pack_tensor(codes, scale, zero, fmt)
