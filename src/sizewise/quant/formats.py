@@ -131,3 +131,13 @@ class QuantizedTensor:
         scale = self.scales.float().repeat_interleave(g, dim=1)
         zero = None if self.zeros is None else self.zeros.float().repeat_interleave(g, dim=1)
         return decode(self.codes, scale, zero, self.fmt)
+
+
+def label(fmt: Format) -> str:
+    """Short human-readable name, e.g. 'int4 g64 asym' or 'float16'."""
+    if isinstance(fmt, FloatFormat):
+        return fmt.dtype
+    group = "per-channel" if fmt.group_size is None else f"g{fmt.group_size}"
+    kind = "sym" if fmt.symmetric else ("asym" if fmt.zero == "int" else "asym-fmin")
+    scale = "" if fmt.scale_dtype == "float16" else f" s:{fmt.scale_dtype}"
+    return f"int{fmt.bits} {group} {kind}{scale}"

@@ -1,0 +1,194 @@
+"""The sizewise artifact: a manifest, packed tensors, and a dense Hugging Face copy.
+
+    DIR/manifest.json        what was done and what is stored (formats, bits, protocol, sizes)
+    DIR/packed.safetensors   every weight as stored: bit-packed codes + scales + zeros for quantized
+                             weights, the rest in its float storage dtype; this is the compressed model
+    DIR/hf/                  the same weights dense (float32), loadable by transformers alone
+
+Written to a temporary directory beside DIR and renamed into place, so a DIR that exists is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .errors import SizewiseError
+from .quant.formats import (TORCH_DTYPES, FloatFormat, QuantFormat, QuantizedTensor, format_from_dict)
+from .quant.pack import pack_bits, unpack_bits
+
+MANIFEST, PACKED, DENSE = "manifest.json", "packed.safetensors", "hf"
+FORMAT_NAME, FORMAT_VERSION = "sizewise-artifact", 1
+
+
+def is_artifact(path: str | Path) -> bool:
+    return (Path(path) / MANIFEST).is_file()
+
+
+def check_output(out: Path, overwrite: bool) -> None:
+    """Fail before any work if `out` already holds something (unless overwriting)."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise SizewiseError(f"output path {out} already exists and is not empty (use --force to replace it)")
+
+
+def _quant_entries(name: str, qt: QuantizedTensor) -> dict[str, torch.Tensor]:
+    fmt = qt.fmt
+    out = {f"{name}:codes": torch.from_numpy(pack_bits(qt.codes.numpy(), fmt.bits)),
+           f"{name}:scales": qt.scales.contiguous()}
+    if qt.zeros is not None:
+        out[f"{name}:zeros"] = (torch.from_numpy(pack_bits(qt.zeros.numpy(), fmt.bits)) if fmt.zero == "int"
+                                else qt.zeros.contiguous())
+    return out
+
+
+def _read_quant(f, name: str, fmt: QuantFormat, shape: tuple[int, int]) -> QuantizedTensor:
+    out, inp = shape
+    groups = inp // fmt.group_len(inp)
+    codes = unpack_bits(f.get_tensor(f"{name}:codes").numpy(), fmt.bits, out * inp).reshape(out, inp)
+    zeros = None
+    if not fmt.symmetric:
+        z = f.get_tensor(f"{name}:zeros")
+        zeros = (torch.from_numpy(unpack_bits(z.numpy(), fmt.bits, out * groups).reshape(out, groups))
+                 if fmt.zero == "int" else z)
+    return QuantizedTensor(fmt, torch.from_numpy(codes), f.get_tensor(f"{name}:scales"), zeros)
+
+
+def unique_state(model) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """State dict without tied duplicates, and the aliases (duplicate name -> stored name)."""
+    seen: dict[int, str] = {}
+    state, aliases = {}, {}
+    for name, t in model.state_dict(keep_vars=False).items():
+        key = t.data_ptr() if t.numel() else id(t)
+        if key in seen:
+            aliases[name] = seen[key]
+        else:
+            seen[key] = name
+            state[name] = t
+    return state, aliases
+
+
+def write(out: Path, *, model, tokenizer, quantized: dict[str, QuantizedTensor], linears: dict[str, bool],
+          methods: dict[str, str], float_dtype: str, manifest: dict, overwrite: bool = False) -> dict:
+    """Write the artifact for `model` (whose weights already equal the dequantized ones).
+
+    `linears` maps each decoder linear weight name to whether it is stored transposed (GPT-2 Conv1D).
+    """
+    out = Path(out)
+    check_output(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        state, aliases = unique_state(model)
+        tensors, table = {}, {}
+        for name, t in state.items():
+            if name in quantized:
+                qt = quantized[name]
+                tensors.update(_quant_entries(name, qt))
+                fmt, bits = qt.fmt.to_dict(), qt.stored_bits()
+            elif t.is_floating_point():
+                tensors[name] = t.detach().to(TORCH_DTYPES[float_dtype]).contiguous()
+                fmt, bits = FloatFormat(float_dtype).to_dict(), FloatFormat(float_dtype).stored_bits(1, t.numel())
+            else:  # integer buffers (e.g. position ids) are stored as they are
+                tensors[name] = t.detach().contiguous()
+                fmt, bits = {"kind": "raw", "dtype": str(t.dtype)}, t.numel() * t.element_size() * 8
+            table[name] = {"shape": list(t.shape), "format": fmt, "method": methods.get(name, "float"),
+                           "stored_bits": bits, "transposed": linears.get(name, False),
+                           "linear": name in linears, "params": t.numel()}
+        save_file(tensors, str(tmp / PACKED), metadata={"format": FORMAT_NAME})
+        model.save_pretrained(tmp / DENSE, safe_serialization=True)
+        tokenizer.save_pretrained(tmp / DENSE)
+        manifest = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **manifest,
+                    "float_dtype": float_dtype, "aliases": aliases, "tensors": table}
+        manifest["totals"] = totals(manifest, (tmp / PACKED).stat().st_size)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        if out.exists():
+            trash = out.parent / f".{out.name}.old-{os.getpid()}"
+            out.rename(trash)
+            shutil.rmtree(trash)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def totals(manifest: dict, packed_bytes: int) -> dict:
+    """Bits per weight over the compressed linear weights and over the whole stored model."""
+    t = manifest["tensors"]
+    linear = [v for v in t.values() if v["linear"]]
+    lin_params = sum(v["params"] for v in linear)
+    lin_bits = sum(v["stored_bits"] for v in linear)
+    params = sum(v["params"] for v in t.values())
+    bits = sum(v["stored_bits"] for v in t.values())
+    return {
+        "linear_params": lin_params, "linear_stored_bits": lin_bits,
+        "bits_per_weight": lin_bits / lin_params if lin_params else None,
+        "model_params": params, "model_stored_bits": bits,
+        "bits_per_weight_model": bits / params,
+        "file_bytes": packed_bytes,
+        "bits_per_weight_file": packed_bytes * 8 / params,
+    }
+
+
+def read_manifest(path: str | Path) -> dict:
+    p = Path(path) / MANIFEST
+    try:
+        m = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise SizewiseError(f"{path} is not a sizewise artifact (no {MANIFEST})") from None
+    except json.JSONDecodeError as e:
+        raise SizewiseError(f"{p} is corrupt: {e}") from None
+    if m.get("format") != FORMAT_NAME or m.get("format_version", 0) > FORMAT_VERSION:
+        raise SizewiseError(f"{p} is not a sizewise artifact this version can read")
+    return m
+
+
+def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """Rebuild the dense state dict (float32) from the packed tensors alone."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    state = {}
+    try:
+        with safe_open(str(path / PACKED), framework="pt") as f:
+            for name, entry in manifest["tensors"].items():
+                if entry["format"]["kind"] == "raw":
+                    state[name] = f.get_tensor(name)
+                    continue
+                fmt = format_from_dict(entry["format"])
+                if isinstance(fmt, QuantFormat):
+                    shape = tuple(entry["shape"])
+                    shape = shape[::-1] if entry["transposed"] else shape
+                    w = _read_quant(f, name, fmt, shape).dequantize()
+                    w = w.t().contiguous() if entry["transposed"] else w
+                else:
+                    w = f.get_tensor(name).float()
+                state[name] = w
+    except (SafetensorError, OSError, ValueError, KeyError) as e:
+        raise SizewiseError(f"{path / PACKED} is missing or corrupt: {e}") from None
+    for alias, target in manifest["aliases"].items():
+        state[alias] = state[target]
+    return state
+
+
+def load(path: str | Path):
+    """(model, tokenizer, manifest) with the model rebuilt from the packed tensors."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    manifest = read_manifest(path)
+    config = AutoConfig.from_pretrained(path / DENSE)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    state = load_weights(path)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or missing:
+        raise SizewiseError(f"{path} does not match its model config (missing {missing[:2]}, unexpected {unexpected[:2]})")
+    tokenizer = AutoTokenizer.from_pretrained(path / DENSE)
+    return model.eval(), tokenizer, manifest

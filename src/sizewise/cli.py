@@ -1,0 +1,199 @@
+"""Command line: a thin layer over `sizewise.api`. Errors print one line and exit non-zero."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from .errors import SizewiseError
+
+EXIT_ERROR = 2
+
+
+def _group_size(value: str) -> int | None:
+    if value in ("channel", "per-channel", "0", "-1"):
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise click.BadParameter(f"expected a positive integer or 'channel', got {value!r}") from None
+
+
+def _emit(obj: dict, as_json: bool, output: str | None, human) -> None:
+    if output:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(output).with_suffix(".tmp")
+        tmp.write_text(json.dumps(obj, indent=1))
+        tmp.replace(output)
+    if as_json:
+        click.echo(json.dumps({k: v for k, v in obj.items() if k != "per_window"}, indent=1))
+    else:
+        human(obj)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="sizewise")
+def cli():
+    """Compress a causal language model to the size you choose, and measure what it cost.
+
+    MODEL is a Hugging Face directory (safetensors), a .gguf file, a sizewise artifact
+    directory, or a built-in name (smollm2-135m). Typical use:
+
+    \b
+      sizewise compress smollm2-135m --method gptq --bits 4 --group-size 64 \\
+          --calib enwiki-sample -o out/w4g64
+      sizewise eval out/w4g64 --text wikitext2-test --windows 64 --against smollm2-135m
+      sizewise info out/w4g64
+    """
+
+
+@cli.command()
+@click.argument("model")
+@click.option("-o", "--output", required=True, type=click.Path(), help="Artifact directory to write (must not exist or be empty).")
+@click.option("--method", default="rtn", show_default=True, help="rtn, rtn-mse or gptq (see `sizewise methods`).")
+@click.option("--bits", default=4, show_default=True, type=int, help="Bits per weight code, 2 to 8.")
+@click.option("--group-size", default="64", show_default=True, help="Weights sharing one scale, dividing each layer's input size; 'channel' for one per row.")
+@click.option("--sym/--asym", default=False, show_default=True, help="Symmetric grid (no zero stored) or asymmetric.")
+@click.option("--zero", type=click.Choice(["int", "float16"]), default="int", show_default=True, help="Asymmetric zero point: a b-bit integer, or a float16 minimum (ggml Q4_1 style).")
+@click.option("--scale-dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default="float16", show_default=True)
+@click.option("--float-dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default="float16", show_default=True, help="Storage of weights left unquantized (embeddings, norms, skipped layers).")
+@click.option("--skip", multiple=True, help="Glob of linear layer names to keep in float (repeatable), e.g. '*.down_proj'.")
+@click.option("--plan", "plan_path", type=click.Path(), help="Apply a plan JSON (per-layer method and format) instead of one uniform setting.")
+@click.option("--calib", default=None, help="Calibration text: a file or built-in name (enwiki-sample). Default: samples the model writes itself.")
+@click.option("--calib-samples", default=128, show_default=True, type=int)
+@click.option("--calib-len", default=512, show_default=True, type=int, help="Tokens per calibration sample.")
+@click.option("--calib-dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True, help="Dtype of calibration forward passes (bfloat16: faster on CPUs with bf16 units).")
+@click.option("--batch", default=8, show_default=True, type=int, help="Calibration samples per forward pass.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--offload", type=click.Path(), help="Keep calibration activations memory-mapped in this directory instead of RAM.")
+@click.option("--no-act-order", is_flag=True, help="GPTQ: process columns in their natural order.")
+@click.option("--damp", default=0.01, show_default=True, type=float, help="GPTQ: Hessian damping, a fraction of its mean diagonal.")
+@click.option("--force", is_flag=True, help="Replace the output directory if it exists.")
+@click.option("--allow-pickle", is_flag=True, help="Allow loading pickled (.bin) weights. Only for files you trust.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def compress(model, output, method, bits, group_size, sym, zero, scale_dtype, float_dtype, skip, plan_path, calib,
+             calib_samples, calib_len, calib_dtype, batch, seed, offload, no_act_order, damp, force, allow_pickle, quiet):
+    """Compress MODEL and write an artifact (manifest, packed tensors, dense HF copy) to -o DIR."""
+    from . import api
+    from .plan import Plan
+    from .quant.formats import QuantFormat
+
+    fmt = QuantFormat(bits, _group_size(group_size), symmetric=sym, scale_dtype=scale_dtype, zero=zero)
+    options = {"act_order": False} if no_act_order else {}
+    if damp != 0.01:
+        options["damp"] = damp
+    config = api.CompressConfig(
+        method=method, format=fmt, options=options, skip=tuple(skip), float_dtype=float_dtype,
+        plan=Plan.load(plan_path) if plan_path else None,
+        calib=api.CalibConfig(text=calib, samples=calib_samples, length=calib_len, seed=seed, batch=batch,
+                              offload=offload, dtype=calib_dtype))
+    res = api.compress(model, config, output, overwrite=force, progress=not quiet, allow_pickle=allow_pickle)
+    t = res.manifest["totals"]
+    click.echo(f"wrote {output}: {t['bits_per_weight']:.3f} bits/weight over linear layers, "
+               f"{t['file_bytes'] / 1e6:.1f} MB packed ({t['bits_per_weight_file']:.2f} bits/param over the whole model), "
+               f"{res.manifest['timing']['wall_s']:.0f} s")
+
+
+@cli.command(name="eval")
+@click.argument("model")
+@click.option("--text", default="wikitext2-test", show_default=True, help="Evaluation text: a file or built-in name.")
+@click.option("--ctx", default=1024, show_default=True, type=int, help="Tokens per window.")
+@click.option("--stride", default=None, type=int, help="Window step (default: ctx, non-overlapping).")
+@click.option("--windows", default=None, type=int, help="Use the first N windows (default: all).")
+@click.option("--against", default=None, help="Reference MODEL: adds KL(reference || MODEL) and top-1 agreement.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("-o", "--output", type=click.Path(), help="Also write the full result (with per-window values) as JSON.")
+@click.option("--allow-pickle", is_flag=True)
+@click.option("--quiet", is_flag=True)
+def eval_cmd(model, text, ctx, stride, windows, against, as_json, output, allow_pickle, quiet):
+    """Perplexity of MODEL on a text, and optionally its divergence from a reference model."""
+    from . import api
+
+    res = api.evaluate(model, text, ctx=ctx, stride=stride, windows=windows, against=against,
+                       progress=not quiet, allow_pickle=allow_pickle)
+
+    def human(r):
+        p = r["protocol"]
+        click.echo(f"perplexity {r['perplexity']:.4f} over {r['tokens']} tokens "
+                   f"({p['windows']} windows of {p['ctx']}, stride {p['stride']}, {Path(p['path']).name} sha256 {p['sha256'][:12]})")
+        if "kl" in r:
+            click.echo(f"reference perplexity {r['reference_perplexity']:.4f}; KL(reference || model) {r['kl']:.5f} nats/token; "
+                       f"top-1 agreement {100 * r['top1_agreement']:.2f}%")
+    _emit(res, as_json, output, human)
+
+
+@cli.command()
+@click.argument("artifact_dir", metavar="ARTIFACT")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def info(artifact_dir, as_json):
+    """Per-layer formats, bits per weight and sizes of an artifact."""
+    from . import api
+
+    res = api.info(artifact_dir)
+
+    def human(r):
+        src = r["source"]
+        click.echo(f"{r['path']}: from {src.get('spec')} ({src.get('model_type')}, {src.get('parameters', 0) / 1e6:.1f}M params), "
+                   f"method {r['method']['name']}")
+        click.echo(f"{'tensor':58} {'method':8} {'format':22} {'bits/w':>7} {'KB':>9}")
+        for row in r["layers"]:
+            click.echo(f"{row['name'][:58]:58} {row['method']:8} {row['format']:22} {row['bits_per_weight']:7.3f} {row['bytes'] / 1024:9.1f}")
+        click.echo(f"linear layers: {r['bits_per_weight']:.4f} bits/weight over {r['linear_params'] / 1e6:.2f}M weights; "
+                   f"whole model: {r['bits_per_weight_model']:.3f} bits/param, packed file {r['file_bytes'] / 1e6:.2f} MB")
+    _emit(res, as_json, None, human)
+
+
+@cli.command(name="methods")
+def methods_cmd():
+    """List the compression methods."""
+    from .quant.methods import METHODS
+
+    for m in METHODS.values():
+        click.echo(f"{m.name:10} {'needs calibration' if m.needs_calibration else 'data-free':18} {m.summary}")
+
+
+@cli.command()
+@click.argument("name")
+def fetch(name):
+    """Download and convert a built-in model or text into the cache, and print its path."""
+    from . import builtins
+
+    if builtins.is_builtin_model(name):
+        click.echo(builtins.fetch_model(name))
+    elif builtins.is_builtin_text(name):
+        click.echo(builtins.fetch_text(name))
+    else:
+        raise SizewiseError(f"unknown built-in {name!r}; models: {', '.join(builtins.MODELS)}; texts: {', '.join(builtins.TEXTS)}")
+
+
+def _quiet_libraries() -> None:
+    """transformers' own per-file progress bars and notices drown our per-layer progress."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+
+
+def main(argv=None) -> int:
+    _quiet_libraries()
+    try:
+        rv = cli.main(args=argv, prog_name="sizewise", standalone_mode=False)
+        return rv if isinstance(rv, int) else 0
+    except SizewiseError as e:
+        click.echo(f"error: {e}", err=True)
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except click.ClickException as e:
+        click.echo(f"error: {e.format_message()}", err=True)
+    except click.exceptions.Abort:
+        click.echo("error: aborted", err=True)
+    except KeyboardInterrupt:
+        click.echo("error: interrupted", err=True)
+    return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,179 @@
+"""The sequential layer engine: one walk over the decoder layers for every method.
+
+For each decoder layer: *observe* (hooks accumulate per-linear statistics from the layer's
+inputs), *solve* (each linear's weight + statistics → compressed weight, a pure function), then
+*propagate* (run the compressed layer so the next layer sees the inputs it will see at run time).
+Only one layer's activations are held: a buffer of n × L × hidden, in memory or on disk.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .arch import Architecture, LinearRef
+
+
+@dataclass
+class LinearStats:
+    """What a solver may know about a linear layer's inputs (sums over calibration tokens)."""
+
+    xtx: torch.Tensor        # [in, in] float32, sum of x xᵀ (GPTQ's Hessian up to a factor 2/n)
+    abs_sum: torch.Tensor    # [in] float32, sum of |x| (AWQ's activation salience)
+    count: int = 0           # tokens seen
+
+    @classmethod
+    def empty(cls, in_features: int, device) -> "LinearStats":
+        z = torch.zeros
+        return cls(z(in_features, in_features, device=device), z(in_features, device=device))
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        self.xtx.addmm_(x.t(), x)
+        self.abs_sum.add_(x.abs().sum(0))
+        self.count += x.shape[0]
+
+
+# solve(ref, weight [out, in] float32, stats or None) -> the new [out, in] weight the model will use
+Solver = Callable[[LinearRef, torch.Tensor, "LinearStats | None"], torch.Tensor]
+
+
+class _Stop(Exception):
+    """Raised by the capture hook: nothing after the first decoder layer needs to run."""
+
+
+@dataclass
+class ActivationBuffer:
+    """The current layer's inputs for all samples: [n, L, hidden], in RAM or memory-mapped on disk."""
+
+    n: int
+    length: int
+    hidden: int
+    offload: Path | None = None
+    _tmp: object = field(default=None, repr=False)
+
+    def __post_init__(self):
+        shape = (self.n, self.length, self.hidden)
+        if self.offload is None:
+            self.data = torch.empty(shape, dtype=torch.float32)
+        else:
+            self.offload.mkdir(parents=True, exist_ok=True)
+            self._tmp = tempfile.NamedTemporaryFile(dir=self.offload, suffix=".activations")
+            arr = np.lib.format.open_memmap(self._tmp.name, mode="w+", dtype=np.float32, shape=shape)
+            self.data = torch.from_numpy(arr)
+
+    @staticmethod
+    def nbytes(n: int, length: int, hidden: int) -> int:
+        return n * length * hidden * 4
+
+
+def _run_with_capture(model, layer0, samples: torch.Tensor, buffer: ActivationBuffer, batch: int) -> dict:
+    """Fill `buffer` with layer 0's inputs; return the other layer arguments by batch size."""
+    extra: dict[int, tuple] = {}
+    start = 0
+
+    def hook(module, args, kwargs):
+        h = args[0] if args else kwargs["hidden_states"]
+        b = h.shape[0]
+        buffer.data[start:start + b] = h.detach().float().cpu()
+        rest_kwargs = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        extra.setdefault(b, (args[1:], rest_kwargs))
+        raise _Stop
+
+    handle = layer0.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for start in range(0, samples.shape[0], batch):
+            ids = samples[start:start + batch].to(model.device)
+            try:
+                model(input_ids=ids, use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    return extra
+
+
+def _layer_forward(layer, h, extra):
+    args, kwargs = extra[h.shape[0]]
+    out = layer(h, *args, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def run(model, arch: Architecture, solve: Solver, samples: torch.Tensor | None, *,
+        batch: int = 8, offload: Path | None = None, progress: bool = True,
+        compute_dtype: torch.dtype = torch.float32) -> dict:
+    """Compress every linear of every decoder layer in place; return timing and memory facts.
+
+    With `samples` None the solver gets no statistics and no forward pass runs (data-free methods).
+    `compute_dtype` is the dtype of the calibration forward passes (bfloat16 is several times faster
+    on CPUs with bf16 units); statistics are always accumulated in float32.
+    """
+    device = next(model.parameters()).device
+    t0 = time.perf_counter()
+    bar = tqdm(total=len(arch.layers), desc="layers", unit="layer", disable=not progress, file=sys.stderr)
+    if samples is None:
+        for refs in arch.linears:
+            for ref in refs:
+                ref.set_weight(solve(ref, ref.weight(), None))
+            bar.update()
+        bar.close()
+        return {"engine_s": time.perf_counter() - t0, "activation_bytes": 0}
+
+    n, length = samples.shape
+    hidden = model.get_input_embeddings().weight.shape[1]
+    buffer = ActivationBuffer(n, length, hidden, offload)
+    where = f"on disk in {offload}" if offload else "in memory (--offload DIR keeps them on disk)"
+    print(f"calibration activations: {n} x {length} x {hidden} float32 = "
+          f"{ActivationBuffer.nbytes(n, length, hidden) / 2**20:.0f} MiB {where}", file=sys.stderr)
+    with torch.no_grad():
+        extra = _run_with_capture(model, arch.layers[0], samples, buffer, batch)
+        for i, layer in enumerate(arch.layers):
+            refs = arch.linears[i]
+            original_dtype = next(layer.parameters()).dtype
+            layer.to(compute_dtype)
+            stats = {ref.name: LinearStats.empty(ref.shape[1], device) for ref in refs}
+            hooks = [ref.module.register_forward_pre_hook(
+                lambda m, args, s=stats[ref.name]: s.add(args[0])) for ref in refs]
+            try:
+                for s in range(0, n, batch):          # observe
+                    _layer_forward(layer, buffer.data[s:s + batch].to(device, compute_dtype), extra)
+            finally:
+                for h in hooks:
+                    h.remove()
+            layer.to(original_dtype)
+            for ref in refs:                          # solve
+                ref.set_weight(solve(ref, ref.weight(), stats[ref.name]))
+            del stats
+            layer.to(compute_dtype)
+            for s in range(0, n, batch):              # propagate through the compressed layer
+                out = _layer_forward(layer, buffer.data[s:s + batch].to(device, compute_dtype), extra)
+                buffer.data[s:s + batch] = out.float().cpu()
+            layer.to(original_dtype)
+            bar.update()
+    bar.close()
+    return {"engine_s": time.perf_counter() - t0,
+            "activation_bytes": ActivationBuffer.nbytes(n, length, hidden)}
+
+
+def capture_final_hidden(model, arch: Architecture, samples: torch.Tensor, batch: int = 8) -> torch.Tensor:
+    """Run the decoder stack layer by layer exactly as `run` does, without changing anything.
+
+    Used by tests: equal to the plain forward's last decoder output when nothing is compressed.
+    """
+    n, length = samples.shape
+    hidden = model.get_input_embeddings().weight.shape[1]
+    buffer = ActivationBuffer(n, length, hidden)
+    with torch.no_grad():
+        extra = _run_with_capture(model, arch.layers[0], samples, buffer, batch)
+        for layer in arch.layers:
+            for s in range(0, n, batch):
+                buffer.data[s:s + batch] = _layer_forward(layer, buffer.data[s:s + batch], extra)
+    return buffer.data

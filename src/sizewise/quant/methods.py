@@ -1,0 +1,57 @@
+"""Method names → solvers. A solver is a pure function (weight [out,in], stats, format) → QuantizedTensor.
+
+This is the one place a method name is resolved; the engine, the CLI and the plan all go through it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ..errors import SizewiseError
+from .formats import QuantFormat, QuantizedTensor
+from .grid import rtn
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    needs_calibration: bool
+    solve: Callable[..., QuantizedTensor]   # (weight, stats, fmt, **options)
+    summary: str
+    options: dict = field(default_factory=dict)
+
+
+def _rtn(w, stats, fmt, **_):
+    return rtn(w, fmt)
+
+
+def _rtn_mse(w, stats, fmt, **_):
+    from .refine import rtn_refined
+    return rtn_refined(w, fmt)
+
+
+def _gptq(w, stats, fmt, block_size=128, act_order=True, damp=0.01, clip_search=False, **_):
+    from .gptq import gptq
+    return gptq(w, stats.xtx, fmt, block_size=block_size, act_order=act_order, damp=damp, clip_search=clip_search)
+
+
+METHODS = {m.name: m for m in [
+    Method("rtn", False, _rtn, "round-to-nearest, each group's grid fitted to its min/max (data-free)"),
+    Method("rtn-mse", False, _rtn_mse, "round-to-nearest with an MSE-optimal clipping search per group (data-free)"),
+    Method("gptq", True, _gptq, "GPTQ: second-order error compensation from calibration data",
+           {"block_size": 128, "act_order": True, "damp": 0.01, "clip_search": False}),
+]}
+
+
+def get(name: str) -> Method:
+    if name not in METHODS:
+        raise SizewiseError(f"unknown method {name!r}; available: {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def solve(name: str, w: torch.Tensor, stats, fmt: QuantFormat, options: dict | None = None) -> QuantizedTensor:
+    m = get(name)
+    return m.solve(w, stats, fmt, **{**m.options, **(options or {})})

@@ -1,0 +1,91 @@
+"""Model sources: a sizewise artifact, a Hugging Face directory, a GGUF file, or a built-in name.
+
+Every source ends as (model in float32 on CPU, tokenizer, provenance). Weights load from
+safetensors only unless the caller explicitly allows pickle; remote code is never run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import artifact, builtins
+from .data import sha256_file
+from .errors import SizewiseError
+
+
+@dataclass
+class Source:
+    model: torch.nn.Module
+    tokenizer: object
+    info: dict = field(default_factory=dict)   # spec, kind, path, sha256, model_type, parameters
+
+
+def _weights_sha256(directory: Path) -> str:
+    """One hash over the weight files (name + content hash of each, sorted)."""
+    files = sorted(directory.glob("*.safetensors")) or sorted(directory.glob("*.bin"))
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode())
+        h.update(bytes.fromhex(sha256_file(f)))
+    return h.hexdigest()
+
+
+def _load_hf(directory: Path, allow_pickle: bool):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    has_safetensors = any(directory.glob("*.safetensors"))
+    if not has_safetensors and not allow_pickle:
+        if any(directory.glob("*.bin")) or any(directory.glob("*.pt")):
+            raise SizewiseError(f"{directory} holds only pickled PyTorch weights; convert them to safetensors "
+                                "or pass --allow-pickle if you trust the files")
+        raise SizewiseError(f"{directory} holds no model weights (*.safetensors)")
+    try:
+        config = AutoConfig.from_pretrained(directory, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(
+            directory, dtype=torch.float32, trust_remote_code=False, use_safetensors=has_safetensors or None)
+        tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=False)
+    except (OSError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SizewiseError(f"cannot load a causal LM from {directory}: {first}") from None
+    return model.eval(), tokenizer, config
+
+
+def load(spec: str | Path, *, allow_pickle: bool = False) -> Source:
+    """Resolve and load a model given by path or built-in name."""
+    spec = str(spec)
+    path = Path(spec)
+    if path.is_dir() and artifact.is_artifact(path):
+        model, tokenizer, manifest = artifact.load(path)
+        info = {"kind": "artifact", "path": str(path.resolve()),
+                "sha256": hashlib.sha256((path / artifact.MANIFEST).read_bytes()).hexdigest(),
+                "compressed_from": manifest.get("source")}
+    elif path.is_dir() and (path / "config.json").is_file():
+        model, tokenizer, _ = _load_hf(path, allow_pickle)
+        info = {"kind": "hf", "path": str(path.resolve()), "sha256": _weights_sha256(path)}
+    elif path.is_file() and path.suffix.lower() == ".gguf":
+        digest = sha256_file(path)
+        converted = builtins.cache_dir() / "gguf" / digest[:32]
+        if not (converted / "config.json").is_file():
+            builtins.gguf_to_hf(path, converted)
+        model, tokenizer, _ = _load_hf(converted, False)
+        info = {"kind": "gguf", "path": str(path.resolve()), "sha256": digest}
+    elif not path.exists() and builtins.is_builtin_model(spec):
+        directory = builtins.fetch_model(spec)
+        model, tokenizer, _ = _load_hf(directory, False)
+        provenance = directory / "sizewise_source.json"
+        info = {"kind": "builtin", "path": str(directory), "sha256": _weights_sha256(directory),
+                "provenance": json.loads(provenance.read_text()) if provenance.is_file() else None}
+    elif path.exists():
+        raise SizewiseError(f"{spec} is neither a Hugging Face model directory (config.json), a .gguf file, "
+                            "nor a sizewise artifact (manifest.json)")
+    else:
+        raise SizewiseError(f"no model at {spec}: give a Hugging Face directory, a .gguf file, a sizewise "
+                            f"artifact, or a built-in name ({', '.join(builtins.MODELS)})")
+    info = {"spec": spec, **info, "model_type": model.config.model_type,
+            "parameters": sum(p.numel() for p in model.parameters())}
+    return Source(model, tokenizer, info)

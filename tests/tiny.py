@@ -1,0 +1,63 @@
+"""Tiny random causal LMs built from configs (no downloads), one per supported family."""
+
+from __future__ import annotations
+
+import torch
+import transformers as tf
+
+HIDDEN, INTER, LAYERS, VOCAB = 64, 128, 2, 320
+
+CONFIGS = {
+    "llama": lambda: tf.LlamaConfig(hidden_size=HIDDEN, intermediate_size=INTER, num_hidden_layers=LAYERS,
+                                    num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
+                                    max_position_embeddings=512, tie_word_embeddings=True),
+    "qwen2": lambda: tf.Qwen2Config(hidden_size=HIDDEN, intermediate_size=INTER, num_hidden_layers=LAYERS,
+                                    num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
+                                    max_position_embeddings=512),
+    "mistral": lambda: tf.MistralConfig(hidden_size=HIDDEN, intermediate_size=INTER, num_hidden_layers=LAYERS,
+                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
+                                        max_position_embeddings=512),
+    "gemma3": lambda: tf.Gemma3TextConfig(hidden_size=HIDDEN, intermediate_size=INTER, num_hidden_layers=LAYERS,
+                                          num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                          vocab_size=VOCAB, max_position_embeddings=512, sliding_window=32),
+    "phi3": lambda: tf.Phi3Config(hidden_size=HIDDEN, intermediate_size=INTER, num_hidden_layers=LAYERS,
+                                  num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
+                                  max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2),
+    "gpt2": lambda: tf.GPT2Config(n_embd=HIDDEN, n_layer=LAYERS, n_head=4, vocab_size=VOCAB, n_positions=512, bos_token_id=1, eos_token_id=2),
+    "opt": lambda: tf.OPTConfig(hidden_size=HIDDEN, ffn_dim=INTER, num_hidden_layers=LAYERS, num_attention_heads=4,
+                                vocab_size=VOCAB, max_position_embeddings=512, word_embed_proj_dim=HIDDEN),
+}
+
+
+def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    config = CONFIGS[family]()
+    model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return model.eval()
+
+
+SAMPLE_TEXT = ("The quick brown fox jumps over the lazy dog. " * 3 +
+               "Quantization maps weights to a small grid; calibration text tells which errors matter. " * 3 +
+               "Perplexity is the exponential of the mean negative log-likelihood per token.\n\n") * 4
+
+
+def tiny_tokenizer():
+    """A byte-level BPE tokenizer trained on a few sentences, so tests need no download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([SAMPLE_TEXT], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+def save_tiny(family: str, path, seed: int = 0):
+    """Write a tiny random model of `family` with its tokenizer as a Hugging Face directory."""
+    model = tiny_model(family, seed)
+    model.save_pretrained(path, safe_serialization=True)
+    tiny_tokenizer().save_pretrained(path)
+    return path
