@@ -18,6 +18,13 @@ def _stored(x: torch.Tensor, dtype: str) -> torch.Tensor:
     return x.to(TORCH_DTYPES[dtype]).float()
 
 
+def _stored_scale(x: torch.Tensor, dtype: str) -> torch.Tensor:
+    """Round a scale to its storage dtype *upwards*, so the grid still spans the group's range."""
+    y = x.to(TORCH_DTYPES[dtype])
+    up = torch.nextafter(y, torch.full_like(y, float("inf")))
+    return torch.where(y.float() < x, up, y).float().clamp_min(_TINY)
+
+
 def fit(w: torch.Tensor, fmt: QuantFormat, clip: float | torch.Tensor = 1.0):
     """Scale and zero for groups laid along the last dim of `w` (reduced away).
 
@@ -27,16 +34,16 @@ def fit(w: torch.Tensor, fmt: QuantFormat, clip: float | torch.Tensor = 1.0):
     w = w.float()
     if fmt.symmetric:
         amax = w.abs().amax(dim=-1) * clip
-        scale = _stored(amax * 2 / fmt.qmax, fmt.scale_dtype).clamp_min(_TINY)
+        scale = _stored_scale(amax * 2 / fmt.qmax, fmt.scale_dtype)
         return scale, None
     lo, hi = w.amin(dim=-1) * clip, w.amax(dim=-1) * clip
     if fmt.zero == "int":
         # The range must contain 0 so that the integer zero point lies on the grid.
         lo, hi = lo.clamp(max=0), hi.clamp(min=0)
-        scale = _stored((hi - lo) / fmt.qmax, fmt.scale_dtype).clamp_min(_TINY)
+        scale = _stored_scale((hi - lo) / fmt.qmax, fmt.scale_dtype)
         zero = torch.round(-lo / scale).clamp(0, fmt.qmax)
         return scale, zero
-    scale = _stored((hi - lo) / fmt.qmax, fmt.scale_dtype).clamp_min(_TINY)
+    scale = _stored_scale((hi - lo) / fmt.qmax, fmt.scale_dtype)
     return scale, _stored(lo, "float16")
 
 
