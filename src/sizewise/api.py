@@ -23,6 +23,7 @@ from .arch import discover
 from .errors import SizewiseError
 from .evaluate import environment
 from .evaluate import evaluate as _evaluate
+from .evaluate import evaluate_many
 from .plan import Plan
 from .quant import methods
 from .quant.formats import TORCH_DTYPES, FloatFormat, QuantFormat
@@ -170,3 +171,39 @@ def info(path: str | Path) -> dict:
     t = m["totals"]
     return {"path": str(path), **t, "source": m["source"], "method": m["method"],
             "calibration": m["calibration"], "timing": m["timing"], "layers": layers}
+
+
+def compare(reference: str | Path, candidates: list[str | Path], text: str | Path = "wikitext2-test", *,
+            ctx: int = 1024, stride: int | None = None, windows: int | None = None,
+            out: str | Path | None = None, progress: bool = True) -> dict:
+    """Evaluate artifacts side by side against their reference on the same windows; optionally write a report."""
+    from . import report
+
+    txt = data.read_text(text)
+    ref = _source(reference)
+    cands = {}
+    for c in candidates:
+        src = _source(c)
+        label = Path(str(c)).name
+        if label in cands:
+            raise SizewiseError(f"two candidates are named {label}; give them different directory names")
+        cands[label] = src
+    tokens = data.tokenize(ref.tokenizer, txt)
+    wins = data.eval_windows(tokens, ctx, stride, windows, data.wants_bos(ref.model, ref.tokenizer))
+    res = evaluate_many({k: v.model for k, v in cands.items()}, wins, txt, reference=ref.model, progress=progress)
+    results = {"reference_spec": str(reference), "protocol": res["reference"]["protocol"],
+               "reference": {k: v for k, v in res["reference"].items() if k != "protocol"}, "candidates": {}}
+    for label, src in cands.items():
+        r = {k: v for k, v in res[label].items() if k != "protocol"}
+        if src.info["kind"] == "artifact":
+            a = info(src.info["path"])
+            method = a["method"]
+            fmt = method.get("format")
+            from .quant.formats import format_from_dict, label as fmt_label
+            r.update(bits_per_weight=a["bits_per_weight"], file_mb=a["file_bytes"] / 1e6, method=method["name"],
+                     format=fmt_label(format_from_dict(fmt)) if fmt else "mixed (plan)",
+                     compress_s=a["timing"]["wall_s"])
+        results["candidates"][label] = r
+    if out is not None:
+        results["report"] = str(report.write(results, out))
+    return results

@@ -146,6 +146,30 @@ def info(artifact_dir, as_json):
     _emit(res, as_json, None, human)
 
 
+@cli.command()
+@click.argument("reference")
+@click.argument("candidates", nargs=-1, required=True)
+@click.option("--text", default="wikitext2-test", show_default=True)
+@click.option("--ctx", default=1024, show_default=True, type=int)
+@click.option("--stride", default=None, type=int)
+@click.option("--windows", default=None, type=int, help="Use the first N windows (default: all).")
+@click.option("-o", "--output", required=True, type=click.Path(), help="Report directory (report.md, results.json, plot).")
+@click.option("--quiet", is_flag=True)
+def compare(reference, candidates, text, ctx, stride, windows, output, quiet):
+    """Evaluate CANDIDATES side by side against REFERENCE on the same windows and write a report."""
+    from . import api
+
+    res = api.compare(reference, list(candidates), text, ctx=ctx, stride=stride, windows=windows, out=output,
+                      progress=not quiet)
+    ref = res["reference"]["perplexity"]
+    click.echo(f"reference perplexity {ref:.4f}")
+    for label, r in res["candidates"].items():
+        bpw = f"{r['bits_per_weight']:.3f} bits/w" if r.get("bits_per_weight") else ""
+        click.echo(f"{label}: perplexity {r['perplexity']:.4f} ({100 * (r['perplexity'] / ref - 1):+.1f}%), "
+                   f"KL {r['kl']:.5f}, top-1 {100 * r['top1_agreement']:.1f}% {bpw}")
+    click.echo(f"report: {res['report']}")
+
+
 @cli.command(name="methods")
 def methods_cmd():
     """List the compression methods."""

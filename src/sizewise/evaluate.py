@@ -29,40 +29,70 @@ def _logits(model, x: torch.Tensor) -> torch.Tensor:
     return model(input_ids=x.to(device), use_cache=False).logits[0].float().cpu()
 
 
-@torch.no_grad()
-def evaluate(model, windows: Windows, text: Text, *, reference=None, progress: bool = True) -> dict:
-    """Perplexity of `model` on `windows`; with `reference`, also KL(reference ‖ model) and top-1 agreement.
+class _Tally:
+    """Running sums for one model over the scored positions."""
 
-    Every quantity is computed on the same scored positions. Per-window values are kept so that
-    comparisons can be paired.
+    def __init__(self):
+        self.nll = self.kl = self.agree = 0.0
+        self.count = 0
+        self.per_window: list[dict] = []
+
+    def add(self, logp: torch.Tensor, targets: torch.Tensor, ref_logp: torch.Tensor | None) -> None:
+        row = {"nll": -logp.gather(1, targets[:, None]).sum().item(), "tokens": targets.numel()}
+        if ref_logp is not None:
+            row["kl"] = (ref_logp.exp() * (ref_logp - logp)).sum().item()
+            row["agree"] = (ref_logp.argmax(-1) == logp.argmax(-1)).sum().item()
+            self.kl += row["kl"]
+            self.agree += row["agree"]
+        self.nll += row["nll"]
+        self.count += row["tokens"]
+        self.per_window.append(row)
+
+    def result(self, with_reference: bool) -> dict:
+        out = {"perplexity": math.exp(self.nll / self.count), "nll_per_token": self.nll / self.count,
+               "tokens": self.count}
+        if with_reference:
+            out.update({"kl": self.kl / self.count, "top1_agreement": self.agree / self.count,
+                        "kl_direction": "KL(reference || model), nats per token"})
+        out["per_window"] = self.per_window
+        return out
+
+
+@torch.no_grad()
+def evaluate_many(models: dict, windows: Windows, text: Text, *, reference=None, progress: bool = True) -> dict:
+    """Evaluate several models on the same windows in one pass; the reference runs once per window.
+
+    Returns {label: result}, plus "reference" when a reference is given. Each result holds the
+    perplexity and, with a reference, KL(reference ‖ model) and top-1 agreement, all over the same
+    scored positions, with per-window values so that comparisons can be paired.
     """
     t0 = time.perf_counter()
-    nll = ref_nll = kl = agree = 0.0
-    count = 0
-    per_window = []
+    tallies = {label: _Tally() for label in models}
+    ref_tally = _Tally() if reference is not None else None
     for x, first in tqdm(list(zip(windows.inputs, windows.score_from)), desc="eval windows", unit="win",
                          disable=not progress, file=sys.stderr):
         targets = x[0, first + 1:]
-        logp = F.log_softmax(_logits(model, x)[first:-1], dim=-1)
-        w_nll = -logp.gather(1, targets[:, None]).sum().item()
-        nll += w_nll
-        count += targets.numel()
-        row = {"nll": w_nll, "tokens": targets.numel()}
+        ref_logp = None
         if reference is not None:
             ref_logp = F.log_softmax(_logits(reference, x)[first:-1], dim=-1)
-            w_kl = (ref_logp.exp() * (ref_logp - logp)).sum().item()
-            w_agree = (ref_logp.argmax(-1) == logp.argmax(-1)).sum().item()
-            w_ref = -ref_logp.gather(1, targets[:, None]).sum().item()
-            kl, agree, ref_nll = kl + w_kl, agree + w_agree, ref_nll + w_ref
-            row.update(kl=w_kl, agree=w_agree, ref_nll=w_ref)
-        per_window.append(row)
-    result = {"perplexity": math.exp(nll / count), "nll_per_token": nll / count, "tokens": count}
+            ref_tally.add(ref_logp, targets, None)
+        for label, model in models.items():
+            tallies[label].add(F.log_softmax(_logits(model, x)[first:-1], dim=-1), targets, ref_logp)
+    elapsed = time.perf_counter() - t0
+    some_model = next(iter(models.values())) if models else reference
+    protocol = {**text.protocol(), **windows.protocol(), "dtype": str(next(some_model.parameters()).dtype),
+                **environment()}
+    results = {label: {**t.result(reference is not None), "protocol": protocol, "eval_s": elapsed}
+               for label, t in tallies.items()}
+    if ref_tally is not None:
+        results["reference"] = {**ref_tally.result(False), "protocol": protocol, "eval_s": elapsed}
+    return results
+
+
+def evaluate(model, windows: Windows, text: Text, *, reference=None, progress: bool = True) -> dict:
+    """Perplexity of `model`; with `reference`, also KL(reference ‖ model), top-1 agreement and its perplexity."""
+    res = evaluate_many({"model": model}, windows, text, reference=reference, progress=progress)
+    out = res["model"]
     if reference is not None:
-        result.update({"kl": kl / count, "top1_agreement": agree / count,
-                       "reference_perplexity": math.exp(ref_nll / count),
-                       "kl_direction": "KL(reference || model), nats per token"})
-    result["protocol"] = {**text.protocol(), **windows.protocol(), "dtype": str(next(model.parameters()).dtype),
-                          **environment()}
-    result["per_window"] = per_window
-    result["eval_s"] = time.perf_counter() - t0
-    return result
+        out["reference_perplexity"] = res["reference"]["perplexity"]
+    return out
