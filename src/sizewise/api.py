@@ -89,23 +89,23 @@ def compress(model: str | Path | Source, config: CompressConfig | None = None, o
         artifact.check_output(Path(out), overwrite)
     if config.float_dtype not in TORCH_DTYPES:
         raise SizewiseError(f"float dtype must be one of {sorted(TORCH_DTYPES)}, got {config.float_dtype!r}")
-    for name in ([config.method] if config.plan is None else config.plan.methods()):
+    methods.parse(config.method)
+    for name in (config.plan.methods() if config.plan else ()):
         methods.get(name)
     t0 = time.perf_counter()
+    pipeline = methods.parse(config.method)
     src = _source(model, allow_pickle)
     m, arch = src.model, discover(src.model)
-    plan = config.plan or Plan.uniform(arch, config.method, config.format, skip=config.skip,
+    transforms = {}
+    if pipeline.rotate:
+        from .quant.rotate import rotate_model
+        transforms["rotate"] = rotate_model(m, arch, seed=config.calib.seed)
+        arch = discover(m)
+    plan = config.plan or Plan.uniform(arch, pipeline.quantizer, config.format, skip=config.skip,
                                        float_dtype=config.float_dtype)
     plan.check(arch)
 
-    # Everything not quantized is stored in a float dtype; make the model hold exactly that.
-    linear_names = {r.weight_name: r.transposed for r in arch.all_linears()}
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if name not in linear_names:
-                p.copy_(p.to(TORCH_DTYPES[config.float_dtype]).float())
-
-    needs_calib = any(methods.get(x).needs_calibration for x in plan.methods())
+    needs_calib = pipeline.awq or any(methods.get(x).needs_calibration for x in plan.methods())
     samples, calib_proto = _calibration(src, config.calib, progress) if needs_calib else (None, None)
 
     quantized = {}
@@ -118,15 +118,36 @@ def compress(model: str | Path | Source, config: CompressConfig | None = None, o
         quantized[ref.weight_name] = qt
         return qt.dequantize()
 
+    layer_transform = None
+    if pipeline.awq:
+        from .quant.awq import awq_transform
+
+        def fmt_for(ref):
+            c = plan.by_name[ref.weight_name]
+            return None if c.method == "float" else c.format
+
+        awq_log = transforms.setdefault("awq", [])
+
+        def layer_transform(i, layer, refs, stats):
+            awq_log.append(awq_transform(i, layer, refs, stats, fmt_for, arch.model_type))
+
     facts = engine.run(m, arch, solve, samples, batch=config.calib.batch,
                        offload=Path(config.calib.offload) if config.calib.offload else None,
-                       progress=progress, compute_dtype=TORCH_DTYPES[config.calib.dtype])
+                       progress=progress, compute_dtype=TORCH_DTYPES[config.calib.dtype], transform=layer_transform)
+
+    # Everything not quantized is stored in a float dtype; make the model hold exactly that.
+    linear_names = {r.weight_name: r.transposed for r in arch.all_linears()}
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name not in linear_names:
+                p.copy_(p.to(TORCH_DTYPES[config.float_dtype]).float())
     manifest = {
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "source": src.info,
         "method": {"name": config.method if config.plan is None else "plan", "options": config.options,
                    "format": None if config.plan else config.format.to_dict(), "skip": list(config.skip)},
         "calibration": calib_proto,
+        "transforms": transforms,
         "plan": [c.to_dict() for c in plan.choices],
         "timing": {"wall_s": time.perf_counter() - t0, **facts, "peak_rss_mb": _peak_rss_mb()},
         "environment": environment(),

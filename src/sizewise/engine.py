@@ -44,6 +44,10 @@ class LinearStats:
 
 # solve(ref, weight [out, in] float32, stats or None) -> the new [out, in] weight the model will use
 Solver = Callable[[LinearRef, torch.Tensor, "LinearStats | None"], torch.Tensor]
+# transform(layer index, layer, refs, stats by linear name): change the layer's float weights in a way
+# that leaves its function unchanged (e.g. AWQ scales folded into the preceding op), updating the
+# statistics to match; runs after observe and before solve.
+Transform = Callable[[int, torch.nn.Module, list[LinearRef], dict], None]
 
 
 class _Stop(Exception):
@@ -109,7 +113,7 @@ def _layer_forward(layer, h, extra):
 
 def run(model, arch: Architecture, solve: Solver, samples: torch.Tensor | None, *,
         batch: int = 8, offload: Path | None = None, progress: bool = True,
-        compute_dtype: torch.dtype = torch.float32) -> dict:
+        compute_dtype: torch.dtype = torch.float32, transform: Transform | None = None) -> dict:
     """Compress every linear of every decoder layer in place; return timing and memory facts.
 
     With `samples` None the solver gets no statistics and no forward pass runs (data-free methods).
@@ -149,6 +153,8 @@ def run(model, arch: Architecture, solve: Solver, samples: torch.Tensor | None, 
                 for h in hooks:
                     h.remove()
             layer.to(original_dtype)
+            if transform is not None:
+                transform(i, layer, refs, stats)
             for ref in refs:                          # solve
                 ref.set_weight(solve(ref, ref.weight(), stats[ref.name]))
             del stats

@@ -46,6 +46,34 @@ METHODS = {m.name: m for m in [
 ]}
 
 
+@dataclass(frozen=True)
+class Pipeline:
+    """A method name such as "rotate+awq+gptq": optional model/layer transforms, then a quantizer."""
+
+    rotate: bool
+    awq: bool
+    quantizer: str
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.awq or METHODS[self.quantizer].needs_calibration
+
+
+TRANSFORMS = ("rotate", "awq")
+
+
+def parse(name: str) -> Pipeline:
+    """'awq' alone means awq+rtn; transforms come first, in the order rotate, awq."""
+    parts = name.split("+")
+    quantizer = parts[-1] if parts[-1] in METHODS else "rtn"
+    stages = parts[:-1] if parts[-1] in METHODS else parts
+    if any(p not in TRANSFORMS for p in stages) or len(set(stages)) != len(stages) or \
+            stages != [t for t in TRANSFORMS if t in stages]:
+        raise SizewiseError(f"unknown method {name!r}; a method is [rotate+][awq+]QUANTIZER with QUANTIZER one of "
+                            f"{', '.join(METHODS)} (e.g. gptq, awq+gptq, rotate+gptq)")
+    return Pipeline("rotate" in stages, "awq" in stages, quantizer)
+
+
 def get(name: str) -> Method:
     if name not in METHODS:
         raise SizewiseError(f"unknown method {name!r}; available: {', '.join(METHODS)}")
