@@ -29,8 +29,8 @@ demo: install
 	$(SW) compress smollm2-135m --method gptq --bits 4 --group-size 64 --calib enwiki-sample \
 	    --calib-samples 64 --calib-len 512 --force -o $(DEMO)/w4g64-gptq
 	$(SW) compress smollm2-135m --method rtn --bits 4 --group-size 64 --force -o $(DEMO)/w4g64-rtn
-	$(PY) -m sizewise.report demo --model smollm2-135m --text wikitext2-test --windows 16 \
-	    --artifact $(DEMO)/w4g64-rtn --artifact $(DEMO)/w4g64-gptq -o $(DEMO)/report
+	$(SW) compare smollm2-135m $(DEMO)/w4g64-rtn $(DEMO)/w4g64-gptq --text wikitext2-test --windows 16 \
+	    -o $(DEMO)/report
 	@echo "report: $(DEMO)/report/report.md"
 
 clean:
