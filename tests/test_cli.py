@@ -91,3 +91,30 @@ def test_bad_input_gets_one_line_error_and_nonzero_exit(args, message, tiny_dirs
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err
     assert not (tmp_path / "out").exists()
+
+
+def test_gptq_without_calibration_text_uses_cached_self_generated_samples(tiny_dirs, tmp_path, capsys):
+    from sizewise import builtins
+
+    args = ["compress", tiny_dirs["llama"], "--method", "gptq", "--bits", 3, "--group-size", 32,
+            "--calib-samples", 4, "--calib-len", 16, "--quiet"]
+    code, _, err = run(capsys, *args, "-o", tmp_path / "a")
+    assert code == 0, err
+    cached = list((builtins.cache_dir() / "selfcalib").glob("*-n4-L16-s0.safetensors"))
+    assert len(cached) == 1
+    stamp = cached[0].stat().st_mtime_ns
+    code, _, err = run(capsys, *args, "-o", tmp_path / "b")
+    assert code == 0 and cached[0].stat().st_mtime_ns == stamp      # reused, not regenerated
+    m = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert m["calibration"]["text"] is None and "self-generated" in m["calibration"]["source"]
+    assert all(e["method"] == "gptq" for e in m["tensors"].values() if e["linear"])
+
+
+def test_gptq_with_calibration_file_records_protocol(tiny_dirs, tmp_path, capsys):
+    out = tmp_path / "g"
+    code, _, err = run(capsys, "compress", tiny_dirs["opt"], "--method", "gptq", "--bits", 4, "--group-size", "channel",
+                       "--calib", tiny_dirs["text"], "--calib-samples", 6, "--calib-len", 32, "--seed", 5,
+                       "--offload", tmp_path / "acts", "-o", out, "--quiet")
+    assert code == 0, err
+    cal = json.loads((out / "manifest.json").read_text())["calibration"]
+    assert cal["samples"] == 6 and cal["length"] == 32 and cal["seed"] == 5 and len(cal["sha256"]) == 64

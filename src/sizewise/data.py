@@ -127,7 +127,7 @@ def wants_bos(model, tokenizer) -> int | None:
 
 @torch.no_grad()
 def generate_samples(model, tokenizer, n: int, length: int, seed: int, cache_key: str,
-                     batch: int = 16, progress: bool = True) -> torch.Tensor:
+                     batch: int = 32, progress: bool = True) -> torch.Tensor:
     """Data-free calibration: `n` sequences of `length` tokens that the model samples itself.
 
     Sampling starts from BOS (or EOS when there is none) at temperature 1; the result is cached per

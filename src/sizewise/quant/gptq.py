@@ -1,0 +1,228 @@
+"""GPTQ (Frantar et al., 2022) as a pure function of (weight, XᵀX, format).
+
+Columns are quantized one at a time; each column's rounding error is spread over the columns
+not yet quantized, weighted by the inverse Hessian, so that the layer output XWᵀ moves as little
+as possible. The inverse Hessian enters only through its upper Cholesky factor U (H⁻¹ = UᵀU),
+and updates to columns outside the current block are applied lazily, one matmul per block.
+
+The grid math (fit / encode / decode) is the one in grid.py: what GPTQ rounds to is exactly what
+`QuantizedTensor.dequantize()` returns.
+
+`hessian_factor` depends only on XᵀX, so callers that quantize several weights fed by the same
+inputs (q/k/v, gate/up) or try several formats on one layer can compute it once and pass it in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import SizewiseError
+from .formats import QuantFormat, QuantizedTensor
+from .grid import decode, encode, fit, grouped, pack_tensor
+from .refine import mse_clip
+
+_DAMP_RETRIES = 4   # each retry multiplies the damping by 10
+
+
+@dataclass(frozen=True)
+class HessianFactor:
+    """Everything GPTQ needs from XᵀX, in processing order.
+
+    perm: processing order of the input columns (identity without act_order).
+    u: upper Cholesky factor of the damped inverse Hessian, float32 [in, in], in `perm` order.
+    dead: bool [in], original order; input channels that never fired (their weights are zeroed).
+    diag: float32 [in], original order; diag(XᵀX) (0 for dead channels), used to weight clip search.
+    damp: the relative damping actually used (larger than asked if H needed it).
+    """
+
+    perm: torch.Tensor
+    u: torch.Tensor
+    dead: torch.Tensor
+    diag: torch.Tensor
+    damp: float
+    act_order: bool
+
+
+def _inverse_cholesky_upper(h: torch.Tensor) -> torch.Tensor | None:
+    """Upper U with UᵀU = H⁻¹, or None if H is not positive definite.
+
+    Factor the index-reversed H as L Lᵀ; reversing back gives H = R Rᵀ with R upper, so
+    H⁻¹ = R⁻ᵀ R⁻¹ and U = R⁻¹ (upper, positive diagonal). One Cholesky and one triangular solve,
+    instead of Cholesky, explicit inverse and a second Cholesky.
+    """
+    lf, info = torch.linalg.cholesky_ex(h.flip(0, 1))
+    # A pivot this small means H is singular up to rounding: the factor "exists" but its
+    # inverse would blow GPTQ's updates up, so treat it as a failure and damp more.
+    if int(info) != 0 or float(lf.diagonal().min()) ** 2 <= 1e-10 * float(h.diagonal().max()):
+        return None
+    u = _upper_inverse(lf.flip(0, 1).contiguous())
+    return u if bool(torch.isfinite(u).all()) else None
+
+
+def _upper_inverse(r: torch.Tensor, leaf: int = 128) -> torch.Tensor:
+    """Inverse of an upper-triangular matrix by 2x2 block recursion.
+
+    inv([[A, B], [0, C]]) = [[A⁻¹, −A⁻¹ B C⁻¹], [0, C⁻¹]]: n³/3 flops, mostly in matmuls,
+    where a triangular solve against the identity does n³ (about 2x slower at n = 1536).
+    """
+    n = r.shape[0]
+    if n <= leaf:
+        eye = torch.eye(n, dtype=r.dtype, device=r.device)
+        return torch.linalg.solve_triangular(r, eye, upper=True)
+    h = n // 2
+    ai, ci = _upper_inverse(r[:h, :h], leaf), _upper_inverse(r[h:, h:], leaf)
+    out = torch.zeros_like(r)
+    out[:h, :h] = ai
+    out[h:, h:] = ci
+    out[:h, h:] = -(ai @ r[:h, h:]) @ ci
+    return out
+
+
+def hessian_factor(xtx: torch.Tensor, *, damp: float = 0.01, act_order: bool = True) -> HessianFactor:
+    """Prepare XᵀX for GPTQ: dead channels, damping (retried if singular), order, Cholesky."""
+    if xtx.ndim != 2 or xtx.shape[0] != xtx.shape[1]:
+        raise SizewiseError(f"XᵀX must be a square matrix, got shape {tuple(xtx.shape)}")
+    if not bool(torch.isfinite(xtx).all()):
+        raise SizewiseError("XᵀX contains NaN or infinite values; check the calibration activations")
+    # float64 for the factorization: H of a 1536-wide layer spans many orders of magnitude.
+    h = xtx.to(torch.float64).clone()
+    n = h.shape[0]
+    diag = h.diagonal().clone()
+    dead = diag <= 0
+    # A channel that never fired has no curvature: pin it so H stays invertible.
+    h[dead, :] = 0
+    h[:, dead] = 0
+    h.diagonal()[dead] = 1
+    diag = diag.clamp_min(0)
+    if act_order:
+        # Largest curvature first: the columns that matter most are rounded while the most
+        # columns remain to absorb their error. Stable sort keeps ties in original order.
+        perm = torch.sort(diag, descending=True, stable=True).indices
+        h = h[perm][:, perm]
+    else:
+        perm = torch.arange(n, device=h.device)
+    mean_diag = float(h.diagonal().mean())
+    rel = damp
+    for _ in range(_DAMP_RETRIES + 1):
+        hd = h.clone()
+        hd.diagonal().add_(rel * mean_diag)
+        u = _inverse_cholesky_upper(hd)
+        if u is not None:
+            return HessianFactor(perm, u.float(), dead, diag.float(), rel, act_order)
+        rel = max(rel, 1e-4) * 10
+    raise SizewiseError(
+        f"XᵀX is not positive definite even with damping {rel / 10:g} x mean diagonal; "
+        "the calibration activations are degenerate (too few tokens, or all zero)")
+
+
+def _fit_groups(w: torch.Tensor, fmt: QuantFormat, weight: torch.Tensor | None, clip_search: bool):
+    """Scale/zero [out, groups] for w [out, in] (grouped by fmt), optionally MSE-clipped."""
+    clip = mse_clip(w, fmt, weight=weight) if clip_search else 1.0
+    return fit(grouped(w, fmt), fmt, clip)
+
+
+def gptq(weight: torch.Tensor, xtx: torch.Tensor, fmt: QuantFormat, *, block_size: int = 128,
+         act_order: bool = True, damp: float = 0.01, clip_search: bool = False,
+         factor: HessianFactor | None = None) -> QuantizedTensor:
+    """Quantize weight [out, in] to `fmt`, minimizing ‖XWᵀ − XŴᵀ‖ for the X behind xtx = ΣxxT.
+
+    act_order: process columns by decreasing diag(XᵀX). Groups stay contiguous in the original
+    column order, with their scale/zero fitted up front from the weight before any update
+    ("static groups"), so nothing about the order is stored. Without act_order, each group's
+    grid is fitted from the already-updated weights when its first column is reached (original
+    GPTQ). Per-channel grids are always fitted up front.
+    clip_search: fit each group's range by `mse_clip`, weighting inputs by diag(XᵀX).
+    factor: a precomputed `hessian_factor(xtx, damp=..., act_order=...)`; xtx is then unused.
+    """
+    if weight.ndim != 2:
+        raise SizewiseError(f"GPTQ needs a 2-D weight, got shape {tuple(weight.shape)}")
+    out_f, in_f = weight.shape
+    fmt.check(in_f)
+    if block_size < 1:
+        raise SizewiseError(f"block size must be positive, got {block_size}")
+    if factor is None:
+        factor = hessian_factor(xtx, damp=damp, act_order=act_order)
+    elif factor.act_order != act_order:
+        raise SizewiseError("the Hessian factor was prepared with a different act_order")
+    if factor.u.shape[0] != in_f:
+        raise SizewiseError(f"XᵀX is {factor.u.shape[0]} wide but the weight has {in_f} input columns")
+    dev = weight.device
+    perm, u = factor.perm.to(dev), factor.u.to(dev)
+    dead, hdiag = factor.dead.to(dev), factor.diag.to(dev)
+
+    w = weight.detach().float().clone()
+    w[:, dead] = 0  # no data constrains these; zero is on every grid with an integer zero
+    g = fmt.group_len(in_f)
+    dynamic = not act_order and g < in_f
+    cw = hdiag if clip_search else None
+
+    if not dynamic:
+        scale, zero = _fit_groups(w, fmt, cw, clip_search)          # [out, groups]
+        # Per processing step, the scale/zero row of that column's group: [in, out].
+        col_group = perm // g
+        st = scale.t()[col_group].contiguous()
+        zt = None if zero is None else zero.t()[col_group].contiguous()
+    else:
+        scales, zeros = [], []
+
+    # Transposed so that a column of W is a contiguous row: the per-column work is row ops.
+    wt = w.t()[perm].contiguous()                                     # [in, out], processing order
+    d = u.diagonal()
+    s = z = None
+    for i1 in range(0, in_f, block_size):
+        i2 = min(i1 + block_size, in_f)
+        w1 = wt[i1:i2]                     # view: updated in place, row i final once reached
+        u1 = u[i1:i2, i1:i2]
+        e1 = torch.empty_like(w1)
+        for i in range(i2 - i1):
+            c = i1 + i
+            if dynamic:
+                if c % g == 0:
+                    s, z = _fit_current_group(wt, u, e1, i1, i2, c, g, fmt, cw, clip_search)
+                    scales.append(s)
+                    zeros.append(z)
+            else:
+                s = st[c]
+                z = None if zt is None else zt[c]
+            wc = w1[i]
+            err = (wc - decode(encode(wc, s, z, fmt), s, z, fmt)) / d[c]
+            e1[i] = err
+            # Spread this column's error over the rest of the block now; beyond it, later.
+            w1[i + 1:].addr_(u1[i, i + 1:], err, alpha=-1.0)
+        if i2 < in_f:
+            wt[i2:].addmm_(u[i1:i2, i2:].t(), e1, alpha=-1.0)
+
+    if dynamic:
+        scale = torch.stack(scales, dim=1)
+        zero = None if zeros[0] is None else torch.stack(zeros, dim=1)
+        st = scale.t().repeat_interleave(g, dim=0)
+        zt = None if zero is None else zero.t().repeat_interleave(g, dim=0)
+    # Each row of wt now holds the value that was rounded; encoding is elementwise, so this
+    # reproduces the codes chosen inside the loop exactly.
+    codes_t = encode(wt, st, zt, fmt)
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(in_f, device=dev)
+    codes = codes_t[inv].t().contiguous()                              # original column order
+    return pack_tensor(codes, scale, zero, fmt)
+
+
+def _fit_current_group(wt, u, e1, i1, i2, c, g, fmt, cw, clip_search):
+    """Grid of the group starting at column c, from its weights as updated so far.
+
+    Columns inside the current block are up to date in wt; columns past it still lack this
+    block's pending (lazy) update from the columns already rounded, so apply it here.
+    """
+    end = c + g
+    cur = wt[c:min(end, i2)]
+    if end > i2:
+        done = c - i1
+        rest = wt[i2:end]
+        if done:
+            rest = rest - u[i1:c, i2:end].t() @ e1[:done]
+        cur = torch.cat([cur, rest])
+    group_fmt = QuantFormat(fmt.bits, None, fmt.symmetric, fmt.scale_dtype, fmt.zero)
+    weight = None if cw is None else cw[c:end]
+    scale, zero = _fit_groups(cur.t(), group_fmt, weight, clip_search)
+    return scale[:, 0], None if zero is None else zero[:, 0]
