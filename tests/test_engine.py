@@ -106,3 +106,15 @@ def test_compression_errors_propagate_to_next_layer():
     # q_proj input equals layer 0's q_proj input.
     q0, q1 = arch.linears[0][0].name, arch.linears[1][0].name
     assert torch.allclose(first_xtx[q0], first_xtx[q1], rtol=1e-4, atol=1e-5)
+
+
+def test_linears_reading_one_input_share_statistics():
+    model = tiny_model("llama")
+    arch = discover(model)
+    got = {}
+    run(model, arch, lambda ref, w, s: (got.setdefault(ref.name.split(".", 3)[-1], s), w)[1],
+        torch.randint(0, model.config.vocab_size, (4, 8)), batch=2, progress=False)
+    assert got["self_attn.q_proj"] is got["self_attn.k_proj"] is got["self_attn.v_proj"]
+    assert got["mlp.gate_proj"] is got["mlp.up_proj"]
+    assert got["self_attn.o_proj"] is not got["self_attn.q_proj"] and got["mlp.down_proj"] is not got["mlp.up_proj"]
+    assert got["self_attn.q_proj"].count == 32

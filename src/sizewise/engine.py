@@ -29,6 +29,9 @@ class LinearStats:
     xtx: torch.Tensor        # [in, in] float32, sum of x xᵀ (GPTQ's Hessian up to a factor 2/n)
     abs_sum: torch.Tensor    # [in] float32, sum of |x| (AWQ's activation salience)
     count: int = 0           # tokens seen
+    # Linears that read the same input (q/k/v, gate/up) share one LinearStats; solvers may cache
+    # what they derive from it (e.g. GPTQ's Hessian factor) here. Cleared whenever xtx changes.
+    cache: dict = field(default_factory=dict, repr=False)
 
     @classmethod
     def empty(cls, in_features: int, device) -> "LinearStats":
@@ -111,6 +114,41 @@ def _layer_forward(layer, h, extra):
     return out[0] if isinstance(out, tuple) else out
 
 
+def _observe(layer, refs: list[LinearRef], buffer: ActivationBuffer, batch: int, extra, device, dtype) -> dict:
+    """Run the float layer over all samples, accumulating each linear's input statistics.
+
+    Linears fed the very same tensor share one accumulator, so XᵀX is computed once per input.
+    """
+    owner: dict[str, str] = {}              # linear name -> name of the linear whose stats it shares
+    stats: dict[str, LinearStats] = {}
+    seen: dict[int, tuple[torch.Tensor, str]] = {}   # per batch: id(input) -> (input kept alive, first reader)
+
+    def hook(name, in_features):
+        def accumulate(module, args):
+            x = args[0]
+            first = seen.setdefault(id(x), (x, name))[1]
+            if first != name:                   # same tensor as an earlier reader in this batch
+                owner.setdefault(name, first)
+                return
+            if name not in stats:
+                stats[name] = LinearStats.empty(in_features, device)
+            stats[name].add(x)
+        return accumulate
+
+    hooks = [ref.module.register_forward_pre_hook(hook(ref.name, ref.shape[1])) for ref in refs]
+    try:
+        for s in range(0, buffer.n, batch):
+            seen.clear()
+            _layer_forward(layer, buffer.data[s:s + batch].to(device, dtype), extra)
+    finally:
+        for h in hooks:
+            h.remove()
+        seen.clear()
+    for name, first in owner.items():
+        stats[name] = stats[first]
+    return stats
+
+
 def run(model, arch: Architecture, solve: Solver, samples: torch.Tensor | None, *,
         batch: int = 8, offload: Path | None = None, progress: bool = True,
         compute_dtype: torch.dtype = torch.float32, transform: Transform | None = None) -> dict:
@@ -143,15 +181,7 @@ def run(model, arch: Architecture, solve: Solver, samples: torch.Tensor | None, 
             refs = arch.linears[i]
             original_dtype = next(layer.parameters()).dtype
             layer.to(compute_dtype)
-            stats = {ref.name: LinearStats.empty(ref.shape[1], device) for ref in refs}
-            hooks = [ref.module.register_forward_pre_hook(
-                lambda m, args, s=stats[ref.name]: s.add(args[0])) for ref in refs]
-            try:
-                for s in range(0, n, batch):          # observe
-                    _layer_forward(layer, buffer.data[s:s + batch].to(device, compute_dtype), extra)
-            finally:
-                for h in hooks:
-                    h.remove()
+            stats = _observe(layer, refs, buffer, batch, extra, device, compute_dtype)
             layer.to(original_dtype)
             if transform is not None:
                 transform(i, layer, refs, stats)

@@ -34,8 +34,14 @@ def _rtn_mse(w, stats, fmt, **_):
 
 
 def _gptq(w, stats, fmt, block_size=128, act_order=True, damp=0.01, clip_search=False, **_):
-    from .gptq import gptq
-    return gptq(w, stats.xtx, fmt, block_size=block_size, act_order=act_order, damp=damp, clip_search=clip_search)
+    from .gptq import gptq, hessian_factor
+
+    # q/k/v (and gate/up) share their statistics: factor their Hessian once.
+    key = ("gptq-factor", damp, act_order)
+    if key not in stats.cache:
+        stats.cache[key] = hessian_factor(stats.xtx, damp=damp, act_order=act_order)
+    return gptq(w, stats.xtx, fmt, block_size=block_size, act_order=act_order, damp=damp,
+                clip_search=clip_search, factor=stats.cache[key])
 
 
 METHODS = {m.name: m for m in [
