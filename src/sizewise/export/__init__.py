@@ -1,0 +1,1 @@
+"""Exporters: the formats people deploy (GGUF for llama.cpp: gguf_types.py holds the block math, gguf.py the file)."""

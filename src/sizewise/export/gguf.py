@@ -1,0 +1,298 @@
+"""Write a compressed Llama-family model as a GGUF file that llama.cpp runs.
+
+Input is the model's state under transformers' names (`model.layers.N.self_attn.q_proj.weight`, ...),
+each tensor either quantized (our `QuantizedTensor` in a GGUF 32-weight type, or a `KQuantTensor`) or a
+float tensor stored in its own dtype (float32 -> F32, float16 -> F16, bfloat16 -> BF16; 1-D tensors,
+the norms, always F32 as llama.cpp's converter does). What the file adds to the weights:
+
+- names in llama.cpp's convention, from the gguf package's own `TensorNameMap` for the `llama` arch;
+- the rows of q_proj/k_proj (weights and biases) permuted the way llama.cpp's converter does, because
+  llama.cpp applies rope to interleaved pairs where transformers uses halves (transformers' GGUF loader
+  undoes it). Rows are independent in every block type, so packed rows are permuted as they are;
+- no `output.weight` when the embeddings are tied (that absence is how llama.cpp and transformers
+  both know);
+- architecture metadata and a byte-level BPE ("gpt2") tokenizer.
+
+The file is written to a temporary name beside `path` and renamed into place, so a reader never sees
+half a file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType, TokenType
+
+from ..errors import SizewiseError
+from ..quant.formats import QuantizedTensor
+from .gguf_types import KQuantTensor, ggml_bytes
+
+GGML = GGMLQuantizationType
+ARCH = "llama"
+SUPPORTED_MODEL_TYPES = ("llama", "mistral")  # mistral without sliding window runs as llama in llama.cpp
+QUANTIZATION_VERSION = 2  # ggml's GGML_QNT_VERSION for the block layouts written here
+
+_FLOAT_DTYPES = {torch.float32: GGML.F32, torch.float16: GGML.F16, torch.bfloat16: GGML.BF16}
+_LAYER_TENSORS = (
+    "input_layernorm.weight", "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
+    "self_attn.o_proj.weight", "post_attention_layernorm.weight", "mlp.gate_proj.weight",
+    "mlp.up_proj.weight", "mlp.down_proj.weight",
+)
+
+
+# --- names and layout -------------------------------------------------------------------------
+
+
+def gguf_tensor_name(hf_name: str, n_layers: int) -> str:
+    """llama.cpp's name for a transformers Llama tensor (`model.layers.3.mlp.up_proj.weight` ->
+    `blk.3.ffn_up.weight`), from gguf's own tables; a one-line error for a tensor llama has not."""
+    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layers)
+    found = name_map.get_type_and_name(hf_name, try_suffixes=(".weight", ".bias"))
+    if found is None or found[0] not in gguf.MODEL_TENSORS[gguf.MODEL_ARCH.LLAMA]:
+        raise SizewiseError(f"tensor {hf_name!r} has no place in a GGUF '{ARCH}' model")
+    return found[1]
+
+
+def rope_row_order(rows: int, n_head: int) -> np.ndarray:
+    """Row order llama.cpp's converter gives q_proj/k_proj: within each head, transformers' layout
+    (first half of the rotary dims, then the second) becomes interleaved pairs (x0, x_half, x1, ...).
+    file_rows = hf_rows[order]."""
+    if rows % (2 * n_head):
+        raise SizewiseError(f"{rows} rows do not split into {n_head} heads of even size")
+    half = rows // n_head // 2
+    return np.arange(rows).reshape(n_head, 2, half).swapaxes(1, 2).reshape(-1)
+
+
+def tensor_payload(value) -> tuple[np.ndarray, GGMLQuantizationType]:
+    """What goes into the file for one tensor: a quantized tensor as uint8 ggml blocks
+    [out, row bytes], a float tensor as an array of its own dtype (bfloat16 as its raw bytes)."""
+    if isinstance(value, (QuantizedTensor, KQuantTensor)):
+        return ggml_bytes(value)
+    if not isinstance(value, torch.Tensor):
+        raise SizewiseError(f"cannot store a {type(value).__name__} in GGUF")
+    t = value.detach().cpu().contiguous()
+    if t.dim() <= 1:
+        t = t.float()  # norms and biases: F32, as llama.cpp's converter keeps them
+    if t.dtype not in _FLOAT_DTYPES:
+        raise SizewiseError(f"float tensors are stored as F32/F16/BF16; got {t.dtype}")
+    ggml_type = _FLOAT_DTYPES[t.dtype]
+    if ggml_type == GGML.BF16:  # numpy has no bfloat16: write its bits, exactly
+        return t.view(torch.int16).numpy().view(np.uint8), ggml_type
+    return t.numpy(), ggml_type
+
+
+# --- metadata ---------------------------------------------------------------------------------
+
+
+def _rope_theta(config) -> float:
+    params = getattr(config, "rope_parameters", None) or {}
+    scaling = getattr(config, "rope_scaling", None) or {}
+    rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    if rope_type != "default":
+        raise SizewiseError(f"GGUF export writes default RoPE only; this model uses rope_type {rope_type!r}")
+    theta = params.get("rope_theta", getattr(config, "rope_theta", None))
+    return float(10000.0 if theta is None else theta)
+
+
+def _check_config(config) -> None:
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise SizewiseError(f"GGUF export supports: {ARCH} (model_type {', '.join(SUPPORTED_MODEL_TYPES)}); "
+                            f"got {model_type!r}")
+    act = getattr(config, "hidden_act", "silu")
+    if act != "silu":
+        raise SizewiseError(f"GGUF '{ARCH}' models use a SiLU-gated MLP; this one uses {act!r}")
+    window = getattr(config, "sliding_window", None)
+    if window is not None and window < config.max_position_embeddings:
+        raise SizewiseError(f"llama.cpp's '{ARCH}' has no sliding-window attention (window {window})")
+
+
+def _head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def _n_kv_heads(config) -> int:
+    return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+
+
+def _add_arch_metadata(w: gguf.GGUFWriter, config) -> None:
+    w.add_context_length(config.max_position_embeddings)
+    w.add_embedding_length(config.hidden_size)
+    w.add_block_count(config.num_hidden_layers)
+    w.add_feed_forward_length(config.intermediate_size)
+    w.add_head_count(config.num_attention_heads)
+    w.add_head_count_kv(_n_kv_heads(config))
+    w.add_rope_freq_base(_rope_theta(config))
+    w.add_rope_dimension_count(_head_dim(config))
+    w.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    w.add_vocab_size(config.vocab_size)
+    if _head_dim(config) != config.hidden_size // config.num_attention_heads:
+        w.add_key_length(_head_dim(config))
+        w.add_value_length(_head_dim(config))
+
+
+def _backend_json(tokenizer) -> dict:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise SizewiseError("GGUF export needs a fast (tokenizers-backed) tokenizer")
+    return json.loads(backend.to_str())
+
+
+def _mentions(node, type_name: str) -> bool:
+    if isinstance(node, dict):
+        return node.get("type") == type_name or any(_mentions(v, type_name) for v in node.values())
+    if isinstance(node, list):
+        return any(_mentions(v, type_name) for v in node)
+    return False
+
+
+def tokenizer_metadata(tokenizer, vocab_size: int) -> dict[str, Any]:
+    """llama.cpp's tokenizer keys for a byte-level BPE tokenizer ("gpt2" model): tokens padded to the
+    model's vocab size, their types, merges, special ids, whether BOS/EOS are added, chat template."""
+    spec = _backend_json(tokenizer)
+    model = spec.get("model") or {}
+    if model.get("type") != "BPE" or not (_mentions(spec.get("pre_tokenizer"), "ByteLevel")
+                                          or _mentions(spec.get("decoder"), "ByteLevel")):
+        raise SizewiseError("GGUF export supports byte-level BPE tokenizers (llama.cpp 'gpt2'); "
+                            f"this one is {model.get('type')!r} without a ByteLevel pre-tokenizer")
+    vocab = tokenizer.get_vocab()
+    if len(vocab) > vocab_size or max(vocab.values()) >= vocab_size:
+        raise SizewiseError(f"the tokenizer has ids beyond the model's vocab size {vocab_size}")
+    added = {t["id"]: bool(t.get("special")) for t in spec.get("added_tokens", [])}
+    by_id = {i: tok for tok, i in vocab.items()}
+    tokens, types = [], []
+    for i in range(vocab_size):
+        if i not in by_id:  # rows the embedding has and the tokenizer never emits
+            tokens.append(f"[PAD{i}]")
+            types.append(int(TokenType.UNUSED))
+            continue
+        tokens.append(by_id[i])
+        if i in added:
+            types.append(int(TokenType.CONTROL if added[i] else TokenType.USER_DEFINED))
+        else:
+            types.append(int(TokenType.NORMAL))
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+
+    meta: dict[str, Any] = {
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.token_type": types,
+        "tokenizer.ggml.merges": merges,
+    }
+    ids = {"bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id,
+           "unknown": tokenizer.unk_token_id, "padding": tokenizer.pad_token_id}
+    for key, value in ids.items():
+        if value is not None:
+            meta[f"tokenizer.ggml.{key}_token_id"] = int(value)
+    # Whether BOS/EOS are added is read from what the tokenizer does, not from flags it may not have.
+    probe = tokenizer("a")["input_ids"]
+    meta["tokenizer.ggml.add_bos_token"] = bool(probe and ids["bos"] is not None and probe[0] == ids["bos"])
+    meta["tokenizer.ggml.add_eos_token"] = bool(len(probe) > 1 and ids["eos"] is not None and probe[-1] == ids["eos"])
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, str) and template:
+        meta["tokenizer.chat_template"] = template
+    return meta
+
+
+def _put(w: gguf.GGUFWriter, key: str, value: Any) -> None:
+    """One metadata value with the GGUF type llama.cpp expects for its Python type."""
+    if isinstance(value, bool):
+        w.add_bool(key, value)
+    elif isinstance(value, int):
+        w.add_uint32(key, value) if value >= 0 else w.add_int32(key, value)
+    elif isinstance(value, float):
+        w.add_float32(key, value)
+    elif isinstance(value, str):
+        w.add_string(key, value)
+    elif isinstance(value, (list, tuple)):
+        if value and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            w.add_key_value(key, list(value), gguf.GGUFValueType.ARRAY, sub_type=gguf.GGUFValueType.INT32)
+        else:
+            w.add_array(key, list(value))
+    else:
+        raise SizewiseError(f"metadata {key!r}: cannot store a {type(value).__name__}")
+
+
+# --- the file ---------------------------------------------------------------------------------
+
+
+def gguf_tensors(config, weights: Mapping[str, Any]) -> list[tuple[str, np.ndarray, GGMLQuantizationType]]:
+    """(gguf name, payload, type) for every tensor of the model, in llama.cpp's layout (rope rows
+    permuted, tied output left out). Checks that the model is complete."""
+    _check_config(config)
+    n_layers = config.num_hidden_layers
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    expected = ["model.embed_tokens.weight", "model.norm.weight"] + [
+        f"model.layers.{i}.{t}" for i in range(n_layers) for t in _LAYER_TENSORS]
+    if not tied:
+        expected.append("lm_head.weight")
+    missing = [n for n in expected if n not in weights]
+    if missing:
+        raise SizewiseError(f"GGUF export is missing {len(missing)} tensor(s), first {missing[0]!r}")
+
+    heads = {"q_proj": config.num_attention_heads, "k_proj": _n_kv_heads(config)}
+    out = []
+    for hf_name, value in weights.items():
+        if hf_name.endswith("rotary_emb.inv_freq") or (tied and hf_name == "lm_head.weight"):
+            continue
+        name = gguf_tensor_name(hf_name, n_layers)
+        payload, ggml_type = tensor_payload(value)
+        proj = hf_name.split(".")[-2]
+        if proj in heads and ".self_attn." in hf_name:
+            payload = payload[rope_row_order(payload.shape[0], heads[proj])]
+        out.append((name, np.ascontiguousarray(payload), ggml_type))
+    return out
+
+
+def write_gguf(path: str | os.PathLike, config, weights: Mapping[str, Any], tokenizer=None, *,
+               name: str | None = None, tokenizer_pre: str | None = None,
+               metadata: Mapping[str, Any] | None = None) -> Path:
+    """Write a GGUF llama.cpp can run; returns its path.
+
+    config: the transformers config (Llama or Mistral-without-sliding-window).
+    weights: transformers name -> QuantizedTensor (Q8_0/Q4_0/Q4_1/Q5_0/Q5_1 formats), KQuantTensor,
+        or a float torch.Tensor kept in its dtype (F32/F16/BF16).
+    tokenizer: a fast byte-level BPE tokenizer (None writes no tokenizer: transformers can still load
+        the weights, llama.cpp cannot run the file).
+    tokenizer_pre: llama.cpp's pre-tokenizer name (e.g. "smollm", "llama-bpe"); llama.cpp falls back to
+        "default" without it. A source GGUF's `tokenizer.ggml.pre` is the value to pass on.
+    metadata: extra or overriding keys, written last (e.g. {"general.license": "apache-2.0"}).
+    """
+    path = Path(path)
+    tensors = gguf_tensors(config, weights)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    writer = gguf.GGUFWriter(tmp, ARCH)
+    try:
+        default_name = Path(str(getattr(config, "_name_or_path", "") or "")).name or "sizewise model"
+        writer.add_name(name or default_name)
+        _add_arch_metadata(writer, config)
+        if any(t not in _FLOAT_DTYPES.values() for _, _, t in tensors):
+            writer.add_quantization_version(QUANTIZATION_VERSION)
+        if tokenizer is not None:
+            for key, value in tokenizer_metadata(tokenizer, config.vocab_size).items():
+                _put(writer, key, value)
+            if tokenizer_pre:
+                writer.add_tokenizer_pre(tokenizer_pre)
+        for key, value in (metadata or {}).items():
+            _put(writer, key, value)
+        for tname, payload, ggml_type in tensors:
+            # quantized payloads are uint8 blocks: gguf derives the logical shape from the byte shape
+            raw = ggml_type if payload.dtype == np.uint8 else None
+            writer.add_tensor(tname, payload, raw_dtype=raw)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, path)
+    except BaseException:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
