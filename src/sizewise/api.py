@@ -228,3 +228,39 @@ def compare(reference: str | Path, candidates: list[str | Path], text: str | Pat
     if out is not None:
         results["report"] = str(report.write(results, out))
     return results
+
+
+def export(path: str | Path, out: str | Path, *, format: str = "gguf", overwrite: bool = False,
+           tokenizer_pre: str | None = None) -> dict:
+    """Write an artifact's stored weights in another format, unchanged (no re-rounding).
+
+    GGUF holds our formats exactly when they are one of ggml's block types: 32-weight groups with
+    float16 scales, symmetric (Q4_0, Q5_0, Q8_0) or with a float16 minimum (Q4_1, Q5_1).
+    """
+    from collections import Counter
+
+    from transformers import AutoConfig, AutoTokenizer
+
+    from .export.gguf import write_gguf
+    from .export.gguf_types import ggml_type_for
+    from .quant.formats import QuantizedTensor, label
+
+    if format != "gguf":
+        raise SizewiseError(f"unknown export format {format!r}; available: gguf")
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise SizewiseError(f"output file {out} already exists (use --force to replace it)")
+    stored, manifest = artifact.load_stored(path)
+    bad = [(n, t) for n, t in stored.items() if isinstance(t, QuantizedTensor) and ggml_type_for(t.fmt) is None]
+    if bad:
+        raise SizewiseError(
+            f"{len(bad)} tensors are in formats GGUF cannot hold exactly (e.g. {bad[0][0]}: {label(bad[0][1].fmt)}); "
+            "compress with --group-size 32 and --sym (Q4_0/Q5_0/Q8_0) or --zero float16 (Q4_1/Q5_1)")
+    config = AutoConfig.from_pretrained(Path(path) / artifact.DENSE)
+    tokenizer = AutoTokenizer.from_pretrained(Path(path) / artifact.DENSE)
+    written = write_gguf(out, config, stored, tokenizer,
+                         tokenizer_pre=tokenizer_pre or manifest["source"].get("tokenizer_pre"),
+                         metadata={"general.source.url": "sizewise artifact " + str(Path(path).resolve())})
+    import gguf
+    types = Counter(gguf.GGMLQuantizationType(t.tensor_type).name for t in gguf.GGUFReader(written).tensors)
+    return {"path": str(written), "bytes": written.stat().st_size, "tensor_types": dict(types)}

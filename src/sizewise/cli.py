@@ -170,6 +170,21 @@ def compare(reference, candidates, text, ctx, stride, windows, output, quiet):
     click.echo(f"report: {res['report']}")
 
 
+@cli.command(name="export")
+@click.argument("artifact_dir", metavar="ARTIFACT")
+@click.option("--format", "fmt", type=click.Choice(["gguf"]), default="gguf", show_default=True)
+@click.option("-o", "--output", required=True, type=click.Path(), help="File to write.")
+@click.option("--tokenizer-pre", default=None, help="llama.cpp pre-tokenizer name (default: the source GGUF's).")
+@click.option("--force", is_flag=True, help="Replace the output file if it exists.")
+def export_cmd(artifact_dir, fmt, output, tokenizer_pre, force):
+    """Write an artifact's stored weights as GGUF (llama.cpp), exactly as evaluated."""
+    from . import api
+
+    res = api.export(artifact_dir, output, format=fmt, overwrite=force, tokenizer_pre=tokenizer_pre)
+    types = ", ".join(f"{k} x{v}" for k, v in sorted(res["tensor_types"].items()))
+    click.echo(f"wrote {res['path']}: {res['bytes'] / 1e6:.1f} MB ({types})")
+
+
 @cli.command(name="methods")
 def methods_cmd():
     """List the compression methods."""

@@ -35,6 +35,14 @@ def _weights_sha256(directory: Path) -> str:
     return h.hexdigest()
 
 
+def _gguf_tokenizer_pre(path: Path) -> str | None:
+    """llama.cpp's pre-tokenizer name, kept so that an export back to GGUF tokenizes the same way."""
+    import gguf
+
+    field = gguf.GGUFReader(path).get_field("tokenizer.ggml.pre")
+    return None if field is None else field.contents()
+
+
 def _load_hf(directory: Path, allow_pickle: bool):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -73,13 +81,15 @@ def load(spec: str | Path, *, allow_pickle: bool = False) -> Source:
         if not (converted / "config.json").is_file():
             builtins.gguf_to_hf(path, converted)
         model, tokenizer, _ = _load_hf(converted, False)
-        info = {"kind": "gguf", "path": str(path.resolve()), "sha256": digest}
+        info = {"kind": "gguf", "path": str(path.resolve()), "sha256": digest,
+                "tokenizer_pre": _gguf_tokenizer_pre(path)}
     elif not path.exists() and builtins.is_builtin_model(spec):
         directory = builtins.fetch_model(spec)
         model, tokenizer, _ = _load_hf(directory, False)
         provenance = directory / "sizewise_source.json"
         info = {"kind": "builtin", "path": str(directory), "sha256": _weights_sha256(directory),
-                "provenance": json.loads(provenance.read_text()) if provenance.is_file() else None}
+                "provenance": json.loads(provenance.read_text()) if provenance.is_file() else None,
+                "tokenizer_pre": getattr(builtins.MODELS[spec], "tokenizer_pre", None)}
     elif path.exists():
         raise SizewiseError(f"{spec} is neither a Hugging Face model directory (config.json), a .gguf file, "
                             "nor a sizewise artifact (manifest.json)")
