@@ -118,3 +118,18 @@ def test_gptq_with_calibration_file_records_protocol(tiny_dirs, tmp_path, capsys
     assert code == 0, err
     cal = json.loads((out / "manifest.json").read_text())["calibration"]
     assert cal["samples"] == 6 and cal["length"] == 32 and cal["seed"] == 5 and len(cal["sha256"]) == 64
+
+
+@pytest.mark.parametrize("method", ["awq", "awq+gptq", "rotate+gptq", "rotate+awq+rtn-mse"])
+def test_method_pipelines_end_to_end(method, tiny_dirs, tmp_path, capsys):
+    out = tmp_path / "p"
+    code, _, err = run(capsys, "compress", tiny_dirs["llama"], "--method", method, "--bits", 4, "--group-size", 32,
+                       "--calib", tiny_dirs["text"], "--calib-samples", 4, "--calib-len", 32, "-o", out, "--quiet")
+    assert code == 0, err
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["method"]["name"] == method
+    assert ("rotate" in m["transforms"]) == method.startswith("rotate")
+    assert ("awq" in m["transforms"]) == ("awq" in method)
+    code, stdout, _ = run(capsys, "eval", out, "--text", tiny_dirs["text"], "--ctx", 64, "--windows", 3,
+                          "--against", tiny_dirs["llama"], "--json", "--quiet")
+    assert code == 0 and json.loads(stdout)["top1_agreement"] > 0.5

@@ -82,6 +82,12 @@ class ActivationBuffer:
         return n * length * hidden * 4
 
 
+def _hidden_size(model) -> int:
+    """Width of the residual stream (OPT's embeddings may be narrower and projected up)."""
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return cfg.hidden_size
+
+
 def _run_with_capture(model, layer0, samples: torch.Tensor, buffer: ActivationBuffer, batch: int) -> dict:
     """Fill `buffer` with layer 0's inputs; return the other layer arguments by batch size."""
     extra: dict[int, tuple] = {}
@@ -170,7 +176,7 @@ def run(model, arch: Architecture, solve: Solver, samples: torch.Tensor | None, 
         return {"engine_s": time.perf_counter() - t0, "activation_bytes": 0}
 
     n, length = samples.shape
-    hidden = model.get_input_embeddings().weight.shape[1]
+    hidden = _hidden_size(model)
     buffer = ActivationBuffer(n, length, hidden, offload)
     where = f"on disk in {offload}" if offload else "in memory (--offload DIR keeps them on disk)"
     print(f"calibration activations: {n} x {length} x {hidden} float32 = "
@@ -205,7 +211,7 @@ def capture_final_hidden(model, arch: Architecture, samples: torch.Tensor, batch
     Used by tests: equal to the plain forward's last decoder output when nothing is compressed.
     """
     n, length = samples.shape
-    hidden = model.get_input_embeddings().weight.shape[1]
+    hidden = _hidden_size(model)
     buffer = ActivationBuffer(n, length, hidden)
     with torch.no_grad():
         extra = _run_with_capture(model, arch.layers[0], samples, buffer, batch)
