@@ -208,6 +208,12 @@ def fetch(name):
         raise SizewiseError(f"unknown built-in {name!r}; models: {', '.join(builtins.MODELS)}; texts: {', '.join(builtins.TEXTS)}")
 
 
+from .lossless.cli import pack, unpack  # noqa: E402
+
+cli.add_command(pack)
+cli.add_command(unpack)
+
+
 def _quiet_libraries() -> None:
     """transformers' own per-file progress bars and notices drown our per-layer progress."""
     import transformers

@@ -15,6 +15,7 @@ import torch
 
 from . import artifact, builtins
 from .data import sha256_file
+from .lossless.model import is_packed_model, load_packed_model
 from .errors import SizewiseError
 
 
@@ -67,7 +68,9 @@ def load(spec: str | Path, *, allow_pickle: bool = False) -> Source:
     """Resolve and load a model given by path or built-in name."""
     spec = str(spec)
     path = Path(spec)
-    if path.is_dir() and artifact.is_artifact(path):
+    if path.is_dir() and is_packed_model(path):   # first: a packed directory also holds manifest.json
+        model, tokenizer, info = load_packed_model(path, dtype=torch.float32)
+    elif path.is_dir() and artifact.is_artifact(path):
         model, tokenizer, manifest = artifact.load(path)
         info = {"kind": "artifact", "path": str(path.resolve()),
                 "sha256": hashlib.sha256((path / artifact.MANIFEST).read_bytes()).hexdigest(),
