@@ -118,3 +118,16 @@ def test_linears_reading_one_input_share_statistics():
     assert got["mlp.gate_proj"] is got["mlp.up_proj"]
     assert got["self_attn.o_proj"] is not got["self_attn.q_proj"] and got["mlp.down_proj"] is not got["mlp.up_proj"]
     assert got["self_attn.q_proj"].count == 32
+
+
+def test_bfloat16_calibration_passes_leave_float_weights_untouched():
+    model = tiny_model("llama")
+    arch = discover(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    seen = {}
+    run(model, arch, lambda ref, w, s: (seen.setdefault(ref.weight_name, w), w)[1],
+        torch.randint(0, model.config.vocab_size, (2, 8)), progress=False, compute_dtype=torch.bfloat16)
+    for name, w in seen.items():
+        assert torch.equal(w, before[name])           # the solver saw the float32 weights
+    for k, v in model.state_dict().items():
+        assert v.dtype == before[k].dtype and torch.equal(v, before[k])

@@ -159,6 +159,33 @@ def compress(model: str | Path | Source, config: CompressConfig | None = None, o
     return Result(m, src.tokenizer, manifest)
 
 
+def plan_for_budget(model: str | Path | Source, budget: str, config: CompressConfig | None = None, *,
+                    quantizers: tuple[str, ...] = ("rtn",), fisher_samples: int = 8, progress: bool = True,
+                    allow_pickle: bool = False):
+    """The plan of least predicted KL whose exact size fits `budget` ("3.5bpw", "70MB", "64MiB").
+
+    Uses config.calib, config.float_dtype and config.options; returns an `allocate.Allocation`
+    (.plan, .predicted per layer; `allocate.render` prints it). Profiling is cached per model and
+    calibration settings, so asking again for another budget is fast.
+    """
+    from .allocate import plan_for_budget as _plan
+
+    config = config or CompressConfig()
+    return _plan(model, budget, calib=config.calib, quantizers=quantizers, float_dtype=config.float_dtype,
+                 options=config.options, fisher_samples=fisher_samples, progress=progress, allow_pickle=allow_pickle)
+
+
+def compress_to_budget(model: str | Path | Source, budget: str, config: CompressConfig | None = None,
+                       out: str | Path | None = None, *, quantizers: tuple[str, ...] = ("rtn",),
+                       fisher_samples: int = 8, overwrite: bool = False, progress: bool = True,
+                       allow_pickle: bool = False):
+    """`plan_for_budget`, then `compress` with that plan. Returns (Result, Allocation)."""
+    from .allocate import compress_to_budget as _compress
+
+    return _compress(model, budget, out, config, quantizers=quantizers, fisher_samples=fisher_samples,
+                     overwrite=overwrite, progress=progress, allow_pickle=allow_pickle)
+
+
 def evaluate(model: str | Path | Source, text: str | Path = "wikitext2-test", *, ctx: int = 1024,
              stride: int | None = None, windows: int | None = None, against: str | Path | Source | None = None,
              progress: bool = True, allow_pickle: bool = False) -> dict:

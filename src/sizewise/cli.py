@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -71,16 +72,23 @@ def cli():
 @click.option("--offload", type=click.Path(), help="Keep calibration activations memory-mapped in this directory instead of RAM.")
 @click.option("--no-act-order", is_flag=True, help="GPTQ: process columns in their natural order.")
 @click.option("--damp", default=0.01, show_default=True, type=float, help="GPTQ: Hessian damping, a fraction of its mean diagonal.")
+@click.option("--budget", default=None, help="Instead of one format: mix per-layer choices to fit bits per weight "
+              "over the linear layers (3.5bpw) or a packed file size (70MB = 70e6 bytes; MiB, GB, GiB). "
+              "--method may then list several quantizers (rtn,gptq).")
+@click.option("--fisher-samples", default=8, show_default=True, type=int, help="With --budget: calibration samples for the layer-importance (Fisher) pass.")
 @click.option("--force", is_flag=True, help="Replace the output directory if it exists.")
 @click.option("--allow-pickle", is_flag=True, help="Allow loading pickled (.bin) weights. Only for files you trust.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def compress(model, output, method, bits, group_size, sym, zero, scale_dtype, float_dtype, skip, plan_path, calib,
-             calib_samples, calib_len, calib_dtype, batch, seed, offload, no_act_order, damp, force, allow_pickle, quiet):
+             calib_samples, calib_len, calib_dtype, batch, seed, offload, no_act_order, damp, budget, fisher_samples,
+             force, allow_pickle, quiet):
     """Compress MODEL and write an artifact (manifest, packed tensors, dense HF copy) to -o DIR."""
     from . import api
     from .plan import Plan
     from .quant.formats import QuantFormat
 
+    if budget is not None and (plan_path or skip):
+        raise SizewiseError("--budget chooses every layer's format itself; drop --plan and --skip")
     fmt = QuantFormat(bits, _group_size(group_size), symmetric=sym, scale_dtype=scale_dtype, zero=zero)
     options = {"act_order": False} if no_act_order else {}
     if damp != 0.01:
@@ -90,11 +98,56 @@ def compress(model, output, method, bits, group_size, sym, zero, scale_dtype, fl
         plan=Plan.load(plan_path) if plan_path else None,
         calib=api.CalibConfig(text=calib, samples=calib_samples, length=calib_len, seed=seed, batch=batch,
                               offload=offload, dtype=calib_dtype))
-    res = api.compress(model, config, output, overwrite=force, progress=not quiet, allow_pickle=allow_pickle)
+    if budget is not None:
+        res, alloc = api.compress_to_budget(model, budget, replace(config, method="rtn"), output,
+                                            quantizers=tuple(method.split(",")), fisher_samples=fisher_samples,
+                                            overwrite=force, progress=not quiet, allow_pickle=allow_pickle)
+        click.echo(f"allocated for {budget}: predicted KL {alloc.predicted_total:.4g} nats/token "
+                   f"(`sizewise info {output}` lists every layer)")
+    else:
+        res = api.compress(model, config, output, overwrite=force, progress=not quiet, allow_pickle=allow_pickle)
     t = res.manifest["totals"]
     click.echo(f"wrote {output}: {t['bits_per_weight']:.3f} bits/weight over linear layers, "
                f"{t['file_bytes'] / 1e6:.1f} MB packed ({t['bits_per_weight_file']:.2f} bits/param over the whole model), "
                f"{res.manifest['timing']['wall_s']:.0f} s")
+
+
+@cli.command(name="plan")
+@click.argument("model")
+@click.option("--budget", required=True, help="Bits per weight over the linear layers (3.25bpw) or packed file size (70MB = 70e6 bytes; MiB, GB, GiB).")
+@click.option("-o", "--output", type=click.Path(), help="Write the plan as JSON (apply it with `sizewise compress MODEL --plan FILE`).")
+@click.option("--method", default="rtn", show_default=True, help="Quantizers to choose among, comma-separated: rtn, rtn-mse, gptq.")
+@click.option("--float-dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default="float16", show_default=True)
+@click.option("--calib", default=None, help="Calibration text: a file or built-in name (enwiki-sample). Default: samples the model writes itself.")
+@click.option("--calib-samples", default=128, show_default=True, type=int)
+@click.option("--calib-len", default=512, show_default=True, type=int, help="Tokens per calibration sample.")
+@click.option("--calib-dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
+@click.option("--batch", default=8, show_default=True, type=int, help="Calibration samples per forward pass.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--offload", type=click.Path(), help="Keep calibration activations memory-mapped in this directory instead of RAM.")
+@click.option("--fisher-samples", default=8, show_default=True, type=int, help="Calibration samples for the layer-importance (Fisher) pass.")
+@click.option("--no-act-order", is_flag=True, help="GPTQ: process columns in their natural order.")
+@click.option("--damp", default=0.01, show_default=True, type=float, help="GPTQ: Hessian damping, a fraction of its mean diagonal.")
+@click.option("--allow-pickle", is_flag=True)
+@click.option("--quiet", is_flag=True)
+def plan_cmd(model, budget, output, method, float_dtype, calib, calib_samples, calib_len, calib_dtype, batch, seed,
+             offload, fisher_samples, no_act_order, damp, allow_pickle, quiet):
+    """Choose each linear layer's format to fit a budget at least predicted loss, and print the plan."""
+    from . import api
+    from .allocate import render
+
+    options = {"act_order": False} if no_act_order else {}
+    if damp != 0.01:
+        options["damp"] = damp
+    config = api.CompressConfig(options=options, float_dtype=float_dtype, calib=api.CalibConfig(
+        text=calib, samples=calib_samples, length=calib_len, seed=seed, batch=batch, offload=offload, dtype=calib_dtype))
+    alloc = api.plan_for_budget(model, budget, config, quantizers=tuple(method.split(",")),
+                                fisher_samples=fisher_samples, progress=not quiet, allow_pickle=allow_pickle)
+    click.echo(render(alloc))
+    if output:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        Path(output).write_text(alloc.plan.to_json())
+        click.echo(f"wrote {output}")
 
 
 @cli.command(name="eval")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -114,8 +115,35 @@ def _run_with_capture(model, layer0, samples: torch.Tensor, buffer: ActivationBu
     return extra
 
 
+@contextmanager
+def _computing_in(layer, dtype):
+    """Run `layer` in `dtype` for a while, then restore its exact original weights (not a round trip)."""
+    original = next(layer.parameters()).dtype
+    if dtype == original:
+        yield
+        return
+    saved = {k: v.clone() for k, v in layer.state_dict().items()}
+    layer.to(dtype)
+    try:
+        yield
+    finally:
+        layer.to(original)
+        layer.load_state_dict(saved)
+
+
+def _cast(x, dtype):
+    """Floating tensors in captured layer arguments (rotary cos/sin, masks) follow the compute dtype."""
+    if isinstance(x, torch.Tensor):
+        return x.to(dtype) if x.is_floating_point() else x
+    if isinstance(x, (tuple, list)):
+        return type(x)(_cast(v, dtype) for v in x)
+    return x
+
+
 def _layer_forward(layer, h, extra):
     args, kwargs = extra[h.shape[0]]
+    if h.dtype != torch.float32:
+        args, kwargs = _cast(args, h.dtype), {k: _cast(v, h.dtype) for k, v in kwargs.items()}
     out = layer(h, *args, **kwargs)
     return out[0] if isinstance(out, tuple) else out
 
@@ -185,20 +213,17 @@ def run(model, arch: Architecture, solve: Solver, samples: torch.Tensor | None, 
         extra = _run_with_capture(model, arch.layers[0], samples, buffer, batch)
         for i, layer in enumerate(arch.layers):
             refs = arch.linears[i]
-            original_dtype = next(layer.parameters()).dtype
-            layer.to(compute_dtype)
-            stats = _observe(layer, refs, buffer, batch, extra, device, compute_dtype)
-            layer.to(original_dtype)
+            with _computing_in(layer, compute_dtype):
+                stats = _observe(layer, refs, buffer, batch, extra, device, compute_dtype)
             if transform is not None:
                 transform(i, layer, refs, stats)
             for ref in refs:                          # solve
                 ref.set_weight(solve(ref, ref.weight(), stats[ref.name]))
             del stats
-            layer.to(compute_dtype)
-            for s in range(0, n, batch):              # propagate through the compressed layer
-                out = _layer_forward(layer, buffer.data[s:s + batch].to(device, compute_dtype), extra)
-                buffer.data[s:s + batch] = out.float().cpu()
-            layer.to(original_dtype)
+            with _computing_in(layer, compute_dtype):
+                for s in range(0, n, batch):          # propagate through the compressed layer
+                    out = _layer_forward(layer, buffer.data[s:s + batch].to(device, compute_dtype), extra)
+                    buffer.data[s:s + batch] = out.float().cpu()
             bar.update()
     bar.close()
     return {"engine_s": time.perf_counter() - t0,

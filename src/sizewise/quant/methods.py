@@ -33,15 +33,17 @@ def _rtn_mse(w, stats, fmt, **_):
     return rtn_refined(w, fmt)
 
 
-def _gptq(w, stats, fmt, block_size=128, act_order=True, damp=0.01, clip_search=False, **_):
+def _gptq(w, stats, fmt, block_size=128, act_order=True, damp=0.01, clip_search=False, factor=None, **_):
     from .gptq import gptq, hessian_factor
 
     # q/k/v (and gate/up) share their statistics: factor their Hessian once.
     key = ("gptq-factor", damp, act_order)
-    if key not in stats.cache:
-        stats.cache[key] = hessian_factor(stats.xtx, damp=damp, act_order=act_order)
+    if factor is None:
+        if key not in stats.cache:
+            stats.cache[key] = hessian_factor(stats.xtx, damp=damp, act_order=act_order)
+        factor = stats.cache[key]
     return gptq(w, stats.xtx, fmt, block_size=block_size, act_order=act_order, damp=damp,
-                clip_search=clip_search, factor=stats.cache[key])
+                clip_search=clip_search, factor=factor)
 
 
 METHODS = {m.name: m for m in [

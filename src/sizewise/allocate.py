@@ -1,0 +1,801 @@
+"""Budget allocation: per-layer candidates, measured sensitivities, an exact knapsack, budgets → a Plan.
+
+    from sizewise.allocate import plan_for_budget, render
+    alloc = plan_for_budget("smollm2-135m", "3.5bpw", calib=CalibConfig(text="enwiki-sample"))
+    print(render(alloc)); Path("plan.json").write_text(alloc.plan.to_json())
+
+The pieces are separate so that a sweep over budgets profiles once:
+
+    sizes = size_table(model, arch, cands)        # exact sizes, from shapes alone
+    check_budget(budget, sizes)                   # one-line error before any expensive work
+    prof = profile_model(model, arch, samples, cands)   # or cached_profile(...)
+    alloc = allocate(prof, sizes, budget)         # exact multiple-choice knapsack
+
+Sensitivity proxy (predicted KL divergence from the float model, nats per token). For a linear
+layer with calibration inputs X (H = XᵀX over N tokens) and a candidate's weight error ΔW, the
+layer-output error of output channel j is e_j = (ΔW H ΔWᵀ)_jj / N, exactly the mean over tokens
+of (Δy_j)². A second-order expansion of the KL around the float model turns output errors into
+model loss: KL ≈ ½ Σ_j f_j e_j, where f_j is the diagonal Fisher of the layer's output (mean over
+tokens of (∂ℓ/∂y_j)², labels sampled from the model itself, so that E[ggᵀ] is the Fisher of the
+model's own distribution and ½ δᵀFδ is its KL). Costs add over layers (cross-terms ignored).
+
+Profiling runs the engine once over the *float* model: each layer's statistics are those of the
+inputs the float model gives it. The allocation must be known before any layer is compressed, and
+a layer's own error dominates the change its input statistics would see from upstream choices.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import time
+from dataclasses import dataclass, field, replace
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import builtins, engine
+from .arch import Architecture, discover
+from .errors import SizewiseError
+from .plan import Choice, Plan
+from .quant import methods
+from .quant.formats import DTYPE_BITS, TORCH_DTYPES, FloatFormat, Format, QuantFormat, format_from_dict, label
+from .quant.pack import packed_nbytes
+
+PROFILE_VERSION = 1          # bump when the proxy's definition changes: cached profiles are then ignored
+
+
+# --- candidates -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One way to store a linear weight: a quantizer and a format, or "float" and a float dtype."""
+
+    method: str
+    format: Format
+
+    def fits(self, in_features: int) -> bool:
+        return isinstance(self.format, FloatFormat) or in_features % self.format.group_len(in_features) == 0
+
+    @property
+    def label(self) -> str:
+        return self.format.dtype if self.method == "float" else f"{self.method} {label(self.format)}"
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, "format": self.format.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Candidate":
+        return cls(d["method"], format_from_dict(d["format"]))
+
+
+def candidate_set(quantizers: tuple[str, ...] = ("rtn",), bits: tuple[int, ...] = (2, 3, 4, 5, 6, 8),
+                  group_sizes: tuple[int | None, ...] = (32, 64, 128, None),
+                  float_dtype: str | None = "float16") -> tuple[Candidate, ...]:
+    """Asymmetric integer-zero formats with float16 scales for every (quantizer, bits, group), plus float.
+
+    Group sizes that do not divide a layer's input size are skipped for that layer only; None is
+    per-channel. `float_dtype=None` leaves the float option out.
+    """
+    for q in quantizers:
+        methods.get(q)
+    cands = [Candidate(q, QuantFormat(b, g, symmetric=False, scale_dtype="float16", zero="int"))
+             for q in quantizers for b in bits for g in group_sizes]
+    if float_dtype is not None:
+        cands.append(Candidate("float", FloatFormat(float_dtype)))
+    if not cands:
+        raise SizewiseError("the candidate set is empty")
+    return tuple(cands)
+
+
+def _choice(name: str, cand: Candidate) -> Choice:
+    return Choice(name, cand.method, cand.format)
+
+
+def _dequantized(cand: Candidate, w: torch.Tensor, stats, options: dict | None) -> torch.Tensor:
+    """The weight the model would hold with this candidate (what `api.compress` computes)."""
+    if cand.method == "float":
+        return w.to(TORCH_DTYPES[cand.format.dtype]).float()
+    return methods.solve(cand.method, w, stats, cand.format, options).dequantize()
+
+
+# --- exact sizes ----------------------------------------------------------------------------------
+
+# safetensors' dtype names: header entries are sized exactly, up to the offsets' digit counts
+_ST_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64",
+              torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16", torch.int32: "I32", torch.int64: "I64",
+              torch.bool: "BOOL"}
+_FLOAT_ST = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}
+
+
+def _tensors(name: str, cand: Candidate, shape: tuple[int, int], state_shape: tuple[int, ...]):
+    """(tensor name, safetensors dtype, shape, bytes) of what the artifact stores for this choice."""
+    out, inp = shape
+    fmt = cand.format
+    if isinstance(fmt, FloatFormat):
+        return [(name, _FLOAT_ST[fmt.dtype], state_shape, out * inp * DTYPE_BITS[fmt.dtype] // 8)]
+    groups = out * (inp // fmt.group_len(inp))
+    codes = packed_nbytes(out * inp, fmt.bits)
+    scale_bytes = groups * DTYPE_BITS[fmt.scale_dtype] // 8
+    rows = [(f"{name}:codes", "U8", (codes,), codes),
+            (f"{name}:scales", _FLOAT_ST[fmt.scale_dtype], (out, groups // out), scale_bytes)]
+    if not fmt.symmetric:
+        if fmt.zero == "int":
+            z = packed_nbytes(groups, fmt.bits)
+            rows.append((f"{name}:zeros", "U8", (z,), z))
+        else:
+            rows.append((f"{name}:zeros", "F16", (out, groups // out), groups * 2))
+    return rows
+
+
+def _entry_bytes(name: str, dtype: str, shape, digits: int) -> int:
+    """One safetensors header entry (compact JSON, with its comma), offsets at their widest."""
+    wide = "9" * digits
+    entry = f'{json.dumps(name)}:{{"dtype":"{dtype}","shape":[{",".join(map(str, shape))}],' \
+            f'"data_offsets":[{wide},{wide}]}}'
+    return len(entry) + 1
+
+
+@dataclass(frozen=True)
+class LayerSizes:
+    name: str                        # weight name in the state dict
+    shape: tuple[int, int]           # (out, in)
+    options: tuple[int, ...]         # indices of the candidates that fit this layer
+    bits: tuple[int, ...]            # exact stored bits of each option (fmt.stored_bits)
+    file_bytes: tuple[int, ...]      # bytes in packed.safetensors: data exactly, header entries bounded above
+
+
+@dataclass(frozen=True)
+class SizeTable:
+    """Exact sizes of every candidate on every decoder linear, and of everything else in the file."""
+
+    candidates: tuple[Candidate, ...]
+    layers: tuple[LayerSizes, ...]
+    linear_params: int
+    fixed_file_bytes: int            # all non-linear tensors, header prefix and padding (upper bound)
+    float_dtype: str
+
+    def reachable_bits(self) -> tuple[int, int]:
+        return sum(min(l.bits) for l in self.layers), sum(max(l.bits) for l in self.layers)
+
+    def reachable_bytes(self) -> tuple[int, int]:
+        return (self.fixed_file_bytes + sum(min(l.file_bytes) for l in self.layers),
+                self.fixed_file_bytes + sum(max(l.file_bytes) for l in self.layers))
+
+
+def size_table(model, arch: Architecture, candidates: tuple[Candidate, ...], float_dtype: str = "float16") -> SizeTable:
+    """Sizes from shapes alone, counted the way `artifact.write` stores the model.
+
+    The packed file is 8 bytes of header length, a JSON header padded to a multiple of 8, then
+    the tensor bytes. Tensor bytes are exact; each header entry is counted with its data offsets
+    at the largest width they could have, so the file-size figure is a tight upper bound.
+    """
+    from .artifact import FORMAT_NAME, unique_state
+
+    if float_dtype not in _FLOAT_ST:
+        raise SizewiseError(f"float dtype must be one of {sorted(_FLOAT_ST)}, got {float_dtype!r}")
+    # the artifact stores every unquantized weight in one float dtype, so a float candidate must use it
+    if any(c.method == "float" and c.format.dtype != float_dtype for c in candidates):
+        raise SizewiseError(f"a float candidate must be stored as the model's float dtype ({float_dtype})")
+    state, _ = unique_state(model)
+    refs = arch.all_linears()
+    linear = {r.weight_name for r in refs}
+    per_layer = []
+    for r in refs:
+        opts = [i for i, c in enumerate(candidates) if c.fits(r.shape[1])]
+        if not opts:
+            raise SizewiseError(f"no candidate fits {r.name} (input size {r.shape[1]}); add per-channel or float")
+        per_layer.append((r, opts, [_tensors(r.weight_name, candidates[i], r.shape, tuple(state[r.weight_name].shape))
+                                    for i in opts]))
+    others = []
+    for name, t in state.items():
+        if name in linear:
+            continue
+        if t.is_floating_point():
+            others.append((name, _FLOAT_ST[float_dtype], tuple(t.shape), t.numel() * DTYPE_BITS[float_dtype] // 8))
+        else:
+            others.append((name, _ST_DTYPES.get(t.dtype, "XXXX"), tuple(t.shape), t.numel() * t.element_size()))
+    most = sum(b for *_, b in others) + sum(max(sum(b for *_, b in ts) for ts in opt_ts) for _, _, opt_ts in per_layer)
+    digits = len(str(most))
+    prefix = len(json.dumps({"__metadata__": {"format": FORMAT_NAME}}, separators=(",", ":")))
+    fixed = 8 + prefix + 7 + sum(_entry_bytes(n, d, s, digits) + b for n, d, s, b in others)
+    layers = tuple(
+        LayerSizes(r.weight_name, r.shape, tuple(opts),
+                   tuple(candidates[i].format.stored_bits(*r.shape) for i in opts),
+                   tuple(sum(_entry_bytes(n, d, s, digits) + b for n, d, s, b in ts) for ts in opt_ts))
+        for r, opts, opt_ts in per_layer)
+    return SizeTable(tuple(candidates), layers, sum(r.shape[0] * r.shape[1] for r in refs), fixed, float_dtype)
+
+
+# --- budgets --------------------------------------------------------------------------------------
+
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+@dataclass(frozen=True)
+class Budget:
+    """"3.5bpw": average stored bits per weight over the decoder linears (scales and zeros included).
+    "70MB": the whole packed model file (MB = 10⁶ bytes; MiB = 2²⁰; also kB, GB, KiB, GiB, B)."""
+
+    text: str
+    kind: str                 # "bpw" or "bytes"
+    value: Fraction           # bits per weight, or bytes
+    unit: str = ""            # the unit as written, for messages
+
+    def capacity(self, sizes: SizeTable) -> int:
+        """The knapsack capacity, exactly: linear bits for bpw, linear-layer file bytes for files."""
+        if self.kind == "bpw":
+            return math.floor(self.value * sizes.linear_params)
+        return math.floor(self.value) - sizes.fixed_file_bytes
+
+    def weights(self, layer: LayerSizes) -> tuple[int, ...]:
+        return layer.bits if self.kind == "bpw" else layer.file_bytes
+
+    def describe(self) -> str:
+        return f"{float(self.value):g} bits/weight" if self.kind == "bpw" else f"{self.text} ({int(self.value):,} bytes)"
+
+
+def parse_budget(text: str | Budget) -> Budget:
+    """'3.5bpw', '3.25 bpw', '70MB', '70 MiB', '1.2GB', '123456789B'."""
+    if isinstance(text, Budget):
+        return text
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?|\.\d+)\s*([A-Za-z]+)\s*", str(text))
+    unit = m.group(2).lower() if m else ""
+    if not m or (unit not in _UNITS and unit != "bpw"):
+        raise SizewiseError(f"budget {text!r} is not understood; write bits per weight (3.5bpw) or a file size "
+                            "(70MB = 70·10⁶ bytes, 70MiB = 70·2²⁰ bytes; also kB, GB, KiB, GiB)")
+    value = Fraction(m.group(1))    # exact: '3.1bpw' is 31/10, never a binary approximation
+    if value <= 0:
+        raise SizewiseError(f"budget {text!r} must be positive")
+    if unit == "bpw":
+        return Budget(str(text).strip(), "bpw", value, "bpw")
+    return Budget(str(text).strip(), "bytes", value * _UNITS[unit], m.group(2))
+
+
+def _show_range(budget: Budget, sizes: SizeTable) -> str:
+    """The reachable range in the budget's own unit, rounded inwards so both ends are reachable."""
+    def inwards(lo: Fraction, hi: Fraction) -> tuple[str, str]:
+        d = max(2, 3 - math.floor(math.log10(float(hi))))          # at least 4 significant digits
+        return f"{math.ceil(lo * 10**d) / 10**d:.{d}f}", f"{math.floor(hi * 10**d) / 10**d:.{d}f}"
+
+    if budget.kind == "bpw":
+        lo, hi = sizes.reachable_bits()
+        a, b = inwards(Fraction(lo, sizes.linear_params), Fraction(hi, sizes.linear_params))
+        return f"{a} to {b} bits/weight"
+    lo, hi = sizes.reachable_bytes()
+    unit = budget.unit if budget.unit.lower() in _UNITS else "MB"
+    a, b = inwards(Fraction(lo, _UNITS[unit.lower()]), Fraction(hi, _UNITS[unit.lower()]))
+    return f"{a} {unit} to {b} {unit} ({lo:,} to {hi:,} bytes)"
+
+
+def check_budget(budget: Budget | str, sizes: SizeTable) -> int:
+    """The knapsack capacity, or a one-line error naming the reachable range."""
+    budget = parse_budget(budget)
+    cap = budget.capacity(sizes)
+    if budget.kind == "bpw":
+        (lo, hi), exact = sizes.reachable_bits(), budget.value * sizes.linear_params
+        what = "bits per weight over the decoder linears"
+    else:
+        (lo, hi), exact = sizes.reachable_bytes(), budget.value
+        what = "packed file size"
+        lo, hi = lo - sizes.fixed_file_bytes, hi - sizes.fixed_file_bytes
+        exact -= sizes.fixed_file_bytes
+    if cap < lo:
+        raise SizewiseError(f"budget {budget.text} is below the smallest reachable {what} with these candidates; "
+                            f"reachable: {_show_range(budget, sizes)}")
+    if exact > hi:
+        raise SizewiseError(f"budget {budget.text} is above the largest reachable {what} with these candidates "
+                            f"(everything at its largest option); reachable: {_show_range(budget, sizes)}")
+    return cap
+
+
+# --- sensitivity profiling ------------------------------------------------------------------------
+
+
+@dataclass
+class LayerProfile:
+    name: str                        # weight name
+    shape: tuple[int, int]
+    importance: float                # mean over output channels of the diagonal Fisher f_j
+    costs: list[float | None]        # predicted KL (nats/token) per candidate; None where it does not fit
+    errors: list[float | None]       # Σ_j e_j: mean squared layer-output error per token, per candidate
+
+
+@dataclass
+class Profile:
+    candidates: tuple[Candidate, ...]
+    layers: list[LayerProfile]
+    protocol: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.by_name = {l.name: l for l in self.layers}
+
+    def to_json(self) -> str:
+        return json.dumps({"profile_version": PROFILE_VERSION, "protocol": self.protocol,
+                           "candidates": [c.to_dict() for c in self.candidates],
+                           "layers": [{"name": l.name, "shape": list(l.shape), "importance": l.importance,
+                                       "costs": l.costs, "errors": l.errors} for l in self.layers]})
+
+    @classmethod
+    def from_json(cls, text: str) -> "Profile":
+        d = json.loads(text)
+        if d.get("profile_version") != PROFILE_VERSION:
+            raise SizewiseError("the sensitivity profile was made by another sizewise version; profile again")
+        return cls(tuple(Candidate.from_dict(c) for c in d["candidates"]),
+                   [LayerProfile(l["name"], tuple(l["shape"]), l["importance"], l["costs"], l["errors"])
+                    for l in d["layers"]], d["protocol"])
+
+
+def fisher_diagonal(model, arch: Architecture, samples: torch.Tensor, *, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Per decoder linear, f_j = mean over tokens of (∂ℓ/∂y_j)², labels drawn from the model's own predictions.
+
+    One forward and one backward pass per sample; no parameter gradients are computed.
+    """
+    refs = arch.all_linears()
+    acc = {r.name: torch.zeros(r.shape[0], dtype=torch.float64) for r in refs}
+    gen = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    flags = {p: p.requires_grad for p in model.parameters()}
+
+    def watch(name):
+        def accumulate(g):      # returns None: the gradient itself is left alone
+            acc[name].add_(g.detach().double().pow(2).reshape(-1, g.shape[-1]).sum(0).cpu())
+
+        def hook(module, args, out):
+            if out.requires_grad:
+                out.register_hook(accumulate)
+        return hook
+
+    # gradients flow from the embedding output: parameters stay frozen
+    handles = [model.get_input_embeddings().register_forward_hook(lambda m, a, out: out.requires_grad_(True))]
+    handles += [r.module.register_forward_hook(watch(r.name)) for r in refs]
+    tokens = 0
+    try:
+        for p in flags:
+            p.requires_grad_(False)
+        with torch.enable_grad():
+            for ids in samples:
+                logits = model(input_ids=ids[None].to(device), use_cache=False).logits[0].float()
+                probs = logits.detach().softmax(-1).cpu()
+                labels = torch.multinomial(probs, 1, generator=gen)[:, 0].to(device)
+                F.cross_entropy(logits, labels, reduction="sum").backward()
+                tokens += ids.numel()
+    finally:
+        for h in handles:
+            h.remove()
+        for p, f in flags.items():
+            p.requires_grad_(f)
+    return {name: (a / max(tokens, 1)).float() for name, a in acc.items()}
+
+
+def profile_model(model, arch: Architecture, samples: torch.Tensor, candidates: tuple[Candidate, ...], *,
+                  options: dict | None = None, fisher_samples: int = 8, seed: int = 0, batch: int = 8,
+                  compute_dtype: torch.dtype = torch.float32, offload: Path | None = None,
+                  progress: bool = True) -> Profile:
+    """Predicted KL of every candidate on every decoder linear: one Fisher pass, one engine pass.
+
+    The model is left exactly as it was.
+    """
+    if fisher_samples < 1:
+        raise SizewiseError(f"the Fisher estimate needs at least 1 sample, got {fisher_samples}")
+    t0 = time.perf_counter()
+    fisher = fisher_diagonal(model, arch, samples[:fisher_samples], seed=seed)
+    t_fisher = time.perf_counter() - t0
+    # the engine casts each layer to compute_dtype and back: a lossy round trip unless float32
+    backup = None if compute_dtype == torch.float32 else {k: v.clone() for k, v in arch.layers.state_dict().items()}
+    layers = []
+
+    def measure(ref, w, stats):
+        f = fisher[ref.name].to(w.device)
+        h = stats.xtx
+        costs, errors = [], []
+        for cand in candidates:
+            if not cand.fits(ref.shape[1]):
+                costs.append(None)
+                errors.append(None)
+                continue
+            dw = _dequantized(cand, w, stats, options) - w
+            row = ((dw @ h) * dw).sum(1).clamp_min(0) / stats.count     # e_j, mean (Δy_j)² per token
+            errors.append(float(row.sum()))
+            costs.append(0.5 * float((f * row).sum()))
+        layers.append(LayerProfile(ref.weight_name, ref.shape, float(f.mean()), costs, errors))
+        return w                                                          # the float model propagates
+
+    try:
+        facts = engine.run(model, arch, measure, samples, batch=batch, offload=offload, progress=progress,
+                           compute_dtype=compute_dtype)
+    finally:
+        if backup is not None:
+            arch.layers.load_state_dict(backup)
+    protocol = {"proxy": "0.5 * sum_j fisher_j * mean_tokens (dW X^T)_j^2, float-model inputs",
+                "fisher_samples": min(fisher_samples, len(samples)), "fisher_labels": "sampled from the model",
+                "seed": seed, "calibration_tokens": int(samples.numel()), "options": options or {},
+                "fisher_s": t_fisher, "engine_s": facts["engine_s"], "profile_s": time.perf_counter() - t0}
+    return Profile(tuple(candidates), layers, protocol)
+
+
+# --- exact multiple-choice knapsack ----------------------------------------------------------------
+#
+# Pick one option per item, Σ weight ≤ capacity (exact integers), least Σ cost (floats). A dynamic
+# program over *Pareto states* (Nemhauser–Ullmann) with branch-and-bound pruning, exact without
+# discretizing the weight axis. After each item a state is dropped only if
+#   - another state is no heavier and no costlier (its best completion is at least as good), or
+#   - it cannot fit even with the lightest remaining options, or
+#   - a lower bound on its best completion exceeds the cost of a known integral solution. The
+#     bound is the LP relaxation of the remaining items (each item's options replaced by their
+#     lower convex hull, filled greedily by efficiency); the integral solution is the same greedy
+#     fill stopped at the last whole hull step that fits, which is a real choice per item.
+# None of these can remove every optimal solution, so the cheapest final state is optimal. The LP
+# gap is at most one hull step of one item, which keeps the state count small in practice.
+# Pruning is guarded against float rounding by a relative margin far above accumulated error.
+
+_SLACK = 1e-9
+
+
+@dataclass(frozen=True)
+class Solution:
+    choice: list[int]     # option index per item, into the caller's lists
+    weight: int
+    cost: float
+    states: int           # most states held at once: the work the exactness cost
+
+
+def _pareto(w: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """Indices of the points that no other point beats on both weight and cost, by increasing weight."""
+    order = np.lexsort((c, w))
+    cs = c[order]
+    best_before = np.minimum.accumulate(np.concatenate(([np.inf], cs[:-1])))
+    return order[cs < best_before]
+
+
+def _hull_steps(w: np.ndarray, c: np.ndarray) -> list[tuple[int, float]]:
+    """(Δweight > 0, Δcost < 0) steps along the lower convex hull of Pareto points (sorted by weight).
+
+    Efficiency -Δcost/Δweight strictly decreases along the hull, so a greedy fill by efficiency
+    takes each item's steps in order and every breakpoint is an integral choice.
+    """
+    pts = [(int(w[0]), float(c[0]))]
+    for x, y in zip(w[1:].tolist(), c[1:].tolist()):
+        while len(pts) >= 2:
+            (x0, y0), (x1, y1) = pts[-2], pts[-1]
+            if (y0 - y1) / (x1 - x0) <= (y1 - y) / (x - x1):   # not strictly decreasing: drop the middle
+                pts.pop()
+            else:
+                break
+        pts.append((x, y))
+    return [(x1 - x0, y1 - y0) for (x0, y0), (x1, y1) in zip(pts, pts[1:])]
+
+
+def _relaxation(steps: list[tuple[int, float]]) -> tuple[np.ndarray, np.ndarray]:
+    """Breakpoints (extra weight, cost change) of the greedy LP fill over the given hull steps."""
+    if not steps:
+        return np.zeros(1, dtype=np.int64), np.zeros(1)
+    dw = np.array([s[0] for s in steps], dtype=np.int64)
+    dc = np.array([s[1] for s in steps], dtype=np.float64)
+    order = np.argsort(dc / dw, kind="stable")          # most cost saved per unit weight first
+    return np.concatenate(([0], np.cumsum(dw[order]))), np.concatenate(([0.0], np.cumsum(dc[order])))
+
+
+def solve_mckp(weights: list[list[int]], costs: list[list[float]], capacity: int) -> Solution:
+    """Choose one option per item minimizing Σ cost subject to Σ weight ≤ capacity, exactly."""
+    if len(weights) != len(costs) or any(len(w) != len(c) or not len(w) for w, c in zip(weights, costs)):
+        raise ValueError("every item needs the same, non-zero number of weights and costs")
+    items = []
+    for w, c in zip(weights, costs):
+        w, c = np.asarray(w, dtype=np.int64), np.asarray(c, dtype=np.float64)
+        if not np.isfinite(c).all():
+            raise ValueError("costs must be finite")
+        keep = _pareto(w, c)                              # dominated options are never needed
+        items.append((keep, w[keep], c[keep]))
+    n = len(items)
+    rest_min = np.zeros(n + 1, dtype=np.int64)            # Σ lightest weights of items k..n-1
+    rest_base = np.zeros(n + 1)                           # Σ costs of those lightest options
+    for k in range(n - 1, -1, -1):
+        rest_min[k] = rest_min[k + 1] + items[k][1][0]
+        rest_base[k] = rest_base[k + 1] + items[k][2][0]
+    if rest_min[0] > capacity:
+        raise SizewiseError(f"no choice fits: the lightest options weigh {int(rest_min[0])} > capacity {capacity}")
+    steps = [_hull_steps(iw, ic) for _, iw, ic in items]
+    relax = [_relaxation([s for item in steps[k:] for s in item]) for k in range(n + 1)]
+    slack = _SLACK * (sum(float(np.abs(ic).max()) for _, _, ic in items) + 1e-300)
+
+    def bounds(k, W, C):
+        x, y = relax[k]
+        extra = capacity - W - rest_min[k]
+        lower = C + rest_base[k] + np.interp(extra.astype(np.float64), x.astype(np.float64), y)
+        upper = C + rest_base[k] + y[np.searchsorted(x, extra, side="right") - 1]
+        return lower, upper
+
+    W, C = np.zeros(1, dtype=np.int64), np.zeros(1)
+    best = float(bounds(0, W, C)[1][0])
+    trail, peak = [], 1
+    for k, (idx, iw, ic) in enumerate(items):
+        m = len(iw)
+        W2, C2 = (W[:, None] + iw).ravel(), (C[:, None] + ic).ravel()
+        parent, option = np.repeat(np.arange(len(W)), m), np.tile(idx, len(W))
+        sel = np.flatnonzero(W2 + rest_min[k + 1] <= capacity)
+        sel = sel[_pareto(W2[sel], C2[sel])]
+        lower, upper = bounds(k + 1, W2[sel], C2[sel])
+        best = min(best, float(upper.min()))
+        sel = sel[lower <= best + slack]
+        W, C = W2[sel], C2[sel]
+        trail.append((parent[sel], option[sel]))
+        peak = max(peak, len(W))
+    s = int(np.lexsort((W, C))[0])
+    weight, cost = int(W[s]), float(C[s])
+    choice = [0] * n
+    for k in range(n - 1, -1, -1):
+        parent, option = trail[k]
+        choice[k], s = int(option[s]), int(parent[s])
+    return Solution(choice, weight, cost, peak)
+
+
+# --- allocation -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Allocation:
+    plan: Plan
+    predicted: dict[str, float]        # predicted KL contribution (nats/token) per weight name
+    budget: Budget
+    capacity: int                      # knapsack capacity (bits, or linear-layer file bytes)
+    used: int                          # knapsack weight of the plan, ≤ capacity
+    linear_bits: int                   # Σ stored bits over the decoder linears, exact
+    linear_params: int
+    file_bytes: int                    # packed.safetensors size, upper bound (exact data + bounded header)
+    states: int
+    shapes: dict[str, tuple[int, int]] = field(default_factory=dict)    # (out, in) per weight name
+    profile_protocol: dict = field(default_factory=dict)
+
+    @property
+    def bits_per_weight(self) -> float:
+        return self.linear_bits / self.linear_params
+
+    @property
+    def predicted_total(self) -> float:
+        return sum(self.predicted.values())
+
+    def summary(self) -> dict:
+        return {"budget": self.budget.text, "budget_kind": self.budget.kind, "capacity": self.capacity,
+                "used": self.used, "linear_bits": self.linear_bits, "linear_params": self.linear_params,
+                "bits_per_weight": self.bits_per_weight, "file_bytes_bound": self.file_bytes,
+                "predicted_kl": self.predicted_total, "predicted": self.predicted,
+                "knapsack_states": self.states, "profile": self.profile_protocol}
+
+
+def allocate(profile: Profile, sizes: SizeTable, budget: Budget | str) -> Allocation:
+    """The plan of least predicted KL whose exact size fits the budget."""
+    budget = parse_budget(budget)
+    if tuple(profile.candidates) != tuple(sizes.candidates):
+        raise SizewiseError("the sensitivity profile was made for a different candidate set; profile again")
+    capacity = check_budget(budget, sizes)
+    weights, costs, opts = [], [], []
+    for layer in sizes.layers:
+        lp = profile.by_name.get(layer.name)
+        if lp is None or tuple(lp.shape) != tuple(layer.shape):
+            raise SizewiseError(f"the sensitivity profile does not match this model (at {layer.name}); profile again")
+        ok = [k for k, i in enumerate(layer.options) if lp.costs[i] is not None]
+        weights.append([budget.weights(layer)[k] for k in ok])
+        costs.append([lp.costs[layer.options[k]] for k in ok])
+        opts.append(ok)
+    sol = solve_mckp(weights, costs, capacity)
+    choices, predicted, bits, fbytes = [], {}, 0, sizes.fixed_file_bytes
+    for layer, ok, j in zip(sizes.layers, opts, sol.choice):
+        k = ok[j]
+        cand = sizes.candidates[layer.options[k]]
+        choices.append(_choice(layer.name, cand))
+        predicted[layer.name] = profile.by_name[layer.name].costs[layer.options[k]]
+        bits += cand.format.stored_bits(*layer.shape)
+        fbytes += layer.file_bytes[k]
+    used = bits if budget.kind == "bpw" else fbytes - sizes.fixed_file_bytes
+    # the guarantee, in exact integers: never over budget
+    assert used == sol.weight and used <= capacity, (used, sol.weight, capacity)
+    assert budget.kind != "bpw" or bits <= budget.value * sizes.linear_params
+    assert budget.kind != "bytes" or fbytes <= budget.value
+    return Allocation(Plan(choices), predicted, budget, capacity, used, bits, sizes.linear_params, fbytes,
+                      sol.states, {l.name: l.shape for l in sizes.layers}, profile.protocol)
+
+
+def render(alloc: Allocation) -> str:
+    """The plan as a table: layer, method, bits, group, bits/weight, predicted KL; then the totals."""
+    rows = [f"{'layer':52} {'method':7} {'bits':>4} {'group':>7} {'bits/w':>7} {'pred. KL':>10}"]
+    mix: dict[str, int] = {}
+    for c in alloc.plan.choices:
+        fmt, (out, inp) = c.format, alloc.shapes[c.name]
+        name = c.name.removesuffix(".weight")
+        if isinstance(fmt, FloatFormat):
+            bits, group, kind = DTYPE_BITS[fmt.dtype], "-", fmt.dtype
+        else:
+            bits, group = fmt.bits, "channel" if fmt.group_size is None else str(fmt.group_size)
+            kind = f"{c.method} {label(fmt)}"
+        mix[kind] = mix.get(kind, 0) + 1
+        rows.append(f"{name[-52:]:52} {c.method:7} {bits:>4} {group:>7} {fmt.stored_bits(out, inp) / (out * inp):7.3f} "
+                    f"{alloc.predicted[c.name]:10.3e}")
+    rows.append("mix: " + ", ".join(f"{v} x {k}" for k, v in sorted(mix.items(), key=lambda kv: -kv[1])))
+    rows.append(f"total: {alloc.bits_per_weight:.4f} bits/weight over {alloc.linear_params / 1e6:.2f}M linear weights; "
+                f"packed file at most {alloc.file_bytes / 1e6:.2f} MB; budget {alloc.budget.describe()}; "
+                f"predicted KL {alloc.predicted_total:.4g} nats/token")
+    return "\n".join(rows)
+
+
+# --- validating the proxy -------------------------------------------------------------------------
+
+
+def spearman(a, b) -> float:
+    """Rank correlation (average ranks for ties)."""
+    def ranks(x):
+        x = np.asarray(x, dtype=np.float64)
+        order = np.argsort(x, kind="stable")
+        r = np.empty(len(x))
+        r[order] = np.arange(len(x))
+        for v in np.unique(x):                      # ties share their mean rank
+            r[x == v] = r[x == v].mean()
+        return r
+    ra, rb = ranks(a), ranks(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    den = math.sqrt(float((ra ** 2).sum() * (rb ** 2).sum()))
+    return float((ra * rb).sum() / den) if den else float("nan")
+
+
+def proxy_pairs(profile: Profile, count: int = 12, seed: int = 0, candidate: int | None = None) -> list[tuple[str, int]]:
+    """Single-layer changes to test: distinct random layers, each with a random quantized candidate
+    (or always `candidate`, an index into profile.candidates, to test the ranking across layers)."""
+    rng = np.random.default_rng(seed)
+    layers = [profile.layers[i] for i in rng.permutation(len(profile.layers))]
+    pairs = []
+    for lp in layers:
+        ok = [i for i, c in enumerate(profile.candidates) if c.method != "float" and lp.costs[i] is not None]
+        if candidate is not None:
+            ok = [i for i in ok if i == candidate]
+        if ok:
+            pairs.append((lp.name, int(rng.choice(ok))))
+        if len(pairs) == count:
+            break
+    return pairs
+
+
+@torch.no_grad()
+def _log_probs(model, samples: torch.Tensor, batch: int) -> list[torch.Tensor]:
+    device = next(model.parameters()).device
+    # float64: single-layer changes at 8 bits move the KL by ~1e-8, below float32 rounding of the sum
+    return [F.log_softmax(model(input_ids=samples[s:s + batch].to(device), use_cache=False).logits.double(), -1).cpu()
+            for s in range(0, len(samples), batch)]
+
+
+def validate_proxy(model, arch: Architecture, profile: Profile, samples: torch.Tensor, *,
+                   pairs: list[tuple[str, int]] | None = None, count: int = 12, seed: int = 0,
+                   options: dict | None = None, batch: int = 8) -> dict:
+    """Measured KL(float ‖ model with one layer changed) vs the profile's prediction, per pair.
+
+    Returns {"spearman": ρ, "pairs": [...], "median_ratio": measured/predicted}. The model is restored.
+    """
+    pairs = pairs if pairs is not None else proxy_pairs(profile, count, seed)
+    if len(pairs) < 2:
+        raise SizewiseError("validating the proxy needs at least 2 single-layer changes")
+    refs = {r.weight_name: r for r in arch.all_linears()}
+    need = {n for n, i in pairs if profile.candidates[i].method != "float"
+            and methods.get(profile.candidates[i].method).needs_calibration}
+    stats = {}
+    if need:     # statistics of the float model's inputs, as profiled, for the layers that use them
+        hooks = []
+        for n in need:
+            stats[n] = engine.LinearStats.empty(refs[n].shape[1], next(model.parameters()).device)
+            hooks.append(refs[n].module.register_forward_pre_hook(lambda m, a, s=stats[n]: s.add(a[0])))
+        try:
+            _log_probs(model, samples, batch)
+        finally:
+            for h in hooks:
+                h.remove()
+    reference = _log_probs(model, samples, batch)
+    rows = []
+    for name, i in pairs:
+        ref, cand = refs[name], profile.candidates[i]
+        w = ref.weight()
+        ref.set_weight(_dequantized(cand, w, stats.get(name), options))
+        try:
+            logp = _log_probs(model, samples, batch)
+        finally:
+            ref.set_weight(w)
+        kl = sum(float((r.exp() * (r - l)).sum()) for r, l in zip(reference, logp)) / samples.numel()
+        rows.append({"layer": name, "candidate": cand.label, "predicted": profile.by_name[name].costs[i], "measured": kl})
+    pred, meas = [r["predicted"] for r in rows], [r["measured"] for r in rows]
+    ratios = [m / p for p, m in zip(pred, meas) if p > 0]
+    return {"spearman": spearman(pred, meas), "pairs": rows,
+            "median_ratio": float(np.median(ratios)) if ratios else float("nan"), "tokens": int(samples.numel())}
+
+
+# --- entry points (the CLI and api call these) -----------------------------------------------------
+
+
+def _profile_key(src_info: dict, calib, text_sha: str | None, candidates, options, fisher_samples: int) -> str:
+    d = {"v": PROFILE_VERSION, "model": src_info.get("sha256"), "text": text_sha, "samples": calib.samples,
+         "length": calib.length, "seed": calib.seed, "dtype": calib.dtype, "fisher_samples": fisher_samples,
+         "options": options or {}, "candidates": [c.to_dict() for c in candidates]}
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def cached_profile(src, arch: Architecture, calib, candidates: tuple[Candidate, ...], *, options: dict | None = None,
+                   fisher_samples: int = 8, cache: bool = True, progress: bool = True) -> Profile:
+    """`profile_model` on the source's calibration samples, cached per model + calibration + candidates.
+
+    The cache (under `builtins.cache_dir()/profiles`) lets a sweep over budgets profile once.
+    """
+    from . import data
+    from .api import _calibration
+
+    text_sha = data.read_text(calib.text).sha256 if calib.text is not None else None
+    key = _profile_key(src.info, calib, text_sha, candidates, options, fisher_samples)
+    path = builtins.cache_dir() / "profiles" / f"{key}.json"
+    if cache and src.info.get("sha256") and path.is_file():
+        try:
+            return Profile.from_json(path.read_text())
+        except (SizewiseError, json.JSONDecodeError, KeyError):
+            pass                                  # stale or damaged: profile again
+    samples, calib_proto = _calibration(src, calib, progress)
+    prof = profile_model(src.model, arch, samples, candidates, options=options, fisher_samples=fisher_samples,
+                         seed=calib.seed, batch=calib.batch, compute_dtype=TORCH_DTYPES[calib.dtype],
+                         offload=Path(calib.offload) if calib.offload else None, progress=progress)
+    prof.protocol.update(model=src.info.get("spec"), model_sha256=src.info.get("sha256"), calibration=calib_proto)
+    if cache and src.info.get("sha256"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(prof.to_json())
+        tmp.replace(path)
+    return prof
+
+
+def plan_for_budget(model, budget: str | Budget, *, calib=None, quantizers: tuple[str, ...] = ("rtn",),
+                    candidates: tuple[Candidate, ...] | None = None, float_dtype: str = "float16",
+                    options: dict | None = None, fisher_samples: int = 8, cache: bool = True,
+                    progress: bool = True, allow_pickle: bool = False) -> Allocation:
+    """Load MODEL (a spec or `Source`), check the budget from shapes alone, profile (cached), allocate."""
+    from .api import CalibConfig, _source
+
+    budget = parse_budget(budget)                       # a typo fails before anything loads
+    cands = candidates or candidate_set(quantizers, float_dtype=float_dtype)
+    src = _source(model, allow_pickle)
+    arch = discover(src.model)
+    sizes = size_table(src.model, arch, cands, float_dtype)
+    check_budget(budget, sizes)                         # before any expensive work
+    prof = cached_profile(src, arch, calib or CalibConfig(), cands, options=options,
+                          fisher_samples=fisher_samples, cache=cache, progress=progress)
+    return allocate(prof, sizes, budget)
+
+
+def compress_to_budget(model, budget: str | Budget, out: str | Path | None = None, config=None, *,
+                       quantizers: tuple[str, ...] = ("rtn",), candidates: tuple[Candidate, ...] | None = None,
+                       fisher_samples: int = 8, cache: bool = True, overwrite: bool = False,
+                       progress: bool = True, allow_pickle: bool = False):
+    """Allocate for the budget, then `api.compress` with that plan. Returns (Result, Allocation).
+
+    The artifact's manifest gets an "allocation" entry (budget, predicted KL per layer, profile protocol).
+    """
+    from . import api, artifact
+
+    config = config or api.CompressConfig()
+    budget = parse_budget(budget)
+    if out is not None:
+        artifact.check_output(Path(out), overwrite)
+    src = api._source(model, allow_pickle)
+    alloc = plan_for_budget(src, budget, calib=config.calib, quantizers=quantizers, candidates=candidates,
+                            float_dtype=config.float_dtype, options=config.options, fisher_samples=fisher_samples,
+                            cache=cache, progress=progress)
+    res = api.compress(src, replace(config, plan=alloc.plan), out, overwrite=overwrite, progress=progress)
+    res.manifest["allocation"] = alloc.summary()
+    if out is not None:
+        t = res.manifest["totals"]
+        if t["linear_stored_bits"] != alloc.linear_bits or t["file_bytes"] > alloc.file_bytes:
+            raise SizewiseError(f"internal error: the artifact's size ({t['linear_stored_bits']} bits, "
+                                f"{t['file_bytes']} bytes) differs from the allocation's; please report this")
+        path = Path(out) / artifact.MANIFEST
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(res.manifest, indent=1))
+        tmp.replace(path)
+    return res, alloc

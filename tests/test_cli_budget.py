@@ -1,0 +1,40 @@
+"""`sizewise plan` and `sizewise compress --budget` on a tiny model; one-line errors for bad budgets."""
+
+import json
+
+from sizewise.cli import main
+
+
+def run(capsys, *args):
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_plan_then_compress_with_the_plan(tiny_dirs, tmp_path, capsys):
+    model, plan = tiny_dirs["llama"], tmp_path / "plan.json"
+    calib = ["--calib", tiny_dirs["text"], "--calib-samples", 8, "--calib-len", 32, "--quiet"]
+    code, out, err = run(capsys, "plan", model, "--budget", "3.25bpw", "-o", plan, *calib)
+    assert code == 0, err
+    assert "pred. KL" in out and "q_proj" in out and "budget 3.25 bits/weight" in out
+    code, out, err = run(capsys, "compress", model, "--plan", plan, "-o", tmp_path / "a", "--quiet")
+    assert code == 0, err
+    totals = json.loads((tmp_path / "a" / "manifest.json").read_text())["totals"]
+    assert totals["linear_stored_bits"] <= 3.25 * totals["linear_params"]
+
+
+def test_compress_to_a_file_size(tiny_dirs, tmp_path, capsys):
+    out = tmp_path / "b"
+    code, stdout, err = run(capsys, "compress", tiny_dirs["gpt2"], "--budget", "150kB", "-o", out, "--calib",
+                            tiny_dirs["text"], "--calib-samples", 8, "--calib-len", 32, "--quiet")
+    assert code == 0, err
+    assert "allocated for 150kB" in stdout
+    assert (out / "packed.safetensors").stat().st_size <= 150_000
+
+
+def test_unreachable_budget_is_one_line(tiny_dirs, tmp_path, capsys):
+    code, out, err = run(capsys, "plan", tiny_dirs["llama"], "--budget", "1bpw", "--quiet")
+    assert code == 2 and err.count("\n") == 1 and "reachable: 2.25 to 16.00 bits/weight" in err
+    code, out, err = run(capsys, "compress", tiny_dirs["llama"], "--budget", "3bpw", "--plan", "x.json",
+                         "-o", tmp_path / "c")
+    assert code == 2 and "drop --plan" in err
