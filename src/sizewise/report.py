@@ -34,6 +34,8 @@ def plot(rows: list[dict], path: Path) -> None:
             ax.annotate(r["label"], (r["bits_per_weight"], r[key]), fontsize=8, xytext=(4, 4), textcoords="offset points")
         ax.set_xlabel("bits per weight (linear layers, every stored bit)")
         ax.set_title(title)
+        if all(r[key] > 0 for r in pts):
+            ax.set_yscale("log")      # quality spans orders of magnitude between 8 and 2 bits
         ax.grid(alpha=0.3)
     ref = rows[0]
     axes[0].axhline(ref["perplexity"], color="grey", ls="--", lw=1, label=f"float {ref['perplexity']:.2f}")
