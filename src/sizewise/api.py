@@ -226,6 +226,8 @@ def compare(reference: str | Path, candidates: list[str | Path], text: str | Pat
             out: str | Path | None = None, progress: bool = True) -> dict:
     """Evaluate artifacts side by side against their reference on the same windows; optionally write a report."""
     from . import report
+    from .quant.formats import format_from_dict
+    from .quant.formats import label as fmt_label
 
     txt = data.read_text(text)
     ref = _source(reference)
@@ -247,7 +249,6 @@ def compare(reference: str | Path, candidates: list[str | Path], text: str | Pat
             a = info(src.info["path"])
             method = a["method"]
             fmt = method.get("format")
-            from .quant.formats import format_from_dict, label as fmt_label
             r.update(bits_per_weight=a["bits_per_weight"], file_mb=a["file_bytes"] / 1e6, method=method["name"],
                      format=fmt_label(format_from_dict(fmt)) if fmt else "mixed (plan)",
                      compress_s=a["timing"]["wall_s"])
