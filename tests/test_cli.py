@@ -133,3 +133,20 @@ def test_method_pipelines_end_to_end(method, tiny_dirs, tmp_path, capsys):
     code, stdout, _ = run(capsys, "eval", out, "--text", tiny_dirs["text"], "--ctx", 64, "--windows", 3,
                           "--against", tiny_dirs["llama"], "--json", "--quiet")
     assert code == 0 and json.loads(stdout)["top1_agreement"] > 0.5
+
+
+def test_compare_writes_report_with_plot(tiny_dirs, tmp_path, capsys):
+    arts = []
+    for bits in (4, 2):
+        out = tmp_path / f"w{bits}"
+        assert run(capsys, "compress", tiny_dirs["llama"], "--bits", bits, "--group-size", 32, "-o", out, "--quiet")[0] == 0
+        arts.append(out)
+    code, stdout, err = run(capsys, "compare", tiny_dirs["llama"], *arts, "--text", tiny_dirs["text"], "--ctx", 64,
+                            "--windows", 4, "-o", tmp_path / "rep", "--quiet")
+    assert code == 0, err
+    results = json.loads((tmp_path / "rep" / "results.json").read_text())
+    assert set(results["candidates"]) == {"w4", "w2"}
+    assert results["candidates"]["w2"]["kl"] > results["candidates"]["w4"]["kl"] > 0
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "int4 g32 asym" in md and "ppl_vs_bits.png" in md
+    assert (tmp_path / "rep" / "ppl_vs_bits.png").read_bytes()[:4] == b"\x89PNG"
