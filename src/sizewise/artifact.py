@@ -175,7 +175,11 @@ def load_stored(path: str | Path) -> tuple[dict, dict]:
 
 def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """Rebuild the dense state dict (float32, model layout) from the packed tensors alone."""
-    stored, manifest = load_stored(path)
+    return dense_state(*load_stored(path))
+
+
+def dense_state(stored: dict, manifest: dict) -> dict[str, torch.Tensor]:
+    """Stored tensors (as `load_stored` returns them) → the dense float32 state dict, aliases restored."""
     state = {}
     for name, t in stored.items():
         if isinstance(t, QuantizedTensor):

@@ -36,6 +36,15 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def files_sha256(files) -> str:
+    """One digest over several files: name and content hash of each, in name order."""
+    h = hashlib.sha256()
+    for f in sorted(files):
+        h.update(f.name.encode())
+        h.update(bytes.fromhex(sha256_file(f)))
+    return h.hexdigest()
+
+
 def read_text(spec: str | Path) -> Text:
     """A text file path or a built-in text name (see `sizewise.builtins.TEXTS`)."""
     spec = str(spec)

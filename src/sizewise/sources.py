@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from . import artifact, builtins
-from .data import sha256_file
+from .data import files_sha256, sha256_file
 from .lossless.model import is_packed_model, load_packed_model
 from .errors import SizewiseError
 
@@ -28,12 +28,7 @@ class Source:
 
 def _weights_sha256(directory: Path) -> str:
     """One hash over the weight files (name + content hash of each, sorted)."""
-    files = sorted(directory.glob("*.safetensors")) or sorted(directory.glob("*.bin"))
-    h = hashlib.sha256()
-    for f in files:
-        h.update(f.name.encode())
-        h.update(bytes.fromhex(sha256_file(f)))
-    return h.hexdigest()
+    return files_sha256(list(directory.glob("*.safetensors")) or list(directory.glob("*.bin")))
 
 
 def _gguf_tokenizer_pre(path: Path) -> str | None:

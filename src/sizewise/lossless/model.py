@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from sizewise import artifact, builtins
-from sizewise.data import sha256_file
+from sizewise.data import files_sha256, sha256_file
 from sizewise.errors import SizewiseError
 from sizewise.lossless import codec
 from sizewise.lossless.codec import coded_stats, encode_codes, encode_float
@@ -355,15 +355,6 @@ def _side_files(directory: Path) -> list[Path]:
                   and p.name not in (MANIFEST, WEIGHTS))
 
 
-def _weights_sha256(files: list[Path]) -> str:
-    """The same digest sources.load reports for a directory (name + content hash of each file)."""
-    h = hashlib.sha256()
-    for f in sorted(files):
-        h.update(f.name.encode())
-        h.update(bytes.fromhex(sha256_file(f)))
-    return h.hexdigest()
-
-
 def _plan_dtypes(index: dict[str, tuple[torch.dtype, int]], dtype: str | None, allow_lossy: bool, spec) -> torch.dtype | None:
     """Which dtype float tensors are stored in (None: each as it is); refuses silent rounding."""
     target = None
@@ -422,7 +413,7 @@ def pack_model(model_spec, out, *, dtype: str | None = None, allow_lossy: bool =
     except (SafetensorError, OSError) as e:
         raise SizewiseError(f"cannot read the weights of {model_spec}: {e}") from None
     target = _plan_dtypes(index, dtype, allow_lossy, model_spec)
-    source = {"spec": str(model_spec), **source, "weights_sha256": _weights_sha256(files),
+    source = {"spec": str(model_spec), **source, "weights_sha256": files_sha256(files),
               "dtypes": sorted({_dtype_name(dt) for dt, _ in index.values()}),
               "bytes": sum(f.stat().st_size for f in files)}
 
@@ -893,19 +884,7 @@ def load_packed_stored(path, *, threads: int | None = None) -> tuple[dict, dict]
 
 def load_packed_artifact(path, *, threads: int | None = None) -> dict[str, torch.Tensor]:
     """The dense state dict (float32, model layout), equal to artifact.load_weights of the source artifact."""
-    from sizewise.quant.formats import QuantizedTensor
-
-    stored, amanifest = load_packed_stored(path, threads=threads)
-    state = {}
-    for name, t in stored.items():   # the same steps as artifact.load_weights, on the same stored values
-        if isinstance(t, QuantizedTensor):
-            w = t.dequantize()
-            state[name] = w.t().contiguous() if amanifest["tensors"][name]["transposed"] else w
-        else:
-            state[name] = t.float() if t.is_floating_point() else t
-    for alias, target in amanifest["aliases"].items():
-        state[alias] = state[target]
-    return state
+    return artifact.dense_state(*load_packed_stored(path, threads=threads))
 
 
 def _load_artifact_model(path: Path, threads: int):
