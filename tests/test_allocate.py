@@ -292,3 +292,95 @@ def test_compress_to_budget_records_the_allocation(tiny_dirs, tmp_path):
     m = json.loads((tmp_path / "o" / "manifest.json").read_text())
     assert m["allocation"]["budget"] == "4bpw" and m["totals"]["bits_per_weight"] <= 4
     assert m["totals"]["linear_stored_bits"] == alloc.linear_bits
+
+
+def test_uniform_plans_fit_and_are_sorted_by_prediction(llama, profiled):
+    *_, sizes = llama
+    prof, _ = profiled
+    unis = A.uniform_allocations(prof, sizes, "4.5bpw")
+    assert unis and all(a.linear_bits <= Fraction(9, 2) * sizes.linear_params for a in unis)
+    assert [a.predicted_total for a in unis] == sorted(a.predicted_total for a in unis)
+    for a in unis:
+        assert len({(c.method, c.format) for c in a.plan.choices}) == 1 and a.note.startswith("uniform")
+    # the knapsack is never predicted worse than any uniform plan of the same budget
+    assert A.allocate(prof, sizes, "4.5bpw").predicted_total <= unis[0].predicted_total
+
+
+def test_plan_variants_respect_their_floors_and_the_budget(llama, profiled):
+    *_, sizes = llama
+    prof, _ = profiled
+    variants = A.plan_variants(prof, sizes, "3.5bpw")
+    assert variants[0].note == "knapsack" and len(variants) >= 2
+    for a in variants:
+        assert a.linear_bits <= Fraction(7, 2) * sizes.linear_params
+        if "below" in a.note:
+            floor = int(a.note.split("below ")[1].split()[0])
+            assert min(c.format.bits for c in a.plan.choices if c.method != "float") >= floor
+    keys = [tuple((c.method, c.format) for c in a.plan.choices) for a in variants]
+    assert len(set(keys)) == len(keys)
+
+
+def test_measure_plans_is_the_kl_of_the_plans_model_and_restores_the_weights(llama, profiled):
+    model, arch, _, sizes = llama
+    prof, samples = profiled
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    variants = A.plan_variants(prof, sizes, "3.5bpw")[:2]
+    kls = A.measure_plans(model, arch, variants, samples[:4], progress=False)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    # the first plan's KL measured directly on a copy of the model with those weights
+    import copy
+    twin = copy.deepcopy(model)
+    tarch = discover(twin)
+    refs = {r.weight_name: r for r in tarch.all_linears()}
+    for c in variants[0].plan.choices:
+        refs[c.name].set_weight(A._dequantized(A.Candidate(c.method, c.format), refs[c.name].weight(), None, None))
+    with torch.no_grad():
+        p = torch.log_softmax(model(input_ids=samples[:4]).logits.double(), -1)
+        q = torch.log_softmax(twin(input_ids=samples[:4]).logits.double(), -1)
+    direct = float((p.exp() * (p - q)).sum()) / samples[:4].numel()
+    assert kls[0] == pytest.approx(direct, rel=1e-3) and kls[0] > 0
+
+
+def test_measured_choice_is_the_least_measured_kl_and_is_recorded(tiny_dirs, tmp_path, monkeypatch):
+    monkeypatch.setenv("SIZEWISE_CACHE", str(tmp_path / "cache"))
+    calib = sizewise.CalibConfig(text=str(tiny_dirs["text"]), samples=8, length=32)
+    alloc = A.plan_for_budget(load(tiny_dirs["llama"]), "3.5bpw", calib=calib, quantizers=("rtn", "gptq"),
+                              measure_samples=4, progress=False)
+    rows = alloc.measured
+    assert len(rows) >= 2 and sum(r["chosen"] for r in rows) == 1
+    chosen = next(r for r in rows if r["chosen"])
+    assert chosen["measured_kl"] == min(r["measured_kl"] for r in rows) and chosen["how"] == alloc.note
+    assert alloc.bits_per_weight <= 3.5
+    assert alloc.summary()["measured_plans"] == rows
+    # a second call reads the profile from the cache and recomputes the statistics GPTQ needs
+    again = A.plan_for_budget(load(tiny_dirs["llama"]), "3.5bpw", calib=calib, quantizers=("rtn", "gptq"),
+                              measure_samples=4, progress=False)
+    assert [r["measured_kl"] for r in again.measured] == pytest.approx([r["measured_kl"] for r in rows], rel=1e-5)
+
+
+def test_statistics_pass_leaves_the_model_exactly_as_it_was(llama):
+    from sizewise import engine
+    model, arch, *_ = llama
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    samples = torch.randint(0, model.config.vocab_size, (4, 16), generator=torch.Generator().manual_seed(1))
+    for dtype in (torch.float32, torch.bfloat16):
+        stats, _ = engine.statistics(model, arch, samples, progress=False, compute_dtype=dtype)
+        assert set(stats) == {r.name for r in arch.all_linears()} and all(s.count == 64 for s in stats.values())
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_engine_from_saved_statistics_equals_solving_each_layer_from_them(llama):
+    from sizewise import engine
+    from sizewise.quant import methods
+    from sizewise.quant.formats import QuantFormat
+    import copy
+    model, arch, *_ = llama
+    twin = copy.deepcopy(model)
+    tarch = discover(twin)
+    samples = torch.randint(0, model.config.vocab_size, (4, 16), generator=torch.Generator().manual_seed(2))
+    stats, _ = engine.statistics(model, arch, samples, progress=False)
+    fmt = QuantFormat(3, 16, symmetric=False, scale_dtype="float16", zero="int")
+    expect = {r.name: methods.solve("gptq", r.weight(), stats[r.name], fmt).dequantize() for r in arch.all_linears()}
+    engine.run(twin, tarch, lambda ref, w, s: methods.solve("gptq", w, s, fmt).dequantize(), samples,
+               stats=stats, progress=False)
+    assert all(torch.equal(r.weight(), expect[r.name]) for r in tarch.all_linears())

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from sizewise.arch import discover
-from sizewise.engine import capture_final_hidden, run
+from sizewise.engine import LinearStats, capture_final_hidden, run
 from sizewise.errors import SizewiseError
 from tiny import CONFIGS, tiny_model
 
@@ -131,3 +131,18 @@ def test_bfloat16_calibration_passes_leave_float_weights_untouched():
         assert torch.equal(w, before[name])           # the solver saw the float32 weights
     for k, v in model.state_dict().items():
         assert v.dtype == before[k].dtype and torch.equal(v, before[k])
+
+
+def test_half_precision_statistics_match_the_exact_gram():
+    # activations with a large common mean, as in LLM residual streams: the case where rounding the
+    # bf16 product's output would be relative to the mean rather than to the spread
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(4, 512, 96, generator=g) * 0.5 + torch.linspace(-4, 8, 96)).bfloat16()
+    exact = x.reshape(-1, 96).double().t() @ x.reshape(-1, 96).double()
+    stats = LinearStats.empty(96, "cpu")
+    stats.add(x)
+    assert stats.xtx.dtype == torch.float32 and stats.count == 2048
+    err = (stats.xtx.double() - exact).norm() / exact.norm()
+    naive = ((x.reshape(-1, 96).t() @ x.reshape(-1, 96)).double() - exact).norm() / exact.norm()
+    assert err < 1e-4 and err < naive / 4, (float(err), float(naive))
+    assert torch.allclose(stats.abs_sum.double(), x.reshape(-1, 96).double().abs().sum(0), rtol=1e-5)

@@ -43,3 +43,24 @@ def test_gguf_export_refuses_formats_it_cannot_hold(tiny_dirs, tmp_path, capsys)
         sizewise.api.export(out, tmp_path / "m.gguf")
     assert main(["export", str(out), "-o", str(tmp_path / "m.gguf")]) != 0
     assert "error: " in capsys.readouterr().err and not (tmp_path / "m.gguf").exists()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_gguf_export_of_an_unquantized_model(dtype, tiny_dirs, tmp_path):
+    """A model that is not an artifact exports as floats: F32/F16 matrices, F32 norms, same values."""
+    from sizewise.sources import load
+
+    res = sizewise.api.export(tiny_dirs["llama"], tmp_path / "m.gguf", float_dtype=dtype)
+    want = {"float32": "F32", "float16": "F16"}[dtype]
+    assert set(res["tensor_types"]) == {"F32", want}
+    state = load(str(tiny_dirs["llama"])).model.state_dict()
+    by_name = {t.name: t for t in gguf.GGUFReader(res["path"]).tensors}
+    for name in ("model.layers.1.mlp.down_proj.weight", "model.embed_tokens.weight", "model.norm.weight"):
+        w = state[name].to(getattr(torch, dtype) if state[name].dim() > 1 else torch.float32)
+        got = np.asarray(by_name[gguf_tensor_name(name, 2)].data).reshape(w.shape)
+        assert np.array_equal(got, w.numpy()), name
+    with pytest.raises(SizewiseError, match="applies to unquantized models only"):
+        out = tmp_path / "a"
+        sizewise.compress(str(tiny_dirs["llama"]), CompressConfig("rtn", QuantFormat(8, 32, symmetric=True)), out,
+                          progress=False)
+        sizewise.api.export(out, tmp_path / "q.gguf", float_dtype="float16")

@@ -30,6 +30,7 @@ import hashlib
 import json
 import math
 import re
+import sys
 import time
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
@@ -38,6 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from . import builtins, engine
 from .arch import Architecture, discover
@@ -316,6 +318,7 @@ class Profile:
 
     def __post_init__(self):
         self.by_name = {l.name: l for l in self.layers}
+        self.stats = None          # linear name -> engine.LinearStats when profiled with keep_stats; not saved
 
     def to_json(self) -> str:
         return json.dumps({"profile_version": PROFILE_VERSION, "protocol": self.protocol,
@@ -378,18 +381,17 @@ def fisher_diagonal(model, arch: Architecture, samples: torch.Tensor, *, seed: i
 def profile_model(model, arch: Architecture, samples: torch.Tensor, candidates: tuple[Candidate, ...], *,
                   options: dict | None = None, fisher_samples: int = 8, seed: int = 0, batch: int = 8,
                   compute_dtype: torch.dtype = torch.float32, offload: Path | None = None,
-                  progress: bool = True) -> Profile:
+                  progress: bool = True, keep_stats: bool = False) -> Profile:
     """Predicted KL of every candidate on every decoder linear: one Fisher pass, one engine pass.
 
-    The model is left exactly as it was.
+    The model is left exactly as it was. With `keep_stats` the profile also holds each linear's
+    input statistics (`profile.stats`, in memory only), so plans can be solved without another pass.
     """
     if fisher_samples < 1:
         raise SizewiseError(f"the Fisher estimate needs at least 1 sample, got {fisher_samples}")
     t0 = time.perf_counter()
     fisher = fisher_diagonal(model, arch, samples[:fisher_samples], seed=seed)
     t_fisher = time.perf_counter() - t0
-    # the engine casts each layer to compute_dtype and back: a lossy round trip unless float32
-    backup = None if compute_dtype == torch.float32 else {k: v.clone() for k, v in arch.layers.state_dict().items()}
     layers = []
 
     def measure(ref, w, stats):
@@ -406,19 +408,17 @@ def profile_model(model, arch: Architecture, samples: torch.Tensor, candidates: 
             errors.append(float(row.sum()))
             costs.append(0.5 * float((f * row).sum()))
         layers.append(LayerProfile(ref.weight_name, ref.shape, float(f.mean()), costs, errors))
-        return w                                                          # the float model propagates
 
-    try:
-        facts = engine.run(model, arch, measure, samples, batch=batch, offload=offload, progress=progress,
-                           compute_dtype=compute_dtype)
-    finally:
-        if backup is not None:
-            arch.layers.load_state_dict(backup)
+    stats, facts = engine.statistics(model, arch, samples, batch=batch, offload=offload, progress=progress,
+                                     compute_dtype=compute_dtype, measure=measure)
     protocol = {"proxy": "0.5 * sum_j fisher_j * mean_tokens (dW X^T)_j^2, float-model inputs",
                 "fisher_samples": min(fisher_samples, len(samples)), "fisher_labels": "sampled from the model",
                 "seed": seed, "calibration_tokens": int(samples.numel()), "options": options or {},
                 "fisher_s": t_fisher, "engine_s": facts["engine_s"], "profile_s": time.perf_counter() - t0}
-    return Profile(tuple(candidates), layers, protocol)
+    prof = Profile(tuple(candidates), layers, protocol)
+    if keep_stats:
+        prof.stats = stats
+    return prof
 
 
 # --- exact multiple-choice knapsack ----------------------------------------------------------------
@@ -553,6 +553,8 @@ class Allocation:
     states: int
     shapes: dict[str, tuple[int, int]] = field(default_factory=dict)    # (out, in) per weight name
     profile_protocol: dict = field(default_factory=dict)
+    note: str = "knapsack"             # how the plan was made
+    measured: list[dict] = field(default_factory=list)   # plans measured for this budget, if any
 
     @property
     def bits_per_weight(self) -> float:
@@ -567,28 +569,30 @@ class Allocation:
                 "used": self.used, "linear_bits": self.linear_bits, "linear_params": self.linear_params,
                 "bits_per_weight": self.bits_per_weight, "file_bytes_bound": self.file_bytes,
                 "predicted_kl": self.predicted_total, "predicted": self.predicted,
-                "knapsack_states": self.states, "profile": self.profile_protocol}
+                "knapsack_states": self.states, "how": self.note, "measured_plans": self.measured,
+                "profile": self.profile_protocol}
 
 
-def allocate(profile: Profile, sizes: SizeTable, budget: Budget | str) -> Allocation:
-    """The plan of least predicted KL whose exact size fits the budget."""
-    budget = parse_budget(budget)
-    if tuple(profile.candidates) != tuple(sizes.candidates):
-        raise SizewiseError("the sensitivity profile was made for a different candidate set; profile again")
-    capacity = check_budget(budget, sizes)
+def _layer_options(profile: Profile, sizes: SizeTable, budget: Budget, allowed) -> tuple[list, list, list]:
+    """Per layer: knapsack weights, predicted costs and option indices of the allowed candidates."""
     weights, costs, opts = [], [], []
     for layer in sizes.layers:
         lp = profile.by_name.get(layer.name)
         if lp is None or tuple(lp.shape) != tuple(layer.shape):
             raise SizewiseError(f"the sensitivity profile does not match this model (at {layer.name}); profile again")
-        ok = [k for k, i in enumerate(layer.options) if lp.costs[i] is not None]
+        ok = [k for k, i in enumerate(layer.options)
+              if lp.costs[i] is not None and (allowed is None or allowed(sizes.candidates[i]))]
         weights.append([budget.weights(layer)[k] for k in ok])
         costs.append([lp.costs[layer.options[k]] for k in ok])
         opts.append(ok)
-    sol = solve_mckp(weights, costs, capacity)
+    return weights, costs, opts
+
+
+def _allocation(profile: Profile, sizes: SizeTable, budget: Budget, capacity: int, picks: list[int],
+                states: int, note: str) -> Allocation:
+    """The Allocation for one option index (into layer.options) per layer, with its exact sizes checked."""
     choices, predicted, bits, fbytes = [], {}, 0, sizes.fixed_file_bytes
-    for layer, ok, j in zip(sizes.layers, opts, sol.choice):
-        k = ok[j]
+    for layer, k in zip(sizes.layers, picks):
         cand = sizes.candidates[layer.options[k]]
         choices.append(_choice(layer.name, cand))
         predicted[layer.name] = profile.by_name[layer.name].costs[layer.options[k]]
@@ -596,11 +600,102 @@ def allocate(profile: Profile, sizes: SizeTable, budget: Budget | str) -> Alloca
         fbytes += layer.file_bytes[k]
     used = bits if budget.kind == "bpw" else fbytes - sizes.fixed_file_bytes
     # the guarantee, in exact integers: never over budget
-    assert used == sol.weight and used <= capacity, (used, sol.weight, capacity)
+    assert used <= capacity, (used, capacity)
     assert budget.kind != "bpw" or bits <= budget.value * sizes.linear_params
     assert budget.kind != "bytes" or fbytes <= budget.value
     return Allocation(Plan(choices), predicted, budget, capacity, used, bits, sizes.linear_params, fbytes,
-                      sol.states, {l.name: l.shape for l in sizes.layers}, profile.protocol)
+                      states, {l.name: l.shape for l in sizes.layers}, profile.protocol, note)
+
+
+def allocate(profile: Profile, sizes: SizeTable, budget: Budget | str, *, allowed=None,
+             note: str = "knapsack") -> Allocation:
+    """The plan of least predicted KL whose exact size fits the budget.
+
+    `allowed(candidate) -> bool` restricts the candidates (e.g. none below 3 bits).
+    """
+    budget = parse_budget(budget)
+    if tuple(profile.candidates) != tuple(sizes.candidates):
+        raise SizewiseError("the sensitivity profile was made for a different candidate set; profile again")
+    capacity = check_budget(budget, sizes)
+    weights, costs, opts = _layer_options(profile, sizes, budget, allowed)
+    if any(not w for w in weights):
+        raise SizewiseError(f"no allowed candidate fits every layer ({note})")
+    sol = solve_mckp(weights, costs, capacity)
+    alloc = _allocation(profile, sizes, budget, capacity, [ok[j] for ok, j in zip(opts, sol.choice)],
+                        sol.states, note)
+    assert alloc.used == sol.weight, (alloc.used, sol.weight)
+    return alloc
+
+
+def uniform_allocations(profile: Profile, sizes: SizeTable, budget: Budget | str) -> list[Allocation]:
+    """Every plan that gives all linears the same candidate and fits the budget, best predicted first."""
+    budget = parse_budget(budget)
+    capacity = check_budget(budget, sizes)
+    out = []
+    for i, cand in enumerate(sizes.candidates):
+        if cand.method == "float" or any(i not in l.options for l in sizes.layers):
+            continue
+        picks = [l.options.index(i) for l in sizes.layers]
+        if sum(budget.weights(l)[k] for l, k in zip(sizes.layers, picks)) <= capacity:
+            out.append(_allocation(profile, sizes, budget, capacity, picks, 1, f"uniform {cand.label}"))
+    return sorted(out, key=lambda a: a.predicted_total)
+
+
+def _quantized_bits(c: Candidate) -> int:
+    return 16 if c.method == "float" else c.format.bits
+
+
+def plan_variants(profile: Profile, sizes: SizeTable, budget: Budget | str) -> list[Allocation]:
+    """The plans worth measuring for a budget: the knapsack's, the knapsack's without its lowest
+    bit widths (additive costs understate how errors compound when many layers are coarse), and
+    the best uniform plan that fits. Duplicates are dropped."""
+    budget = parse_budget(budget)
+    out = [allocate(profile, sizes, budget)]
+    for floor in sorted({_quantized_bits(c) for c in sizes.candidates if c.method != "float"})[1:3]:
+        try:
+            out.append(allocate(profile, sizes, budget, allowed=lambda c, f=floor: _quantized_bits(c) >= f,
+                                note=f"knapsack, no candidate below {floor} bits"))
+        except SizewiseError:       # nothing that coarse-free fits this budget
+            break
+    out += uniform_allocations(profile, sizes, budget)[:1]
+    seen, unique = set(), []
+    for a in out:
+        key = tuple((c.method, c.format) for c in a.plan.choices)
+        if key not in seen:
+            seen.add(key)
+            unique.append(a)
+    return unique
+
+
+def measure_plans(model, arch: Architecture, allocs: list[Allocation], samples: torch.Tensor, *,
+                  stats: dict | None = None, options: dict | None = None, batch: int = 8,
+                  progress: bool = True) -> list[float]:
+    """Measured KL(float ‖ plan) in nats/token on `samples`, per plan; the model is restored.
+
+    Each plan's weights are solved from `stats` (the float model's input statistics, needed by
+    calibrated quantizers) all at once, as the profile predicted them.
+    """
+    refs = {r.weight_name: r for r in arch.all_linears()}
+    originals = {n: r.weight() for n, r in refs.items()}
+    reference = _log_probs(model, samples, batch, torch.float32)     # whole plans: KL ≫ float32 rounding
+    kls = []
+    bar = tqdm(allocs, desc="measuring plans", unit="plan", disable=not progress, file=sys.stderr)
+    try:
+        for alloc in bar:
+            for c in alloc.plan.choices:
+                ref = refs[c.name]
+                cand = Candidate(c.method, c.format)
+                st = stats.get(ref.name) if stats is not None else None
+                if st is None and cand.method != "float" and methods.get(cand.method).needs_calibration:
+                    raise SizewiseError(f"measuring a {cand.method} plan needs the calibration statistics")
+                ref.set_weight(_dequantized(cand, originals[c.name], st, options))
+            logp = _log_probs(model, samples, batch, torch.float32)
+            kl = sum(float((r.exp() * (r - l)).double().sum()) for r, l in zip(reference, logp))
+            kls.append(kl / samples.numel())
+    finally:
+        for n, r in refs.items():
+            r.set_weight(originals[n])
+    return kls
 
 
 def render(alloc: Allocation) -> str:
@@ -662,10 +757,10 @@ def proxy_pairs(profile: Profile, count: int = 12, seed: int = 0, candidate: int
 
 
 @torch.no_grad()
-def _log_probs(model, samples: torch.Tensor, batch: int) -> list[torch.Tensor]:
+def _log_probs(model, samples: torch.Tensor, batch: int, dtype: torch.dtype = torch.float64) -> list[torch.Tensor]:
     device = next(model.parameters()).device
-    # float64: single-layer changes at 8 bits move the KL by ~1e-8, below float32 rounding of the sum
-    return [F.log_softmax(model(input_ids=samples[s:s + batch].to(device), use_cache=False).logits.double(), -1).cpu()
+    # float64 by default: single-layer changes at 8 bits move the KL by ~1e-8, below float32 rounding
+    return [F.log_softmax(model(input_ids=samples[s:s + batch].to(device), use_cache=False).logits.to(dtype), -1).cpu()
             for s in range(0, len(samples), batch)]
 
 
@@ -722,10 +817,12 @@ def _profile_key(src_info: dict, calib, text_sha: str | None, candidates, option
 
 
 def cached_profile(src, arch: Architecture, calib, candidates: tuple[Candidate, ...], *, options: dict | None = None,
-                   fisher_samples: int = 8, cache: bool = True, progress: bool = True) -> Profile:
+                   fisher_samples: int = 8, cache: bool = True, progress: bool = True,
+                   keep_stats: bool = False) -> Profile:
     """`profile_model` on the source's calibration samples, cached per model + calibration + candidates.
 
-    The cache (under `builtins.cache_dir()/profiles`) lets a sweep over budgets profile once.
+    The cache (under `builtins.cache_dir()/profiles`) lets a sweep over budgets profile once. A
+    profile read from the cache has no statistics (`profile.stats` is None) even with `keep_stats`.
     """
     from . import data
     from .api import _calibration
@@ -741,7 +838,8 @@ def cached_profile(src, arch: Architecture, calib, candidates: tuple[Candidate, 
     samples, calib_proto = _calibration(src, calib, progress)
     prof = profile_model(src.model, arch, samples, candidates, options=options, fisher_samples=fisher_samples,
                          seed=calib.seed, batch=calib.batch, compute_dtype=TORCH_DTYPES[calib.dtype],
-                         offload=Path(calib.offload) if calib.offload else None, progress=progress)
+                         offload=Path(calib.offload) if calib.offload else None, progress=progress,
+                         keep_stats=keep_stats)
     prof.protocol.update(model=src.info.get("spec"), model_sha256=src.info.get("sha256"), calibration=calib_proto)
     if cache and src.info.get("sha256"):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -751,11 +849,59 @@ def cached_profile(src, arch: Architecture, calib, candidates: tuple[Candidate, 
     return prof
 
 
+def profile_statistics(src, arch: Architecture, calib, profile: Profile, progress: bool = True) -> dict | None:
+    """The linears' input statistics the profile was made from: kept ones, or one float pass again.
+
+    None when no candidate needs calibration data.
+    """
+    from .api import _calibration
+
+    if not any(c.method != "float" and methods.get(c.method).needs_calibration for c in profile.candidates):
+        return None
+    if profile.stats is None:
+        samples, _ = _calibration(src, calib, progress)
+        profile.stats, _ = engine.statistics(src.model, arch, samples, batch=calib.batch,
+                                             offload=Path(calib.offload) if calib.offload else None,
+                                             progress=progress, compute_dtype=TORCH_DTYPES[calib.dtype])
+    return profile.stats
+
+
+def choose_measured(src, arch: Architecture, calib, profile: Profile, sizes: SizeTable, budget: Budget | str, *,
+                    options: dict | None = None, samples: int = 8, progress: bool = True) -> Allocation:
+    """`plan_variants` for the budget, each measured (KL against the float model on `samples`
+    held-out calibration samples, drawn with the next seed); the least measured KL wins.
+
+    The knapsack is exact for its additive prediction, but real costs stop adding up when many
+    layers are coarse: this keeps the allocation from ever losing to a plan it could have made.
+    """
+    from .api import _calibration
+
+    allocs = plan_variants(profile, sizes, budget)
+    if len(allocs) == 1 or samples < 1:
+        return allocs[0]
+    stats = profile_statistics(src, arch, calib, profile, progress)
+    held, _ = _calibration(src, replace(calib, samples=samples, seed=calib.seed + 1), progress)
+    t0 = time.perf_counter()
+    kls = measure_plans(src.model, arch, allocs, held, stats=stats, options=options, batch=calib.batch,
+                        progress=progress)
+    best = allocs[int(np.argmin(kls))]
+    best.measured = [{"how": a.note, "bits_per_weight": a.bits_per_weight, "predicted_kl": a.predicted_total,
+                      "measured_kl": kl, "chosen": a is best} for a, kl in zip(allocs, kls)]
+    best.profile_protocol = {**best.profile_protocol, "measure": {
+        "samples": samples, "length": calib.length, "seed": calib.seed + 1, "tokens": int(held.numel()),
+        "weights": "solved at once from the float model's statistics", "measure_s": time.perf_counter() - t0}}
+    return best
+
+
 def plan_for_budget(model, budget: str | Budget, *, calib=None, quantizers: tuple[str, ...] = ("rtn",),
                     candidates: tuple[Candidate, ...] | None = None, float_dtype: str = "float16",
                     options: dict | None = None, fisher_samples: int = 8, cache: bool = True,
-                    progress: bool = True, allow_pickle: bool = False) -> Allocation:
-    """Load MODEL (a spec or `Source`), check the budget from shapes alone, profile (cached), allocate."""
+                    measure_samples: int = 8, progress: bool = True, allow_pickle: bool = False) -> Allocation:
+    """Load MODEL (a spec or `Source`), check the budget from shapes alone, profile (cached), allocate.
+
+    With `measure_samples` > 0 the knapsack's plan is checked against a few alternatives by
+    measurement (`choose_measured`); 0 trusts the prediction alone.
+    """
     from .api import CalibConfig, _source
 
     budget = parse_budget(budget)                       # a typo fails before anything loads
@@ -764,15 +910,19 @@ def plan_for_budget(model, budget: str | Budget, *, calib=None, quantizers: tupl
     arch = discover(src.model)
     sizes = size_table(src.model, arch, cands, float_dtype)
     check_budget(budget, sizes)                         # before any expensive work
-    prof = cached_profile(src, arch, calib or CalibConfig(), cands, options=options,
-                          fisher_samples=fisher_samples, cache=cache, progress=progress)
+    calib = calib or CalibConfig()
+    prof = cached_profile(src, arch, calib, cands, options=options, fisher_samples=fisher_samples, cache=cache,
+                          progress=progress, keep_stats=measure_samples > 0)
+    if measure_samples > 0:
+        return choose_measured(src, arch, calib, prof, sizes, budget, options=options, samples=measure_samples,
+                               progress=progress)
     return allocate(prof, sizes, budget)
 
 
 def compress_to_budget(model, budget: str | Budget, out: str | Path | None = None, config=None, *,
                        quantizers: tuple[str, ...] = ("rtn",), candidates: tuple[Candidate, ...] | None = None,
                        fisher_samples: int = 8, cache: bool = True, overwrite: bool = False,
-                       progress: bool = True, allow_pickle: bool = False):
+                       measure_samples: int = 8, progress: bool = True, allow_pickle: bool = False):
     """Allocate for the budget, then `api.compress` with that plan. Returns (Result, Allocation).
 
     The artifact's manifest gets an "allocation" entry (budget, predicted KL per layer, profile protocol).
@@ -786,8 +936,23 @@ def compress_to_budget(model, budget: str | Budget, out: str | Path | None = Non
     src = api._source(model, allow_pickle)
     alloc = plan_for_budget(src, budget, calib=config.calib, quantizers=quantizers, candidates=candidates,
                             float_dtype=config.float_dtype, options=config.options, fisher_samples=fisher_samples,
-                            cache=cache, progress=progress)
-    res = api.compress(src, replace(config, plan=alloc.plan), out, overwrite=overwrite, progress=progress)
+                            cache=cache, measure_samples=measure_samples, progress=progress)
+    return compress_allocation(src, alloc, out, config, overwrite=overwrite, progress=progress), alloc
+
+
+def compress_allocation(model, alloc: Allocation, out: str | Path | None = None, config=None, *,
+                        overwrite: bool = False, progress: bool = True, allow_pickle: bool = False,
+                        stats: dict | None = None):
+    """`api.compress` with the allocation's plan; the manifest records the allocation, sizes checked.
+
+    Separate from `compress_to_budget` so that a sweep allocates many budgets from one profile
+    (and, with the profile's `stats`, solves each plan without calibration passes).
+    """
+    from . import api, artifact
+
+    config = config or api.CompressConfig()
+    res = api.compress(api._source(model, allow_pickle), replace(config, plan=alloc.plan), out,
+                       overwrite=overwrite, progress=progress, stats=stats)
     res.manifest["allocation"] = alloc.summary()
     if out is not None:
         t = res.manifest["totals"]
@@ -798,4 +963,4 @@ def compress_to_budget(model, budget: str | Budget, out: str | Path | None = Non
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(res.manifest, indent=1))
         tmp.replace(path)
-    return res, alloc
+    return res

@@ -82,8 +82,14 @@ def _calibration(src: Source, calib: CalibConfig, progress: bool) -> tuple[torch
 
 
 def compress(model: str | Path | Source, config: CompressConfig | None = None, out: str | Path | None = None, *,
-             overwrite: bool = False, progress: bool = True, allow_pickle: bool = False) -> Result:
-    """Compress every decoder linear per the plan (or the uniform method/format); write `out` if given."""
+             overwrite: bool = False, progress: bool = True, allow_pickle: bool = False,
+             stats: dict | None = None) -> Result:
+    """Compress every decoder linear per the plan (or the uniform method/format); write `out` if given.
+
+    `stats` (linear name -> `engine.LinearStats` of the float model on `config.calib`, as a
+    profile keeps them) skips the calibration passes: every layer is solved from those statistics
+    at once, without propagating compressed outputs. A sweep uses it to observe the model once.
+    """
     config = config or CompressConfig()
     if out is not None:
         artifact.check_output(Path(out), overwrite)
@@ -106,7 +112,16 @@ def compress(model: str | Path | Source, config: CompressConfig | None = None, o
     plan.check(arch)
 
     needs_calib = pipeline.awq or any(methods.get(x).needs_calibration for x in plan.methods())
-    samples, calib_proto = _calibration(src, config.calib, progress) if needs_calib else (None, None)
+    if stats is not None and (pipeline.awq or pipeline.rotate):
+        raise SizewiseError("AWQ and rotations transform the model: they cannot reuse saved statistics")
+    if needs_calib and stats is not None:
+        c = config.calib
+        samples, calib_proto = None, {"samples": c.samples, "length": c.length, "seed": c.seed, "dtype": c.dtype,
+                                      "text": c.text, "statistics": "saved from one float-model pass; every layer "
+                                      "solved from them at once (compressed outputs not propagated)"}
+    else:
+        samples, calib_proto = _calibration(src, config.calib, progress) if needs_calib else (None, None)
+        stats = None
 
     quantized = {}
 
@@ -133,7 +148,8 @@ def compress(model: str | Path | Source, config: CompressConfig | None = None, o
 
     facts = engine.run(m, arch, solve, samples, batch=config.calib.batch,
                        offload=Path(config.calib.offload) if config.calib.offload else None,
-                       progress=progress, compute_dtype=TORCH_DTYPES[config.calib.dtype], transform=layer_transform)
+                       progress=progress, compute_dtype=TORCH_DTYPES[config.calib.dtype], transform=layer_transform,
+                       stats=stats)
 
     # Everything not quantized is stored in a float dtype; make the model hold exactly that.
     linear_names = {r.weight_name: r.transposed for r in arch.all_linears()}
@@ -160,8 +176,8 @@ def compress(model: str | Path | Source, config: CompressConfig | None = None, o
 
 
 def plan_for_budget(model: str | Path | Source, budget: str, config: CompressConfig | None = None, *,
-                    quantizers: tuple[str, ...] = ("rtn",), fisher_samples: int = 8, progress: bool = True,
-                    allow_pickle: bool = False):
+                    quantizers: tuple[str, ...] = ("rtn",), fisher_samples: int = 8, measure_samples: int = 8,
+                    progress: bool = True, allow_pickle: bool = False):
     """The plan of least predicted KL whose exact size fits `budget` ("3.5bpw", "70MB", "64MiB").
 
     Uses config.calib, config.float_dtype and config.options; returns an `allocate.Allocation`
@@ -172,18 +188,20 @@ def plan_for_budget(model: str | Path | Source, budget: str, config: CompressCon
 
     config = config or CompressConfig()
     return _plan(model, budget, calib=config.calib, quantizers=quantizers, float_dtype=config.float_dtype,
-                 options=config.options, fisher_samples=fisher_samples, progress=progress, allow_pickle=allow_pickle)
+                 options=config.options, fisher_samples=fisher_samples, measure_samples=measure_samples,
+                 progress=progress, allow_pickle=allow_pickle)
 
 
 def compress_to_budget(model: str | Path | Source, budget: str, config: CompressConfig | None = None,
                        out: str | Path | None = None, *, quantizers: tuple[str, ...] = ("rtn",),
-                       fisher_samples: int = 8, overwrite: bool = False, progress: bool = True,
-                       allow_pickle: bool = False):
+                       fisher_samples: int = 8, measure_samples: int = 8, overwrite: bool = False,
+                       progress: bool = True, allow_pickle: bool = False):
     """`plan_for_budget`, then `compress` with that plan. Returns (Result, Allocation)."""
     from .allocate import compress_to_budget as _compress
 
     return _compress(model, budget, out, config, quantizers=quantizers, fisher_samples=fisher_samples,
-                     overwrite=overwrite, progress=progress, allow_pickle=allow_pickle)
+                     measure_samples=measure_samples, overwrite=overwrite, progress=progress,
+                     allow_pickle=allow_pickle)
 
 
 def evaluate(model: str | Path | Source, text: str | Path = "wikitext2-test", *, ctx: int = 1024,
@@ -259,11 +277,15 @@ def compare(reference: str | Path, candidates: list[str | Path], text: str | Pat
 
 
 def export(path: str | Path, out: str | Path, *, format: str = "gguf", overwrite: bool = False,
-           tokenizer_pre: str | None = None) -> dict:
+           tokenizer_pre: str | None = None, float_dtype: str | None = None) -> dict:
     """Write an artifact's stored weights in another format, unchanged (no re-rounding).
 
     GGUF holds our formats exactly when they are one of ggml's block types: 32-weight groups with
     float16 scales, symmetric (Q4_0, Q5_0, Q8_0) or with a float16 minimum (Q4_1, Q5_1).
+
+    Any other model (a built-in name, a Hugging Face directory, a GGUF file) is written unquantized,
+    every tensor in `float_dtype` (default float32; 1-D tensors always F32), e.g. as the source that
+    llama.cpp's own quantizer starts from.
     """
     from collections import Counter
 
@@ -271,13 +293,20 @@ def export(path: str | Path, out: str | Path, *, format: str = "gguf", overwrite
 
     from .export.gguf import write_gguf
     from .export.gguf_types import ggml_type_for
+    from .lossless.model import is_packed_model
     from .quant.formats import QuantizedTensor, label
 
     if format != "gguf":
         raise SizewiseError(f"unknown export format {format!r}; available: gguf")
+    if float_dtype is not None and float_dtype not in TORCH_DTYPES:
+        raise SizewiseError(f"float dtype must be one of {sorted(TORCH_DTYPES)}, got {float_dtype!r}")
     out = Path(out)
     if out.exists() and not overwrite:
         raise SizewiseError(f"output file {out} already exists (use --force to replace it)")
+    if not (Path(path).is_dir() and artifact.is_artifact(path) and not is_packed_model(path)):
+        return _export_float(path, out, float_dtype or "float32", tokenizer_pre)
+    if float_dtype is not None:
+        raise SizewiseError("an artifact is exported as stored; --float-dtype applies to unquantized models only")
     stored, manifest = artifact.load_stored(path)
     bad = [(n, t) for n, t in stored.items() if isinstance(t, QuantizedTensor) and ggml_type_for(t.fmt) is None]
     if bad:
@@ -292,3 +321,31 @@ def export(path: str | Path, out: str | Path, *, format: str = "gguf", overwrite
     import gguf
     types = Counter(gguf.GGMLQuantizationType(t.tensor_type).name for t in gguf.GGUFReader(written).tensors)
     return {"path": str(written), "bytes": written.stat().st_size, "tensor_types": dict(types)}
+
+
+def _export_float(model: str | Path, out: Path, float_dtype: str, tokenizer_pre: str | None) -> dict:
+    """`export` for a model that is not an artifact: its float weights, each in `float_dtype`."""
+    from collections import Counter
+
+    import gguf
+
+    from .export.gguf import write_gguf
+
+    src = _source(model)
+    dtype = TORCH_DTYPES[float_dtype]
+    weights = {name: t.detach().to(dtype) for name, t in src.model.state_dict().items()}
+    written = write_gguf(out, src.model.config, weights, src.tokenizer,
+                         tokenizer_pre=tokenizer_pre or src.info.get("tokenizer_pre"),
+                         metadata={"general.source.url": f"sizewise {src.info['kind']} {src.info['spec']}"})
+    types = Counter(gguf.GGMLQuantizationType(t.tensor_type).name for t in gguf.GGUFReader(written).tensors)
+    return {"path": str(written), "bytes": written.stat().st_size, "tensor_types": dict(types)}
+
+
+def sweep(model: str | Path, budgets, out: str | Path, config: CompressConfig | None = None, **kwargs) -> dict:
+    """Compress to every budget from one profile, plus uniform baselines, evaluate all, write a report.
+
+    See `sizewise.sweep.sweep` for the keyword arguments (quantizers, uniform, peers, text, ctx, windows, ...).
+    """
+    from .sweep import sweep as _sweep
+
+    return _sweep(model, budgets, out, config, **kwargs)

@@ -23,6 +23,41 @@ def _group_size(value: str) -> int | None:
         raise click.BadParameter(f"expected a positive integer or 'channel', got {value!r}") from None
 
 
+# Calibration and allocator options shared by `plan` and `sweep` (same names, defaults and help).
+_CALIB_OPTIONS = (
+    click.option("--float-dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default="float16", show_default=True),
+    click.option("--calib", default=None, help="Calibration text: a file or built-in name (enwiki-sample). Default: samples the model writes itself."),
+    click.option("--calib-samples", default=128, show_default=True, type=int),
+    click.option("--calib-len", default=512, show_default=True, type=int, help="Tokens per calibration sample."),
+    click.option("--calib-dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True),
+    click.option("--batch", default=8, show_default=True, type=int, help="Calibration samples per forward pass."),
+    click.option("--seed", default=0, show_default=True, type=int),
+    click.option("--offload", type=click.Path(), help="Keep calibration activations memory-mapped in this directory instead of RAM."),
+    click.option("--fisher-samples", default=8, show_default=True, type=int, help="Calibration samples for the layer-importance (Fisher) pass."),
+    click.option("--measure-samples", default=8, show_default=True, type=int, help="Held-out calibration samples on which the knapsack's plan is measured against a few alternatives (plans without the lowest bit widths, the best uniform one); 0 trusts the prediction alone."),
+    click.option("--no-act-order", is_flag=True, help="GPTQ: process columns in their natural order."),
+    click.option("--damp", default=0.01, show_default=True, type=float, help="GPTQ: Hessian damping, a fraction of its mean diagonal."),
+)
+
+
+def _calib_options(f):
+    for opt in reversed(_CALIB_OPTIONS):
+        f = opt(f)
+    return f
+
+
+def _calib_config(float_dtype, calib, calib_samples, calib_len, calib_dtype, batch, seed, offload, no_act_order,
+                  damp):
+    """The CompressConfig that `_calib_options` describe."""
+    from . import api
+
+    options = {"act_order": False} if no_act_order else {}
+    if damp != 0.01:
+        options["damp"] = damp
+    return api.CompressConfig(options=options, float_dtype=float_dtype, calib=api.CalibConfig(
+        text=calib, samples=calib_samples, length=calib_len, seed=seed, batch=batch, offload=offload, dtype=calib_dtype))
+
+
 def _emit(obj: dict, as_json: bool, output: str | None, human) -> None:
     if output:
         Path(output).parent.mkdir(parents=True, exist_ok=True)
@@ -76,12 +111,13 @@ def cli():
               "over the linear layers (3.5bpw) or a packed file size (70MB = 70e6 bytes; MiB, GB, GiB). "
               "--method may then list several quantizers (rtn,gptq).")
 @click.option("--fisher-samples", default=8, show_default=True, type=int, help="With --budget: calibration samples for the layer-importance (Fisher) pass.")
+@click.option("--measure-samples", default=8, show_default=True, type=int, help="With --budget: held-out calibration samples on which the chosen plan is measured against alternatives; 0 skips.")
 @click.option("--force", is_flag=True, help="Replace the output directory if it exists.")
 @click.option("--allow-pickle", is_flag=True, help="Allow loading pickled (.bin) weights. Only for files you trust.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def compress(model, output, method, bits, group_size, sym, zero, scale_dtype, float_dtype, skip, plan_path, calib,
              calib_samples, calib_len, calib_dtype, batch, seed, offload, no_act_order, damp, budget, fisher_samples,
-             force, allow_pickle, quiet):
+             measure_samples, force, allow_pickle, quiet):
     """Compress MODEL and write an artifact (manifest, packed tensors, dense HF copy) to -o DIR."""
     from . import api
     from .plan import Plan
@@ -101,6 +137,7 @@ def compress(model, output, method, bits, group_size, sym, zero, scale_dtype, fl
     if budget is not None:
         res, alloc = api.compress_to_budget(model, budget, replace(config, method="rtn"), output,
                                             quantizers=tuple(method.split(",")), fisher_samples=fisher_samples,
+                                            measure_samples=measure_samples,
                                             overwrite=force, progress=not quiet, allow_pickle=allow_pickle)
         click.echo(f"allocated for {budget}: predicted KL {alloc.predicted_total:.4g} nats/token "
                    f"(`sizewise info {output}` lists every layer)")
@@ -117,37 +154,63 @@ def compress(model, output, method, bits, group_size, sym, zero, scale_dtype, fl
 @click.option("--budget", required=True, help="Bits per weight over the linear layers (3.25bpw) or packed file size (70MB = 70e6 bytes; MiB, GB, GiB).")
 @click.option("-o", "--output", type=click.Path(), help="Write the plan as JSON (apply it with `sizewise compress MODEL --plan FILE`).")
 @click.option("--method", default="rtn", show_default=True, help="Quantizers to choose among, comma-separated: rtn, rtn-mse, gptq.")
-@click.option("--float-dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default="float16", show_default=True)
-@click.option("--calib", default=None, help="Calibration text: a file or built-in name (enwiki-sample). Default: samples the model writes itself.")
-@click.option("--calib-samples", default=128, show_default=True, type=int)
-@click.option("--calib-len", default=512, show_default=True, type=int, help="Tokens per calibration sample.")
-@click.option("--calib-dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
-@click.option("--batch", default=8, show_default=True, type=int, help="Calibration samples per forward pass.")
-@click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--offload", type=click.Path(), help="Keep calibration activations memory-mapped in this directory instead of RAM.")
-@click.option("--fisher-samples", default=8, show_default=True, type=int, help="Calibration samples for the layer-importance (Fisher) pass.")
-@click.option("--no-act-order", is_flag=True, help="GPTQ: process columns in their natural order.")
-@click.option("--damp", default=0.01, show_default=True, type=float, help="GPTQ: Hessian damping, a fraction of its mean diagonal.")
+@_calib_options
 @click.option("--allow-pickle", is_flag=True)
 @click.option("--quiet", is_flag=True)
-def plan_cmd(model, budget, output, method, float_dtype, calib, calib_samples, calib_len, calib_dtype, batch, seed,
-             offload, fisher_samples, no_act_order, damp, allow_pickle, quiet):
+def plan_cmd(model, budget, output, method, fisher_samples, measure_samples, allow_pickle, quiet, **calib):
     """Choose each linear layer's format to fit a budget at least predicted loss, and print the plan."""
     from . import api
     from .allocate import render
 
-    options = {"act_order": False} if no_act_order else {}
-    if damp != 0.01:
-        options["damp"] = damp
-    config = api.CompressConfig(options=options, float_dtype=float_dtype, calib=api.CalibConfig(
-        text=calib, samples=calib_samples, length=calib_len, seed=seed, batch=batch, offload=offload, dtype=calib_dtype))
-    alloc = api.plan_for_budget(model, budget, config, quantizers=tuple(method.split(",")),
-                                fisher_samples=fisher_samples, progress=not quiet, allow_pickle=allow_pickle)
+    alloc = api.plan_for_budget(model, budget, _calib_config(**calib), quantizers=tuple(method.split(",")),
+                                fisher_samples=fisher_samples, measure_samples=measure_samples, progress=not quiet,
+                                allow_pickle=allow_pickle)
     click.echo(render(alloc))
     if output:
         Path(output).parent.mkdir(parents=True, exist_ok=True)
         Path(output).write_text(alloc.plan.to_json())
         click.echo(f"wrote {output}")
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--budgets", required=True, help="Comma-separated budgets: bits per weight (2.5,3,3.5bpw; a bare number is bpw) "
+              "or packed file sizes (60MB,70MB). All are checked before any work.")
+@click.option("-o", "--output", required=True, type=click.Path(), help="Sweep directory to write (must not exist or be empty).")
+@click.option("--method", default="rtn", show_default=True, help="Quantizers the allocator chooses among, comma-separated: rtn, rtn-mse, gptq.")
+@_calib_options
+@click.option("--uniform", multiple=True, help="Uniform baselines, METHOD:BITS:GROUP, comma-separated or repeated "
+              "(rtn:4:64,gptq:3:channel); same format family as the allocator's (asymmetric, float16 scales).")
+@click.option("--peer", "peers", multiple=True, type=click.Path(), help="JSON file of other tools' points "
+              '([{"label", "bits_per_weight", "perplexity"}, ...]) drawn on the plot as given (repeatable).')
+@click.option("--text", default="wikitext2-test", show_default=True, help="Evaluation text: a file or built-in name.")
+@click.option("--ctx", default=1024, show_default=True, type=int, help="Tokens per evaluation window.")
+@click.option("--stride", default=None, type=int, help="Window step (default: ctx, non-overlapping).")
+@click.option("--windows", default=None, type=int, help="Use the first N windows (default: all).")
+@click.option("--sequential", is_flag=True, help="Run the calibration passes again for every budget (compressed "
+              "outputs propagate, as in `compress --budget`); default: solve every plan from the profile's statistics.")
+@click.option("--force", is_flag=True, help="Replace the output directory if it exists.")
+@click.option("--allow-pickle", is_flag=True, help="Allow loading pickled (.bin) weights. Only for files you trust.")
+@click.option("--quiet", is_flag=True, help="No progress output.")
+def sweep(model, budgets, output, method, fisher_samples, measure_samples, uniform, peers, text, ctx, stride, windows,
+          sequential, force, allow_pickle, quiet, **calib):
+    """Compress MODEL to every budget (one profile), plus uniform baselines; evaluate all; write a report.
+
+    \b
+      sizewise sweep smollm2-135m --budgets 2.5,3,3.5,4,5 --method rtn,gptq \\
+          --calib enwiki-sample --uniform rtn:4:64,gptq:3:64 --windows 16 -o out/sweep
+    """
+    from . import api
+
+    res = api.sweep(model, budgets, output, _calib_config(**calib), quantizers=tuple(method.split(",")),
+                    uniform=[u for item in uniform for u in item.split(",") if u.strip()], peers=list(peers),
+                    text=text, ctx=ctx, stride=stride, windows=windows, fisher_samples=fisher_samples,
+                    measure_samples=measure_samples, sequential=sequential, overwrite=force, progress=not quiet,
+                    allow_pickle=allow_pickle)
+    click.echo(res["table"])
+    t = res["timing"]
+    click.echo(f"report: {res['report']} (profile {t['profile_s']:.1f} s, compress {sum(t['compress_s'].values()):.1f} s, "
+               f"evaluation {t['eval_s']:.1f} s)")
 
 
 @cli.command(name="eval")
@@ -228,12 +291,17 @@ def compare(reference, candidates, text, ctx, stride, windows, output, quiet):
 @click.option("--format", "fmt", type=click.Choice(["gguf"]), default="gguf", show_default=True)
 @click.option("-o", "--output", required=True, type=click.Path(), help="File to write.")
 @click.option("--tokenizer-pre", default=None, help="llama.cpp pre-tokenizer name (default: the source GGUF's).")
+@click.option("--float-dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
+              help="For a model that is not an artifact: dtype of its tensors (default float32).")
 @click.option("--force", is_flag=True, help="Replace the output file if it exists.")
-def export_cmd(artifact_dir, fmt, output, tokenizer_pre, force):
-    """Write an artifact's stored weights as GGUF (llama.cpp), exactly as evaluated."""
+def export_cmd(artifact_dir, fmt, output, tokenizer_pre, float_dtype, force):
+    """Write an artifact's stored weights as GGUF (llama.cpp), exactly as evaluated.
+
+    ARTIFACT may also be any model (built-in name, HF directory, GGUF): written unquantized."""
     from . import api
 
-    res = api.export(artifact_dir, output, format=fmt, overwrite=force, tokenizer_pre=tokenizer_pre)
+    res = api.export(artifact_dir, output, format=fmt, overwrite=force, tokenizer_pre=tokenizer_pre,
+                     float_dtype=float_dtype)
     types = ", ".join(f"{k} x{v}" for k, v in sorted(res["tensor_types"].items()))
     click.echo(f"wrote {res['path']}: {res['bytes'] / 1e6:.1f} MB ({types})")
 

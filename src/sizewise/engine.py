@@ -40,9 +40,20 @@ class LinearStats:
         return cls(z(in_features, in_features, device=device), z(in_features, device=device))
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).float()
-        self.xtx.addmm_(x.t(), x)
-        self.abs_sum.add_(x.abs().sum(0))
+        x = x.reshape(-1, x.shape[-1])
+        xf = x.float()
+        if x.dtype in (torch.bfloat16, torch.float16):
+            # Half-precision passes: the Gram product runs in x's dtype (4x faster here than float32),
+            # but its output is rounded to 8 mantissa bits. Centering first keeps that rounding
+            # relative to the spread of x, not to its mean, which dominates XᵀX entries:
+            # XᵀX = CᵀC + n μμᵀ with C = X - μ. Batches are then summed in float32.
+            mu = xf.mean(0)
+            c = (xf - mu).to(x.dtype)
+            self.xtx.add_((c.t() @ c).float())
+            self.xtx.addr_(mu, mu, alpha=x.shape[0])
+        else:
+            self.xtx.addmm_(xf.t(), xf)
+        self.abs_sum.add_(xf.abs().sum(0))
         self.count += x.shape[0]
 
 
@@ -185,20 +196,26 @@ def _observe(layer, refs: list[LinearRef], buffer: ActivationBuffer, batch: int,
 
 def run(model, arch: Architecture, solve: Solver, samples: torch.Tensor | None, *,
         batch: int = 8, offload: Path | None = None, progress: bool = True,
-        compute_dtype: torch.dtype = torch.float32, transform: Transform | None = None) -> dict:
+        compute_dtype: torch.dtype = torch.float32, transform: Transform | None = None,
+        stats: dict[str, LinearStats] | None = None) -> dict:
     """Compress every linear of every decoder layer in place; return timing and memory facts.
 
     With `samples` None the solver gets no statistics and no forward pass runs (data-free methods).
     `compute_dtype` is the dtype of the calibration forward passes (bfloat16 is several times faster
     on CPUs with bf16 units); statistics are always accumulated in float32.
+    `stats` (linear name -> statistics gathered earlier, e.g. by `statistics`) replaces the passes:
+    every layer is solved from those inputs at once ("one-shot"), without propagating the
+    compressed layers' outputs. A sweep over budgets uses this to observe the model only once.
     """
     device = next(model.parameters()).device
     t0 = time.perf_counter()
     bar = tqdm(total=len(arch.layers), desc="layers", unit="layer", disable=not progress, file=sys.stderr)
-    if samples is None:
+    if samples is None or stats is not None:
+        if transform is not None and stats is not None:
+            raise ValueError("a per-layer transform needs the calibration passes; it cannot run from saved statistics")
         for refs in arch.linears:
             for ref in refs:
-                ref.set_weight(solve(ref, ref.weight(), None))
+                ref.set_weight(solve(ref, ref.weight(), None if stats is None else stats[ref.name]))
             bar.update()
         bar.close()
         return {"engine_s": time.perf_counter() - t0, "activation_bytes": 0}
@@ -228,6 +245,27 @@ def run(model, arch: Architecture, solve: Solver, samples: torch.Tensor | None, 
     bar.close()
     return {"engine_s": time.perf_counter() - t0,
             "activation_bytes": ActivationBuffer.nbytes(n, length, hidden)}
+
+
+def statistics(model, arch: Architecture, samples: torch.Tensor, *, batch: int = 8, offload: Path | None = None,
+               progress: bool = True, compute_dtype: torch.dtype = torch.float32,
+               measure: Solver | None = None) -> tuple[dict[str, LinearStats], dict]:
+    """Every decoder linear's input statistics under the *float* model, in one pass; the model is unchanged.
+
+    `measure(ref, w, stats)`, if given, is called per linear as the layer is observed (its return
+    value is ignored). Returns (stats by linear name, the engine's facts).
+    """
+    kept: dict[str, LinearStats] = {}
+
+    def keep(ref, w, s):
+        kept[ref.name] = s
+        if measure is not None:
+            measure(ref, w, s)
+        return w                                    # the float model propagates
+
+    facts = run(model, arch, keep, samples, batch=batch, offload=offload, progress=progress,
+                compute_dtype=compute_dtype)        # exact weights restored after bf16 passes (_computing_in)
+    return kept, facts
 
 
 def capture_final_hidden(model, arch: Architecture, samples: torch.Tensor, batch: int = 8) -> torch.Tensor:

@@ -6,6 +6,8 @@ import json
 import os
 from pathlib import Path
 
+from .quant.formats import DTYPE_BITS
+
 
 def _rows(results: dict) -> list[dict]:
     ref = results["reference"]
@@ -78,3 +80,141 @@ def write(results: dict, out: str | Path) -> Path:
         shutil.rmtree(out)
     tmp.rename(out)
     return out / "report.md"
+
+
+# --- sweeps (sizewise.sweep) ----------------------------------------------------------------------
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_sweep(result: dict, path: Path) -> None:
+    """Perplexity against bits per weight (log y): allocated points as a line, uniform and peer points as markers."""
+    plt = _pyplot()
+    from matplotlib.ticker import FormatStrFormatter
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    alloc = sorted((p for p in result["points"] if p["kind"] == "allocated"), key=lambda p: p["bits_per_weight"])
+    ax.plot([p["bits_per_weight"] for p in alloc], [p["perplexity"] for p in alloc], "o-", color="C0",
+            label="allocated (sizewise budget)")
+    for p in alloc:
+        ax.annotate(p["budget"], (p["bits_per_weight"], p["perplexity"]), fontsize=8, xytext=(4, 4),
+                    textcoords="offset points")
+    markers = "s^vD<>ph*"
+    uniform = [p for p in result["points"] if p["kind"] == "uniform"]
+    for k, method in enumerate(dict.fromkeys(p["method"] for p in uniform)):
+        pts = [p for p in uniform if p["method"] == method]
+        ax.scatter([p["bits_per_weight"] for p in pts], [p["perplexity"] for p in pts], marker=markers[k % len(markers)],
+                   s=50, color=f"C{1 + k}", label=f"uniform {method}", zorder=3)
+        for p in pts:
+            ax.annotate(p["format"].split(" asym")[0], (p["bits_per_weight"], p["perplexity"]), fontsize=7,
+                        xytext=(4, -10), textcoords="offset points")
+    for p in result["peers"]:
+        ax.scatter(p["bits_per_weight"], p["perplexity"], marker="X", s=60, color="grey", zorder=3)
+        ax.annotate(p["label"], (p["bits_per_weight"], p["perplexity"]), fontsize=7, xytext=(4, 4),
+                    textcoords="offset points", color="dimgrey")
+    if result["peers"]:
+        ax.scatter([], [], marker="X", color="grey", label="peers (as reported, not measured here)")
+    ref = result["reference"]["perplexity"]
+    ax.axhline(ref, color="grey", ls="--", lw=1, label=f"float {ref:.2f}")
+    ax.set_yscale("log")          # perplexity spans orders of magnitude between 5 and 2 bits
+    ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+    lo, hi = ax.get_ylim()
+    if hi / lo < 10:              # under a decade there may be no major tick: label the minor ones
+        ax.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
+    ax.set_xlabel("bits per weight (linear layers, every stored bit)")
+    ax.set_ylabel("perplexity (log scale)")
+    ax.set_title(f"{Path(result['model']).name}: perplexity against size")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_bits_heatmap(result: dict, path: Path) -> None:
+    """Chosen code bits per decoder linear (columns, in model order) for each budget (rows)."""
+    import re
+
+    import numpy as np
+    from matplotlib.colors import ListedColormap
+
+    plt = _pyplot()
+    alloc = sorted((p for p in result["points"] if p["kind"] == "allocated"), key=lambda p: p["bits_per_weight"])
+    grid = np.array([p["bits"] for p in alloc])
+    levels = sorted(set(grid.ravel().tolist()))
+    index = np.searchsorted(levels, grid)                      # discrete colors: one per bit-width present
+    names = result["linears"]
+    fig, ax = plt.subplots(figsize=(min(18, 4 + 0.08 * len(names) + (0.25 * len(names) if len(names) <= 32 else 0)),
+                                    1.6 + 0.4 * len(alloc)))
+    cmap = ListedColormap(plt.get_cmap("viridis")(np.linspace(0, 1, len(levels))))
+    im = ax.imshow(index, aspect="auto", cmap=cmap, vmin=-0.5, vmax=len(levels) - 0.5, interpolation="nearest")
+    bar = fig.colorbar(im, ax=ax, ticks=range(len(levels)), pad=0.01)
+    bar.ax.set_yticklabels([str(v) for v in levels])
+    bar.set_label(f"bits per code ({result['float_dtype']} kept = {DTYPE_BITS[result['float_dtype']]})")
+    ax.set_yticks(range(len(alloc)), [f"{p['budget']} ({p['bits_per_weight']:.2f})" for p in alloc])
+    short = [n.removesuffix(".weight") for n in names]
+    if len(names) <= 32:
+        ax.set_xticks(range(len(names)), [".".join(s.split(".")[-3:]) for s in short], rotation=90, fontsize=7)
+    else:        # one tick per decoder layer, at its first linear
+        layer = [re.search(r"\.(\d+)\.", s) for s in short]
+        starts = [i for i, m in enumerate(layer) if m and (i == 0 or not layer[i - 1] or layer[i - 1][1] != m[1])]
+        step = max(1, len(starts) // 30)
+        ax.set_xticks(starts[::step], [layer[i][1] for i in starts[::step]], fontsize=7)
+        ax.set_xlabel("decoder layer (linears in model order)")
+    ax.set_title("bits chosen per linear layer")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def sweep_table(result: dict) -> str:
+    """One Markdown row per point: float reference, allocated budgets by size, uniform baselines, peers."""
+    ref = result["reference"]["perplexity"]
+    lines = ["| point | budget | bits/weight (linear) | packed MB | predicted KL | perplexity | Δ ppl | KL | top-1 agree "
+             "| compress s |", "|---|---|---|---|---|---|---|---|---|---|",
+             f"| float (reference) | | | | | {ref:.3f} | | | | |"]
+    for kind in ("allocated", "uniform"):
+        for p in sorted((p for p in result["points"] if p["kind"] == kind), key=lambda p: p["bits_per_weight"]):
+            pred = "" if p["predicted_kl"] is None else f"{p['predicted_kl']:.4g}"
+            lines.append(f"| {p['label']} | {p['budget'] or ''} | {p['bits_per_weight']:.3f} | {p['file_bytes'] / 1e6:.2f} | "
+                         f"{pred} | {p['perplexity']:.3f} | {100 * (p['perplexity'] / ref - 1):+.1f}% | {p['kl']:.4g} | "
+                         f"{100 * p['top1_agreement']:.1f}% | {p['compress_s']:.1f} |")
+    for p in result["peers"]:
+        lines.append(f"| {p['label']} (peer) | | {p['bits_per_weight']:.3f} | | | {p['perplexity']:.3f} | | | | |")
+    return "\n".join(lines)
+
+
+def write_sweep(result: dict, out: Path) -> None:
+    """report.md, ppl_vs_bits.png and bits_per_layer.png into the directory `out` (the sweep writes it atomically)."""
+    plot_sweep(result, out / "ppl_vs_bits.png")
+    plot_bits_heatmap(result, out / "bits_per_layer.png")
+    e, prof, t = result["evaluation"], result["profile"], result["timing"]
+    cal = prof.get("calibration") or {}
+    cal_text = cal.get("text") or "text the model generates itself"
+    lines = [
+        f"# sizewise sweep: {result['model']}", "",
+        f"Evaluation: `{e['text']}` (sha256 `{e['sha256'][:16]}`), {e['windows']} windows of {e['ctx']} tokens, "
+        f"stride {e['stride']}, {e['tokens_scored']} tokens scored, BOS {e['bos']}; every point on the same windows, "
+        f"KL and top-1 agreement against the float model. torch {e['torch']}, transformers {e['transformers']}, "
+        f"{e['threads']} threads.", "",
+        f"Allocation: {len(result['candidates'])} candidates per layer ({', '.join(result['quantizers'])} over "
+        f"bit-widths and group sizes, or {result['float_dtype']}; listed in sweep.json); one sensitivity profile "
+        f"({cal.get('samples')} x {cal.get('length')} calibration tokens of {cal_text}, "
+        f"{prof.get('fisher_samples')} Fisher samples) shared by every budget. Predicted KL is the profile's "
+        "proxy (nats/token); measured KL is KL(float ‖ model).", "",
+        f"Time: profile {t['profile_s']:.1f} s in this run (computing it took {prof.get('profile_s', 0):.1f} s; "
+        "it is cached per model and calibration), compress "
+        f"{sum(t['compress_s'].values()):.1f} s in all, evaluation {t['eval_s']:.1f} s, total {t['total_s']:.1f} s.", "",
+        result["table"], "",
+        "![perplexity against bits per weight](ppl_vs_bits.png)", "",
+    ]
+    if result["peers"]:
+        lines[-2:-2] = [f"Peer points are read as given from {', '.join(sorted({p['source'] for p in result['peers']}))}; "
+                        "they were not measured in this run, so their protocol may differ.", ""]
+    lines += ["![bits chosen per linear layer, per budget](bits_per_layer.png)", ""]
+    (out / "report.md").write_text("\n".join(lines))
