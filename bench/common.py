@@ -4,6 +4,7 @@ peak memory are its own), then evaluate every result side by side on the same wi
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -19,10 +20,12 @@ def compress(model: str, out: Path, args: list[str]) -> dict:
     """Run `sizewise compress` in a subprocess; return its manifest (timing includes model loading)."""
     cmd = SIZEWISE + ["compress", model, "-o", str(out), "--force", "--quiet", *args]
     print("$", shlex.join(cmd[2:]), file=sys.stderr, flush=True)
-    t0 = time.perf_counter()
+    t0, load0 = time.perf_counter(), os.getloadavg()[0]
     subprocess.run(cmd, check=True)
     manifest = json.loads((out / "manifest.json").read_text())
     manifest["timing"]["process_wall_s"] = time.perf_counter() - t0
+    # times are only comparable on a quiet machine: record how busy it was (1-min load, start and end)
+    manifest["load_avg"] = [round(load0, 2), round(os.getloadavg()[0], 2)]
     manifest["command"] = "sizewise " + shlex.join(cmd[3:])
     return manifest
 
@@ -32,7 +35,9 @@ def summary(manifest: dict) -> dict:
     return {"command": manifest["command"], "bits_per_weight": t["bits_per_weight"],
             "bits_per_weight_model": t["bits_per_weight_model"], "file_bytes": t["file_bytes"],
             "compress_wall_s": manifest["timing"]["process_wall_s"],
-            "engine_s": manifest["timing"].get("engine_s"), "peak_rss_mb": manifest["timing"]["peak_rss_mb"]}
+            "engine_s": manifest["timing"].get("engine_s"), "peak_rss_mb": manifest["timing"]["peak_rss_mb"],
+            "calib_dtype": (manifest.get("calibration") or {}).get("dtype"),
+            "load_avg": manifest.get("load_avg")}
 
 
 def save(name: str, payload: dict) -> Path:

@@ -1,0 +1,299 @@
+"""sizewise GGUFs in llama.cpp, side by side with llama.cpp's own quantizer (issue #5, parts 3 and 4).
+
+    .venv/bin/python bench/llamacpp.py [--windows 64] [--ours m.gguf[:label]] [--artifact DIR[:label]]
+
+Builds llama-cpp-python from PyPI into out/llama-venv on first use (a native CPU build, kept out of
+the project venv and of `make test`). Exports the float model to GGUF F32 with sizewise, quantizes it
+with llama.cpp's `llama_model_quantize` to each type in TYPES, and runs every GGUF in llama.cpp:
+perplexity on sizewise's evaluation windows, logits vs sizewise's own evaluation of the same
+weights, prompt and generation speed. Writes bench/results/llamacpp.json and a table and a plot under
+out/bench/llamacpp/.
+
+llama.cpp runs in a separate process (bench/llamacpp_worker.py under the llama venv's python); the
+two exchange token ids and logits through .npy and .json files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV = ROOT / "out" / "llama-venv"
+LLAMA_PY = VENV / "bin" / "python"
+WORKER = Path(__file__).resolve().parent / "llamacpp_worker.py"
+LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
+# CPU only, tuned for this machine; no GPU backends, no examples/tests/server/multimodal library
+CMAKE_ARGS = ("-DGGML_NATIVE=ON -DGGML_CUDA=OFF -DGGML_METAL=OFF -DGGML_VULKAN=OFF -DGGML_HIP=OFF "
+              "-DGGML_OPENCL=OFF -DLLAMA_CURL=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF "
+              "-DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAVA_BUILD=OFF")
+NICE = ["nice", "-n", "19"]
+
+
+def ensure_venv(jobs: int = 2) -> dict:
+    """Create out/llama-venv with llama-cpp-python compiled from its PyPI sdist, unless it is there."""
+    marker = VENV / ".built.json"
+    if marker.is_file():
+        return json.loads(marker.read_text())
+    print(f"building {LLAMA_CPP_PYTHON} into {VENV} (compiles llama.cpp; several minutes) ...", file=sys.stderr,
+          flush=True)
+    t0 = time.perf_counter()
+    # base interpreter, not the project venv: the llama venv must not see sizewise's packages
+    base = getattr(sys, "_base_executable", None) or sys.executable
+    subprocess.run([base, "-m", "venv", "--clear", str(VENV)], check=True)
+    env = {**os.environ, "CMAKE_ARGS": CMAKE_ARGS, "CMAKE_BUILD_PARALLEL_LEVEL": str(jobs), "FORCE_CMAKE": "1"}
+    pip = NICE + [str(LLAMA_PY), "-m", "pip", "install", "--no-input", "--disable-pip-version-check",
+                  "--no-binary", "llama-cpp-python", LLAMA_CPP_PYTHON, "numpy"]
+    print("$", shlex.join(pip), file=sys.stderr, flush=True)
+    subprocess.run(pip, check=True, env=env)
+    info = {"package": LLAMA_CPP_PYTHON, "cmake_args": CMAKE_ARGS, "build_s": time.perf_counter() - t0,
+            "jobs": jobs, "machine": platform.machine(), "built": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    marker.write_text(json.dumps(info, indent=1))
+    print(f"built in {info['build_s']:.0f} s", file=sys.stderr)
+    return info
+
+# llama.cpp's quantization types compared (names of its LLAMA_FTYPE_MOSTLY_* enums)
+TYPES = ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_K_S", "Q4_0", "Q3_K_M", "Q3_K_S", "Q2_K")
+
+
+def run_worker(job: dict, work: Path) -> dict:
+    """One job in the llama venv's python; its result comes back as JSON through a file."""
+    job_path, out_path = work / "job.json", work / "job-result.json"
+    out_path.unlink(missing_ok=True)
+    job_path.write_text(json.dumps({**job, "out": str(out_path)}))
+    subprocess.run(NICE + [str(LLAMA_PY), str(WORKER), str(job_path)], check=True)
+    return json.loads(out_path.read_text())
+
+
+def _sidecar_matches(path: Path, key: dict) -> bool:
+    """A GGUF made by an earlier run is reused only when made from the same inputs (its .json sidecar)."""
+    side = path.with_suffix(".json")
+    return path.is_file() and side.is_file() and json.loads(side.read_text()) == key
+
+
+def split_label(spec: str) -> tuple[Path, str]:
+    """`path[:label]` -> (path, label); the label defaults to the file or directory name."""
+    path, sep, label = spec.rpartition(":")
+    if sep and path and label and "/" not in label:
+        return Path(path), label
+    return Path(spec), Path(spec).stem if spec.endswith(".gguf") else Path(spec).name
+
+
+def reference_logits(model, windows, check: list[int], work: Path) -> dict[str, str]:
+    """sizewise's own float32 logits of `model` on the check windows, as .npy files [T, vocab]."""
+    import numpy as np
+    import torch
+
+    paths = {}
+    with torch.no_grad():
+        for k in check:
+            logits = model(input_ids=windows.inputs[k], use_cache=False).logits[0].float().numpy()
+            paths[str(k)] = str(work / f"ref{k}.npy")
+            np.save(paths[str(k)], logits.astype(np.float32))
+    return paths
+
+
+def sizewise_model(kind: str, path: Path, work: Path):
+    """The same weights as the GGUF at `path`, as sizewise evaluates them: a GGUF is dequantized by
+    sizewise's GGUF reader into a scratch HF directory (not the user's cache), an artifact loads as is."""
+    import shutil
+
+    from sizewise import builtins, sources
+
+    if kind == "artifact":
+        return sources.load(str(path)).model
+    scratch = work / "hf-scratch"
+    shutil.rmtree(scratch, ignore_errors=True)
+    builtins.gguf_to_hf(path, scratch)
+    try:
+        return sources.load(str(scratch)).model
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def gguf_types(path: Path) -> dict[str, int]:
+    from collections import Counter
+
+    import gguf
+    return dict(Counter(gguf.GGMLQuantizationType(t.tensor_type).name for t in gguf.GGUFReader(path).tensors))
+
+
+def markdown(rows: list[dict], ref: dict, proto: dict) -> str:
+    lines = [f"Model {proto['model']}, {proto['text']} ({proto['windows']} windows x {proto['ctx']} tokens, "
+             f"{proto['tokens_scored']} tokens scored), llama.cpp {proto['llama_cpp_python']} on "
+             f"{proto['threads']} threads, KV cache {proto['kv_type']}; {proto['parameters'] / 1e6:.1f}M parameters. "
+             f"sizewise (transformers) float perplexity {ref['sizewise_perplexity']:.3f}. Logit check on windows "
+             f"{proto['check_windows']}: llama.cpp vs sizewise's evaluation of the same weights. Load average "
+             f"{proto['loadavg_start'][0]:.2f} at start, {proto['loadavg_end'][0]:.2f} at end.", "",
+             "| type / label | source | MB | bpw | ppl | Δppl vs F32 | logit max diff | argmax agree | pp tok/s | tg tok/s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['label']} | {r['source']} | {r['file_bytes'] / 1e6:.1f} | {r['bits_per_weight']:.2f} | "
+                     f"{r['perplexity']:.3f} | {100 * (r['perplexity'] / ref['perplexity'] - 1):+.1f}% | "
+                     f"{r['logit_max_abs_diff']:.2e} | {100 * r['argmax_agreement']:.2f}% | "
+                     f"{r['prompt_tokens_per_s']:.0f} | {r['gen_tokens_per_s']:.1f} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], ref: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    for source, marker, color in (("llama.cpp", "o", "tab:blue"), ("sizewise", "s", "tab:red")):
+        pts = [r for r in rows if r["source"] == source and r["label"] != "F32"]
+        if not pts:
+            continue
+        ax.scatter([r["bits_per_weight"] for r in pts], [r["perplexity"] for r in pts], marker=marker, color=color,
+                   label=f"{source} quantizer", zorder=3)
+        for r in pts:
+            ax.annotate(r["label"], (r["bits_per_weight"], r["perplexity"]), textcoords="offset points",
+                        xytext=(4, 4), fontsize=8, color=color)
+    ax.axhline(ref["perplexity"], color="gray", ls="--", lw=1, label=f"F32 in llama.cpp ({ref['perplexity']:.3f})")
+    ax.set_xlabel("bits per weight over the whole file (file bytes x 8 / parameters)")
+    ax.set_ylabel("perplexity (llama.cpp)")
+    ax.set_title(f"{ref['model']}: perplexity vs file size, {ref['windows']} windows x {ref['ctx']}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--text", default="wikitext2-test")
+    ap.add_argument("--windows", type=int, default=64)
+    ap.add_argument("--ctx", type=int, default=1024)
+    ap.add_argument("--check-windows", type=int, default=2, help="first windows whose logits are compared")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--kv-type", choices=("f32", "f16"), default="f32",
+                    help="llama.cpp's KV cache type (f32: only the weights differ from sizewise's float32 evaluation)")
+    ap.add_argument("--types", default=",".join(TYPES), help="llama.cpp types to quantize to ('' for none)")
+    ap.add_argument("--ours", action="append", default=[], metavar="GGUF[:LABEL]", help="a sizewise GGUF (repeatable)")
+    ap.add_argument("--artifact", action="append", default=[], metavar="DIR[:LABEL]",
+                    help="a sizewise artifact, exported to GGUF here (repeatable)")
+    ap.add_argument("--prompt-tokens", type=int, default=512)
+    ap.add_argument("--gen-tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3, help="speed runs per model (the median is reported)")
+    ap.add_argument("--out", type=Path, default=ROOT / "out" / "bench" / "llamacpp")
+    args = ap.parse_args()
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import numpy as np
+    from common import save
+
+    import sizewise
+    from sizewise import data, sources
+    from sizewise.evaluate import environment, evaluate
+
+    types = [t for t in args.types.split(",") if t]
+    if unknown := set(types) - set(TYPES):
+        ap.error(f"unknown llama.cpp types {sorted(unknown)}; choose from {', '.join(TYPES)}")
+    build = ensure_venv(args.threads)
+    loadavg_start = os.getloadavg()
+    work = args.out / "gguf"
+    work.mkdir(parents=True, exist_ok=True)
+
+    src = sources.load(args.model)
+    text = data.read_text(args.text)
+    tokens = data.tokenize(src.tokenizer, text)
+    wins = data.eval_windows(tokens, args.ctx, None, args.windows, data.wants_bos(src.model, src.tokenizer))
+    windows_npy = work / "windows.npy"
+    np.save(windows_npy, np.stack([x[0].numpy() for x in wins.inputs]).astype(np.int32))
+    check = list(range(min(args.check_windows, len(wins.inputs))))
+    n_params = sum(p.numel() for p in src.model.parameters())  # tied embeddings count once
+    print(f"{args.model}: {n_params / 1e6:.2f}M parameters; {wins.protocol()}", file=sys.stderr, flush=True)
+
+    # sizewise's float perplexity on the same windows: llama.cpp's F32 must agree with it
+    sw_float = evaluate(src.model, wins, text, progress=False)
+
+    # the F32 source, written by sizewise, is what llama.cpp's quantizer starts from
+    f32 = work / "F32.gguf"
+    f32_key = {"model": args.model, "weights_sha256": src.info["sha256"], "float_dtype": "float32"}
+    if not _sidecar_matches(f32, f32_key):
+        sizewise.api.export(args.model, f32, float_dtype="float32", overwrite=True)
+        f32.with_suffix(".json").write_text(json.dumps(f32_key))
+    candidates = [("F32", "float", f32, "float", None)]
+    for t in types:
+        path = work / f"{t}.gguf"
+        key = {"source": f32_key, "ftype": t, "llama_cpp": LLAMA_CPP_PYTHON}
+        if not _sidecar_matches(path, key):
+            print(f"llama.cpp quantize -> {t}", file=sys.stderr, flush=True)
+            q = run_worker({"quantize": {"src": str(f32), "dst": str(path), "ftype": t, "threads": args.threads}}, work)
+            path.with_suffix(".json").write_text(json.dumps({**key, "quantize_s": q["quantize_s"]}))
+        candidates.append((t, "gguf", path, "llama.cpp", None))
+    for spec in args.ours:
+        path, label = split_label(spec)
+        candidates.append((label, "gguf", path, "sizewise", None))
+    for spec in args.artifact:
+        art, label = split_label(spec)
+        path = work / f"sizewise-{label}.gguf"
+        sizewise.api.export(art, path, overwrite=True)
+        candidates.append((label, "artifact", path, "sizewise", art))
+
+    rows = []
+    for label, kind, path, source, art in candidates:
+        print(f"evaluating {label} ({path.name}) in llama.cpp", file=sys.stderr, flush=True)
+        model = src.model if kind == "float" else sizewise_model(kind, art or path, work)
+        refs = reference_logits(model, wins, check, work)
+        if model is not src.model:
+            del model
+        load_before = os.getloadavg()
+        res = run_worker({"evaluate": {"model": str(path), "windows": str(windows_npy), "score_from": wins.score_from,
+                                       "threads": args.threads, "kv_type": args.kv_type, "check": refs,
+                                       "speed": {"prompt_tokens": args.prompt_tokens, "gen_tokens": args.gen_tokens,
+                                                 "repeats": args.repeats}}}, work)
+        for p in refs.values():
+            Path(p).unlink()
+        size = path.stat().st_size
+        row = {"label": label, "source": source, "path": str(path), "artifact": str(art) if art else None,
+               "file_bytes": size, "bits_per_weight": size * 8 / n_params, "tensor_types": gguf_types(path),
+               "logit_max_abs_diff": max(c["max_abs_diff"] for c in res["checks"]),
+               "argmax_agreement": float(np.mean([c["argmax_agreement"] for c in res["checks"]])),
+               "loadavg": [load_before, os.getloadavg()],
+               **{k: res[k] for k in ("perplexity", "nll_per_token", "tokens", "checks", "load_s", "eval_tokens_per_s",
+                                      "prompt_tokens_per_s", "gen_tokens_per_s", "prompt_tokens_per_s_runs",
+                                      "gen_tokens_per_s_runs", "per_window")}}
+        rows.append(row)
+        llama_info = {k: res[k] for k in ("llama_cpp_python", "system_info")}
+        print(f"  {label}: ppl {row['perplexity']:.3f}, {size / 1e6:.1f} MB, {row['bits_per_weight']:.2f} bpw, "
+              f"logit max diff {row['logit_max_abs_diff']:.2e}, pp {row['prompt_tokens_per_s']:.0f} tok/s, "
+              f"tg {row['gen_tokens_per_s']:.1f} tok/s", file=sys.stderr, flush=True)
+
+    f32_row = rows[0]
+    if abs(f32_row["nll_per_token"] - sw_float["nll_per_token"]) > 1e-3:
+        print(f"WARNING: llama.cpp F32 perplexity {f32_row['perplexity']:.4f} differs from sizewise's "
+              f"{sw_float['perplexity']:.4f}", file=sys.stderr)
+    proto = {"model": args.model, "model_info": src.info, "parameters": n_params, **text.protocol(), **wins.protocol(),
+             "check_windows": check, "threads": args.threads, "kv_type": args.kv_type, "n_ctx": wins.inputs[0].shape[1],
+             "logits_all": True, "speed": {"prompt_tokens": args.prompt_tokens, "gen_tokens": args.gen_tokens,
+                                           "repeats": args.repeats, "sampling": "greedy"},
+             "bits_per_weight": "file bytes x 8 / parameters of the model (tied embeddings once)",
+             "perplexity": "exp(mean NLL), log-softmax of llama.cpp's logits in float64, same scored positions as "
+                           "sizewise.evaluate", "nice": os.nice(0), **llama_info, "build": build,
+             "environment": environment(), "loadavg_start": loadavg_start, "loadavg_end": os.getloadavg()}
+    ref = {"model": args.model, "perplexity": f32_row["perplexity"], "sizewise_perplexity": sw_float["perplexity"],
+           "windows": len(wins.inputs), "ctx": args.ctx}
+    report = markdown(rows, ref, proto)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "report.md").write_text(report + "\n")
+    plot(rows, ref, args.out / "ppl_vs_bpw.png")
+    print(report)
+    save("llamacpp", {"benchmark": "llamacpp", "model": args.model, "reference_perplexity": f32_row["perplexity"],
+                      "sizewise_float_perplexity": sw_float["perplexity"], "protocol": proto,
+                      "command": shlex.join(["bench/llamacpp.py", *sys.argv[1:]]), "results": rows,
+                      "report": str(args.out / "report.md"), "plot": str(args.out / "ppl_vs_bpw.png")})
+
+
+if __name__ == "__main__":
+    sys.exit(main())

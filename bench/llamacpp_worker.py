@@ -1,0 +1,135 @@
+"""The llama.cpp side of bench/llamacpp.py; runs under out/llama-venv's python (llama_cpp, numpy only).
+
+    python llamacpp_worker.py JOB.json
+
+A job is one of:
+  {"quantize": {"src", "dst", "ftype", "threads"}}         llama_model_quantize to LLAMA_FTYPE_MOSTLY_<ftype>
+  {"evaluate": {"model", "windows", "score_from", "threads", "kv_type", "check", "speed"}, "out": path}
+The evaluation writes its result as JSON to "out". Token windows come as an int32 .npy [n, T]; the
+reference logits of the check windows as float32 .npy files [T, vocab].
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import statistics
+import sys
+import time
+
+import numpy as np
+
+import llama_cpp
+
+
+def quantize(src: str, dst: str, ftype: str, threads: int) -> dict:
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
+    params.nthread = threads
+    params.allow_requantize = True
+    t0 = time.perf_counter()
+    rc = llama_cpp.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(params))
+    if rc != 0:
+        raise SystemExit(f"llama_model_quantize({ftype}) failed with code {rc}")
+    return {"quantize_s": time.perf_counter() - t0}
+
+
+def _nll(logits: np.ndarray, targets: np.ndarray, chunk: int = 128) -> float:
+    """Summed negative log-likelihood of `targets`, log-softmax in float64 (in chunks: [T, vocab] is large)."""
+    total = 0.0
+    for s in range(0, len(targets), chunk):
+        x = logits[s:s + chunk].astype(np.float64)
+        m = x.max(axis=1, keepdims=True)
+        lse = (m[:, 0] + np.log(np.exp(x - m).sum(axis=1)))
+        total += float((lse - x[np.arange(len(x)), targets[s:s + chunk]]).sum())
+    return total
+
+
+def _llama(model: str, n_ctx: int, threads: int, kv_type: str, logits_all: bool) -> llama_cpp.Llama:
+    kv = {"f32": llama_cpp.GGML_TYPE_F32, "f16": llama_cpp.GGML_TYPE_F16}[kv_type]
+    return llama_cpp.Llama(model_path=model, n_ctx=n_ctx, n_batch=n_ctx, n_threads=threads,
+                           n_threads_batch=threads, logits_all=logits_all, type_k=kv, type_v=kv,
+                           seed=0, verbose=False)
+
+
+def evaluate(job: dict) -> dict:
+    windows = np.load(job["windows"])
+    score_from = job["score_from"]
+    n_ctx = windows.shape[1]
+    t_load = time.perf_counter()
+    llm = _llama(job["model"], n_ctx, job["threads"], job["kv_type"], logits_all=True)
+    load_s = time.perf_counter() - t_load
+    per_window, checks = [], []
+    eval_s = 0.0
+    for k, (x, first) in enumerate(zip(windows, score_from)):
+        llm.reset()  # the next eval drops the whole KV cache from position 0
+        t0 = time.perf_counter()
+        llm.eval(x.tolist())
+        eval_s += time.perf_counter() - t0
+        logits = np.asarray(llm.scores[:n_ctx], dtype=np.float32)
+        targets = x[first + 1:].astype(np.int64)
+        scored = logits[first:-1]
+        per_window.append({"nll": _nll(scored, targets), "tokens": int(len(targets))})
+        ref_path = job["check"].get(str(k))
+        if ref_path is not None:
+            ref = np.load(ref_path, mmap_mode="r")
+            diff = np.abs(logits - ref)
+            checks.append({"window": k, "max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()),
+                           "ref_max_abs": float(np.abs(ref).max()),
+                           "argmax_agreement": float((logits.argmax(1) == ref.argmax(1)).mean()),
+                           "llama_nll": per_window[-1]["nll"], "ref_nll": _nll(np.asarray(ref[first:-1]), targets),
+                           "tokens": per_window[-1]["tokens"]})
+    nll = sum(w["nll"] for w in per_window)
+    tokens = sum(w["tokens"] for w in per_window)
+    del llm
+    return {"perplexity": float(np.exp(nll / tokens)), "nll_per_token": nll / tokens, "tokens": tokens,
+            "per_window": per_window, "checks": checks, "load_s": load_s,
+            "eval_tokens_per_s": windows.size / eval_s, **speed(job, windows[0])}
+
+
+def speed(job: dict, prompt_window: np.ndarray) -> dict:
+    """Prompt processing (tokens/s for a prompt of `prompt_tokens`, last logits only) and greedy generation
+    of `gen_tokens` after it; medians of `repeats` runs."""
+    cfg = job["speed"]
+    prompt = prompt_window[:cfg["prompt_tokens"]].tolist()
+    n_ctx = len(prompt) + cfg["gen_tokens"] + 1
+    llm = _llama(job["model"], n_ctx, job["threads"], job["kv_type"], logits_all=False)
+    pp, tg = [], []
+    for _ in range(cfg["repeats"]):
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(prompt)
+        pp.append(len(prompt) / (time.perf_counter() - t0))
+        # greedy: each token is the argmax of the last logits, fed back one at a time (without logits_all
+        # the Llama object keeps no scores, so the logits come from the context itself)
+        t0 = time.perf_counter()
+        for _ in range(cfg["gen_tokens"]):
+            last = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
+            llm.eval([int(np.argmax(last))])
+        tg.append(cfg["gen_tokens"] / (time.perf_counter() - t0))
+    return {"prompt_tokens_per_s": statistics.median(pp), "gen_tokens_per_s": statistics.median(tg),
+            "prompt_tokens_per_s_runs": pp, "gen_tokens_per_s_runs": tg,
+            "speed_protocol": {**cfg, "threads": job["threads"], "kv_type": job["kv_type"], "sampling": "greedy"}}
+
+
+def system_info() -> dict:
+    return {"llama_cpp_python": llama_cpp.__version__,
+            "system_info": llama_cpp.llama_print_system_info().decode(errors="replace").strip()}
+
+
+def main() -> None:
+    job = json.loads(open(sys.argv[1]).read())
+    if "quantize" in job:
+        q = job["quantize"]
+        result = quantize(q["src"], q["dst"], q["ftype"], q["threads"])
+    elif "evaluate" in job:
+        result = evaluate(job["evaluate"])
+    else:
+        raise SystemExit(f"unknown job: {sorted(job)}")
+    result.update(system_info())
+    with open(job["out"], "w") as f:
+        json.dump(result, f)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,524 @@
+"""The peer, llm-compressor, on exactly our calibration samples, evaluated with our evaluator.
+
+    nice -n 10 .venv/bin/python bench/peer_llmcompressor.py [--only gptq-w4-g64,rtn-w4-g64] [--force]
+        [--windows 64] [--samples 128] [--length 512] [--smoke] [--no-eval]
+
+Two halves in one file:
+
+- the orchestrator (project venv) draws the calibration token ids with sizewise's own code path
+  (`api._calibration`, the one `sizewise compress --calib enwiki-sample` runs: same tokenizer, text,
+  128 x 512, seed 0), saves them as .safetensors, and for each configuration launches the worker
+  under the peer venv's python in its own process (wall time and peak RSS from os.wait4 on that
+  process, so they are its own), then evaluates every finished peer model in one `api.compare`
+  call against the float model, and writes bench/results/peer_llmcompressor.json;
+- the worker (`--worker`, peer venv; imports only torch, transformers, datasets, safetensors and
+  llmcompressor) loads the float HF directory in float32 on CPU, runs `llmcompressor.oneshot` with the
+  configuration's recipe on those samples, and writes (1) a dense float32 model with the
+  dequantized weights, loadable by plain transformers, to out/peer/<label>/, and (2) llm-compressor's
+  own compressed save next to it (<label>.compressed/), from which the stored bits per weight and
+  the scale / zero-point dtypes are read.
+
+Resumable: a configuration whose out/peer/<label>/ holds a finished model (written in a temporary
+directory and renamed into place only once complete) is not run again unless --force. A failing
+configuration is recorded with its one-line error and the others go on. The whole run lowers its
+own priority to nice 10 (the machine is shared); /proc/loadavg is recorded around every config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PEER_PYTHON = ROOT / "out" / "peer-venv" / "bin" / "python"
+RUN_FILE = "peer_run.json"          # written last into a model directory: marks it finished
+PREFIX = "llmc-"
+
+# (label, method, bits, group size or "channel"), in the order they are run.
+CONFIGS = [
+    ("gptq-w4-g64", "gptq", 4, 64),
+    ("rtn-w4-g64", "rtn", 4, 64),
+    ("gptq-w3-g64", "gptq", 3, 64),
+    ("rtn-w3-g64", "rtn", 3, 64),
+    ("awq-w3-g64", "awq", 3, 64),
+    ("gptq-w4-pc", "gptq", 4, "channel"),
+    ("rtn-w4-pc", "rtn", 4, "channel"),     # cheap; also exercises the per-channel path in a smoke run
+]
+
+
+def loadavg() -> list[float]:
+    return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
+
+
+def weights_args(bits: int, group) -> dict:
+    """The weight scheme, matched to sizewise's: int, asymmetric (integer zero), groups of 64 or per row."""
+    args = {"num_bits": bits, "type": "int", "symmetric": False}
+    if group == "channel":
+        args["strategy"] = "channel"
+    else:
+        args.update(strategy="group", group_size=int(group))
+    return args
+
+
+def recipe_spec(method: str, bits: int, group) -> list[dict]:
+    """The recipe as data: a list of (modifier class, kwargs); the worker instantiates exactly this."""
+    quant = {"config_groups": {"group_0": {"targets": ["Linear"], "weights": weights_args(bits, group)}},
+             "ignore": ["lm_head"]}
+    if method == "gptq":   # block_size, dampening_frac (0.01) and actorder ("static") left at their defaults
+        return [{"modifier": "GPTQModifier", "kwargs": quant}]
+    if method == "rtn":
+        return [{"modifier": "QuantizationModifier", "kwargs": quant}]
+    if method == "awq":    # default mappings for the architecture (Llama), default n_grid / duo_scaling
+        return [{"modifier": "AWQModifier", "kwargs": {}}, {"modifier": "QuantizationModifier", "kwargs": quant}]
+    raise ValueError(f"unknown method {method!r}")
+
+
+# --- worker (peer venv) ----------------------------------------------------------------------
+
+
+def worker(spec_path: Path) -> None:
+    import resource
+
+    import torch
+    from datasets import Dataset
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    import llmcompressor
+    from llmcompressor import oneshot
+
+    spec = json.loads(spec_path.read_text())
+    out, out_c = Path(spec["out"]), Path(spec["out_compressed"])
+    t_start = time.perf_counter()
+    record = {"loadavg_worker_start": loadavg(), "threads": torch.get_num_threads(),
+              "versions": {"llmcompressor": llmcompressor.__version__, "torch": torch.__version__,
+                           "transformers": __import__("transformers").__version__,
+                           "compressed_tensors": __import__("compressed_tensors").__version__}}
+
+    model = AutoModelForCausalLM.from_pretrained(spec["float_dir"], dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(spec["float_dir"])
+
+    ids = load_file(spec["calib"])["input_ids"]
+    n, length = ids.shape
+    dataset = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
+
+    recipe = []
+    for m in spec["recipe"]:
+        if m["modifier"] == "GPTQModifier":
+            from llmcompressor.modifiers.gptq import GPTQModifier as cls
+        elif m["modifier"] == "QuantizationModifier":
+            from llmcompressor.modifiers.quantization import QuantizationModifier as cls
+        elif m["modifier"] == "AWQModifier":
+            from llmcompressor.modifiers.transform import AWQModifier as cls
+        else:
+            raise ValueError(f"unknown modifier {m['modifier']}")
+        recipe.append(cls(**m["kwargs"]))
+    # Data-free RTN gets no calibration data (sizewise's RTN needs none either); the others get
+    # every sample, in order, one per batch, truncated to nothing (all are `length` long).
+    calibrated = spec["method"] != "rtn"
+    kwargs = dict(dataset=dataset, num_calibration_samples=n, max_seq_length=length,
+                  shuffle_calibration_samples=False, batch_size=1) if calibrated else {}
+    t0 = time.perf_counter()
+    model = oneshot(model=model, processor=tokenizer, recipe=recipe, **kwargs)
+    record["oneshot_s"] = time.perf_counter() - t0
+    # Peak memory of loading + oneshot alone (the process peak below also covers the dense export).
+    record["peak_rss_mb_oneshot"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    probe = ids[:1, : min(length, 128)]
+    with torch.no_grad():
+        probe_logits = model(input_ids=probe).logits.float()   # llm-compressor's own (fake-quantized) forward
+    record["calibration_used"] = {"samples": n, "length": length} if calibrated else None
+
+    from llmcompressor.core import active_session
+    try:
+        record["recipe_yaml"] = active_session().lifecycle.recipe.yaml()
+    except Exception as e:  # noqa: BLE001 - the yaml is informative only
+        record["recipe_yaml"] = f"unavailable: {type(e).__name__}: {e}"
+
+    # Dense weights: quantize-dequantize every quantized linear with its own stored scale / zero
+    # (what its kernels compute), and check that this is what the in-memory weight already holds.
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+    dense, checks, float_shapes = {}, {}, {}
+    float_file = safe_open(next(Path(spec["float_dir"]).glob("*.safetensors")), "pt")
+    with torch.no_grad():
+        for name, mod in model.named_modules():
+            scheme = getattr(mod, "quantization_scheme", None)
+            if scheme is None or scheme.weights is None:
+                continue
+            args = scheme.weights
+            g_idx = getattr(mod, "weight_g_idx", None)
+            if g_idx is not None and not torch.equal(g_idx, torch.arange(g_idx.numel()) // args.group_size):
+                raise RuntimeError(f"{name}: non-contiguous groups (g_idx) are not handled")
+            w = mod.weight.detach().float()
+            wq = fake_quantize(w, mod.weight_scale, mod.weight_zero_point, args).float()
+            cols = wq.shape[1]
+            strategy = str(getattr(args.strategy, "value", args.strategy))
+            gs = cols if strategy == "channel" else args.group_size
+            srt = wq.reshape(wq.shape[0], cols // gs, gs).sort(dim=-1).values
+            distinct = 1 + (srt[..., 1:] != srt[..., :-1]).sum(-1)
+            f = float_file.get_tensor(name + ".weight").float()
+            float_shapes[name] = tuple(f.shape)
+            checks[name] = {"max_distinct_per_group": int(distinct.max()), "levels": 2 ** args.num_bits,
+                            "max_abs_inmemory_vs_qdq": float((w - wq).abs().max()),
+                            "frac_changed_vs_float": float((wq != f).float().mean()),
+                            "rel_err_vs_float": float((wq - f).norm() / f.norm()),
+                            "scale_dtype": str(mod.weight_scale.dtype), "zero_dtype": str(mod.weight_zero_point.dtype)}
+            dense[name + ".weight"] = wq
+    if not checks:
+        raise RuntimeError("no quantized linear found after oneshot")
+    bad = [k for k, c in checks.items() if c["max_distinct_per_group"] > c["levels"]]
+    if bad:
+        raise RuntimeError(f"{len(bad)} linears have more distinct values per group than 2^bits, e.g. {bad[0]}")
+    if max(c["frac_changed_vs_float"] for c in checks.values()) == 0:
+        raise RuntimeError("quantized weights equal the float ones")
+    record["quantized_linears"] = len(checks)
+    record["checks_summary"] = {
+        "max_distinct_per_group": max(c["max_distinct_per_group"] for c in checks.values()),
+        "levels": max(c["levels"] for c in checks.values()),
+        "max_abs_inmemory_vs_qdq": max(c["max_abs_inmemory_vs_qdq"] for c in checks.values()),
+        "min_frac_changed_vs_float": min(c["frac_changed_vs_float"] for c in checks.values()),
+        "mean_rel_err_vs_float": sum(c["rel_err_vs_float"] for c in checks.values()) / len(checks),
+        "scale_dtypes": sorted({c["scale_dtype"] for c in checks.values()}),
+        "zero_dtypes": sorted({c["zero_dtype"] for c in checks.values()})}
+
+    # A fresh plain model from the float config, all non-quantized parameters (embeddings, norms,
+    # possibly rescaled by AWQ) copied from the calibrated model, quantized linears dequantized.
+    config = AutoConfig.from_pretrained(spec["float_dir"])
+    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    src = dict(model.named_parameters(remove_duplicate=False))
+    with torch.no_grad():
+        for name, p in fresh.named_parameters(remove_duplicate=False):
+            p.copy_(dense[name] if name in dense else src[name].detach().float())
+    unused = set(dense) - {n for n, _ in fresh.named_parameters(remove_duplicate=False)}
+    if unused:
+        raise RuntimeError(f"dequantized weights not placed: {sorted(unused)[:3]}")
+    record["tied_embeddings"] = bool(config.tie_word_embeddings)
+    out.mkdir(parents=True)
+    fresh.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    saved_cfg = json.loads((out / "config.json").read_text())
+    if "quantization_config" in saved_cfg:
+        raise RuntimeError("dense save carries a quantization_config")
+    # Reload the dense save and check it holds the dequantized weights exactly.
+    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    rp = dict(reloaded.named_parameters())
+    mism = [k for k, v in dense.items() if not torch.equal(rp[k], v)]
+    if mism:
+        raise RuntimeError(f"reloaded dense model differs at {mism[0]}")
+    with torch.no_grad():
+        dense_logits = reloaded(input_ids=probe).logits.float()
+    record["dense_vs_llmcompressor_forward"] = {
+        "tokens": probe.numel(), "max_abs_logit_diff": float((dense_logits - probe_logits).abs().max()),
+        "argmax_agreement": float((dense_logits.argmax(-1) == probe_logits.argmax(-1)).float().mean())}
+    del reloaded, fresh
+
+    # llm-compressor's own compressed save (last: compressing may modify the model in place).
+    try:
+        model.save_pretrained(str(out_c), save_compressed=True)
+        qcfg = json.loads((out_c / "config.json").read_text()).get("quantization_config")
+        record["compressed_quantization_config"] = qcfg
+        linear_bytes, linear_weights, tensors = 0, 0, {}
+        for f in sorted(out_c.glob("*.safetensors")):
+            with safe_open(f, "pt") as sf:
+                for key in sf.keys():
+                    t = sf.get_slice(key)
+                    module = key.rsplit(".", 1)[0]
+                    if module in checks:
+                        dtype, shape = t.get_dtype(), t.get_shape()
+                        nbytes = _numel(shape) * _DTYPE_BYTES[dtype]
+                        linear_bytes += nbytes
+                        suffix = key.rsplit(".", 1)[1]
+                        tensors.setdefault(suffix, {"dtype": dtype, "bytes": 0})["bytes"] += nbytes
+                        if suffix in ("weight_packed", "weight"):
+                            linear_weights += _numel(float_shapes[module])
+        record["compressed_linear_tensors"] = tensors
+        record["compressed_bits_per_weight"] = 8 * linear_bytes / linear_weights if linear_weights else None
+        record["compressed_file_bytes"] = sum(f.stat().st_size for f in out_c.glob("*.safetensors"))
+    except Exception as e:  # noqa: BLE001 - the dense model is what is evaluated; note and go on
+        record["compressed_save_error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+    record["worker_s"] = time.perf_counter() - t_start
+    record["peak_rss_mb_self"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    record["loadavg_worker_end"] = loadavg()
+    (out / "peer_worker.json").write_text(json.dumps(record, indent=1))
+
+
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+# --- orchestrator (project venv) -------------------------------------------------------------
+
+
+def draw_samples(model: str, calib: str, n: int, length: int, seed: int, path: Path) -> dict:
+    """sizewise's calibration token ids, exactly as `sizewise compress` draws them, saved as safetensors."""
+    import hashlib
+
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoTokenizer
+
+    from sizewise import api, builtins
+    from sizewise.sources import Source
+
+    float_dir = builtins.fetch_model(model)
+    tokenizer = AutoTokenizer.from_pretrained(float_dir, trust_remote_code=False)  # as sources._load_hf
+    samples, proto = api._calibration(Source(None, tokenizer, {}), api.CalibConfig(
+        text=calib, samples=n, length=length, seed=seed), progress=False)
+    samples = samples.to(torch.long).contiguous()
+    digest = hashlib.sha256(samples.numpy().tobytes()).hexdigest()
+    if path.is_file() and torch.equal(load_file(path)["input_ids"], samples):
+        pass
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        save_file({"input_ids": samples}, str(tmp), metadata={"text_sha256": proto["sha256"], "ids_sha256": digest})
+        tmp.replace(path)
+    return {**proto, "token_ids_sha256": digest, "file": str(path), "float_dir": str(float_dir)}
+
+
+def bits_from_scheme(bits: int, group, cols: list[tuple[int, int]], scale_bits: int, zero_bits: int) -> float:
+    """Bits per weight of the linears for b-bit codes plus one scale and one zero per group."""
+    total = sum(r * c for r, c in cols)
+    per_group = scale_bits + zero_bits
+    groups = sum(r * (1 if group == "channel" else c // int(group)) for r, c in cols)
+    return bits + per_group * groups / total
+
+
+def run_config(label: str, method: str, bits: int, group, calib_info: dict, out_root: Path, force: bool,
+               timeout: float | None) -> dict:
+    final = out_root / (PREFIX + label)
+    final_c = out_root / (PREFIX + label + ".compressed")
+    row = {"label": PREFIX + label, "method": method, "bits": bits, "group_size": group,
+           "recipe": recipe_spec(method, bits, group), "calib_ids_sha256": calib_info["token_ids_sha256"]}
+    if (final / RUN_FILE).is_file() and not force:
+        done = json.loads((final / RUN_FILE).read_text())
+        if done.get("recipe") == row["recipe"] and (method == "rtn" or done.get("calib_ids_sha256") == row["calib_ids_sha256"]):
+            print(f"[{row['label']}] finished earlier, kept (use --force to redo)", file=sys.stderr, flush=True)
+            return {**done, "resumed": True}
+        print(f"[{row['label']}] finished earlier with another recipe or calibration: redoing", file=sys.stderr)
+    for p in (final, final_c):
+        if p.exists():
+            shutil.rmtree(p)
+    tmp, tmp_c = out_root / f".{PREFIX}{label}.tmp", out_root / f".{PREFIX}{label}.compressed.tmp"
+    for p in (tmp, tmp_c):
+        if p.exists():
+            shutil.rmtree(p)
+    spec = {"label": row["label"], "method": method, "recipe": row["recipe"], "float_dir": calib_info["float_dir"],
+            "calib": calib_info["file"], "out": str(tmp), "out_compressed": str(tmp_c)}
+    spec_path = out_root / f".{PREFIX}{label}.spec.json"
+    spec_path.write_text(json.dumps(spec, indent=1))
+    log_path = out_root / f"{PREFIX}{label}.log"
+    cmd = [str(PEER_PYTHON), str(Path(__file__).resolve()), "--worker", str(spec_path)]
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+    env.pop("PYTHONPATH", None)
+    row["loadavg_start"] = loadavg()
+    print(f"[{row['label']}] start, load {row['loadavg_start']}, log {log_path}", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT))
+        deadline = None if timeout is None else t0 + timeout
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if deadline is not None and time.perf_counter() > deadline:
+                proc.kill()
+                pid, status, usage = os.wait4(proc.pid, 0)
+                break
+            time.sleep(1)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    row["wall_s"] = time.perf_counter() - t0
+    row["peak_rss_mb"] = usage.ru_maxrss / 1024
+    row["cpu_s"] = usage.ru_utime + usage.ru_stime
+    row["loadavg_end"] = loadavg()
+    row["niceness"] = os.nice(0)
+    row["log"] = str(log_path)
+    if proc.returncode != 0 or not (tmp / "peer_worker.json").is_file():
+        row["error"] = last_error(log_path, proc.returncode)
+        print(f"[{row['label']}] FAILED: {row['error']}", file=sys.stderr, flush=True)
+        return row
+    row["worker"] = json.loads((tmp / "peer_worker.json").read_text())
+    row["dir"] = str(final)
+    (tmp / RUN_FILE).write_text(json.dumps(row, indent=1))
+    if tmp_c.exists():
+        tmp_c.replace(final_c)
+    tmp.replace(final)   # the model directory appears only once complete
+    spec_path.unlink()
+    print(f"[{row['label']}] done in {row['wall_s']:.0f} s, peak {row['peak_rss_mb']:.0f} MB, "
+          f"load {row['loadavg_end']}", file=sys.stderr, flush=True)
+    return row
+
+
+def last_error(log_path: Path, rc: int) -> str:
+    """The exception line of the worker's traceback, else its last line."""
+    lines = [x.strip() for x in log_path.read_text(errors="replace").splitlines() if x.strip()]
+    tb = [i for i, x in enumerate(lines) if x.startswith("Traceback")]
+    if tb:
+        tail = [x for x in lines[tb[-1]:] if not x.startswith(("File ", "Traceback", "^", "~"))]
+        cands = [x for x in tail if ":" in x and x.split(":", 1)[0].replace(".", "").replace("_", "").isalnum()]
+        if cands:
+            return cands[-1][:500]
+    return (lines[-1][:500] if lines else "") + f" (exit {rc})"
+
+
+def main() -> None:
+    if len(sys.argv) >= 2 and sys.argv[1] == "--worker":
+        try:
+            worker(Path(sys.argv[2]))
+        except Exception:
+            traceback.print_exc()
+            sys.exit(1)
+        return
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--calib", default="enwiki-sample")
+    ap.add_argument("--samples", type=int, default=128)
+    ap.add_argument("--length", type=int, default=512)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--text", default="wikitext2-test")
+    ap.add_argument("--ctx", type=int, default=1024)
+    ap.add_argument("--windows", type=int, default=64)
+    ap.add_argument("--only", default="", help="comma-separated labels (without the llmc- prefix) to run")
+    ap.add_argument("--force", action="store_true", help="redo configurations that already finished")
+    ap.add_argument("--no-eval", action="store_true", help="only run llm-compressor; evaluate later")
+    ap.add_argument("--timeout", type=float, default=None, help="seconds per configuration")
+    ap.add_argument("--smoke", action="store_true",
+                    help="plumbing check: 4 samples, 2 windows, rtn-w4-g64 and rtn-w4-pc (or --only), under out/peer-smoke")
+    args = ap.parse_args()
+
+    os.nice(max(0, 10 - os.nice(0)))   # shared machine: everything here and in the workers at nice >= 10
+    if not PEER_PYTHON.is_file():
+        sys.exit(f"no peer venv at {PEER_PYTHON}")
+    out_root = ROOT / "out" / ("peer-smoke" if args.smoke else "peer")
+    if args.smoke:
+        args.samples, args.windows = 4, 2
+        args.only = args.only or "rtn-w4-g64,rtn-w4-pc"
+    wanted = [x for x in args.only.split(",") if x]
+    unknown = set(wanted) - {c[0] for c in CONFIGS}
+    if unknown:
+        sys.exit(f"unknown configurations {sorted(unknown)}; known: {[c[0] for c in CONFIGS]}")
+    configs = [c for c in CONFIGS if not wanted or c[0] in wanted]
+
+    out_root.mkdir(parents=True, exist_ok=True)
+    calib_info = draw_samples(args.model, args.calib, args.samples, args.length, args.seed,
+                              out_root / f"calib-{args.calib}-{args.samples}x{args.length}-s{args.seed}.safetensors")
+    print(f"calibration: {args.samples} x {args.length} tokens of {args.calib} (sha256 {calib_info['sha256'][:12]}), "
+          f"ids sha256 {calib_info['token_ids_sha256'][:12]}", file=sys.stderr, flush=True)
+
+    rows = []
+    for label, method, bits, group in configs:
+        try:
+            row = run_config(label, method, bits, group, calib_info, out_root, args.force, args.timeout)
+        except Exception as e:  # noqa: BLE001 - one configuration's failure must not stop the others
+            row = {"label": PREFIX + label, "method": method, "bits": bits, "group_size": group,
+                   "recipe": recipe_spec(method, bits, group), "error": f"{type(e).__name__}: {e}"}
+        rows.append(row)
+        write_results(args, calib_info, rows, None, out_root, partial=True)
+
+    res = None
+    finished = [r for r in rows if "error" not in r]
+    if finished and not args.no_eval:
+        import sizewise
+
+        res = sizewise.api.compare(args.model, [out_root / r["label"] for r in finished], args.text, ctx=args.ctx,
+                                   windows=args.windows, out=ROOT / "out" / "bench" /
+                                   ("peer-smoke" if args.smoke else "peer") / "report")
+    write_results(args, calib_info, rows, res, out_root, partial=False)
+
+
+def shape_table(model: str) -> list[tuple[int, int]]:
+    """(rows, cols) of every decoder linear of the float model, from its safetensors header."""
+    from safetensors import safe_open
+
+    from sizewise import builtins
+
+    cols = []
+    for f in sorted(Path(builtins.fetch_model(model)).glob("*.safetensors")):
+        with safe_open(f, "pt") as sf:
+            for k in sf.keys():
+                if k.startswith("model.layers.") and k.endswith("_proj.weight"):
+                    cols.append(tuple(sf.get_slice(k).get_shape()))
+    return cols
+
+
+def write_results(args, calib_info: dict, rows: list[dict], res: dict | None, out_root: Path, partial: bool) -> None:
+    shapes = shape_table(args.model)
+    table_rows = []
+    for r in rows:
+        w = r.get("worker", {})
+        qcfg = w.get("compressed_quantization_config") or {}
+        wargs = next(iter(qcfg.get("config_groups", {}).values()), {}).get("weights", {}) if qcfg else {}
+        s = w.get("checks_summary", {})
+        scale_bits = 16 if "float16" in str(s.get("scale_dtypes")) or "bfloat16" in str(s.get("scale_dtypes")) else 32
+        entry = {
+            "label": r["label"], "method": r["method"], "bits": r["bits"], "group_size": r["group_size"],
+            "recipe": r["recipe"], "recipe_yaml": w.get("recipe_yaml"),
+            "calibration": ({"samples": w["calibration_used"]["samples"], "length": w["calibration_used"]["length"],
+                             "text": calib_info["text"], "text_sha256": calib_info["sha256"],
+                             "token_ids_sha256": calib_info["token_ids_sha256"], "seed": calib_info["seed"]}
+                            if w.get("calibration_used") else None),
+            "wall_s": r.get("wall_s"), "oneshot_s": w.get("oneshot_s"), "cpu_s": r.get("cpu_s"),
+            "peak_rss_mb": r.get("peak_rss_mb"), "peak_rss_mb_oneshot": w.get("peak_rss_mb_oneshot"),
+            "dense_vs_llmcompressor_forward": w.get("dense_vs_llmcompressor_forward"), "loadavg_start": r.get("loadavg_start"),
+            "loadavg_end": r.get("loadavg_end"), "niceness": r.get("niceness"),
+            "stored": {"scale_dtype": s.get("scale_dtypes"), "zero_point_dtype_in_memory": s.get("zero_dtypes"),
+                       "quantization_format": qcfg.get("format"), "weights_args": wargs or None,
+                       "linear_tensors": w.get("compressed_linear_tensors"),
+                       "file_bytes": w.get("compressed_file_bytes")},
+            "bits_per_weight": w.get("compressed_bits_per_weight"),
+            "bits_per_weight_scheme": bits_from_scheme(r["bits"], r["group_size"], shapes, scale_bits, r["bits"])
+            if w else None,
+            "bits_per_weight_scheme_fp16_scale": bits_from_scheme(r["bits"], r["group_size"], shapes, 16, r["bits"]),
+            "checks": s or None, "dir": r.get("dir"), "resumed": r.get("resumed", False),
+        }
+        if "error" in r:
+            entry["error"] = r["error"]
+        if res is not None and r["label"] in res["candidates"]:
+            c = res["candidates"][r["label"]]
+            entry.update(perplexity=c["perplexity"], kl=c["kl"], top1_agreement=c["top1_agreement"])
+        table_rows.append(entry)
+    payload = {"benchmark": "peer_llmcompressor", "model": args.model, "partial": partial,
+               "calibration": {k: v for k, v in calib_info.items() if k != "float_dir"},
+               "reference_perplexity": res["reference"]["perplexity"] if res else None,
+               "protocol": res["protocol"] if res else None, "report": res.get("report") if res else None,
+               "results": table_rows}
+    name = "peer_llmcompressor" + ("-smoke" if args.smoke else "")
+    path = ROOT / "bench" / "results" / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(payload, indent=1, default=str))
+    tmp.replace(path)
+    if res is not None:
+        ref = res["reference"]["perplexity"]
+        print(f"float perplexity {ref:.3f}")
+        print("| config | bits/w stored | ppl | Δppl | KL | top-1 | wall s | oneshot s | peak MB (oneshot / process) | load start→end |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        for e in table_rows:
+            if "perplexity" not in e:
+                print(f"| {e['label']} | - | failed: {e.get('error', 'not evaluated')} |")
+                continue
+            bpw = e["bits_per_weight"] or e["bits_per_weight_scheme"]
+            print(f"| {e['label']} | {bpw:.4f} | {e['perplexity']:.3f} | {100 * (e['perplexity'] / ref - 1):+.1f}% | "
+                  f"{e['kl']:.4f} | {100 * e['top1_agreement']:.1f}% | {e['wall_s']:.0f} | {e['oneshot_s']:.0f} | "
+                  f"{e['peak_rss_mb_oneshot']:.0f} / {e['peak_rss_mb']:.0f} | "
+                  f"{e['loadavg_start'][0]:.2f}→{e['loadavg_end'][0]:.2f} |")
+        print(f"wrote {path}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
