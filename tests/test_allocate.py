@@ -160,7 +160,7 @@ def test_file_size_bound_is_tight_and_never_below_the_real_file(tiny_dirs, tmp_p
     res = sizewise.compress(src, sizewise.CompressConfig(plan=plan), tmp_path / "a", progress=False)
     t = res.manifest["totals"]
     assert t["linear_stored_bits"] == sum(l.bits[k] for l, k in zip(sizes.layers, picks))
-    bound = sizes.fixed_file_bytes + sum(l.file_bytes[k] for l, k in zip(sizes.layers, picks))
+    bound = sizes.fixed_file_bytes + sum(sizes.table_float_bytes) + sum(l.file_bytes[k] for l, k in zip(sizes.layers, picks))
     assert t["file_bytes"] == (tmp_path / "a" / "packed.safetensors").stat().st_size
     n_tensors = len(res.manifest["tensors"]) + 2 * len(sizes.layers)
     assert t["file_bytes"] <= bound <= t["file_bytes"] + 8 + 2 * 6 * n_tensors
@@ -280,8 +280,11 @@ def test_end_to_end_two_budgets_then_compress(tiny_dirs, tmp_path, monkeypatch):
             assert t["linear_stored_bits"] <= Fraction(13, 4) * t["linear_params"]
         else:
             assert t["file_bytes"] <= alloc.file_bytes <= 80_000
-        assert [e["format"] for n, e in json.loads((out / "manifest.json").read_text())["tensors"].items()
-                if e["linear"]] == [c.format.to_dict() for c in plan.choices]
+        tensors = json.loads((out / "manifest.json").read_text())["tensors"]
+        assert [e["format"] for e in tensors.values() if e["linear"]] == \
+            [c.format.to_dict() for c in plan.choices if tensors[c.name]["linear"]]
+        # every choice, token tables included, is stored exactly as planned
+        assert all(tensors[c.name]["format"] == c.format.to_dict() for c in plan.choices)
     assert len(calls) == 1                     # the second budget reused the cached profile
 
 

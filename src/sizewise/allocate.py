@@ -49,7 +49,7 @@ from .quant import methods
 from .quant.formats import DTYPE_BITS, TORCH_DTYPES, FloatFormat, Format, QuantFormat, format_from_dict, label
 from .quant.pack import packed_nbytes
 
-PROFILE_VERSION = 1          # bump when the proxy's definition changes: cached profiles are then ignored
+PROFILE_VERSION = 2          # bump when the proxy's definition changes: cached profiles are then ignored
 
 
 # --- candidates -----------------------------------------------------------------------------------
@@ -160,15 +160,24 @@ class SizeTable:
     candidates: tuple[Candidate, ...]
     layers: tuple[LayerSizes, ...]
     linear_params: int
-    fixed_file_bytes: int            # all non-linear tensors, header prefix and padding (upper bound)
+    fixed_file_bytes: int            # all other tensors, header prefix and padding (upper bound)
     float_dtype: str
+    # token tables (embedding, untied head): choices under byte budgets only (bits per weight
+    # count the decoder linears); otherwise stored in the float dtype, `table_float_bytes` each
+    tables: tuple[LayerSizes, ...] = ()
+    table_float_bytes: tuple[int, ...] = ()
+
+    def items(self, budget: "Budget") -> tuple[LayerSizes, ...]:
+        """What the knapsack chooses for: the linears, and the tables when the budget is a file size."""
+        return self.layers + (self.tables if budget.kind == "bytes" else ())
 
     def reachable_bits(self) -> tuple[int, int]:
         return sum(min(l.bits) for l in self.layers), sum(max(l.bits) for l in self.layers)
 
     def reachable_bytes(self) -> tuple[int, int]:
-        return (self.fixed_file_bytes + sum(min(l.file_bytes) for l in self.layers),
-                self.fixed_file_bytes + sum(max(l.file_bytes) for l in self.layers))
+        items = self.layers + self.tables
+        return (self.fixed_file_bytes + sum(min(l.file_bytes) for l in items),
+                self.fixed_file_bytes + sum(max(l.file_bytes) for l in items))
 
 
 def size_table(model, arch: Architecture, candidates: tuple[Candidate, ...], float_dtype: str = "float16") -> SizeTable:
@@ -195,15 +204,21 @@ def size_table(model, arch: Architecture, candidates: tuple[Candidate, ...], flo
             raise SizewiseError(f"no candidate fits {r.name} (input size {r.shape[1]}); add per-channel or float")
         per_layer.append((r, opts, [_tensors(r.weight_name, candidates[i], r.shape, tuple(state[r.weight_name].shape))
                                     for i in opts]))
+    per_table = []          # token tables take data-free candidates only: they are quantized without calibration
+    for name, shape in arch.tables.items():
+        opts = [i for i, c in enumerate(candidates) if c.fits(shape[1]) and _data_free(c)]
+        float_ts = [(name, _FLOAT_ST[float_dtype], shape, shape[0] * shape[1] * DTYPE_BITS[float_dtype] // 8)]
+        per_table.append((name, shape, opts, [_tensors(name, candidates[i], shape, shape) for i in opts], float_ts))
     others = []
     for name, t in state.items():
-        if name in linear:
+        if name in linear or name in arch.tables:
             continue
         if t.is_floating_point():
             others.append((name, _FLOAT_ST[float_dtype], tuple(t.shape), t.numel() * DTYPE_BITS[float_dtype] // 8))
         else:
             others.append((name, _ST_DTYPES.get(t.dtype, "XXXX"), tuple(t.shape), t.numel() * t.element_size()))
-    most = sum(b for *_, b in others) + sum(max(sum(b for *_, b in ts) for ts in opt_ts) for _, _, opt_ts in per_layer)
+    most = sum(b for *_, b in others) + sum(max(sum(b for *_, b in ts) for ts in opt_ts) for _, _, opt_ts in per_layer) \
+        + sum(max(sum(b for *_, b in ts) for ts in opt_ts + [float_ts]) for *_, opt_ts, float_ts in per_table)
     digits = len(str(most))
     prefix = len(json.dumps({"__metadata__": {"format": FORMAT_NAME}}, separators=(",", ":")))
     fixed = 8 + prefix + 7 + sum(_entry_bytes(n, d, s, digits) + b for n, d, s, b in others)
@@ -212,7 +227,15 @@ def size_table(model, arch: Architecture, candidates: tuple[Candidate, ...], flo
                    tuple(candidates[i].format.stored_bits(*r.shape) for i in opts),
                    tuple(sum(_entry_bytes(n, d, s, digits) + b for n, d, s, b in ts) for ts in opt_ts))
         for r, opts, opt_ts in per_layer)
-    return SizeTable(tuple(candidates), layers, sum(r.shape[0] * r.shape[1] for r in refs), fixed, float_dtype)
+    entries = lambda ts: sum(_entry_bytes(n, d, s, digits) + b for n, d, s, b in ts)     # noqa: E731
+    tables = tuple(LayerSizes(name, shape, tuple(opts), tuple(candidates[i].format.stored_bits(*shape) for i in opts),
+                              tuple(entries(ts) for ts in opt_ts)) for name, shape, opts, opt_ts, _ in per_table)
+    return SizeTable(tuple(candidates), layers, sum(r.shape[0] * r.shape[1] for r in refs), fixed, float_dtype,
+                     tables, tuple(entries(float_ts) for *_, float_ts in per_table))
+
+
+def _data_free(c: Candidate) -> bool:
+    return c.method == "float" or not methods.get(c.method).needs_calibration
 
 
 # --- budgets --------------------------------------------------------------------------------------
@@ -308,6 +331,7 @@ class LayerProfile:
     importance: float                # mean over output channels of the diagonal Fisher f_j
     costs: list[float | None]        # predicted KL (nats/token) per candidate; None where it does not fit
     errors: list[float | None]       # Σ_j e_j: mean squared layer-output error per token, per candidate
+    kind: str = "linear"             # or "table": costs then measured directly (KL with only this table changed)
 
 
 @dataclass
@@ -324,7 +348,7 @@ class Profile:
         return json.dumps({"profile_version": PROFILE_VERSION, "protocol": self.protocol,
                            "candidates": [c.to_dict() for c in self.candidates],
                            "layers": [{"name": l.name, "shape": list(l.shape), "importance": l.importance,
-                                       "costs": l.costs, "errors": l.errors} for l in self.layers]})
+                                       "costs": l.costs, "errors": l.errors, "kind": l.kind} for l in self.layers]})
 
     @classmethod
     def from_json(cls, text: str) -> "Profile":
@@ -332,7 +356,7 @@ class Profile:
         if d.get("profile_version") != PROFILE_VERSION:
             raise SizewiseError("the sensitivity profile was made by another sizewise version; profile again")
         return cls(tuple(Candidate.from_dict(c) for c in d["candidates"]),
-                   [LayerProfile(l["name"], tuple(l["shape"]), l["importance"], l["costs"], l["errors"])
+                   [LayerProfile(l["name"], tuple(l["shape"]), l["importance"], l["costs"], l["errors"], l["kind"])
                     for l in d["layers"]], d["protocol"])
 
 
@@ -381,8 +405,9 @@ def fisher_diagonal(model, arch: Architecture, samples: torch.Tensor, *, seed: i
 def profile_model(model, arch: Architecture, samples: torch.Tensor, candidates: tuple[Candidate, ...], *,
                   options: dict | None = None, fisher_samples: int = 8, seed: int = 0, batch: int = 8,
                   compute_dtype: torch.dtype = torch.float32, offload: Path | None = None,
-                  progress: bool = True, keep_stats: bool = False) -> Profile:
-    """Predicted KL of every candidate on every decoder linear: one Fisher pass, one engine pass.
+                  progress: bool = True, keep_stats: bool = False, table_samples: int = 4) -> Profile:
+    """Predicted KL of every candidate on every decoder linear: one Fisher pass, one engine pass;
+    for the token tables (embedding, untied head), the KL measured on `table_samples` samples.
 
     The model is left exactly as it was. With `keep_stats` the profile also holds each linear's
     input statistics (`profile.stats`, in memory only), so plans can be solved without another pass.
@@ -411,7 +436,11 @@ def profile_model(model, arch: Architecture, samples: torch.Tensor, candidates: 
 
     stats, facts = engine.statistics(model, arch, samples, batch=batch, offload=offload, progress=progress,
                                      compute_dtype=compute_dtype, measure=measure)
-    protocol = {"proxy": "0.5 * sum_j fisher_j * mean_tokens (dW X^T)_j^2, float-model inputs",
+    t_tables = time.perf_counter()
+    layers += _table_costs(model, arch, candidates, samples[:table_samples], batch, options, progress)
+    protocol = {"proxy": "0.5 * sum_j fisher_j * mean_tokens (dW X^T)_j^2, float-model inputs; token tables: "
+                         "measured KL with only that table changed",
+                "table_samples": min(table_samples, len(samples)), "tables_s": time.perf_counter() - t_tables,
                 "fisher_samples": min(fisher_samples, len(samples)), "fisher_labels": "sampled from the model",
                 "seed": seed, "calibration_tokens": int(samples.numel()), "options": options or {},
                 "fisher_s": t_fisher, "engine_s": facts["engine_s"], "profile_s": time.perf_counter() - t0}
@@ -419,6 +448,44 @@ def profile_model(model, arch: Architecture, samples: torch.Tensor, candidates: 
     if keep_stats:
         prof.stats = stats
     return prof
+
+
+def _table_costs(model, arch: Architecture, candidates, samples: torch.Tensor, batch: int, options, progress: bool):
+    """KL(float ‖ model with one token table changed) per data-free candidate, measured directly.
+
+    A table touches every position (and, tied, every output logit): no layer-local proxy applies,
+    and there are only one or two of them, so measuring is affordable and exact.
+    """
+    params = dict(model.named_parameters())
+    out = []
+    if not arch.tables or not len(samples):
+        return out
+    reference = _log_probs(model, samples, batch)
+    todo = [(n, i) for n, shape in arch.tables.items() for i, c in enumerate(candidates)
+            if c.method != "float" and _data_free(c) and c.fits(shape[1])]
+    bar = tqdm(total=len(todo), desc="token tables", unit="cand", disable=not progress, file=sys.stderr)
+    for name, shape in arch.tables.items():
+        w = params[name].detach().clone()
+        costs: list[float | None] = [None] * len(candidates)
+        try:
+            for i, cand in enumerate(candidates):
+                if cand.method == "float":
+                    changed = w.to(TORCH_DTYPES[cand.format.dtype]).float()
+                elif _data_free(cand) and cand.fits(shape[1]):
+                    changed = _dequantized(cand, w, None, options)
+                    bar.update()
+                else:
+                    continue
+                with torch.no_grad():
+                    params[name].copy_(changed)
+                logp = _log_probs(model, samples, batch)
+                costs[i] = max(0.0, sum(float((r.exp() * (r - l)).sum()) for r, l in zip(reference, logp)) / samples.numel())
+        finally:
+            with torch.no_grad():
+                params[name].copy_(w)
+        out.append(LayerProfile(name, shape, float("nan"), costs, [None] * len(candidates), "table"))
+    bar.close()
+    return out
 
 
 # --- exact multiple-choice knapsack ----------------------------------------------------------------
@@ -554,6 +621,7 @@ class Allocation:
     shapes: dict[str, tuple[int, int]] = field(default_factory=dict)    # (out, in) per weight name
     profile_protocol: dict = field(default_factory=dict)
     note: str = "knapsack"             # how the plan was made
+    plan_float_dtype: str = "float16"  # storage of what the plan leaves unquantized
     measured: list[dict] = field(default_factory=list)   # plans measured for this budget, if any
 
     @property
@@ -576,7 +644,7 @@ class Allocation:
 def _layer_options(profile: Profile, sizes: SizeTable, budget: Budget, allowed) -> tuple[list, list, list]:
     """Per layer: knapsack weights, predicted costs and option indices of the allowed candidates."""
     weights, costs, opts = [], [], []
-    for layer in sizes.layers:
+    for layer in sizes.items(budget):
         lp = profile.by_name.get(layer.name)
         if lp is None or tuple(lp.shape) != tuple(layer.shape):
             raise SizewiseError(f"the sensitivity profile does not match this model (at {layer.name}); profile again")
@@ -590,21 +658,32 @@ def _layer_options(profile: Profile, sizes: SizeTable, budget: Budget, allowed) 
 
 def _allocation(profile: Profile, sizes: SizeTable, budget: Budget, capacity: int, picks: list[int],
                 states: int, note: str) -> Allocation:
-    """The Allocation for one option index (into layer.options) per layer, with its exact sizes checked."""
+    """The Allocation for one option index (into item.options) per knapsack item, exact sizes checked.
+
+    Tables outside the knapsack stay float and are left out of the plan (which then keeps them float).
+    """
+    items = sizes.items(budget)
     choices, predicted, bits, fbytes = [], {}, 0, sizes.fixed_file_bytes
-    for layer, k in zip(sizes.layers, picks):
-        cand = sizes.candidates[layer.options[k]]
-        choices.append(_choice(layer.name, cand))
-        predicted[layer.name] = profile.by_name[layer.name].costs[layer.options[k]]
-        bits += cand.format.stored_bits(*layer.shape)
-        fbytes += layer.file_bytes[k]
+    for item, k in zip(items, picks):
+        cand = sizes.candidates[item.options[k]]
+        fbytes += item.file_bytes[k]
+        predicted[item.name] = profile.by_name[item.name].costs[item.options[k]]
+        if item in sizes.tables:
+            if cand.method != "float":
+                choices.append(_choice(item.name, cand))
+            continue
+        choices.append(_choice(item.name, cand))
+        bits += cand.format.stored_bits(*item.shape)
     used = bits if budget.kind == "bpw" else fbytes - sizes.fixed_file_bytes
+    if budget.kind == "bpw":
+        fbytes += sum(sizes.table_float_bytes)
     # the guarantee, in exact integers: never over budget
     assert used <= capacity, (used, capacity)
     assert budget.kind != "bpw" or bits <= budget.value * sizes.linear_params
     assert budget.kind != "bytes" or fbytes <= budget.value
     return Allocation(Plan(choices), predicted, budget, capacity, used, bits, sizes.linear_params, fbytes,
-                      states, {l.name: l.shape for l in sizes.layers}, profile.protocol, note)
+                      states, {l.name: l.shape for l in sizes.layers + sizes.tables}, profile.protocol, note,
+                      sizes.float_dtype)
 
 
 def allocate(profile: Profile, sizes: SizeTable, budget: Budget | str, *, allowed=None,
@@ -632,11 +711,16 @@ def uniform_allocations(profile: Profile, sizes: SizeTable, budget: Budget | str
     budget = parse_budget(budget)
     capacity = check_budget(budget, sizes)
     out = []
+    items = sizes.items(budget)
+    tables = items[len(sizes.layers):]              # tables in the knapsack (byte budgets) stay float here
+    floats = [next((k for k, i in enumerate(t.options) if sizes.candidates[i].method == "float"), None) for t in tables]
+    if None in floats:
+        return out
     for i, cand in enumerate(sizes.candidates):
         if cand.method == "float" or any(i not in l.options for l in sizes.layers):
             continue
-        picks = [l.options.index(i) for l in sizes.layers]
-        if sum(budget.weights(l)[k] for l, k in zip(sizes.layers, picks)) <= capacity:
+        picks = [l.options.index(i) for l in sizes.layers] + floats
+        if sum(budget.weights(l)[k] for l, k in zip(items, picks)) <= capacity:
             out.append(_allocation(profile, sizes, budget, capacity, picks, 1, f"uniform {cand.label}"))
     return sorted(out, key=lambda a: a.predicted_total)
 
@@ -676,25 +760,35 @@ def measure_plans(model, arch: Architecture, allocs: list[Allocation], samples: 
     calibrated quantizers) all at once, as the profile predicted them.
     """
     refs = {r.weight_name: r for r in arch.all_linears()}
-    originals = {n: r.weight() for n, r in refs.items()}
+    params = dict(model.named_parameters())
+    originals = {n: r.weight() for n, r in refs.items()} | {n: params[n].detach().clone() for n in arch.tables}
+
+    def put(name: str, w: torch.Tensor) -> None:
+        if name in refs:
+            refs[name].set_weight(w)
+        else:
+            with torch.no_grad():
+                params[name].copy_(w)
+
     reference = _log_probs(model, samples, batch, torch.float32)     # whole plans: KL ≫ float32 rounding
     kls = []
     bar = tqdm(allocs, desc="measuring plans", unit="plan", disable=not progress, file=sys.stderr)
     try:
         for alloc in bar:
+            for n in arch.tables:               # tables the plan does not name stay float
+                put(n, originals[n].to(TORCH_DTYPES[alloc.plan_float_dtype]).float())
             for c in alloc.plan.choices:
-                ref = refs[c.name]
                 cand = Candidate(c.method, c.format)
-                st = stats.get(ref.name) if stats is not None else None
+                st = stats.get(refs[c.name].name) if stats is not None and c.name in refs else None
                 if st is None and cand.method != "float" and methods.get(cand.method).needs_calibration:
                     raise SizewiseError(f"measuring a {cand.method} plan needs the calibration statistics")
-                ref.set_weight(_dequantized(cand, originals[c.name], st, options))
+                put(c.name, _dequantized(cand, originals[c.name], st, options))
             logp = _log_probs(model, samples, batch, torch.float32)
             kl = sum(float((r.exp() * (r - l)).double().sum()) for r, l in zip(reference, logp))
             kls.append(kl / samples.numel())
     finally:
-        for n, r in refs.items():
-            r.set_weight(originals[n])
+        for n, w in originals.items():
+            put(n, w)
     return kls
 
 
@@ -713,6 +807,11 @@ def render(alloc: Allocation) -> str:
         mix[kind] = mix.get(kind, 0) + 1
         rows.append(f"{name[-52:]:52} {c.method:7} {bits:>4} {group:>7} {fmt.stored_bits(out, inp) / (out * inp):7.3f} "
                     f"{alloc.predicted[c.name]:10.3e}")
+    for name in alloc.shapes:           # every linear is in the plan: the rest are token tables left in float
+        if name not in alloc.plan.by_name:
+            note = "(outside bits/weight)" if alloc.budget.kind == "bpw" else ""
+            rows.append(f"{name.removesuffix('.weight')[-52:]:52} {'float':7} {DTYPE_BITS[alloc.plan_float_dtype]:>4} "
+                        f"{'-':>7} {DTYPE_BITS[alloc.plan_float_dtype]:7.3f} {alloc.predicted.get(name, 0.0):10.3e} {note}")
     rows.append("mix: " + ", ".join(f"{v} x {k}" for k, v in sorted(mix.items(), key=lambda kv: -kv[1])))
     rows.append(f"total: {alloc.bits_per_weight:.4f} bits/weight over {alloc.linear_params / 1e6:.2f}M linear weights; "
                 f"packed file at most {alloc.file_bytes / 1e6:.2f} MB; budget {alloc.budget.describe()}; "
@@ -743,7 +842,8 @@ def proxy_pairs(profile: Profile, count: int = 12, seed: int = 0, candidate: int
     """Single-layer changes to test: distinct random layers, each with a random quantized candidate
     (or always `candidate`, an index into profile.candidates, to test the ranking across layers)."""
     rng = np.random.default_rng(seed)
-    layers = [profile.layers[i] for i in rng.permutation(len(profile.layers))]
+    linears = [l for l in profile.layers if l.kind == "linear"]
+    layers = [linears[i] for i in rng.permutation(len(linears))]
     pairs = []
     for lp in layers:
         ok = [i for i, c in enumerate(profile.candidates) if c.method != "float" and lp.costs[i] is not None]

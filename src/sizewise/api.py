@@ -151,11 +151,18 @@ def compress(model: str | Path | Source, config: CompressConfig | None = None, o
                        progress=progress, compute_dtype=TORCH_DTYPES[config.calib.dtype], transform=layer_transform,
                        stats=stats)
 
+    # Token tables the plan quantizes (data-free: they see every token, no calibration needed).
+    params = dict(m.named_parameters())
+    with torch.no_grad():
+        for c in plan.tables(arch):
+            qt = methods.solve(c.method, params[c.name].detach().float(), None, c.format, config.options)
+            quantized[c.name] = qt
+            params[c.name].copy_(qt.dequantize())      # a tied head follows: it is the same tensor
     # Everything not quantized is stored in a float dtype; make the model hold exactly that.
     linear_names = {r.weight_name: r.transposed for r in arch.all_linears()}
     with torch.no_grad():
         for name, p in m.named_parameters():
-            if name not in linear_names:
+            if name not in linear_names and name not in quantized:
                 p.copy_(p.to(TORCH_DTYPES[config.float_dtype]).float())
     manifest = {
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

@@ -8,7 +8,7 @@ standard transformers accessors.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -60,6 +60,9 @@ class Architecture:
     embedding: str | None            # name of the input embedding weight
     lm_head: str | None              # name of the output head weight (None if tied and shared)
     tied: bool
+    # token tables: the embedding and an untied head, name -> (rows, row length). Row-wise like a
+    # linear weight [out, in], so every quantized format applies to them unchanged.
+    tables: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     def all_linears(self) -> list[LinearRef]:
         return [ref for layer in self.linears for ref in layer]
@@ -110,6 +113,8 @@ def discover(model: nn.Module) -> Architecture:
     emb_w = emb.weight if emb is not None else None
     head_w = head.weight if head is not None else None
     tied = emb_w is not None and head_w is not None and emb_w is head_w
+    tables = {_param_name(model, w): tuple(w.shape) for w in ((emb_w,) if tied else (emb_w, head_w))
+              if w is not None and w.dim() == 2}
     return Architecture(
         model_type=getattr(model.config, "model_type", kind),
         layers=layers,
@@ -118,4 +123,5 @@ def discover(model: nn.Module) -> Architecture:
         embedding=_param_name(model, emb_w),
         lm_head=None if tied else _param_name(model, head_w),
         tied=tied,
+        tables=tables,
     )

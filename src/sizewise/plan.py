@@ -74,7 +74,10 @@ class Plan:
         return cls.from_json(p.read_text())
 
     def check(self, arch: Architecture) -> None:
-        """Every decoder linear is covered, and every format fits its layer."""
+        """Every decoder linear is covered, every format fits its weight, and any other weight named
+        is a token table (embedding or untied head) with a data-free method; tables not named stay float."""
+        from .quant import methods
+
         refs = {r.weight_name: r for r in arch.all_linears()}
         missing = sorted(set(refs) - set(self.by_name))
         if missing:
@@ -82,3 +85,16 @@ class Plan:
         for c in self.choices:
             if c.name in refs:
                 c.format.check(refs[c.name].shape[1], c.name)
+            elif c.name in arch.tables:
+                if c.method != "float":
+                    if methods.get(c.method).needs_calibration:
+                        raise SizewiseError(f"{c.name} is a token table: its method must be data-free "
+                                            f"(rtn, rtn-mse), not {c.method}")
+                    c.format.check(arch.tables[c.name][1], c.name)
+            else:
+                raise SizewiseError(f"plan names {c.name}, which is neither a decoder linear nor a token table "
+                                    f"({', '.join(arch.tables) or 'none'})")
+
+    def tables(self, arch: Architecture) -> list[Choice]:
+        """The plan's choices for token tables (embedding, untied head) that are quantized."""
+        return [c for c in self.choices if c.name in arch.tables and c.method != "float"]

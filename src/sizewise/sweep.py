@@ -163,6 +163,7 @@ def sweep(model: str | Path, budgets: str | list[str | Budget], out: str | Path,
     for m, f in ulist:
         Plan.uniform(arch, methods.parse(m).quantizer, f, float_dtype=config.float_dtype)    # the format fits
     linears = [l.name for l in sizes.layers]
+    linear_set = set(linears)           # byte budgets may also quantize token tables (kept out of the heatmap)
 
     def say(msg: str) -> None:
         if progress:
@@ -198,8 +199,9 @@ def sweep(model: str | Path, budgets: str | list[str | Budget], out: str | Path,
             points.append({"kind": "allocated", "label": d, "dir": d, "budget": b.text, "budget_kind": b.kind,
                            "budget_value": float(b.value), "predicted_kl": alloc.predicted_total,
                            "how": alloc.note, "measured_plans": alloc.measured,
-                           "choices": [_choice_label(c) for c in alloc.plan.choices],
-                           "bits": [_bits(c) for c in alloc.plan.choices]})
+                           "choices": [_choice_label(c) for c in alloc.plan.choices if c.name in linear_set],
+                           "bits": [_bits(c) for c in alloc.plan.choices if c.name in linear_set],
+                           "tables": {c.name: _choice_label(c) for c in alloc.plan.choices if c.name not in linear_set}})
         for i, (m, f) in enumerate(ulist, 1):
             d = uniform_dir(m, f)
             say(f"compressing {d} (uniform {i}/{len(ulist)})")
