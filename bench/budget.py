@@ -48,6 +48,8 @@ def main() -> None:
     ap.add_argument("--calib-dtype", default="bfloat16")
     ap.add_argument("--windows", default="64")
     ap.add_argument("--sequential", action="store_true", help="pass --sequential to the sweep")
+    ap.add_argument("--uniform", default="gptq:2:64,gptq:2:32,gptq:3:64,gptq:3:32,gptq:4:32",
+                    help="uniform points the sweep compresses (GPTQ, sequential) and evaluates with the budgets")
     args = ap.parse_args()
 
     out = ROOT / "out" / "bench" / "budget"
@@ -59,12 +61,19 @@ def main() -> None:
     cmd = SIZEWISE + ["sweep", args.model, "--budgets", args.budgets, "--method", args.method,
                       "--calib", args.calib, "--calib-samples", args.calib_samples, "--calib-len", args.calib_len,
                       "--calib-dtype", args.calib_dtype, "--windows", args.windows, "--peer", str(peers),
-                      "-o", str(out / "sweep"), "--force", "--quiet"] + (["--sequential"] if args.sequential else [])
+                      "-o", str(out / "sweep"), "--force", "--quiet"] + (["--sequential"] if args.sequential else []) \
+        + (["--uniform", args.uniform] if args.uniform else [])
     print("$", shlex.join(cmd[2:]), file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True)
     wall = time.perf_counter() - t0
     sweep = json.loads((out / "sweep" / "sweep.json").read_text())
+    # the sweep's own uniform points (same run, same windows) join those of the quantizer benchmark
+    for p in (p for p in sweep["points"] if p["kind"] == "uniform"):
+        fmt = p["format"]
+        uniform.append({"label": f"{p['method']}-{fmt} (sweep)", "bits_per_weight": p["bits_per_weight"],
+                        "perplexity": p["perplexity"], "kl": p["kl"], "compress_wall_s": p["compress_s"],
+                        "source": "sweep"})
 
     ref = sweep["reference"]["perplexity"]
     rows = []
