@@ -48,7 +48,7 @@ def main() -> None:
     ap.add_argument("--calib-dtype", default="bfloat16")
     ap.add_argument("--windows", default="64")
     ap.add_argument("--sequential", action="store_true", help="pass --sequential to the sweep")
-    ap.add_argument("--uniform", default="gptq:2:64,gptq:2:32,gptq:3:64,gptq:3:32,gptq:4:32",
+    ap.add_argument("--uniform", default="gptq:2:64,gptq:2:32,gptq:3:64,gptq:3:32,gptq:4:64,gptq:4:32",
                     help="uniform points the sweep compresses (GPTQ, sequential) and evaluates with the budgets")
     args = ap.parse_args()
 

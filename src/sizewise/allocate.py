@@ -96,6 +96,19 @@ def candidate_set(quantizers: tuple[str, ...] = ("rtn",), bits: tuple[int, ...] 
     return tuple(cands)
 
 
+def gguf_candidate_set(quantizers: tuple[str, ...] = ("rtn",), float_dtype: str | None = "float16") -> tuple[Candidate, ...]:
+    """Only formats that llama.cpp's 32-weight block types hold exactly (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0),
+    plus float: a plan made of these exports to GGUF unchanged, as a mixed-type file."""
+    fmts = [QuantFormat(b, 32, symmetric=True, scale_dtype="float16") for b in (4, 5, 8)] + \
+           [QuantFormat(b, 32, symmetric=False, scale_dtype="float16", zero="float16") for b in (4, 5)]
+    cands = [Candidate(q, f) for q in quantizers for f in fmts]
+    for q in quantizers:
+        methods.get(q)
+    if float_dtype is not None:
+        cands.append(Candidate("float", FloatFormat(float_dtype)))
+    return tuple(cands)
+
+
 def _choice(name: str, cand: Candidate) -> Choice:
     return Choice(name, cand.method, cand.format)
 

@@ -202,11 +202,14 @@ def plan_for_budget(model: str | Path | Source, budget: str, config: CompressCon
 def compress_to_budget(model: str | Path | Source, budget: str, config: CompressConfig | None = None,
                        out: str | Path | None = None, *, quantizers: tuple[str, ...] = ("rtn",),
                        fisher_samples: int = 8, measure_samples: int = 8, overwrite: bool = False,
-                       progress: bool = True, allow_pickle: bool = False):
-    """`plan_for_budget`, then `compress` with that plan. Returns (Result, Allocation)."""
+                       progress: bool = True, allow_pickle: bool = False, candidates=None):
+    """`plan_for_budget`, then `compress` with that plan. Returns (Result, Allocation).
+
+    `candidates` (e.g. `allocate.gguf_candidate_set()`) replaces the default candidate set."""
     from .allocate import compress_to_budget as _compress
 
-    return _compress(model, budget, out, config, quantizers=quantizers, fisher_samples=fisher_samples,
+    return _compress(model, budget, out, config, quantizers=quantizers, candidates=candidates,
+                     fisher_samples=fisher_samples,
                      measure_samples=measure_samples, overwrite=overwrite, progress=progress,
                      allow_pickle=allow_pickle)
 

@@ -112,13 +112,18 @@ def cli():
               "--method may then list several quantizers (rtn,gptq).")
 @click.option("--fisher-samples", default=8, show_default=True, type=int, help="With --budget: calibration samples for the layer-importance (Fisher) pass.")
 @click.option("--measure-samples", default=8, show_default=True, type=int, help="With --budget: held-out calibration samples on which the chosen plan is measured against alternatives; 0 skips.")
+@click.option("--format", "out_format", type=click.Choice(["artifact", "gguf"]), default="artifact", show_default=True,
+              help="gguf: write -o FILE.gguf for llama.cpp instead of an artifact directory; the formats must be "
+              "ggml block types (group size 32, float16 scales, --sym or --zero float16); with --budget the "
+              "allocator then chooses among Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and F16 only.")
 @click.option("--force", is_flag=True, help="Replace the output directory if it exists.")
 @click.option("--allow-pickle", is_flag=True, help="Allow loading pickled (.bin) weights. Only for files you trust.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def compress(model, output, method, bits, group_size, sym, zero, scale_dtype, float_dtype, skip, plan_path, calib,
              calib_samples, calib_len, calib_dtype, batch, seed, offload, no_act_order, damp, budget, fisher_samples,
-             measure_samples, force, allow_pickle, quiet):
-    """Compress MODEL and write an artifact (manifest, packed tensors, dense HF copy) to -o DIR."""
+             measure_samples, out_format, force, allow_pickle, quiet):
+    """Compress MODEL and write an artifact (manifest, packed tensors, dense HF copy) to -o DIR,
+    or with --format gguf a GGUF file for llama.cpp."""
     from . import api
     from .plan import Plan
     from .quant.formats import QuantFormat
@@ -134,6 +139,9 @@ def compress(model, output, method, bits, group_size, sym, zero, scale_dtype, fl
         plan=Plan.load(plan_path) if plan_path else None,
         calib=api.CalibConfig(text=calib, samples=calib_samples, length=calib_len, seed=seed, batch=batch,
                               offload=offload, dtype=calib_dtype))
+    if out_format == "gguf":
+        return _compress_gguf(model, output, config, budget, method, fisher_samples, measure_samples, force,
+                              allow_pickle, quiet)
     if budget is not None:
         res, alloc = api.compress_to_budget(model, budget, replace(config, method="rtn"), output,
                                             quantizers=tuple(method.split(",")), fisher_samples=fisher_samples,
@@ -147,6 +155,42 @@ def compress(model, output, method, bits, group_size, sym, zero, scale_dtype, fl
     click.echo(f"wrote {output}: {t['bits_per_weight']:.3f} bits/weight over linear layers, "
                f"{t['file_bytes'] / 1e6:.1f} MB packed ({t['bits_per_weight_file']:.2f} bits/param over the whole model), "
                f"{res.manifest['timing']['wall_s']:.0f} s")
+
+
+def _compress_gguf(model, output, config, budget, method, fisher_samples, measure_samples, force, allow_pickle, quiet):
+    """compress --format gguf: the artifact is built in a temporary directory beside the output, exported, dropped."""
+    import tempfile
+
+    from . import api
+    from .allocate import gguf_candidate_set
+    from .export.gguf_types import ggml_type_for
+    from .quant.formats import label
+
+    out = Path(output)
+    if out.suffix != ".gguf":
+        raise SizewiseError(f"with --format gguf, -o names the file to write (model.gguf), got {output}")
+    if out.exists() and not force:
+        raise SizewiseError(f"output file {out} already exists (use --force to replace it)")
+    if budget is None:          # fail before any work if the file could not hold the formats exactly
+        fmts = [c.format for c in config.plan.choices] if config.plan else [config.format]
+        bad = [f for f in fmts if ggml_type_for(f) is None]
+        if bad:
+            raise SizewiseError(f"GGUF cannot hold {label(bad[0])} exactly; use --group-size 32 with --sym "
+                                "(Q4_0/Q5_0/Q8_0) or --zero float16 (Q4_1/Q5_1)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
+        art = Path(tmp) / "artifact"
+        if budget is not None:
+            quantizers = tuple(method.split(","))
+            api.compress_to_budget(model, budget, replace(config, method="rtn"), art, quantizers=quantizers,
+                                   candidates=gguf_candidate_set(quantizers, config.float_dtype),
+                                   fisher_samples=fisher_samples, measure_samples=measure_samples,
+                                   progress=not quiet, allow_pickle=allow_pickle)
+        else:
+            api.compress(model, config, art, progress=not quiet, allow_pickle=allow_pickle)
+        res = api.export(art, out, format="gguf", overwrite=force)
+    types = ", ".join(f"{n} x {t}" for t, n in sorted(res["tensor_types"].items(), key=lambda kv: -kv[1]))
+    click.echo(f"wrote {out}: {res['bytes'] / 1e6:.1f} MB ({types})")
 
 
 @cli.command(name="plan")
