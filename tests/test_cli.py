@@ -150,3 +150,18 @@ def test_compare_writes_report_with_plot(tiny_dirs, tmp_path, capsys):
     md = (tmp_path / "rep" / "report.md").read_text()
     assert "int4 g32 asym" in md and "ppl_vs_bits.png" in md
     assert (tmp_path / "rep" / "ppl_vs_bits.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_auto_calibration_dtype_is_resolved_and_recorded(tiny_dirs, tmp_path):
+    from pathlib import Path
+
+    import sizewise
+    from sizewise.api import auto_calib_dtype
+
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    expect = "bfloat16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "float32"
+    assert auto_calib_dtype("cpu") == expect
+    calib = sizewise.CalibConfig(text=str(tiny_dirs["text"]), samples=4, length=16, dtype="auto")
+    res = sizewise.compress(tiny_dirs["llama"], sizewise.CompressConfig(method="gptq", calib=calib), tmp_path / "a",
+                            progress=False)
+    assert res.manifest["calibration"]["dtype"] == expect

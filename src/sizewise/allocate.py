@@ -1023,7 +1023,7 @@ def plan_for_budget(model, budget: str | Budget, *, calib=None, quantizers: tupl
     arch = discover(src.model)
     sizes = size_table(src.model, arch, cands, float_dtype)
     check_budget(budget, sizes)                         # before any expensive work
-    calib = calib or CalibConfig()
+    calib = (calib or CalibConfig()).resolved(next(src.model.parameters()).device)
     prof = cached_profile(src, arch, calib, cands, options=options, fisher_samples=fisher_samples, cache=cache,
                           progress=progress, keep_stats=measure_samples > 0)
     if measure_samples > 0:

@@ -13,7 +13,7 @@ import datetime as dt
 import resource
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -40,7 +40,24 @@ class CalibConfig:
     seed: int = 0
     batch: int = 8
     offload: str | None = None       # directory for the activation buffer (memory-mapped)
-    dtype: str = "float32"           # dtype of calibration forward passes; "bfloat16" is faster on CPU
+    dtype: str = "float32"           # dtype of calibration forward passes: float32, bfloat16 or "auto"
+
+    def resolved(self, device) -> "CalibConfig":
+        """This config with "auto" replaced by the dtype chosen for `device` (see `auto_calib_dtype`)."""
+        return self if self.dtype != "auto" else replace(self, dtype=auto_calib_dtype(device))
+
+
+def auto_calib_dtype(device) -> str:
+    """bfloat16 where the hardware computes it natively (CUDA with bf16; x86 CPUs with AVX512-BF16 or
+    AMX, read from /proc/cpuinfo), else float32: emulated bf16 would be slower than float32."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "float32"
+    return "bfloat16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "float32"
 
 
 @dataclass
@@ -102,6 +119,7 @@ def compress(model: str | Path | Source, config: CompressConfig | None = None, o
     pipeline = methods.parse(config.method)
     src = _source(model, allow_pickle)
     m, arch = src.model, discover(src.model)
+    config = replace(config, calib=config.calib.resolved(next(m.parameters()).device))
     transforms = {}
     if pipeline.rotate:
         from .quant.rotate import rotate_model

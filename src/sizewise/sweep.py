@@ -156,6 +156,7 @@ def sweep(model: str | Path, budgets: str | list[str | Budget], out: str | Path,
 
     src = api._source(model, allow_pickle)
     arch = discover(src.model)
+    config = replace(config, calib=config.calib.resolved(next(src.model.parameters()).device))
     cands = allocate.candidate_set(tuple(quantizers), float_dtype=config.float_dtype)
     sizes = allocate.size_table(src.model, arch, cands, config.float_dtype)
     for b in blist:
