@@ -88,3 +88,20 @@ def test_corrupt_artifacts_give_clear_errors(tiny_dirs, tmp_path):
     (out / "manifest.json").write_text("{")
     with pytest.raises(SizewiseError, match="corrupt"):
         artifact.read_manifest(out)
+
+
+def test_staged_dir_replaces_whole_or_not_at_all(tmp_path):
+    from sizewise.atomic import staged_dir
+
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    with pytest.raises(RuntimeError):
+        with staged_dir(out) as tmp:
+            (tmp / "new.txt").write_text("half")
+            raise RuntimeError("interrupted")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o"] and (out / "old.txt").read_text() == "old"
+    with staged_dir(out) as tmp:
+        (tmp / "new.txt").write_text("new")
+        assert not (out / "new.txt").exists()            # invisible until the block completes
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o"] and [p.name for p in out.iterdir()] == ["new.txt"]

@@ -11,14 +11,13 @@ Written to a temporary directory beside DIR and renamed into place, so a DIR tha
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .atomic import staged_dir
 from .errors import SizewiseError
 from .quant.formats import (TORCH_DTYPES, FloatFormat, QuantFormat, QuantizedTensor, format_from_dict)
 from .quant.pack import pack_bits, unpack_bits
@@ -81,11 +80,7 @@ def write(out: Path, *, model, tokenizer, quantized: dict[str, QuantizedTensor],
     """
     out = Path(out)
     check_output(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with staged_dir(out) as tmp:
         state, aliases = unique_state(model)
         tensors, table = {}, {}
         for name, t in state.items():
@@ -109,14 +104,6 @@ def write(out: Path, *, model, tokenizer, quantized: dict[str, QuantizedTensor],
                     "float_dtype": float_dtype, "aliases": aliases, "tensors": table}
         manifest["totals"] = totals(manifest, (tmp / PACKED).stat().st_size)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        if out.exists():
-            trash = out.parent / f".{out.name}.old-{os.getpid()}"
-            out.rename(trash)
-            shutil.rmtree(trash)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return manifest
 
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
+from .atomic import staged_dir
 from .quant.formats import DTYPE_BITS
 
 
@@ -69,16 +69,11 @@ def markdown(results: dict, rows: list[dict], plot_name: str) -> str:
 def write(results: dict, out: str | Path) -> Path:
     """Write results.json, report.md and a plot into `out` (atomically, as a directory)."""
     out = Path(out)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    tmp.mkdir(parents=True, exist_ok=True)
-    rows = _rows(results)
-    plot(rows, tmp / "ppl_vs_bits.png")
-    (tmp / "results.json").write_text(json.dumps(results, indent=1))
-    (tmp / "report.md").write_text(markdown(results, rows, "ppl_vs_bits.png"))
-    if out.exists():
-        import shutil
-        shutil.rmtree(out)
-    tmp.rename(out)
+    with staged_dir(out) as tmp:
+        rows = _rows(results)
+        plot(rows, tmp / "ppl_vs_bits.png")
+        (tmp / "results.json").write_text(json.dumps(results, indent=1))
+        (tmp / "report.md").write_text(markdown(results, rows, "ppl_vs_bits.png"))
     return out / "report.md"
 
 

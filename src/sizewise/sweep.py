@@ -21,15 +21,14 @@ from __future__ import annotations
 import gc
 import json
 import math
-import os
 import re
-import shutil
 import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
 from . import allocate, api, artifact, data, report
+from .atomic import staged_dir
 from .allocate import Budget
 from .arch import discover
 from .errors import SizewiseError
@@ -170,11 +169,7 @@ def sweep(model: str | Path, budgets: str | list[str | Budget], out: str | Path,
         if progress:
             print(f"sweep: {msg}", file=sys.stderr, flush=True)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with staged_dir(out) as tmp:
         say(f"profiling {len(cands)} candidates on {len(linears)} linear layers (once, cached)")
         t0 = time.perf_counter()
         prof = allocate.cached_profile(src, arch, config.calib, cands, options=config.options,
@@ -241,14 +236,6 @@ def sweep(model: str | Path, budgets: str | list[str | Budget], out: str | Path,
         result["table"] = report.sweep_table(result)
         report.write_sweep(result, tmp)
         (tmp / "sweep.json").write_text(json.dumps({k: v for k, v in result.items() if k != "table"}, indent=1))
-        if out.exists():
-            trash = out.parent / f".{out.name}.old-{os.getpid()}"
-            out.rename(trash)
-            shutil.rmtree(trash)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     say(f"wrote {out} in {time.perf_counter() - t_start:.0f} s")
     return {**result, "report": str(out / "report.md")}
 

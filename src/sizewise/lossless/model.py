@@ -24,7 +24,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import time
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
@@ -35,6 +34,7 @@ import numpy as np
 import torch
 
 from sizewise import artifact, builtins
+from sizewise.atomic import staged_dir
 from sizewise.data import files_sha256, sha256_file
 from sizewise.errors import SizewiseError
 from sizewise.lossless import codec
@@ -259,30 +259,10 @@ def _totals(entries: dict[str, TensorEntry], weights_nbytes: int) -> dict:
 # ---------------------------------------------------------------- atomic output
 
 
-class _Output:
-    """A temporary directory beside `out` that replaces it only when everything is written."""
-
-    def __init__(self, out: str | Path, overwrite: bool):
-        self.out = Path(out)
-        artifact.check_output(self.out, overwrite)
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-
-    def __enter__(self) -> Path:
-        self.tmp = Path(tempfile.mkdtemp(dir=self.out.parent, prefix=f".{self.out.name}.partial-"))
-        self.tmp.chmod(0o755)
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            if self.out.exists():
-                trash = self.out.parent / f".{self.out.name}.old-{os.getpid()}"
-                shutil.rmtree(trash, ignore_errors=True)
-                self.out.rename(trash)
-                shutil.rmtree(trash)
-            self.tmp.rename(self.out)
-        else:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-        return False
+def _output(out: str | Path, overwrite: bool):
+    """The staged directory that replaces `out` only when everything is written."""
+    artifact.check_output(Path(out), overwrite)
+    return staged_dir(out)
 
 
 def _write_manifest(tmp: Path, manifest: Manifest) -> dict:
@@ -418,7 +398,7 @@ def pack_model(model_spec, out, *, dtype: str | None = None, allow_lossy: bool =
               "bytes": sum(f.stat().st_size for f in files)}
 
     lossy_tensors, max_abs, lossy_from = 0, 0.0, set()
-    with _Output(out, overwrite) as tmp:
+    with _output(out, overwrite) as tmp:
         writer = _Writer(tmp / WEIGHTS, threads)
         try:
             for f in files:
@@ -735,7 +715,7 @@ def unpack_model(packed_dir, out, overwrite: bool = False, *, threads: int | Non
     threads = _check_threads(threads)
     if manifest.kind == KIND_ARTIFACT:
         model, tokenizer = _load_artifact_model(packed_dir, threads)
-        with _Output(out, overwrite) as tmp:
+        with _output(out, overwrite) as tmp:
             model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
         return {"path": str(out), "kind": KIND_ARTIFACT, "tensors": len(manifest.tensors)}
@@ -743,7 +723,7 @@ def unpack_model(packed_dir, out, overwrite: bool = False, *, threads: int | Non
     for name, e in manifest.tensors.items():
         by_file.setdefault(e.file or "model.safetensors", []).append(name)
     written = 0
-    with _Output(out, overwrite) as tmp, _Reader(packed_dir, manifest) as reader:
+    with _output(out, overwrite) as tmp, _Reader(packed_dir, manifest) as reader:
         for fname, names in by_file.items():   # one shard in memory at a time
             tensors = {}
             _decode_all(reader, names, threads, tensors.__setitem__)
@@ -823,7 +803,7 @@ def pack_artifact(artifact_dir, out, *, overwrite: bool = False, threads: int | 
     artifact_dir = Path(artifact_dir)
     threads = _check_threads(threads)
     stored, amanifest = artifact.load_stored(artifact_dir)
-    with _Output(out, overwrite) as tmp:
+    with _output(out, overwrite) as tmp:
         writer = _Writer(tmp / WEIGHTS, threads)
 
         def add_float(name, t):
