@@ -392,3 +392,20 @@ def test_sources_load_reads_packed_directories(half_dirs, tmp_path):
     assert loaded.info["kind"] == "lossless"
     ref = reference(src, torch.float32)   # sources give float32; bf16 -> float32 is exact
     assert_same_state(ref.state_dict(), loaded.model.state_dict())
+
+
+def test_info_reads_packed_directories(rtn_artifact, half_dirs, tmp_path, capsys):
+    from sizewise import api
+    from sizewise.cli import main
+
+    lm.pack_artifact(rtn_artifact, tmp_path / "pa")
+    plain, packed = api.info(rtn_artifact), api.info(tmp_path / "pa")
+    assert packed["layers"] == plain["layers"] and packed["bits_per_weight"] == plain["bits_per_weight"]
+    assert packed["file_bytes"] == (tmp_path / "pa" / lm.WEIGHTS).stat().st_size < plain["file_bytes"]
+    lm.pack_model(half_dirs["llama", torch.bfloat16], tmp_path / "pm")
+    m = api.info(tmp_path / "pm")
+    assert m["bits_per_weight"] is None and m["layers"] and all(r["bits_per_weight"] < 16.5 for r in m["layers"])
+    assert m["lossless"]["ratio"] < 1
+    assert main(["info", str(tmp_path / "pm")]) == 0
+    out = capsys.readouterr().out
+    assert "lossless-packed" in out and "bits/param" in out

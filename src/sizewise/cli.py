@@ -290,7 +290,7 @@ def eval_cmd(model, text, ctx, stride, windows, against, as_json, output, allow_
 @click.argument("artifact_dir", metavar="ARTIFACT")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def info(artifact_dir, as_json):
-    """Per-layer formats, bits per weight and sizes of an artifact."""
+    """Per-layer formats, bits per weight and sizes of an artifact or a lossless-packed directory."""
     from . import api
 
     res = api.info(artifact_dir)
@@ -302,8 +302,11 @@ def info(artifact_dir, as_json):
         click.echo(f"{'tensor':58} {'method':8} {'format':22} {'bits/w':>7} {'KB':>9}")
         for row in r["layers"]:
             click.echo(f"{row['name'][:58]:58} {row['method']:8} {row['format']:22} {row['bits_per_weight']:7.3f} {row['bytes'] / 1024:9.1f}")
-        click.echo(f"linear layers: {r['bits_per_weight']:.4f} bits/weight over {r['linear_params'] / 1e6:.2f}M weights; "
-                   f"whole model: {r['bits_per_weight_model']:.3f} bits/param, packed file {r['file_bytes'] / 1e6:.2f} MB")
+        if r["bits_per_weight"] is not None:
+            click.echo(f"linear layers: {r['bits_per_weight']:.4f} bits/weight over {r['linear_params'] / 1e6:.2f}M weights")
+        click.echo(f"whole model: {r['bits_per_weight_model']:.3f} bits/param stored, file {r['file_bytes'] / 1e6:.2f} MB"
+                   + (f" (lossless-packed: {100 * r['lossless']['ratio']:.1f}% of the coded tensors' raw bytes)"
+                      if "lossless" in r else ""))
     _emit(res, as_json, None, human)
 
 
