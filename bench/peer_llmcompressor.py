@@ -57,6 +57,14 @@ def loadavg() -> list[float]:
     return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
 
 
+def process_state(pid: int) -> str:
+    """One-letter state of a process from /proc (R, S, D, T stopped, ...), '' if gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return ""
+
+
 def weights_args(bits: int, group) -> dict:
     """The weight scheme, matched to sizewise's: int, asymmetric (integer zero), groups of 64 or per row."""
     args = {"num_bits": bits, "type": "int", "symmetric": False}
@@ -122,7 +130,7 @@ def worker(spec_path: Path) -> None:
             raise ValueError(f"unknown modifier {m['modifier']}")
         recipe.append(cls(**m["kwargs"]))
     # Data-free RTN gets no calibration data (sizewise's RTN needs none either); the others get
-    # every sample, in order, one per batch, truncated to nothing (all are `length` long).
+    # every sample, one per batch (all are `length` long, so the truncating collator cuts nothing).
     calibrated = spec["method"] != "rtn"
     kwargs = dict(dataset=dataset, num_calibration_samples=n, max_seq_length=length,
                   shuffle_calibration_samples=False, batch_size=1) if calibrated else {}
@@ -328,6 +336,7 @@ def run_config(label: str, method: str, bits: int, group, calib_info: dict, out_
     row["loadavg_start"] = loadavg()
     print(f"[{row['label']}] start, load {row['loadavg_start']}, log {log_path}", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
+    stopped_s, loads, last = 0.0, [], t0
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT))
         deadline = None if timeout is None else t0 + timeout
@@ -335,13 +344,24 @@ def run_config(label: str, method: str, bits: int, group, calib_info: dict, out_
             pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
             if pid:
                 break
-            if deadline is not None and time.perf_counter() > deadline:
+            # The machine is shared: another job may SIGSTOP ours while it times its own work.
+            # Count that time (it is in the wall time but no computing happens) and sample the load.
+            now = time.perf_counter()
+            if process_state(proc.pid) in ("T", "t"):
+                stopped_s += now - last
+            last = now
+            if not loads or now - loads[-1][0] >= 30:
+                loads.append((now, loadavg()[0]))
+            if deadline is not None and now - stopped_s > deadline:
                 proc.kill()
                 pid, status, usage = os.wait4(proc.pid, 0)
                 break
             time.sleep(1)
     proc.returncode = os.waitstatus_to_exitcode(status)
     row["wall_s"] = time.perf_counter() - t0
+    row["stopped_s"] = stopped_s                  # time the worker sat SIGSTOPped by someone else
+    row["wall_running_s"] = row["wall_s"] - stopped_s
+    row["loadavg_1min_mean"] = sum(x for _, x in loads) / len(loads) if loads else None
     row["peak_rss_mb"] = usage.ru_maxrss / 1024
     row["cpu_s"] = usage.ru_utime + usage.ru_stime
     row["loadavg_end"] = loadavg()
@@ -472,7 +492,8 @@ def write_results(args, calib_info: dict, rows: list[dict], res: dict | None, ou
                              "text": calib_info["text"], "text_sha256": calib_info["sha256"],
                              "token_ids_sha256": calib_info["token_ids_sha256"], "seed": calib_info["seed"]}
                             if w.get("calibration_used") else None),
-            "wall_s": r.get("wall_s"), "oneshot_s": w.get("oneshot_s"), "cpu_s": r.get("cpu_s"),
+            "wall_s": r.get("wall_s"), "stopped_s": r.get("stopped_s"), "wall_running_s": r.get("wall_running_s"),
+            "oneshot_s": w.get("oneshot_s"), "cpu_s": r.get("cpu_s"), "loadavg_1min_mean": r.get("loadavg_1min_mean"),
             "peak_rss_mb": r.get("peak_rss_mb"), "peak_rss_mb_oneshot": w.get("peak_rss_mb_oneshot"),
             "dense_vs_llmcompressor_forward": w.get("dense_vs_llmcompressor_forward"), "loadavg_start": r.get("loadavg_start"),
             "loadavg_end": r.get("loadavg_end"), "niceness": r.get("niceness"),
@@ -506,17 +527,19 @@ def write_results(args, calib_info: dict, rows: list[dict], res: dict | None, ou
     if res is not None:
         ref = res["reference"]["perplexity"]
         print(f"float perplexity {ref:.3f}")
-        print("| config | bits/w stored | ppl | Δppl | KL | top-1 | wall s | oneshot s | peak MB (oneshot / process) | load start→end |")
-        print("|---|---|---|---|---|---|---|---|---|---|")
+        print("| config | bits/w stored | ppl | Δppl | KL | top-1 | wall s | of which stopped s | cpu s | "
+              "peak MB (oneshot / process) | load 1-min start / mean / end |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
+        num = lambda x, f="{:.0f}": "-" if x is None else f.format(x)  # noqa: E731
         for e in table_rows:
             if "perplexity" not in e:
-                print(f"| {e['label']} | - | failed: {e.get('error', 'not evaluated')} |")
+                print(f"| {e['label']} | failed: {e.get('error', 'not evaluated')} |")
                 continue
             bpw = e["bits_per_weight"] or e["bits_per_weight_scheme"]
             print(f"| {e['label']} | {bpw:.4f} | {e['perplexity']:.3f} | {100 * (e['perplexity'] / ref - 1):+.1f}% | "
-                  f"{e['kl']:.4f} | {100 * e['top1_agreement']:.1f}% | {e['wall_s']:.0f} | {e['oneshot_s']:.0f} | "
-                  f"{e['peak_rss_mb_oneshot']:.0f} / {e['peak_rss_mb']:.0f} | "
-                  f"{e['loadavg_start'][0]:.2f}→{e['loadavg_end'][0]:.2f} |")
+                  f"{e['kl']:.4f} | {100 * e['top1_agreement']:.1f}% | {num(e['wall_s'])} | {num(e['stopped_s'])} | "
+                  f"{num(e['cpu_s'])} | {num(e['peak_rss_mb_oneshot'])} / {num(e['peak_rss_mb'])} | "
+                  f"{e['loadavg_start'][0]:.2f} / {num(e['loadavg_1min_mean'], '{:.2f}')} / {e['loadavg_end'][0]:.2f} |")
         print(f"wrote {path}", file=sys.stderr)
 
 

@@ -10,6 +10,7 @@ The pieces are separate so that a sweep over budgets profiles once:
     check_budget(budget, sizes)                   # one-line error before any expensive work
     prof = profile_model(model, arch, samples, cands)   # or cached_profile(...)
     alloc = allocate(prof, sizes, budget)         # exact multiple-choice knapsack
+    alloc = choose_measured(src, arch, calib, prof, sizes, budget)   # ...checked by measurement
 
 Sensitivity proxy (predicted KL divergence from the float model, nats per token). For a linear
 layer with calibration inputs X (H = XᵀX over N tokens) and a candidate's weight error ΔW, the
@@ -22,6 +23,12 @@ model's own distribution and ½ δᵀFδ is its KL). Costs add over layers (cros
 Profiling runs the engine once over the *float* model: each layer's statistics are those of the
 inputs the float model gives it. The allocation must be known before any layer is compressed, and
 a layer's own error dominates the change its input statistics would see from upstream choices.
+
+Costs stop adding up when many layers are coarse (errors compound: at 3.3 bpw on SmolLM2 the
+prediction was 0.79 nats, the measurement 1.29), so `choose_measured` measures the knapsack's
+plan next to the knapsack without its lowest bit widths and the best uniform plan, on held-out
+calibration samples, and keeps the least measured KL. Token tables (embedding, untied head) are
+items only under file-size budgets, with data-free candidates whose cost is measured directly.
 """
 
 from __future__ import annotations
