@@ -387,3 +387,20 @@ def test_engine_from_saved_statistics_equals_solving_each_layer_from_them(llama)
     engine.run(twin, tarch, lambda ref, w, s: methods.solve("gptq", w, s, fmt).dequantize(), samples,
                stats=stats, progress=False)
     assert all(torch.equal(r.weight(), expect[r.name]) for r in tarch.all_linears())
+
+
+def test_measure_memo_reuses_weights_reference_and_plans(llama, profiled, monkeypatch):
+    model, arch, _, sizes = llama
+    prof, samples = profiled
+    variants = A.plan_variants(prof, sizes, "3.5bpw")[:2]
+    plain = A.measure_plans(model, arch, variants, samples[:4], progress=False)
+    solved, forwards = [], []
+    real_solve, real_logp = A._dequantized, A._log_probs
+    monkeypatch.setattr(A, "_dequantized", lambda *a, **k: solved.append(1) or real_solve(*a, **k))
+    monkeypatch.setattr(A, "_log_probs", lambda *a, **k: forwards.append(1) or real_logp(*a, **k))
+    memo = {}
+    first = A.measure_plans(model, arch, variants, samples[:4], progress=False, memo=memo)
+    n_solved, n_fwd = len(solved), len(forwards)
+    assert first == pytest.approx(plain, rel=1e-6) and n_fwd == 1 + len(variants)
+    again = A.measure_plans(model, arch, variants[::-1], samples[:4], progress=False, memo=memo)
+    assert again == first[::-1] and len(solved) == n_solved and len(forwards) == n_fwd     # nothing recomputed

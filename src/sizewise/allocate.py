@@ -773,12 +773,15 @@ def plan_variants(profile: Profile, sizes: SizeTable, budget: Budget | str) -> l
 
 def measure_plans(model, arch: Architecture, allocs: list[Allocation], samples: torch.Tensor, *,
                   stats: dict | None = None, options: dict | None = None, batch: int = 8,
-                  progress: bool = True) -> list[float]:
+                  progress: bool = True, memo: dict | None = None) -> list[float]:
     """Measured KL(float ‖ plan) in nats/token on `samples`, per plan; the model is restored.
 
     Each plan's weights are solved from `stats` (the float model's input statistics, needed by
-    calibrated quantizers) all at once, as the profile predicted them.
+    calibrated quantizers) all at once, as the profile predicted them. `memo` (a dict kept by the
+    caller, e.g. across the budgets of a sweep) holds solved weights and the float model's
+    log-probabilities, which plans and budgets share.
     """
+    memo = {} if memo is None else memo
     refs = {r.weight_name: r for r in arch.all_linears()}
     params = dict(model.named_parameters())
     originals = {n: r.weight() for n, r in refs.items()} | {n: params[n].detach().clone() for n in arch.tables}
@@ -790,11 +793,18 @@ def measure_plans(model, arch: Architecture, allocs: list[Allocation], samples: 
             with torch.no_grad():
                 params[name].copy_(w)
 
-    reference = _log_probs(model, samples, batch, torch.float32)     # whole plans: KL ≫ float32 rounding
+    key = ("reference", tuple(samples.shape), hashlib.sha256(samples.numpy().tobytes()).hexdigest())
+    if key not in memo:
+        memo[key] = _log_probs(model, samples, batch, torch.float32)     # whole plans: KL ≫ float32 rounding
+    reference = memo[key]
     kls = []
     bar = tqdm(allocs, desc="measuring plans", unit="plan", disable=not progress, file=sys.stderr)
     try:
         for alloc in bar:
+            pkey = ("kl", key, alloc.plan_float_dtype, tuple((c.name, c.method, c.format) for c in alloc.plan.choices))
+            if pkey in memo:                    # the same plan, measured for another budget
+                kls.append(memo[pkey])
+                continue
             for n in arch.tables:               # tables the plan does not name stay float
                 put(n, originals[n].to(TORCH_DTYPES[alloc.plan_float_dtype]).float())
             for c in alloc.plan.choices:
@@ -802,10 +812,14 @@ def measure_plans(model, arch: Architecture, allocs: list[Allocation], samples: 
                 st = stats.get(refs[c.name].name) if stats is not None and c.name in refs else None
                 if st is None and cand.method != "float" and methods.get(cand.method).needs_calibration:
                     raise SizewiseError(f"measuring a {cand.method} plan needs the calibration statistics")
-                put(c.name, _dequantized(cand, originals[c.name], st, options))
+                wkey = ("weight", c.name, cand)
+                if wkey not in memo:
+                    memo[wkey] = _dequantized(cand, originals[c.name], st, options)
+                put(c.name, memo[wkey])
             logp = _log_probs(model, samples, batch, torch.float32)
             kl = sum(float((r.exp() * (r - l)).double().sum()) for r, l in zip(reference, logp))
             kls.append(kl / samples.numel())
+            memo[pkey] = kls[-1]
     finally:
         for n, w in originals.items():
             put(n, w)
@@ -987,7 +1001,8 @@ def profile_statistics(src, arch: Architecture, calib, profile: Profile, progres
 
 
 def choose_measured(src, arch: Architecture, calib, profile: Profile, sizes: SizeTable, budget: Budget | str, *,
-                    options: dict | None = None, samples: int = 8, progress: bool = True) -> Allocation:
+                    options: dict | None = None, samples: int = 8, progress: bool = True,
+                    memo: dict | None = None) -> Allocation:
     """`plan_variants` for the budget, each measured (KL against the float model on `samples`
     held-out calibration samples, drawn with the next seed); the least measured KL wins.
 
@@ -1000,10 +1015,14 @@ def choose_measured(src, arch: Architecture, calib, profile: Profile, sizes: Siz
     if len(allocs) == 1 or samples < 1:
         return allocs[0]
     stats = profile_statistics(src, arch, calib, profile, progress)
-    held, _ = _calibration(src, replace(calib, samples=samples, seed=calib.seed + 1), progress)
+    memo = {} if memo is None else memo
+    hkey = ("held-out", calib.text, samples, calib.length, calib.seed + 1)
+    if hkey not in memo:
+        memo[hkey], _ = _calibration(src, replace(calib, samples=samples, seed=calib.seed + 1), progress)
+    held = memo[hkey]
     t0 = time.perf_counter()
     kls = measure_plans(src.model, arch, allocs, held, stats=stats, options=options, batch=calib.batch,
-                        progress=progress)
+                        progress=progress, memo=memo)
     best = allocs[int(np.argmin(kls))]
     best.measured = [{"how": a.note, "bits_per_weight": a.bits_per_weight, "predicted_kl": a.predicted_total,
                       "measured_kl": kl, "chosen": a is best} for a, kl in zip(allocs, kls)]

@@ -29,7 +29,7 @@ _CALIB_OPTIONS = (
     click.option("--calib", default=None, help="Calibration text: a file or built-in name (enwiki-sample). Default: samples the model writes itself."),
     click.option("--calib-samples", default=128, show_default=True, type=int),
     click.option("--calib-len", default=512, show_default=True, type=int, help="Tokens per calibration sample."),
-    click.option("--calib-dtype", type=click.Choice(["auto", "float32", "bfloat16"]), default="float32", show_default=True,
+    click.option("--calib-dtype", type=click.Choice(["auto", "float32", "bfloat16"]), default="auto", show_default=True,
                  help="Dtype of calibration forward passes; auto: bfloat16 where the hardware computes it natively."),
     click.option("--batch", default=8, show_default=True, type=int, help="Calibration samples per forward pass."),
     click.option("--seed", default=0, show_default=True, type=int),
@@ -102,7 +102,7 @@ def cli():
 @click.option("--calib", default=None, help="Calibration text: a file or built-in name (enwiki-sample). Default: samples the model writes itself.")
 @click.option("--calib-samples", default=128, show_default=True, type=int)
 @click.option("--calib-len", default=512, show_default=True, type=int, help="Tokens per calibration sample.")
-@click.option("--calib-dtype", type=click.Choice(["auto", "float32", "bfloat16"]), default="float32", show_default=True, help="Dtype of calibration forward passes (bfloat16: several times faster on CPUs with bf16 units); auto: bfloat16 where the hardware computes it natively.")
+@click.option("--calib-dtype", type=click.Choice(["auto", "float32", "bfloat16"]), default="auto", show_default=True, help="Dtype of calibration forward passes (bfloat16: several times faster on CPUs with bf16 units); auto: bfloat16 where the hardware computes it natively.")
 @click.option("--batch", default=8, show_default=True, type=int, help="Calibration samples per forward pass.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--offload", type=click.Path(), help="Keep calibration activations memory-mapped in this directory instead of RAM.")

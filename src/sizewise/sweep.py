@@ -177,8 +177,10 @@ def sweep(model: str | Path, budgets: str | list[str | Budget], out: str | Path,
         stats = allocate.profile_statistics(src, arch, config.calib, prof, progress)
         profile_s = time.perf_counter() - t0
         t0 = time.perf_counter()
+        memo: dict = {}                 # solved weights and reference log-probs, shared by all budgets
         allocs = [allocate.choose_measured(src, arch, config.calib, prof, sizes, b, options=config.options,
-                                           samples=measure_samples, progress=progress) for b in blist]
+                                           samples=measure_samples, progress=progress, memo=memo) for b in blist]
+        del memo
         choose_s = time.perf_counter() - t0
         src_info = src.info
         del src, arch                                 # each compression loads a fresh copy
