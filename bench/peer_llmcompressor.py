@@ -40,6 +40,8 @@ ROOT = Path(__file__).resolve().parent.parent
 PEER_PYTHON = ROOT / "out" / "peer-venv" / "bin" / "python"
 RUN_FILE = "peer_run.json"          # written last into a model directory: marks it finished
 PREFIX = "llmc-"
+STOP_GAP_S = 5.0                    # a 1 s polling loop that wakes later than this was itself stopped
+STOPPED_FILE = ".stopped.json"      # per label: seconds a worker sat stopped, from --monitor
 
 # (label, method, bits, group size or "channel"), in the order they are run.
 CONFIGS = [
@@ -339,6 +341,7 @@ def run_config(label: str, method: str, bits: int, group, calib_info: dict, out_
     stopped_s, loads, last = 0.0, [], t0
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT))
+        row["worker_pid"] = proc.pid
         deadline = None if timeout is None else t0 + timeout
         while True:
             pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
@@ -346,8 +349,9 @@ def run_config(label: str, method: str, bits: int, group, calib_info: dict, out_
                 break
             # The machine is shared: another job may SIGSTOP ours while it times its own work.
             # Count that time (it is in the wall time but no computing happens) and sample the load.
+            # A gap much longer than the 1 s sleep means this process was stopped as well.
             now = time.perf_counter()
-            if process_state(proc.pid) in ("T", "t"):
+            if process_state(proc.pid) in ("T", "t") or now - last > STOP_GAP_S:
                 stopped_s += now - last
             last = now
             if not loads or now - loads[-1][0] >= 30:
@@ -395,7 +399,53 @@ def last_error(log_path: Path, rc: int) -> str:
     return (lines[-1][:500] if lines else "") + f" (exit {rc})"
 
 
+def monitor(orchestrator: int, out_root: Path) -> None:
+    """Account the time workers of a running orchestrator sit SIGSTOPped (for runs started before
+    the orchestrator did this itself): state T, or a polling gap meaning this monitor was stopped too."""
+    path = out_root / STOPPED_FILE
+    acc = json.loads(path.read_text()) if path.is_file() else {}
+    last, last_write = time.perf_counter(), 0.0
+    while process_state(orchestrator):
+        time.sleep(1)
+        now = time.perf_counter()
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+                if int(fields[1]) != orchestrator:
+                    continue
+                cmdline = (stat.parent / "cmdline").read_bytes().split(b"\0")
+            except (OSError, ValueError, IndexError):
+                continue
+            spec = next((Path(x.decode()) for x in cmdline if x.endswith(b".spec.json")), None)
+            if spec is None:
+                continue
+            label = spec.name.removeprefix(".").removesuffix(".spec.json")
+            if label not in acc or acc[label]["pid"] != int(stat.parent.name):   # first sight (or a rerun)
+                acc[label] = {"pid": int(stat.parent.name), "stopped_s": 0.0, "observed_s": 0.0}
+                log = out_root / f"{label}.log"
+                if fields[0] in ("T", "t") and log.is_file():
+                    # Already stopped when first seen: it stopped when its log (progress bars, several
+                    # lines a second while running) was last written.
+                    acc[label]["stopped_s"] = acc[label]["pre_monitor_stopped_s"] = time.time() - log.stat().st_mtime
+            entry = acc[label]
+            entry["observed_s"] += now - last
+            if fields[0] in ("T", "t") or now - last > STOP_GAP_S:
+                entry["stopped_s"] += now - last
+        last = now
+        if now - last_write > 10:
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(json.dumps(acc, indent=1))
+            tmp.replace(path)
+            last_write = now
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(acc, indent=1))
+    tmp.replace(path)
+
+
 def main() -> None:
+    if len(sys.argv) >= 3 and sys.argv[1] == "--monitor":
+        monitor(int(sys.argv[2]), ROOT / "out" / "peer")
+        return
     if len(sys.argv) >= 2 and sys.argv[1] == "--worker":
         try:
             worker(Path(sys.argv[2]))
@@ -478,8 +528,14 @@ def shape_table(model: str) -> list[tuple[int, int]]:
 
 def write_results(args, calib_info: dict, rows: list[dict], res: dict | None, out_root: Path, partial: bool) -> None:
     shapes = shape_table(args.model)
+    monitored = json.loads((out_root / STOPPED_FILE).read_text()) if (out_root / STOPPED_FILE).is_file() else {}
     table_rows = []
     for r in rows:
+        mon = monitored.get(r["label"])
+        if (mon and r.get("wall_s") is not None and r.get("worker_pid") in (None, mon["pid"])
+                and mon["stopped_s"] > (r.get("stopped_s") or 0)):
+            r = {**r, "stopped_s": mon["stopped_s"], "stopped_from": "--monitor"}
+            r["wall_running_s"] = r["wall_s"] - r["stopped_s"]
         w = r.get("worker", {})
         qcfg = w.get("compressed_quantization_config") or {}
         wargs = next(iter(qcfg.get("config_groups", {}).values()), {}).get("weights", {}) if qcfg else {}
@@ -492,7 +548,7 @@ def write_results(args, calib_info: dict, rows: list[dict], res: dict | None, ou
                              "text": calib_info["text"], "text_sha256": calib_info["sha256"],
                              "token_ids_sha256": calib_info["token_ids_sha256"], "seed": calib_info["seed"]}
                             if w.get("calibration_used") else None),
-            "wall_s": r.get("wall_s"), "stopped_s": r.get("stopped_s"), "wall_running_s": r.get("wall_running_s"),
+            "wall_s": r.get("wall_s"), "stopped_s": r.get("stopped_s"), "stopped_from": r.get("stopped_from"), "wall_running_s": r.get("wall_running_s"),
             "oneshot_s": w.get("oneshot_s"), "cpu_s": r.get("cpu_s"), "loadavg_1min_mean": r.get("loadavg_1min_mean"),
             "peak_rss_mb": r.get("peak_rss_mb"), "peak_rss_mb_oneshot": w.get("peak_rss_mb_oneshot"),
             "dense_vs_llmcompressor_forward": w.get("dense_vs_llmcompressor_forward"), "loadavg_start": r.get("loadavg_start"),
