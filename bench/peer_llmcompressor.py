@@ -131,6 +131,16 @@ def worker(spec_path: Path) -> None:
         else:
             raise ValueError(f"unknown modifier {m['modifier']}")
         recipe.append(cls(**m["kwargs"]))
+    record["workarounds"] = []
+    if any(m["modifier"] == "AWQModifier" for m in spec["recipe"]) and not torch.accelerator.is_available():
+        # llm-compressor 0.14's AWQ pins its cached activations before every smoothing grid search
+        # (IntermediatesCache.pin_memory, for faster host-to-device copies); on a machine without
+        # an accelerator, pinning raises "Cannot access accelerator device when none is available".
+        # With no device to copy to, not pinning changes nothing but that.
+        from llmcompressor.pipelines.cache import IntermediatesCache
+        IntermediatesCache.pin_memory = lambda self, batch_index, input_names=None: None
+        record["workarounds"].append("IntermediatesCache.pin_memory made a no-op (no accelerator: pinning "
+                                     "raises in llm-compressor 0.14 AWQ on CPU; it only speeds host-to-device copies)")
     # Data-free RTN gets no calibration data (sizewise's RTN needs none either); the others get
     # every sample, one per batch (all are `length` long, so the truncating collator cuts nothing).
     calibrated = spec["method"] != "rtn"
@@ -561,7 +571,7 @@ def write_results(args, calib_info: dict, rows: list[dict], res: dict | None, ou
             "bits_per_weight_scheme": bits_from_scheme(r["bits"], r["group_size"], shapes, scale_bits, r["bits"])
             if w else None,
             "bits_per_weight_scheme_fp16_scale": bits_from_scheme(r["bits"], r["group_size"], shapes, 16, r["bits"]),
-            "checks": s or None, "dir": r.get("dir"), "resumed": r.get("resumed", False),
+            "checks": s or None, "workarounds": w.get("workarounds"), "dir": r.get("dir"), "resumed": r.get("resumed", False),
         }
         if "error" in r:
             entry["error"] = r["error"]
