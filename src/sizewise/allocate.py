@@ -120,11 +120,20 @@ def _choice(name: str, cand: Candidate) -> Choice:
     return Choice(name, cand.method, cand.format)
 
 
-def _dequantized(cand: Candidate, w: torch.Tensor, stats, options: dict | None) -> torch.Tensor:
-    """The weight the model would hold with this candidate (what `api.compress` computes)."""
+def _solved(cand: Candidate, w: torch.Tensor, stats, options: dict | None):
+    """What `api.compress` stores for this candidate: a QuantizedTensor, or the float weight."""
     if cand.method == "float":
         return w.to(TORCH_DTYPES[cand.format.dtype]).float()
-    return methods.solve(cand.method, w, stats, cand.format, options).dequantize()
+    return methods.solve(cand.method, w, stats, cand.format, options)
+
+
+def _dense(solved) -> torch.Tensor:
+    return solved if isinstance(solved, torch.Tensor) else solved.dequantize()
+
+
+def _dequantized(cand: Candidate, w: torch.Tensor, stats, options: dict | None) -> torch.Tensor:
+    """The weight the model would hold with this candidate (what `api.compress` computes)."""
+    return _dense(_solved(cand, w, stats, options))
 
 
 # --- exact sizes ----------------------------------------------------------------------------------
@@ -425,9 +434,11 @@ def fisher_diagonal(model, arch: Architecture, samples: torch.Tensor, *, seed: i
 def profile_model(model, arch: Architecture, samples: torch.Tensor, candidates: tuple[Candidate, ...], *,
                   options: dict | None = None, fisher_samples: int = 8, seed: int = 0, batch: int = 8,
                   compute_dtype: torch.dtype = torch.float32, offload: Path | None = None,
-                  progress: bool = True, keep_stats: bool = False, table_samples: int = 4) -> Profile:
+                  progress: bool = True, keep_stats: bool = False, table_samples: int = 4,
+                  tables: bool = True) -> Profile:
     """Predicted KL of every candidate on every decoder linear: one Fisher pass, one engine pass;
-    for the token tables (embedding, untied head), the KL measured on `table_samples` samples.
+    with `tables`, for the token tables (embedding, untied head), the KL measured on
+    `table_samples` samples (only byte budgets choose for tables; `add_table_costs` adds them later).
 
     The model is left exactly as it was. With `keep_stats` the profile also holds each linear's
     input statistics (`profile.stats`, in memory only), so plans can be solved without another pass.
@@ -456,18 +467,34 @@ def profile_model(model, arch: Architecture, samples: torch.Tensor, candidates: 
 
     stats, facts = engine.statistics(model, arch, samples, batch=batch, offload=offload, progress=progress,
                                      compute_dtype=compute_dtype, measure=measure)
-    t_tables = time.perf_counter()
-    layers += _table_costs(model, arch, candidates, samples[:table_samples], batch, options, progress)
     protocol = {"proxy": "0.5 * sum_j fisher_j * mean_tokens (dW X^T)_j^2, float-model inputs; token tables: "
                          "measured KL with only that table changed",
-                "table_samples": min(table_samples, len(samples)), "tables_s": time.perf_counter() - t_tables,
                 "fisher_samples": min(fisher_samples, len(samples)), "fisher_labels": "sampled from the model",
                 "seed": seed, "calibration_tokens": int(samples.numel()), "options": options or {},
                 "fisher_s": t_fisher, "engine_s": facts["engine_s"], "profile_s": time.perf_counter() - t0}
     prof = Profile(tuple(candidates), layers, protocol)
+    if tables:
+        add_table_costs(prof, model, arch, samples, batch=batch, table_samples=table_samples, options=options,
+                        progress=progress)
+    prof.protocol["profile_s"] = time.perf_counter() - t0
     if keep_stats:
         prof.stats = stats
     return prof
+
+
+def has_table_costs(profile: Profile, arch: Architecture) -> bool:
+    return all(profile.by_name.get(n) is not None for n in arch.tables)
+
+
+def add_table_costs(profile: Profile, model, arch: Architecture, samples: torch.Tensor, *, batch: int = 8,
+                    table_samples: int = 4, options: dict | None = None, progress: bool = True) -> None:
+    """Measure the token tables' candidates (`_table_costs`) into `profile`, if not there yet."""
+    if has_table_costs(profile, arch):
+        return
+    t0 = time.perf_counter()
+    profile.layers += _table_costs(model, arch, profile.candidates, samples[:table_samples], batch, options, progress)
+    profile.by_name = {l.name: l for l in profile.layers}
+    profile.protocol.update(table_samples=min(table_samples, len(samples)), tables_s=time.perf_counter() - t0)
 
 
 def _table_costs(model, arch: Architecture, candidates, samples: torch.Tensor, batch: int, options, progress: bool):
@@ -813,9 +840,9 @@ def measure_plans(model, arch: Architecture, allocs: list[Allocation], samples: 
                 if st is None and cand.method != "float" and methods.get(cand.method).needs_calibration:
                     raise SizewiseError(f"measuring a {cand.method} plan needs the calibration statistics")
                 wkey = ("weight", c.name, cand)
-                if wkey not in memo:
-                    memo[wkey] = _dequantized(cand, originals[c.name], st, options)
-                put(c.name, memo[wkey])
+                if wkey not in memo:        # stored solved (uint8 codes), not dense: 4x less memory
+                    memo[wkey] = _solved(cand, originals[c.name], st, options)
+                put(c.name, _dense(memo[wkey]))
             logp = _log_probs(model, samples, batch, torch.float32)
             kl = sum(float((r.exp() * (r - l)).double().sum()) for r, l in zip(reference, logp))
             kls.append(kl / samples.numel())
@@ -824,6 +851,13 @@ def measure_plans(model, arch: Architecture, allocs: list[Allocation], samples: 
         for n, w in originals.items():
             put(n, w)
     return kls
+
+
+def solved_weights(memo: dict) -> dict:
+    """(weight name, method, format) -> QuantizedTensor, from a `measure_plans` memo: the weights
+    its plans were measured with, which `api.compress(..., stats=..., solved=...)` then reuses."""
+    return {(k[1], k[2].method, k[2].format): v for k, v in memo.items()
+            if isinstance(k, tuple) and k[0] == "weight" and not isinstance(v, torch.Tensor)}
 
 
 def render(alloc: Allocation) -> str:
@@ -952,11 +986,13 @@ def _profile_key(src_info: dict, calib, text_sha: str | None, candidates, option
 
 def cached_profile(src, arch: Architecture, calib, candidates: tuple[Candidate, ...], *, options: dict | None = None,
                    fisher_samples: int = 8, cache: bool = True, progress: bool = True,
-                   keep_stats: bool = False) -> Profile:
+                   keep_stats: bool = False, tables: bool = True) -> Profile:
     """`profile_model` on the source's calibration samples, cached per model + calibration + candidates.
 
     The cache (under `builtins.cache_dir()/profiles`) lets a sweep over budgets profile once. A
     profile read from the cache has no statistics (`profile.stats` is None) even with `keep_stats`.
+    `tables`: also measure the token tables' candidates (byte budgets need them; measured once,
+    when first asked for, and added to the cached profile).
     """
     from . import data
     from .api import _calibration
@@ -964,17 +1000,24 @@ def cached_profile(src, arch: Architecture, calib, candidates: tuple[Candidate, 
     text_sha = data.read_text(calib.text).sha256 if calib.text is not None else None
     key = _profile_key(src.info, calib, text_sha, candidates, options, fisher_samples)
     path = builtins.cache_dir() / "profiles" / f"{key}.json"
+    prof = None
     if cache and src.info.get("sha256") and path.is_file():
         try:
-            return Profile.from_json(path.read_text())
+            prof = Profile.from_json(path.read_text())
         except (SizewiseError, json.JSONDecodeError, KeyError):
             pass                                  # stale or damaged: profile again
+        if prof is not None and (not tables or has_table_costs(prof, arch)):
+            return prof
     samples, calib_proto = _calibration(src, calib, progress)
-    prof = profile_model(src.model, arch, samples, candidates, options=options, fisher_samples=fisher_samples,
-                         seed=calib.seed, batch=calib.batch, compute_dtype=TORCH_DTYPES[calib.dtype],
-                         offload=Path(calib.offload) if calib.offload else None, progress=progress,
-                         keep_stats=keep_stats)
-    prof.protocol.update(model=src.info.get("spec"), model_sha256=src.info.get("sha256"), calibration=calib_proto)
+    if prof is not None:                          # cached, but without the tables this budget needs
+        add_table_costs(prof, src.model, arch, samples, batch=calib.batch, options=options, progress=progress)
+    else:
+        prof = profile_model(src.model, arch, samples, candidates, options=options, fisher_samples=fisher_samples,
+                             seed=calib.seed, batch=calib.batch, compute_dtype=TORCH_DTYPES[calib.dtype],
+                             offload=Path(calib.offload) if calib.offload else None, progress=progress,
+                             keep_stats=keep_stats, tables=tables)
+        prof.protocol.update(model=src.info.get("spec"), model_sha256=src.info.get("sha256"),
+                             calibration=calib_proto)
     if cache and src.info.get("sha256"):
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
@@ -1051,7 +1094,7 @@ def plan_for_budget(model, budget: str | Budget, *, calib=None, quantizers: tupl
     check_budget(budget, sizes)                         # before any expensive work
     calib = (calib or CalibConfig()).resolved(next(src.model.parameters()).device)
     prof = cached_profile(src, arch, calib, cands, options=options, fisher_samples=fisher_samples, cache=cache,
-                          progress=progress, keep_stats=measure_samples > 0)
+                          progress=progress, keep_stats=measure_samples > 0, tables=budget.kind == "bytes")
     if measure_samples > 0:
         return choose_measured(src, arch, calib, prof, sizes, budget, options=options, samples=measure_samples,
                                progress=progress)
@@ -1081,7 +1124,7 @@ def compress_to_budget(model, budget: str | Budget, out: str | Path | None = Non
 
 def compress_allocation(model, alloc: Allocation, out: str | Path | None = None, config=None, *,
                         overwrite: bool = False, progress: bool = True, allow_pickle: bool = False,
-                        stats: dict | None = None):
+                        stats: dict | None = None, solved: dict | None = None):
     """`api.compress` with the allocation's plan; the manifest records the allocation, sizes checked.
 
     Separate from `compress_to_budget` so that a sweep allocates many budgets from one profile
@@ -1091,7 +1134,7 @@ def compress_allocation(model, alloc: Allocation, out: str | Path | None = None,
 
     config = config or api.CompressConfig()
     res = api.compress(api._source(model, allow_pickle), replace(config, plan=alloc.plan), out,
-                       overwrite=overwrite, progress=progress, stats=stats)
+                       overwrite=overwrite, progress=progress, stats=stats, solved=solved)
     res.manifest["allocation"] = alloc.summary()
     if out is not None:
         t = res.manifest["totals"]

@@ -102,12 +102,14 @@ def _calibration(src: Source, calib: CalibConfig, progress: bool) -> tuple[torch
 
 def compress(model: str | Path | Source, config: CompressConfig | None = None, out: str | Path | None = None, *,
              overwrite: bool = False, progress: bool = True, allow_pickle: bool = False,
-             stats: dict | None = None) -> Result:
+             stats: dict | None = None, solved: dict | None = None) -> Result:
     """Compress every decoder linear per the plan (or the uniform method/format); write `out` if given.
 
     `stats` (linear name -> `engine.LinearStats` of the float model on `config.calib`, as a
     profile keeps them) skips the calibration passes: every layer is solved from those statistics
     at once, without propagating compressed outputs. A sweep uses it to observe the model once.
+    `solved` ((weight name, method, format) -> QuantizedTensor solved from those same `stats`, as
+    a sweep's plan measurement keeps them) skips solving again what is already solved.
     """
     config = config or CompressConfig()
     if out is not None:
@@ -149,7 +151,9 @@ def compress(model: str | Path | Source, config: CompressConfig | None = None, o
         choice = plan.by_name[ref.weight_name]
         if choice.method == "float":
             return w.to(TORCH_DTYPES[choice.format.dtype]).float()
-        qt = methods.solve(choice.method, w, stats, choice.format, config.options)
+        qt = (solved or {}).get((ref.weight_name, choice.method, choice.format)) if stats is not None else None
+        if qt is None:
+            qt = methods.solve(choice.method, w, stats, choice.format, config.options)
         quantized[ref.weight_name] = qt
         return qt.dequantize()
 

@@ -173,13 +173,15 @@ def sweep(model: str | Path, budgets: str | list[str | Budget], out: str | Path,
         say(f"profiling {len(cands)} candidates on {len(linears)} linear layers (once, cached)")
         t0 = time.perf_counter()
         prof = allocate.cached_profile(src, arch, config.calib, cands, options=config.options,
-                                       fisher_samples=fisher_samples, cache=cache, progress=progress, keep_stats=True)
+                                       fisher_samples=fisher_samples, cache=cache, progress=progress, keep_stats=True,
+                                       tables=any(b.kind == "bytes" for b in blist))
         stats = allocate.profile_statistics(src, arch, config.calib, prof, progress)
         profile_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         memo: dict = {}                 # solved weights and reference log-probs, shared by all budgets
         allocs = [allocate.choose_measured(src, arch, config.calib, prof, sizes, b, options=config.options,
                                            samples=measure_samples, progress=progress, memo=memo) for b in blist]
+        solved = {} if sequential else allocate.solved_weights(memo)    # the chosen plans' weights, reused
         del memo
         choose_s = time.perf_counter() - t0
         src_info = src.info
@@ -192,7 +194,7 @@ def sweep(model: str | Path, budgets: str | list[str | Budget], out: str | Path,
             say(f"compressing {d} ({i}/{len(blist)}): predicted KL {alloc.predicted_total:.4g}")
             t0 = time.perf_counter()
             allocate.compress_allocation(model, alloc, tmp / d, config, progress=progress, allow_pickle=allow_pickle,
-                                         stats=None if sequential else stats)
+                                         stats=None if sequential else stats, solved=solved)
             compress_s[d] = time.perf_counter() - t0
             points.append({"kind": "allocated", "label": d, "dir": d, "budget": b.text, "budget_kind": b.kind,
                            "budget_value": float(b.value), "predicted_kl": alloc.predicted_total,
