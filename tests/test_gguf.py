@@ -14,23 +14,26 @@ import torch
 from sizewise.errors import SizewiseError
 from sizewise.export.gguf import rope_row_order, write_gguf
 from sizewise.export.gguf_types import (
-    KQuantFormat,
-    KQuantGrid,
-    KQuantTensor,
     fit_ggml,
     ggml_bytes,
     ggml_type_for,
-    kquant_decode,
-    kquant_encode,
-    kquant_fit,
-    kquant_rtn,
+    kquant_from_ggml_bytes,
     kquant_to_ggml_bytes,
     rtn_ggml,
-    surrogate_format,
     to_ggml_bytes,
 )
 from sizewise.quant.formats import FloatFormat, QuantFormat
 from sizewise.quant.grid import decode, encode, rtn
+from sizewise.quant.kquant import (
+    KQuantFormat,
+    KQuantGrid,
+    KQuantTensor,
+    kquant_decode,
+    kquant_encode,
+    kquant_fit,
+    kquant_rtn,
+    surrogate_format,
+)
 
 G = gguf.GGMLQuantizationType
 BLOCK32 = {
@@ -168,6 +171,21 @@ def test_kquant_packing_matches_ggml_layout(type_name):
     kt = random_grid(KQuantFormat(type_name), 4, 512)
     data = kquant_to_ggml_bytes(kt)
     assert bits_equal(gguf.quants.dequantize(data, G[type_name]), kt.dequantize().numpy())
+    assert KQuantFormat(type_name).block_bytes == gguf.GGML_QUANT_SIZES[G[type_name]][1]
+    # unpacking is the exact inverse: the same grid and codes, and packing them again the same bytes
+    back = kquant_from_ggml_bytes(data, KQuantFormat(type_name), (4, 512))
+    assert torch.equal(back.codes, kt.codes) and torch.equal(back.grid.scales, kt.grid.scales)
+    assert torch.equal(back.grid.d.view(torch.int16), kt.grid.d.view(torch.int16))
+    assert (back.grid.mins is None) == (kt.grid.mins is None)
+    if kt.grid.mins is not None:
+        assert torch.equal(back.grid.mins, kt.grid.mins)
+        assert torch.equal(back.grid.dmin.view(torch.int16), kt.grid.dmin.view(torch.int16))
+    assert np.array_equal(kquant_to_ggml_bytes(back), data)
+    noise = np.random.default_rng(0).integers(0, 256, data.shape, dtype=np.uint8)   # any bytes at all
+    assert np.array_equal(kquant_to_ggml_bytes(kquant_from_ggml_bytes(noise, KQuantFormat(type_name), (4, 512))),
+                          noise)
+    with pytest.raises(SizewiseError):
+        kquant_from_ggml_bytes(data[:, 1:], KQuantFormat(type_name), (4, 512))
 
 
 @pytest.mark.parametrize("type_name", KQUANTS)

@@ -54,6 +54,7 @@ from .errors import SizewiseError
 from .plan import Choice, Plan
 from .quant import methods
 from .quant.formats import DTYPE_BITS, TORCH_DTYPES, FloatFormat, Format, QuantFormat, format_from_dict, label
+from .quant.kquant import KQUANT_TYPES, KQuantFormat
 from .quant.pack import packed_nbytes
 
 PROFILE_VERSION = 2          # bump when the proxy's definition changes: cached profiles are then ignored
@@ -70,7 +71,12 @@ class Candidate:
     format: Format
 
     def fits(self, in_features: int) -> bool:
-        return isinstance(self.format, FloatFormat) or in_features % self.format.group_len(in_features) == 0
+        """Whether the format tiles this input size (a group size that divides it, k-quants: 256 | in)."""
+        try:
+            self.format.check(in_features)
+        except SizewiseError:
+            return False
+        return True
 
     @property
     def label(self) -> str:
@@ -104,10 +110,12 @@ def candidate_set(quantizers: tuple[str, ...] = ("rtn",), bits: tuple[int, ...] 
 
 
 def gguf_candidate_set(quantizers: tuple[str, ...] = ("rtn",), float_dtype: str | None = "float16") -> tuple[Candidate, ...]:
-    """Only formats that llama.cpp's 32-weight block types hold exactly (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0),
-    plus float: a plan made of these exports to GGUF unchanged, as a mixed-type file."""
+    """Only formats that llama.cpp's block types hold exactly, plus float: the 32-weight types (Q4_0,
+    Q4_1, Q5_0, Q5_1, Q8_0) and the k-quants (Q2_K .. Q6_K; only on layers whose input size is a
+    multiple of 256). A plan made of these exports to GGUF unchanged, as a mixed-type file."""
     fmts = [QuantFormat(b, 32, symmetric=True, scale_dtype="float16") for b in (4, 5, 8)] + \
-           [QuantFormat(b, 32, symmetric=False, scale_dtype="float16", zero="float16") for b in (4, 5)]
+           [QuantFormat(b, 32, symmetric=False, scale_dtype="float16", zero="float16") for b in (4, 5)] + \
+           [KQuantFormat(t) for t in KQUANT_TYPES]
     cands = [Candidate(q, f) for q in quantizers for f in fmts]
     for q in quantizers:
         methods.get(q)
@@ -151,6 +159,9 @@ def _tensors(name: str, cand: Candidate, shape: tuple[int, int], state_shape: tu
     fmt = cand.format
     if isinstance(fmt, FloatFormat):
         return [(name, _FLOAT_ST[fmt.dtype], state_shape, out * inp * DTYPE_BITS[fmt.dtype] // 8)]
+    if isinstance(fmt, KQuantFormat):        # ggml's blocks, one row of them per output channel
+        nbytes = fmt.stored_bits(out, inp) // 8
+        return [(f"{name}:ggml", "U8", (out, nbytes // out), nbytes)]
     groups = out * (inp // fmt.group_len(inp))
     codes = packed_nbytes(out * inp, fmt.bits)
     scale_bytes = groups * DTYPE_BITS[fmt.scale_dtype] // 8
@@ -869,6 +880,8 @@ def render(alloc: Allocation) -> str:
         name = c.name.removesuffix(".weight")
         if isinstance(fmt, FloatFormat):
             bits, group, kind = DTYPE_BITS[fmt.dtype], "-", fmt.dtype
+        elif isinstance(fmt, KQuantFormat):     # sub-blocks of a 256-weight super-block
+            bits, group, kind = fmt.bits, f"{fmt.sub_size}/256", f"{c.method} {label(fmt)}"
         else:
             bits, group = fmt.bits, "channel" if fmt.group_size is None else str(fmt.group_size)
             kind = f"{c.method} {label(fmt)}"

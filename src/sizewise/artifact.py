@@ -2,7 +2,8 @@
 
     DIR/manifest.json        what was done and what is stored (formats, bits, protocol, sizes)
     DIR/packed.safetensors   every weight as stored: bit-packed codes + scales + zeros for quantized
-                             weights, the rest in its float storage dtype; this is the compressed model
+                             weights, ggml's own blocks for k-quants, the rest in its float storage
+                             dtype; this is the compressed model
     DIR/hf/                  the same weights dense (float32), loadable by transformers alone
 
 Written to a temporary directory beside DIR and renamed into place, so a DIR that exists is complete.
@@ -20,6 +21,7 @@ from safetensors.torch import save_file
 from .atomic import staged_dir
 from .errors import SizewiseError
 from .quant.formats import (TORCH_DTYPES, FloatFormat, QuantFormat, QuantizedTensor, format_from_dict)
+from .quant.kquant import KQuantFormat, KQuantTensor
 from .quant.pack import pack_bits, unpack_bits
 
 MANIFEST, PACKED, DENSE = "manifest.json", "packed.safetensors", "hf"
@@ -36,7 +38,12 @@ def check_output(out: Path, overwrite: bool) -> None:
         raise SizewiseError(f"output path {out} already exists and is not empty (use --force to replace it)")
 
 
-def _quant_entries(name: str, qt: QuantizedTensor) -> dict[str, torch.Tensor]:
+def _quant_entries(name: str, qt: QuantizedTensor | KQuantTensor) -> dict[str, torch.Tensor]:
+    if isinstance(qt, KQuantTensor):
+        # ggml's blocks as they are: exactly the format's stored bits, and a GGUF export copies them
+        from .export.gguf_types import kquant_to_ggml_bytes
+
+        return {f"{name}:ggml": torch.from_numpy(kquant_to_ggml_bytes(qt))}
     fmt = qt.fmt
     out = {f"{name}:codes": torch.from_numpy(pack_bits(qt.codes.numpy(), fmt.bits)),
            f"{name}:scales": qt.scales.contiguous()}
@@ -58,6 +65,19 @@ def _read_quant(f, name: str, fmt: QuantFormat, shape: tuple[int, int]) -> Quant
     return QuantizedTensor(fmt, torch.from_numpy(codes), f.get_tensor(f"{name}:scales"), zeros)
 
 
+def read_kquant(data: torch.Tensor, fmt: KQuantFormat, shape: tuple[int, int]) -> KQuantTensor:
+    """A k-quant weight [out, in] from its stored ggml blocks (uint8), bit for bit."""
+    from .export.gguf_types import kquant_from_ggml_bytes
+
+    return kquant_from_ggml_bytes(data.numpy(), fmt, shape)
+
+
+def stored_shape(entry: dict) -> tuple[int, int]:
+    """[out, in] of a quantized weight from its manifest entry (GPT-2's Conv1D stores [in, out])."""
+    shape = tuple(entry["shape"])
+    return shape[::-1] if entry["transposed"] else shape
+
+
 def unique_state(model) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """State dict without tied duplicates, and the aliases (duplicate name -> stored name)."""
     seen: dict[int, str] = {}
@@ -72,8 +92,9 @@ def unique_state(model) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     return state, aliases
 
 
-def write(out: Path, *, model, tokenizer, quantized: dict[str, QuantizedTensor], linears: dict[str, bool],
-          methods: dict[str, str], float_dtype: str, manifest: dict, overwrite: bool = False) -> dict:
+def write(out: Path, *, model, tokenizer, quantized: dict[str, QuantizedTensor | KQuantTensor],
+          linears: dict[str, bool], methods: dict[str, str], float_dtype: str, manifest: dict,
+          overwrite: bool = False) -> dict:
     """Write the artifact for `model` (whose weights already equal the dequantized ones).
 
     `linears` maps each decoder linear weight name to whether it is stored transposed (GPT-2 Conv1D).
@@ -139,7 +160,8 @@ def read_manifest(path: str | Path) -> dict:
 
 
 def load_stored(path: str | Path) -> tuple[dict, dict]:
-    """The tensors exactly as stored: QuantizedTensor ([out, in]) or tensors in their storage dtype.
+    """The tensors exactly as stored: QuantizedTensor or KQuantTensor ([out, in]) or tensors in their
+    storage dtype.
 
     Returns (tensors, manifest); tied aliases are not repeated.
     """
@@ -151,8 +173,9 @@ def load_stored(path: str | Path) -> tuple[dict, dict]:
             for name, entry in manifest["tensors"].items():
                 fmt = entry["format"]
                 if fmt["kind"] == "quant":
-                    shape = tuple(entry["shape"])
-                    stored[name] = _read_quant(f, name, format_from_dict(fmt), shape[::-1] if entry["transposed"] else shape)
+                    stored[name] = _read_quant(f, name, format_from_dict(fmt), stored_shape(entry))
+                elif fmt["kind"] == "kquant":
+                    stored[name] = read_kquant(f.get_tensor(f"{name}:ggml"), format_from_dict(fmt), stored_shape(entry))
                 else:
                     stored[name] = f.get_tensor(name)
     except (SafetensorError, OSError, ValueError, KeyError) as e:
@@ -169,7 +192,7 @@ def dense_state(stored: dict, manifest: dict) -> dict[str, torch.Tensor]:
     """Stored tensors (as `load_stored` returns them) → the dense float32 state dict, aliases restored."""
     state = {}
     for name, t in stored.items():
-        if isinstance(t, QuantizedTensor):
+        if isinstance(t, (QuantizedTensor, KQuantTensor)):
             w = t.dequantize()
             state[name] = w.t().contiguous() if manifest["tensors"][name]["transposed"] else w
         else:

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .formats import QuantFormat
-from .grid import rtn
+from .methods import round_to_nearest
 
 GRID = tuple(k / 20 for k in range(21))   # α in {0, 0.05, ..., 1}
 
@@ -182,7 +182,7 @@ def proxy_error(w: torch.Tensor, fmt: QuantFormat | None, xtx: torch.Tensor, s: 
     """trace(ΔW XᵀX ΔWᵀ) for ΔW = W − Q(W·diag(s))·diag(1/s); 0 for a linear kept in float."""
     if fmt is None:
         return 0.0
-    d = w - rtn(w * s, fmt).dequantize() / s
+    d = w - round_to_nearest(w * s, fmt).dequantize() / s
     return float(((d @ xtx) * d).sum())
 
 

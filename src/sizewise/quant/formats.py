@@ -95,7 +95,7 @@ class FloatFormat:
         return {"kind": self.kind, **asdict(self)}
 
 
-Format = QuantFormat | FloatFormat
+Format = QuantFormat | FloatFormat   # and kquant.KQuantFormat (llama.cpp's k-quants), which builds on these
 
 
 def format_from_dict(d: dict) -> Format:
@@ -105,6 +105,10 @@ def format_from_dict(d: dict) -> Format:
         return QuantFormat(**d)
     if kind == "float":
         return FloatFormat(**d)
+    if kind == "kquant":
+        from .kquant import KQuantFormat  # kquant imports this module
+
+        return KQuantFormat(**d)
     raise SizewiseError(f"unknown format kind {kind!r}")
 
 
@@ -134,9 +138,11 @@ class QuantizedTensor:
 
 
 def label(fmt: Format) -> str:
-    """Short human-readable name, e.g. 'int4 g64 asym' or 'float16'."""
+    """Short human-readable name, e.g. 'int4 g64 asym', 'Q4_K' or 'float16'."""
     if isinstance(fmt, FloatFormat):
         return fmt.dtype
+    if fmt.kind == "kquant":
+        return fmt.type_name
     group = "per-channel" if fmt.group_size is None else f"g{fmt.group_size}"
     kind = "sym" if fmt.symmetric else ("asym" if fmt.zero == "int" else "asym-fmin")
     scale = "" if fmt.scale_dtype == "float16" else f" s:{fmt.scale_dtype}"

@@ -6,7 +6,7 @@ as possible. The inverse Hessian enters only through its upper Cholesky factor U
 and updates to columns outside the current block are applied lazily, one matmul per block.
 
 The grid math (fit / encode / decode) is the one in grid.py: what GPTQ rounds to is exactly what
-`QuantizedTensor.dequantize()` returns.
+`QuantizedTensor.dequantize()` (or, for k-quants, `KQuantTensor.dequantize()`) returns.
 
 `hessian_factor` depends only on XᵀX, so callers that quantize several weights fed by the same
 inputs (q/k/v, gate/up) or try several formats on one layer can compute it once and pass it in.
@@ -21,6 +21,7 @@ import torch
 from ..errors import SizewiseError
 from .formats import QuantFormat, QuantizedTensor
 from .grid import decode, encode, fit, grouped, pack_tensor
+from .kquant import KQuantFormat, KQuantTensor, kquant_fit, surrogate_format
 from .refine import mse_clip
 
 _DAMP_RETRIES = 4   # each retry multiplies the damping by 10
@@ -123,9 +124,9 @@ def _fit_groups(w: torch.Tensor, fmt: QuantFormat, weight: torch.Tensor | None, 
     return fit(grouped(w, fmt), fmt, clip)
 
 
-def gptq(weight: torch.Tensor, xtx: torch.Tensor, fmt: QuantFormat, *, block_size: int = 128,
+def gptq(weight: torch.Tensor, xtx: torch.Tensor, fmt: QuantFormat | KQuantFormat, *, block_size: int = 128,
          act_order: bool = True, damp: float = 0.01, clip_search: bool = False,
-         factor: HessianFactor | None = None) -> QuantizedTensor:
+         factor: HessianFactor | None = None) -> QuantizedTensor | KQuantTensor:
     """Quantize weight [out, in] to `fmt`, minimizing ‖XWᵀ − XŴᵀ‖ for the X behind xtx = ΣxxT.
 
     act_order: process columns by decreasing diag(XᵀX). Groups stay contiguous in the original
@@ -135,6 +136,10 @@ def gptq(weight: torch.Tensor, xtx: torch.Tensor, fmt: QuantFormat, *, block_siz
     GPTQ). Per-channel grids are always fitted up front.
     clip_search: fit each group's range by `mse_clip`, weighting inputs by diag(XᵀX).
     factor: a precomputed `hessian_factor(xtx, damp=..., act_order=...)`; xtx is then unused.
+
+    A k-quant's two-level grid is always fitted up front, by `kquant_fit` with diag(XᵀX) as the
+    input channels' importance (llama.cpp's imatrix is the same statistic); GPTQ then chooses every
+    code on that fixed grid. clip_search does not apply: kquant_fit searches the scales itself.
     """
     if weight.ndim != 2:
         raise SizewiseError(f"GPTQ needs a 2-D weight, got shape {tuple(weight.shape)}")
@@ -148,22 +153,42 @@ def gptq(weight: torch.Tensor, xtx: torch.Tensor, fmt: QuantFormat, *, block_siz
         raise SizewiseError("the Hessian factor was prepared with a different act_order")
     if factor.u.shape[0] != in_f:
         raise SizewiseError(f"XᵀX is {factor.u.shape[0]} wide but the weight has {in_f} input columns")
-    dev = weight.device
-    perm, u = factor.perm.to(dev), factor.u.to(dev)
-    dead, hdiag = factor.dead.to(dev), factor.diag.to(dev)
 
     w = weight.detach().float().clone()
-    w[:, dead] = 0  # no data constrains these; zero is on every grid with an integer zero
+    w[:, factor.dead.to(w.device)] = 0  # no data constrains these; zero is on every grid with an integer zero
+    if isinstance(fmt, KQuantFormat):
+        grid = kquant_fit(w, fmt, importance=factor.diag)
+        codes, _ = _round_columns(w, factor, surrogate_format(fmt), block_size, grid.per_weight())
+        return KQuantTensor(grid, codes)
     g = fmt.group_len(in_f)
-    dynamic = not act_order and g < in_f
-    cw = hdiag if clip_search else None
-
-    if not dynamic:
+    cw = factor.diag.to(w.device) if clip_search else None
+    if act_order or g == in_f:
         scale, zero = _fit_groups(w, fmt, cw, clip_search)          # [out, groups]
-        # Per processing step, the scale/zero row of that column's group: [in, out].
-        col_group = perm // g
-        st = scale.t()[col_group].contiguous()
-        zt = None if zero is None else zero.t()[col_group].contiguous()
+        per_weight = (scale.repeat_interleave(g, dim=1), None if zero is None else zero.repeat_interleave(g, dim=1))
+        codes, _ = _round_columns(w, factor, fmt, block_size, per_weight)
+    else:
+        codes, (scale, zero) = _round_columns(w, factor, fmt, block_size, group=g, cw=cw, clip_search=clip_search)
+    return pack_tensor(codes, scale, zero, fmt)
+
+
+def _round_columns(w: torch.Tensor, factor: HessianFactor, fmt: QuantFormat, block_size: int,
+                   fixed: tuple[torch.Tensor, torch.Tensor | None] | None = None, *, group: int = 0,
+                   cw: torch.Tensor | None = None, clip_search: bool = False):
+    """GPTQ's column loop over w [out, in]: each column rounded in processing order, its error spread.
+
+    fixed: (scale, zero) per weight, each [out, in] (zero None if symmetric), rounded against as given.
+    Without it each group of `group` columns (original order only) gets its grid fitted from its
+    weights as updated so far, when its first column is reached.
+    Returns (uint8 codes [out, in] in original column order, that fitted (scale, zero) [out, groups],
+    or None with a fixed grid). Decoding the codes gives exactly the values rounded to.
+    """
+    in_f = w.shape[1]
+    dev = w.device
+    perm, u = factor.perm.to(dev), factor.u.to(dev)
+    if fixed is not None:
+        # Per processing step, the scale/zero of that column: [in, out].
+        st = fixed[0].t()[perm].contiguous()
+        zt = None if fixed[1] is None else fixed[1].t()[perm].contiguous()
     else:
         scales, zeros = [], []
 
@@ -178,9 +203,9 @@ def gptq(weight: torch.Tensor, xtx: torch.Tensor, fmt: QuantFormat, *, block_siz
         e1 = torch.empty_like(w1)
         for i in range(i2 - i1):
             c = i1 + i
-            if dynamic:
-                if c % g == 0:
-                    s, z = _fit_current_group(wt, u, e1, i1, i2, c, g, fmt, cw, clip_search)
+            if fixed is None:
+                if c % group == 0:
+                    s, z = _fit_current_group(wt, u, e1, i1, i2, c, group, fmt, cw, clip_search)
                     scales.append(s)
                     zeros.append(z)
             else:
@@ -194,18 +219,19 @@ def gptq(weight: torch.Tensor, xtx: torch.Tensor, fmt: QuantFormat, *, block_siz
         if i2 < in_f:
             wt[i2:].addmm_(u[i1:i2, i2:].t(), e1, alpha=-1.0)
 
-    if dynamic:
+    fitted = None
+    if fixed is None:
         scale = torch.stack(scales, dim=1)
         zero = None if zeros[0] is None else torch.stack(zeros, dim=1)
-        st = scale.t().repeat_interleave(g, dim=0)
-        zt = None if zero is None else zero.t().repeat_interleave(g, dim=0)
+        st = scale.t().repeat_interleave(group, dim=0)
+        zt = None if zero is None else zero.t().repeat_interleave(group, dim=0)
+        fitted = (scale, zero)
     # Each row of wt now holds the value that was rounded; encoding is elementwise, so this
     # reproduces the codes chosen inside the loop exactly.
     codes_t = encode(wt, st, zt, fmt)
     inv = torch.empty_like(perm)
     inv[perm] = torch.arange(in_f, device=dev)
-    codes = codes_t[inv].t().contiguous()                              # original column order
-    return pack_tensor(codes, scale, zero, fmt)
+    return codes_t[inv].t().contiguous(), fitted                        # original column order
 
 
 def _fit_current_group(wt, u, e1, i1, i2, c, g, fmt, cw, clip_search):

@@ -1,4 +1,5 @@
-"""Method names → solvers. A solver is a pure function (weight [out,in], stats, format) → QuantizedTensor.
+"""Method names → solvers. A solver is a pure function (weight [out,in], stats, format) → QuantizedTensor,
+or KQuantTensor for llama.cpp's k-quant formats.
 
 This is the one place a method name is resolved; the engine, the CLI and the plan all go through it.
 """
@@ -13,22 +14,32 @@ import torch
 from ..errors import SizewiseError
 from .formats import QuantFormat, QuantizedTensor
 from .grid import rtn
+from .kquant import KQuantFormat, KQuantTensor, kquant_rtn
 
 
 @dataclass(frozen=True)
 class Method:
     name: str
     needs_calibration: bool
-    solve: Callable[..., QuantizedTensor]   # (weight, stats, fmt, **options)
+    solve: Callable[..., QuantizedTensor | KQuantTensor]   # (weight, stats, fmt, **options)
     summary: str
     options: dict = field(default_factory=dict)
 
 
+def round_to_nearest(w: torch.Tensor, fmt) -> QuantizedTensor | KQuantTensor:
+    """Data-free rounding in any quantized format: k-quants fit their two-level grid first."""
+    return kquant_rtn(w, fmt) if isinstance(fmt, KQuantFormat) else rtn(w, fmt)
+
+
 def _rtn(w, stats, fmt, **_):
-    return rtn(w, fmt)
+    return round_to_nearest(w, fmt)
 
 
 def _rtn_mse(w, stats, fmt, **_):
+    if isinstance(fmt, KQuantFormat):
+        # kquant_fit already searches each sub-block's scale (and min) for the least squared error,
+        # as llama.cpp's make_qkx2_quants / make_qx_quants do: a clip search would repeat it
+        return kquant_rtn(w, fmt)
     from .refine import rtn_refined
     return rtn_refined(w, fmt)
 
@@ -88,6 +99,7 @@ def get(name: str) -> Method:
     return METHODS[name]
 
 
-def solve(name: str, w: torch.Tensor, stats, fmt: QuantFormat, options: dict | None = None) -> QuantizedTensor:
+def solve(name: str, w: torch.Tensor, stats, fmt: QuantFormat | KQuantFormat,
+          options: dict | None = None) -> QuantizedTensor | KQuantTensor:
     m = get(name)
     return m.solve(w, stats, fmt, **{**m.options, **(options or {})})
