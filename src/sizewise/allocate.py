@@ -57,7 +57,7 @@ from .quant.formats import DTYPE_BITS, TORCH_DTYPES, FloatFormat, Format, QuantF
 from .quant.kquant import KQUANT_TYPES, KQuantFormat
 from .quant.pack import packed_nbytes
 
-PROFILE_VERSION = 2          # bump when the proxy's definition changes: cached profiles are then ignored
+PROFILE_VERSION = 3          # bump when the proxy's definition changes: cached profiles are then ignored
 
 
 # --- candidates -----------------------------------------------------------------------------------

@@ -192,6 +192,8 @@ def compress(model: str | Path | Source, config: CompressConfig | None = None, o
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "source": src.info,
         "method": {"name": config.method if config.plan is None else "plan", "options": config.options,
+                   "effective_options": {q: {**methods.get(q).options, **config.options}
+                                         for q in sorted(plan.methods()) if methods.get(q).options},
                    "format": None if config.plan else config.format.to_dict(), "skip": list(config.skip)},
         "calibration": calib_proto,
         "transforms": transforms,

@@ -24,6 +24,20 @@ def _group_size(value: str) -> int | None:
 
 
 # Calibration and allocator options shared by `plan` and `sweep` (same names, defaults and help).
+_NO_CLIP_HELP = ("GPTQ: fit each group's grid to its min/max instead of searching the clipping range "
+                 "that minimizes the Hessian-weighted error (the default; a few percent slower).")
+
+
+def _gptq_options(no_act_order: bool, no_clip_search: bool, damp: float) -> dict:
+    """Method options from the GPTQ flags; only what differs from the defaults, as the manifest records it."""
+    options = {"act_order": False} if no_act_order else {}
+    if no_clip_search:
+        options["clip_search"] = False
+    if damp != 0.01:
+        options["damp"] = damp
+    return options
+
+
 _CALIB_OPTIONS = (
     click.option("--float-dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default="float16", show_default=True),
     click.option("--calib", default=None, help="Calibration text: a file or built-in name (enwiki-sample). Default: samples the model writes itself."),
@@ -37,6 +51,7 @@ _CALIB_OPTIONS = (
     click.option("--fisher-samples", default=8, show_default=True, type=int, help="Calibration samples for the layer-importance (Fisher) pass."),
     click.option("--measure-samples", default=8, show_default=True, type=int, help="Held-out calibration samples on which the knapsack's plan is measured against a few alternatives (plans without the lowest bit widths, the best uniform one); 0 trusts the prediction alone."),
     click.option("--no-act-order", is_flag=True, help="GPTQ: process columns in their natural order."),
+    click.option("--no-clip-search", is_flag=True, help=_NO_CLIP_HELP),
     click.option("--damp", default=0.01, show_default=True, type=float, help="GPTQ: Hessian damping, a fraction of its mean diagonal."),
 )
 
@@ -48,14 +63,11 @@ def _calib_options(f):
 
 
 def _calib_config(float_dtype, calib, calib_samples, calib_len, calib_dtype, batch, seed, offload, no_act_order,
-                  damp):
+                  no_clip_search, damp):
     """The CompressConfig that `_calib_options` describe."""
     from . import api
 
-    options = {"act_order": False} if no_act_order else {}
-    if damp != 0.01:
-        options["damp"] = damp
-    return api.CompressConfig(options=options, float_dtype=float_dtype, calib=api.CalibConfig(
+    return api.CompressConfig(options=_gptq_options(no_act_order, no_clip_search, damp), float_dtype=float_dtype, calib=api.CalibConfig(
         text=calib, samples=calib_samples, length=calib_len, seed=seed, batch=batch, offload=offload, dtype=calib_dtype))
 
 
@@ -107,6 +119,7 @@ def cli():
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--offload", type=click.Path(), help="Keep calibration activations memory-mapped in this directory instead of RAM.")
 @click.option("--no-act-order", is_flag=True, help="GPTQ: process columns in their natural order.")
+@click.option("--no-clip-search", is_flag=True, help=_NO_CLIP_HELP)
 @click.option("--damp", default=0.01, show_default=True, type=float, help="GPTQ: Hessian damping, a fraction of its mean diagonal.")
 @click.option("--budget", default=None, help="Instead of one format: mix per-layer choices to fit bits per weight "
               "over the linear layers (3.5bpw) or a packed file size (70MB = 70e6 bytes; MiB, GB, GiB). "
@@ -122,7 +135,8 @@ def cli():
 @click.option("--allow-pickle", is_flag=True, help="Allow loading pickled (.bin) weights. Only for files you trust.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def compress(model, output, method, bits, group_size, sym, zero, scale_dtype, float_dtype, skip, plan_path, calib,
-             calib_samples, calib_len, calib_dtype, batch, seed, offload, no_act_order, damp, budget, fisher_samples,
+             calib_samples, calib_len, calib_dtype, batch, seed, offload, no_act_order, no_clip_search, damp, budget,
+             fisher_samples,
              measure_samples, out_format, force, allow_pickle, quiet):
     """Compress MODEL and write an artifact (manifest, packed tensors, dense HF copy) to -o DIR,
     or with --format gguf a GGUF file for llama.cpp."""
@@ -133,11 +147,8 @@ def compress(model, output, method, bits, group_size, sym, zero, scale_dtype, fl
     if budget is not None and (plan_path or skip):
         raise SizewiseError("--budget chooses every layer's format itself; drop --plan and --skip")
     fmt = QuantFormat(bits, _group_size(group_size), symmetric=sym, scale_dtype=scale_dtype, zero=zero)
-    options = {"act_order": False} if no_act_order else {}
-    if damp != 0.01:
-        options["damp"] = damp
     config = api.CompressConfig(
-        method=method, format=fmt, options=options, skip=tuple(skip), float_dtype=float_dtype,
+        method=method, format=fmt, options=_gptq_options(no_act_order, no_clip_search, damp), skip=tuple(skip), float_dtype=float_dtype,
         plan=Plan.load(plan_path) if plan_path else None,
         calib=api.CalibConfig(text=calib, samples=calib_samples, length=calib_len, seed=seed, batch=batch,
                               offload=offload, dtype=calib_dtype))

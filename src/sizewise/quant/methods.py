@@ -44,7 +44,7 @@ def _rtn_mse(w, stats, fmt, **_):
     return rtn_refined(w, fmt)
 
 
-def _gptq(w, stats, fmt, block_size=128, act_order=True, damp=0.01, clip_search=False, factor=None, **_):
+def _gptq(w, stats, fmt, block_size=128, act_order=True, damp=0.01, clip_search=True, factor=None, **_):
     from .gptq import gptq, hessian_factor
 
     # q/k/v (and gate/up) share their statistics: factor their Hessian once.
@@ -61,7 +61,8 @@ METHODS = {m.name: m for m in [
     Method("rtn", False, _rtn, "round-to-nearest, each group's grid fitted to its min/max (data-free)"),
     Method("rtn-mse", False, _rtn_mse, "round-to-nearest with an MSE-optimal clipping search per group (data-free)"),
     Method("gptq", True, _gptq, "GPTQ: second-order error compensation from calibration data",
-           {"block_size": 128, "act_order": True, "damp": 0.01, "clip_search": False}),
+           # clip_search on: at 3 bits g64 on SmolLM2, 40.99 perplexity vs 51.12 from min/max grids
+           {"block_size": 128, "act_order": True, "damp": 0.01, "clip_search": True}),
 ]}
 
 
