@@ -587,6 +587,16 @@ def write_results(args, calib_info: dict, rows: list[dict], res: dict | None, ou
     name = "peer_llmcompressor" + ("-smoke" if args.smoke else "")
     path = ROOT / "bench" / "results" / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
+    # Results accumulate: rows of configurations not run now are kept (a run with --only must not
+    # drop the others), as long as they were measured on the same windows.
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        old = None
+    if old and (payload["protocol"] is None or old.get("protocol") in (None, payload["protocol"])):
+        mine = {e["label"] for e in table_rows}
+        kept = [e for e in old.get("results", []) if e["label"] not in mine]
+        payload = {**old, **{k: v for k, v in payload.items() if v is not None}, "results": kept + table_rows}
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(payload, indent=1, default=str))
     tmp.replace(path)

@@ -45,11 +45,12 @@ def _quant_entries(name: str, qt: QuantizedTensor | KQuantTensor) -> dict[str, t
 
         return {f"{name}:ggml": torch.from_numpy(kquant_to_ggml_bytes(qt))}
     fmt = qt.fmt
-    out = {f"{name}:codes": torch.from_numpy(pack_bits(qt.codes.numpy(), fmt.bits)),
-           f"{name}:scales": qt.scales.contiguous()}
-    if qt.zeros is not None:
-        out[f"{name}:zeros"] = (torch.from_numpy(pack_bits(qt.zeros.numpy(), fmt.bits)) if fmt.zero == "int"
-                                else qt.zeros.contiguous())
+    zeros = None if qt.zeros is None else qt.zeros.cpu()     # solved on the model's device (maybe CUDA)
+    out = {f"{name}:codes": torch.from_numpy(pack_bits(qt.codes.cpu().numpy(), fmt.bits)),
+           f"{name}:scales": qt.scales.cpu().contiguous()}
+    if zeros is not None:
+        out[f"{name}:zeros"] = (torch.from_numpy(pack_bits(zeros.numpy(), fmt.bits)) if fmt.zero == "int"
+                                else zeros.contiguous())
     return out
 
 

@@ -60,7 +60,7 @@ def _gptq(w, stats, fmt, block_size=128, act_order=True, damp=0.01, clip_search=
 METHODS = {m.name: m for m in [
     Method("rtn", False, _rtn, "round-to-nearest, each group's grid fitted to its min/max (data-free)"),
     Method("rtn-mse", False, _rtn_mse, "round-to-nearest with an MSE-optimal clipping search per group (data-free)"),
-    Method("gptq", True, _gptq, "GPTQ: second-order error compensation from calibration data",
+    Method("gptq", True, _gptq, "GPTQ: second-order error compensation from calibration data, clipping range searched per group",
            # clip_search on: at 3 bits g64 on SmolLM2, 40.99 perplexity vs 51.12 from min/max grids
            {"block_size": 128, "act_order": True, "damp": 0.01, "clip_search": True}),
 ]}
