@@ -58,3 +58,96 @@ def test_budget_to_a_mixed_type_gguf(tiny_dirs, tmp_path, capsys):
     bits = sum(t.n_bytes * 8 for t in r.tensors if t.name.startswith("blk.") and "norm" not in t.name)
     params = sum(int(np.prod(t.shape)) for t in r.tensors if t.name.startswith("blk.") and "norm" not in t.name)
     assert bits / params <= 5.25
+
+
+# --- byte budgets count the .gguf file ---------------------------------------------------------
+
+
+def _gguf_sizes(model_dir, layout="gguf"):
+    from sizewise import allocate, api
+    from sizewise.arch import discover
+
+    src = api._source(model_dir)
+    cands = allocate.gguf_candidate_set(("rtn",))
+    return src, allocate.size_table(src.model, discover(src.model), cands, "float16", allocate.file_layout(layout, src))
+
+
+def test_gguf_layout_counts_the_file_exactly(tmp_path):
+    """Header (metadata, tokenizer, tensor infos) + every tensor's blocks, padding included: to the byte,
+    here with k-quants, quantized token tables and an untied head (an output tensor of its own)."""
+    import transformers as tf
+    from tiny import tiny_tokenizer
+
+    from sizewise import api
+    from sizewise.plan import Choice, Plan
+
+    config = tf.LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=1, num_attention_heads=4,
+                            num_key_value_heads=2, vocab_size=320, max_position_embeddings=128,
+                            tie_word_embeddings=False)
+    torch.manual_seed(0)
+    tf.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "m")
+    tiny_tokenizer().save_pretrained(tmp_path / "m")
+    src, sizes = _gguf_sizes(tmp_path / "m")
+    assert sizes.layout.kind == "gguf" and len(sizes.tables) == 2
+    # a mixed plan: item k takes option 3k+1 (cycling), so that many types appear
+    choices, expected = [], sizes.fixed_file_bytes
+    for k, item in enumerate(sizes.layers + sizes.tables):
+        j = (3 * k + 1) % len(item.options)
+        cand = sizes.candidates[item.options[j]]
+        expected += item.file_bytes[j]
+        if cand.method != "float" or item in sizes.layers:
+            choices.append(Choice(item.name, cand.method, cand.format))
+    api.compress(src.info["spec"], api.CompressConfig(plan=Plan(choices)), tmp_path / "art", progress=False)
+    sizes.layout.write(tmp_path / "art", tmp_path / "m.gguf")
+    types = _types(tmp_path / "m.gguf")
+    assert "output.weight" in types and any(t.endswith("_K") for t in types.values()), types
+    assert len(set(types.values())) >= 5, types
+    assert (tmp_path / "m.gguf").stat().st_size == expected
+
+
+@pytest.mark.parametrize("where", [0.35, 0.7])
+def test_gguf_byte_budget_bounds_the_file(tiny_dirs, tmp_path, where):
+    from sizewise import api
+
+    _, sizes = _gguf_sizes(tiny_dirs["llama"])
+    lo, hi = sizes.reachable_bytes()
+    budget = int(lo + where * (hi - lo))
+    calib = api.CalibConfig(text=str(tiny_dirs["text"]), samples=8, length=32)
+    res, alloc = api.compress_to_budget(tiny_dirs["llama"], f"{budget}B", api.CompressConfig(calib=calib),
+                                        tmp_path / "art", layout="gguf", gguf=tmp_path / "m.gguf",
+                                        measure_samples=0, progress=False)     # candidates: gguf_candidate_set
+    size = (tmp_path / "m.gguf").stat().st_size
+    assert res.exported["bytes"] == size == alloc.file_bytes          # the accounting is exact
+    assert size <= budget and budget - size <= 0.02 * (hi - lo)       # within budget, and close to it
+    assert len(gguf.GGUFReader(tmp_path / "m.gguf").tensors) == 20
+    assert alloc.summary()["file_layout"]["kind"] == "gguf"
+
+
+def test_gguf_size_mismatch_is_an_internal_error(tiny_dirs, tmp_path, monkeypatch):
+    from sizewise import allocate, api
+    from sizewise.errors import SizewiseError
+
+    real = allocate.GGUFLayout.measure
+    monkeypatch.setattr(allocate.GGUFLayout, "measure",
+                        lambda self, *a: (lambda fixed, per: (fixed - 64, per))(*real(self, *a)))   # undercount
+    with pytest.raises(SizewiseError, match="internal error: the GGUF file"):
+        calib = api.CalibConfig(text=str(tiny_dirs["text"]), samples=8, length=32)
+        api.compress_to_budget(tiny_dirs["llama"], "8bpw", api.CompressConfig(calib=calib), tmp_path / "art",
+                               layout="gguf", gguf=tmp_path / "m.gguf", measure_samples=0, progress=False)
+    assert not (tmp_path / "m.gguf").exists()
+
+
+def test_gguf_budget_below_reach_fails_before_any_work(tiny_dirs, tmp_path, capsys, monkeypatch):
+    from sizewise import allocate
+
+    profiles = []
+    monkeypatch.setattr(allocate, "cached_profile", lambda *a, **k: profiles.append(1))
+    _, sizes = _gguf_sizes(tiny_dirs["llama"])
+    lo, hi = sizes.reachable_bytes()
+    assert _gguf_sizes(tiny_dirs["llama"], "artifact")[1].reachable_bytes()[0] != lo    # not the artifact's
+    code, _, err = run(capsys, "compress", tiny_dirs["llama"], "--budget", f"{lo - 1}B", "--format", "gguf",
+                       "-o", tmp_path / "m.gguf", "--quiet")
+    assert code == 2 and err.count("\n") == 1 and not profiles, err
+    assert "below the smallest reachable GGUF file size" in err
+    assert f"({lo:,} to {hi:,} bytes)" in err                        # the range in GGUF file bytes
+    assert not list(tmp_path.iterdir())

@@ -142,3 +142,70 @@ def test_failure_leaves_no_output(tiny_dirs, tmp_path, capsys, monkeypatch, args
     code, _, err = run(capsys, "sweep", tiny_dirs["llama"], "--budgets", "3", "-o", tmp_path / "sweep", *args)
     assert code == 2 and "evaluation failed" in err
     assert list(tmp_path.iterdir()) == []
+
+
+def _gguf_range(model_dir) -> tuple[int, int]:
+    """The tiny model's reachable GGUF file sizes (rtn and gptq over llama.cpp's types)."""
+    from sizewise import api
+    from sizewise.arch import discover
+
+    src = api._source(model_dir)
+    sizes = allocate.size_table(src.model, discover(src.model), allocate.gguf_candidate_set(("rtn", "gptq")),
+                                "float16", allocate.file_layout("gguf", src))
+    return sizes.reachable_bytes()
+
+
+def test_sweep_gguf_writes_one_gguf_per_point_within_budget(tiny_dirs, tmp_path, capsys, monkeypatch, args):
+    import gguf
+
+    profiles = calls(monkeypatch, allocate, "cached_profile")
+    lo, hi = _gguf_range(tiny_dirs["llama"])
+    small, large = int(lo + 0.4 * (hi - lo)), int(lo + 0.75 * (hi - lo))
+    out = tmp_path / "sweep"
+    code, stdout, err = run(capsys, "sweep", tiny_dirs["llama"], "--format", "gguf", "--budgets",
+                            f"{small}B,{large}B,6bpw", "-o", out, "--method", "rtn,gptq", "--uniform", "rtn:Q8_0", *args)
+    assert code == 0, err
+    assert len(profiles) == 1
+    res = json.loads((out / "sweep.json").read_text())
+    assert res["format"] == "gguf"
+    report = (out / "report.md").read_text()
+    assert "| GGUF file | GGUF bytes |" in report
+    for p in res["points"]:
+        path = out / p["gguf"]
+        assert p["gguf"] == f"{p['dir']}.gguf" and path.stat().st_size == p["gguf_bytes"]
+        reader = gguf.GGUFReader(path)
+        types = {t.name: gguf.GGMLQuantizationType(t.tensor_type).name for t in reader.tensors}
+        assert len(types) == 2 + 9 * 2 and "output.weight" not in types        # tied: no output tensor
+        assert f"| {p['gguf']} | {p['gguf_bytes']:,} |" in report
+        if p["kind"] == "uniform":
+            assert {v for k, v in types.items() if k.startswith("blk.") and "norm" not in k} == {"Q8_0"}
+        elif p["budget_kind"] == "bytes":
+            assert p["gguf_bytes"] <= p["budget_value"]                   # the .gguf file is within the budget
+        else:
+            assert p["bits_per_weight"] <= 6
+    sized = {p["budget"]: p["gguf_bytes"] for p in res["points"] if p.get("budget_kind") == "bytes"}
+    assert sized[f"{small}B"] < sized[f"{large}B"]
+
+
+def test_sweep_gguf_refuses_what_gguf_cannot_hold_before_work(tiny_dirs, tmp_path, capsys, monkeypatch, args):
+    profiles = calls(monkeypatch, allocate, "cached_profile")
+    code, _, err = run(capsys, "sweep", tiny_dirs["llama"], "--format", "gguf", "--budgets", "5", "-o", tmp_path / "a",
+                       "--uniform", "rtn:4:32", *args)                # integer zero points: no ggml type
+    assert code == 2 and err.count("\n") == 1 and "no exact GGUF type" in err and "rtn:Q4_0" in err, err
+    lo, hi = _gguf_range(tiny_dirs["llama"])
+    code, _, err = run(capsys, "sweep", tiny_dirs["llama"], "--format", "gguf", "--budgets", f"5,{lo - 1}B",
+                       "-o", tmp_path / "b", "--method", "rtn,gptq", *args)
+    assert code == 2 and err.count("\n") == 1 and "below the smallest reachable GGUF file size" in err, err
+    assert f"({lo:,} to {hi:,} bytes)" in err
+    assert not profiles and list(tmp_path.iterdir()) == []
+
+
+def test_parse_uniform_ggml_types():
+    from sizewise.quant.kquant import KQuantFormat
+    from sizewise.sweep import uniform_dir
+
+    method, fmt = parse_uniform("gptq:Q4_K")
+    assert method == "gptq" and fmt == KQuantFormat("Q4_K") and uniform_dir(method, fmt) == "uniform-gptq-Q4_K"
+    method, fmt = parse_uniform("rtn:q4_0")
+    assert fmt.symmetric and fmt.group_size == 32 and uniform_dir(method, fmt) == "uniform-rtn-Q4_0"
+    assert uniform_dir(*parse_uniform("rtn:4:32")) == "uniform-rtn-w4g32"

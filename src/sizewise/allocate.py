@@ -6,7 +6,8 @@
 
 The pieces are separate so that a sweep over budgets profiles once:
 
-    sizes = size_table(model, arch, cands)        # exact sizes, from shapes alone
+    sizes = size_table(model, arch, cands)        # exact sizes, from shapes alone (of the packed
+                                                  # artifact; layout=GGUFLayout.for_source(src): of the .gguf)
     check_budget(budget, sizes)                   # one-line error before any expensive work
     prof = profile_model(model, arch, samples, cands)   # or cached_profile(...)
     alloc = allocate(prof, sizes, budget)         # exact multiple-choice knapsack
@@ -109,14 +110,20 @@ def candidate_set(quantizers: tuple[str, ...] = ("rtn",), bits: tuple[int, ...] 
     return tuple(cands)
 
 
+# llama.cpp's quantized block types as our formats, each held exactly (`export.gguf_types.ggml_type_for`)
+GGML_FORMATS: dict[str, Format] = {
+    **{f"Q{b}_0": QuantFormat(b, 32, symmetric=True, scale_dtype="float16") for b in (4, 5, 8)},
+    **{f"Q{b}_1": QuantFormat(b, 32, symmetric=False, scale_dtype="float16", zero="float16") for b in (4, 5)},
+    **{t: KQuantFormat(t) for t in KQUANT_TYPES},
+}
+
+
 def gguf_candidate_set(quantizers: tuple[str, ...] = ("rtn",), float_dtype: str | None = "float16") -> tuple[Candidate, ...]:
     """Only formats that llama.cpp's block types hold exactly, plus float: the 32-weight types (Q4_0,
     Q4_1, Q5_0, Q5_1, Q8_0) and the k-quants (Q2_K .. Q6_K; only on layers whose input size is a
-    multiple of 256). A plan made of these exports to GGUF unchanged, as a mixed-type file."""
-    fmts = [QuantFormat(b, 32, symmetric=True, scale_dtype="float16") for b in (4, 5, 8)] + \
-           [QuantFormat(b, 32, symmetric=False, scale_dtype="float16", zero="float16") for b in (4, 5)] + \
-           [KQuantFormat(t) for t in KQUANT_TYPES]
-    cands = [Candidate(q, f) for q in quantizers for f in fmts]
+    multiple of 256). A plan made of these exports to GGUF unchanged, as a mixed-type file. Token
+    tables take the data-free ones (rtn, rtn-mse), which llama.cpp holds in any of these types."""
+    cands = [Candidate(q, f) for q in quantizers for f in GGML_FORMATS.values()]
     for q in quantizers:
         methods.get(q)
     if float_dtype is not None:
@@ -184,28 +191,161 @@ def _entry_bytes(name: str, dtype: str, shape, digits: int) -> int:
     return len(entry) + 1
 
 
+# A row is one tensor as a file holds it: (name, dtype or ggml type, shape, data bytes).
+Row = tuple[str, str, tuple[int, ...], int]
+
+
+class ArtifactLayout:
+    """The packed artifact's `packed.safetensors` (`artifact.write`): 8 bytes of header length, a
+    JSON header padded to a multiple of 8, then the tensor bytes. Tensor bytes are exact; each header
+    entry is counted with its data offsets at the largest width they could have, so a file size is a
+    tight upper bound (a few bytes per tensor)."""
+
+    kind = "artifact"
+    noun = "packed file"
+
+    def check(self, candidates: tuple[Candidate, ...]) -> None:
+        pass
+
+    def rows(self, name: str, cand: Candidate, shape: tuple[int, int], state_shape: tuple[int, ...]) -> list[Row]:
+        return _tensors(name, cand, shape, state_shape)
+
+    def other_rows(self, name: str, t: torch.Tensor, float_dtype: str) -> list[Row]:
+        if t.is_floating_point():
+            return [(name, _FLOAT_ST[float_dtype], tuple(t.shape), t.numel() * DTYPE_BITS[float_dtype] // 8)]
+        return [(name, _ST_DTYPES.get(t.dtype, "XXXX"), tuple(t.shape), t.numel() * t.element_size())]
+
+    def measure(self, others: list[Row], groups: list[list[list[Row]]]) -> tuple[int, list[list[int]]]:
+        """(bytes of everything but the choices, bytes of each option of each group of choices)."""
+        from .artifact import FORMAT_NAME
+
+        most = sum(r[3] for r in others) + sum(max(sum(r[3] for r in opt) for opt in g) for g in groups)
+        digits = len(str(most))
+        entries = lambda rows: sum(_entry_bytes(n, d, s, digits) + b for n, d, s, b in rows)     # noqa: E731
+        prefix = len(json.dumps({"__metadata__": {"format": FORMAT_NAME}}, separators=(",", ":")))
+        return 8 + prefix + 7 + entries(others), [[entries(opt) for opt in g] for g in groups]
+
+    def describe(self) -> dict:
+        return {"kind": self.kind}
+
+
+class GGUFLayout:
+    """The GGUF file that `export` writes from the artifact (`export/gguf.py`): a header (metadata,
+    the whole tokenizer, one info per tensor) padded to 32 bytes, then every tensor's ggml blocks
+    padded to 32 bytes; norms F32, other float tensors in the float dtype, a tied head left out.
+
+    Exact, to the byte: the header is sized by gguf's own writer with the metadata the export writes
+    (`export_args`; nothing in it depends on the plan), data by ggml's block sizes. Candidates must
+    be ggml types (`gguf_candidate_set`).
+    """
+
+    kind = "gguf"
+    noun = "GGUF file"
+
+    def __init__(self, config, tokenizer, *, name: str | None = None, tokenizer_pre: str | None = None,
+                 metadata: dict | None = None):
+        self.config, self.tokenizer = config, tokenizer
+        self.export_args = {"name": name, "tokenizer_pre": tokenizer_pre, "metadata": dict(metadata or {})}
+
+    @classmethod
+    def for_source(cls, src) -> "GGUFLayout":
+        """The GGUF a compression of `src` is exported as (`gguf_export_args`)."""
+        return cls(src.model.config, src.tokenizer, **gguf_export_args(src.info))
+
+    def check(self, candidates: tuple[Candidate, ...]) -> None:
+        from .export.gguf_types import ggml_type_for
+
+        bad = [c for c in candidates if ggml_type_for(c.format) is None]
+        if bad:
+            raise SizewiseError(f"GGUF cannot hold {bad[0].label} exactly; a GGUF's candidates must be ggml types "
+                                "(allocate.gguf_candidate_set: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K..Q6_K, float)")
+
+    def rows(self, name: str, cand: Candidate, shape: tuple[int, int], state_shape: tuple[int, ...]) -> list[Row]:
+        from .export.gguf import data_bytes
+        from .export.gguf_types import ggml_type_for
+
+        t = ggml_type_for(cand.format)
+        return [(name, t.name, tuple(state_shape), data_bytes(t, state_shape))]
+
+    def other_rows(self, name: str, t: torch.Tensor, float_dtype: str) -> list[Row]:
+        from .export.gguf import data_bytes, float_type
+
+        if not t.is_floating_point():
+            raise SizewiseError(f"GGUF holds float tensors only; {name} is {t.dtype}")
+        g = float_type(t.dim(), TORCH_DTYPES[float_dtype])
+        return [(name, g.name, tuple(t.shape), data_bytes(g, tuple(t.shape)))]
+
+    def measure(self, others: list[Row], groups: list[list[list[Row]]]) -> tuple[int, list[list[int]]]:
+        from .export.gguf import file_names, header_bytes
+
+        firsts = [g[0][0] for g in groups]            # one row per choosable tensor, whatever its type
+        names = file_names(self.config, [r[0] for r in others + firsts])
+        head = header_bytes(self.config, [(names[n], shape) for n, _, shape, _ in others + firsts if n in names],
+                            self.tokenizer, **self.export_args)
+        kept = lambda rows: sum(b for n, _, _, b in rows if n in names)     # noqa: E731
+        return head + kept(others), [[kept(opt) for opt in g] for g in groups]
+
+    def write(self, artifact_dir, out, overwrite: bool = False) -> dict:
+        """`api.export` of the artifact to GGUF, with the metadata this layout counted."""
+        from . import api
+
+        return api.export(artifact_dir, out, format="gguf", overwrite=overwrite, **self.export_args)
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, **self.export_args}
+
+
+ARTIFACT = ArtifactLayout()
+
+
+def gguf_export_args(source_info: dict) -> dict:
+    """What a GGUF compressed from a source says about itself (`api.export`'s name, tokenizer_pre,
+    metadata): named after the model, the source recorded in `general.source.url`, llama.cpp's
+    pre-tokenizer name kept. Fixed before compressing, so the file's size is known beforehand."""
+    spec = str(source_info.get("spec", ""))
+    return {"name": Path(spec).name or None, "tokenizer_pre": source_info.get("tokenizer_pre"),
+            "metadata": {"general.source.url": f"sizewise {source_info.get('kind', 'model')} {spec}"}}
+
+
+def file_layout(layout, src=None):
+    """"artifact" or "gguf" (for `src`, a loaded Source), or a layout object as it is."""
+    if layout is None or layout == "artifact":
+        return ARTIFACT
+    if layout == "gguf":
+        if src is None:
+            raise SizewiseError("a GGUF layout needs the model's source (config and tokenizer)")
+        return GGUFLayout.for_source(src)
+    if isinstance(layout, str):
+        raise SizewiseError(f"unknown output format {layout!r}; available: artifact, gguf")
+    return layout
+
+
 @dataclass(frozen=True)
 class LayerSizes:
     name: str                        # weight name in the state dict
     shape: tuple[int, int]           # (out, in)
     options: tuple[int, ...]         # indices of the candidates that fit this layer
     bits: tuple[int, ...]            # exact stored bits of each option (fmt.stored_bits)
-    file_bytes: tuple[int, ...]      # bytes in packed.safetensors: data exactly, header entries bounded above
+    file_bytes: tuple[int, ...]      # bytes each option adds to the output file (per the layout)
 
 
 @dataclass(frozen=True)
 class SizeTable:
-    """Exact sizes of every candidate on every decoder linear, and of everything else in the file."""
+    """Exact sizes of every candidate on every decoder linear, and of everything else in the file.
+
+    File sizes are those of the output file `layout` describes: the artifact's packed file, or a GGUF.
+    """
 
     candidates: tuple[Candidate, ...]
     layers: tuple[LayerSizes, ...]
     linear_params: int
-    fixed_file_bytes: int            # all other tensors, header prefix and padding (upper bound)
+    fixed_file_bytes: int            # all other tensors, headers and padding
     float_dtype: str
     # token tables (embedding, untied head): choices under byte budgets only (bits per weight
     # count the decoder linears); otherwise stored in the float dtype, `table_float_bytes` each
     tables: tuple[LayerSizes, ...] = ()
     table_float_bytes: tuple[int, ...] = ()
+    layout: object = ARTIFACT        # ArtifactLayout or GGUFLayout
 
     def items(self, budget: "Budget") -> tuple[LayerSizes, ...]:
         """What the knapsack chooses for: the linears, and the tables when the budget is a file size."""
@@ -220,20 +360,21 @@ class SizeTable:
                 self.fixed_file_bytes + sum(max(l.file_bytes) for l in items))
 
 
-def size_table(model, arch: Architecture, candidates: tuple[Candidate, ...], float_dtype: str = "float16") -> SizeTable:
-    """Sizes from shapes alone, counted the way `artifact.write` stores the model.
-
-    The packed file is 8 bytes of header length, a JSON header padded to a multiple of 8, then
-    the tensor bytes. Tensor bytes are exact; each header entry is counted with its data offsets
-    at the largest width they could have, so the file-size figure is a tight upper bound.
+def size_table(model, arch: Architecture, candidates: tuple[Candidate, ...], float_dtype: str = "float16",
+               layout=None) -> SizeTable:
+    """Sizes from shapes alone, counted the way the output file stores the model: `layout` is
+    `ARTIFACT` (the packed artifact, default) or a `GGUFLayout` (the GGUF exported from it); see
+    each for how exact its file sizes are. Stored bits per weight are exact either way.
     """
-    from .artifact import FORMAT_NAME, unique_state
+    from .artifact import unique_state
 
+    layout = file_layout(layout)
     if float_dtype not in _FLOAT_ST:
         raise SizewiseError(f"float dtype must be one of {sorted(_FLOAT_ST)}, got {float_dtype!r}")
     # the artifact stores every unquantized weight in one float dtype, so a float candidate must use it
     if any(c.method == "float" and c.format.dtype != float_dtype for c in candidates):
         raise SizewiseError(f"a float candidate must be stored as the model's float dtype ({float_dtype})")
+    layout.check(candidates)
     state, _ = unique_state(model)
     refs = arch.all_linears()
     linear = {r.weight_name for r in refs}
@@ -242,36 +383,25 @@ def size_table(model, arch: Architecture, candidates: tuple[Candidate, ...], flo
         opts = [i for i, c in enumerate(candidates) if c.fits(r.shape[1])]
         if not opts:
             raise SizewiseError(f"no candidate fits {r.name} (input size {r.shape[1]}); add per-channel or float")
-        per_layer.append((r, opts, [_tensors(r.weight_name, candidates[i], r.shape, tuple(state[r.weight_name].shape))
+        per_layer.append((r, opts, [layout.rows(r.weight_name, candidates[i], r.shape, tuple(state[r.weight_name].shape))
                                     for i in opts]))
     per_table = []          # token tables take data-free candidates only: they are quantized without calibration
+    as_float = Candidate("float", FloatFormat(float_dtype))
     for name, shape in arch.tables.items():
         opts = [i for i, c in enumerate(candidates) if c.fits(shape[1]) and _data_free(c)]
-        float_ts = [(name, _FLOAT_ST[float_dtype], shape, shape[0] * shape[1] * DTYPE_BITS[float_dtype] // 8)]
-        per_table.append((name, shape, opts, [_tensors(name, candidates[i], shape, shape) for i in opts], float_ts))
-    others = []
-    for name, t in state.items():
-        if name in linear or name in arch.tables:
-            continue
-        if t.is_floating_point():
-            others.append((name, _FLOAT_ST[float_dtype], tuple(t.shape), t.numel() * DTYPE_BITS[float_dtype] // 8))
-        else:
-            others.append((name, _ST_DTYPES.get(t.dtype, "XXXX"), tuple(t.shape), t.numel() * t.element_size()))
-    most = sum(b for *_, b in others) + sum(max(sum(b for *_, b in ts) for ts in opt_ts) for _, _, opt_ts in per_layer) \
-        + sum(max(sum(b for *_, b in ts) for ts in opt_ts + [float_ts]) for *_, opt_ts, float_ts in per_table)
-    digits = len(str(most))
-    prefix = len(json.dumps({"__metadata__": {"format": FORMAT_NAME}}, separators=(",", ":")))
-    fixed = 8 + prefix + 7 + sum(_entry_bytes(n, d, s, digits) + b for n, d, s, b in others)
-    layers = tuple(
-        LayerSizes(r.weight_name, r.shape, tuple(opts),
-                   tuple(candidates[i].format.stored_bits(*r.shape) for i in opts),
-                   tuple(sum(_entry_bytes(n, d, s, digits) + b for n, d, s, b in ts) for ts in opt_ts))
-        for r, opts, opt_ts in per_layer)
-    entries = lambda ts: sum(_entry_bytes(n, d, s, digits) + b for n, d, s, b in ts)     # noqa: E731
+        per_table.append((name, shape, opts, [layout.rows(name, candidates[i], shape, shape) for i in opts]
+                          + [layout.rows(name, as_float, shape, shape)]))          # last: stored float
+    others = [row for name, t in state.items() if name not in linear and name not in arch.tables
+              for row in layout.other_rows(name, t, float_dtype)]
+    fixed, per = layout.measure(others, [opt_rows for *_, opt_rows in per_layer] + [g for *_, g in per_table])
+    layers = tuple(LayerSizes(r.weight_name, r.shape, tuple(opts),
+                              tuple(candidates[i].format.stored_bits(*r.shape) for i in opts), tuple(b))
+                   for (r, opts, _), b in zip(per_layer, per))
+    per_tables = per[len(per_layer):]
     tables = tuple(LayerSizes(name, shape, tuple(opts), tuple(candidates[i].format.stored_bits(*shape) for i in opts),
-                              tuple(entries(ts) for ts in opt_ts)) for name, shape, opts, opt_ts, _ in per_table)
+                              tuple(b[:-1])) for (name, shape, opts, _), b in zip(per_table, per_tables))
     return SizeTable(tuple(candidates), layers, sum(r.shape[0] * r.shape[1] for r in refs), fixed, float_dtype,
-                     tables, tuple(entries(float_ts) for *_, float_ts in per_table))
+                     tables, tuple(b[-1] for b in per_tables), layout)
 
 
 def _data_free(c: Candidate) -> bool:
@@ -287,7 +417,8 @@ _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
 @dataclass(frozen=True)
 class Budget:
     """"3.5bpw": average stored bits per weight over the decoder linears (scales and zeros included).
-    "70MB": the whole packed model file (MB = 10⁶ bytes; MiB = 2²⁰; also kB, GB, KiB, GiB, B)."""
+    "70MB": the whole output file, as the size table's layout counts it: the packed artifact file,
+    or the GGUF file (MB = 10⁶ bytes; MiB = 2²⁰; also kB, GB, KiB, GiB, B)."""
 
     text: str
     kind: str                 # "bpw" or "bytes"
@@ -349,7 +480,7 @@ def check_budget(budget: Budget | str, sizes: SizeTable) -> int:
         what = "bits per weight over the decoder linears"
     else:
         (lo, hi), exact = sizes.reachable_bytes(), budget.value
-        what = "packed file size"
+        what = f"{sizes.layout.noun} size"
         lo, hi = lo - sizes.fixed_file_bytes, hi - sizes.fixed_file_bytes
         exact -= sizes.fixed_file_bytes
     if cap < lo:
@@ -674,13 +805,14 @@ class Allocation:
     used: int                          # knapsack weight of the plan, ≤ capacity
     linear_bits: int                   # Σ stored bits over the decoder linears, exact
     linear_params: int
-    file_bytes: int                    # packed.safetensors size, upper bound (exact data + bounded header)
+    file_bytes: int                    # output file size (per the layout): artifact upper bound, GGUF exact
     states: int
     shapes: dict[str, tuple[int, int]] = field(default_factory=dict)    # (out, in) per weight name
     profile_protocol: dict = field(default_factory=dict)
     note: str = "knapsack"             # how the plan was made
     plan_float_dtype: str = "float16"  # storage of what the plan leaves unquantized
     measured: list[dict] = field(default_factory=list)   # plans measured for this budget, if any
+    layout: object = ARTIFACT          # the output file `file_bytes` counts (ArtifactLayout, GGUFLayout)
 
     @property
     def bits_per_weight(self) -> float:
@@ -694,6 +826,7 @@ class Allocation:
         return {"budget": self.budget.text, "budget_kind": self.budget.kind, "capacity": self.capacity,
                 "used": self.used, "linear_bits": self.linear_bits, "linear_params": self.linear_params,
                 "bits_per_weight": self.bits_per_weight, "file_bytes_bound": self.file_bytes,
+                "file_layout": self.layout.describe(),
                 "predicted_kl": self.predicted_total, "predicted": self.predicted,
                 "knapsack_states": self.states, "how": self.note, "measured_plans": self.measured,
                 "profile": self.profile_protocol}
@@ -741,7 +874,7 @@ def _allocation(profile: Profile, sizes: SizeTable, budget: Budget, capacity: in
     assert budget.kind != "bytes" or fbytes <= budget.value
     return Allocation(Plan(choices), predicted, budget, capacity, used, bits, sizes.linear_params, fbytes,
                       states, {l.name: l.shape for l in sizes.layers + sizes.tables}, profile.protocol, note,
-                      sizes.float_dtype)
+                      sizes.float_dtype, layout=sizes.layout)
 
 
 def allocate(profile: Profile, sizes: SizeTable, budget: Budget | str, *, allowed=None,
@@ -895,7 +1028,7 @@ def render(alloc: Allocation) -> str:
                         f"{'-':>7} {DTYPE_BITS[alloc.plan_float_dtype]:7.3f} {alloc.predicted.get(name, 0.0):10.3e} {note}")
     rows.append("mix: " + ", ".join(f"{v} x {k}" for k, v in sorted(mix.items(), key=lambda kv: -kv[1])))
     rows.append(f"total: {alloc.bits_per_weight:.4f} bits/weight over {alloc.linear_params / 1e6:.2f}M linear weights; "
-                f"packed file at most {alloc.file_bytes / 1e6:.2f} MB; budget {alloc.budget.describe()}; "
+                f"{alloc.layout.noun} at most {alloc.file_bytes / 1e6:.2f} MB; budget {alloc.budget.describe()}; "
                 f"predicted KL {alloc.predicted_total:.4g} nats/token")
     return "\n".join(rows)
 
@@ -1091,19 +1224,24 @@ def choose_measured(src, arch: Architecture, calib, profile: Profile, sizes: Siz
 def plan_for_budget(model, budget: str | Budget, *, calib=None, quantizers: tuple[str, ...] = ("rtn",),
                     candidates: tuple[Candidate, ...] | None = None, float_dtype: str = "float16",
                     options: dict | None = None, fisher_samples: int = 8, cache: bool = True,
-                    measure_samples: int = 8, progress: bool = True, allow_pickle: bool = False) -> Allocation:
+                    measure_samples: int = 8, progress: bool = True, allow_pickle: bool = False,
+                    layout="artifact") -> Allocation:
     """Load MODEL (a spec or `Source`), check the budget from shapes alone, profile (cached), allocate.
 
     With `measure_samples` > 0 the knapsack's plan is checked against a few alternatives by
-    measurement (`choose_measured`); 0 trusts the prediction alone.
+    measurement (`choose_measured`); 0 trusts the prediction alone. `layout`: the output file a byte
+    budget bounds, "artifact" (the packed file) or "gguf" (the GGUF exported from it; the candidates
+    must then be ggml types, by default `gguf_candidate_set(quantizers)`), or a layout object.
     """
     from .api import CalibConfig, _source
 
     budget = parse_budget(budget)                       # a typo fails before anything loads
-    cands = candidates or candidate_set(quantizers, float_dtype=float_dtype)
     src = _source(model, allow_pickle)
     arch = discover(src.model)
-    sizes = size_table(src.model, arch, cands, float_dtype)
+    layout = file_layout(layout, src)
+    cands = candidates or (gguf_candidate_set(quantizers, float_dtype) if layout.kind == "gguf"
+                           else candidate_set(quantizers, float_dtype=float_dtype))
+    sizes = size_table(src.model, arch, cands, float_dtype, layout)
     check_budget(budget, sizes)                         # before any expensive work
     calib = (calib or CalibConfig()).resolved(next(src.model.parameters()).device)
     prof = cached_profile(src, arch, calib, cands, options=options, fisher_samples=fisher_samples, cache=cache,
@@ -1117,10 +1255,13 @@ def plan_for_budget(model, budget: str | Budget, *, calib=None, quantizers: tupl
 def compress_to_budget(model, budget: str | Budget, out: str | Path | None = None, config=None, *,
                        quantizers: tuple[str, ...] = ("rtn",), candidates: tuple[Candidate, ...] | None = None,
                        fisher_samples: int = 8, cache: bool = True, overwrite: bool = False,
-                       measure_samples: int = 8, progress: bool = True, allow_pickle: bool = False):
+                       measure_samples: int = 8, progress: bool = True, allow_pickle: bool = False,
+                       layout="artifact", gguf: str | Path | None = None):
     """Allocate for the budget, then `api.compress` with that plan. Returns (Result, Allocation).
 
     The artifact's manifest gets an "allocation" entry (budget, predicted KL per layer, profile protocol).
+    With `layout="gguf"` a byte budget bounds the GGUF file, which `gguf` names (the artifact `out`
+    is then exported to it and its size checked; see `compress_allocation`).
     """
     from . import api, artifact
 
@@ -1131,31 +1272,46 @@ def compress_to_budget(model, budget: str | Budget, out: str | Path | None = Non
     src = api._source(model, allow_pickle)
     alloc = plan_for_budget(src, budget, calib=config.calib, quantizers=quantizers, candidates=candidates,
                             float_dtype=config.float_dtype, options=config.options, fisher_samples=fisher_samples,
-                            cache=cache, measure_samples=measure_samples, progress=progress)
-    return compress_allocation(src, alloc, out, config, overwrite=overwrite, progress=progress), alloc
+                            cache=cache, measure_samples=measure_samples, progress=progress, layout=layout)
+    return compress_allocation(src, alloc, out, config, overwrite=overwrite, progress=progress, gguf=gguf), alloc
 
 
 def compress_allocation(model, alloc: Allocation, out: str | Path | None = None, config=None, *,
                         overwrite: bool = False, progress: bool = True, allow_pickle: bool = False,
-                        stats: dict | None = None, solved: dict | None = None):
+                        stats: dict | None = None, solved: dict | None = None, gguf: str | Path | None = None):
     """`api.compress` with the allocation's plan; the manifest records the allocation, sizes checked.
 
     Separate from `compress_to_budget` so that a sweep allocates many budgets from one profile
     (and, with the profile's `stats`, solves each plan without calibration passes).
+
+    For an allocation sized as a GGUF (`alloc.layout` a `GGUFLayout`), `gguf` names the file: the
+    artifact `out` is exported to it with the metadata the layout counted, and the file's size is
+    checked against the allocation's (`res.exported`: the export's path, bytes and tensor types).
     """
     from . import api, artifact
 
     config = config or api.CompressConfig()
+    is_gguf = alloc.layout.kind == "gguf"
+    if gguf is not None and (not is_gguf or out is None):
+        raise SizewiseError("writing a GGUF needs an allocation sized as one (layout='gguf') and an artifact "
+                            "directory to export from")
     res = api.compress(api._source(model, allow_pickle), replace(config, plan=alloc.plan), out,
                        overwrite=overwrite, progress=progress, stats=stats, solved=solved)
     res.manifest["allocation"] = alloc.summary()
     if out is not None:
         t = res.manifest["totals"]
-        if t["linear_stored_bits"] != alloc.linear_bits or t["file_bytes"] > alloc.file_bytes:
+        if t["linear_stored_bits"] != alloc.linear_bits or (not is_gguf and t["file_bytes"] > alloc.file_bytes):
             raise SizewiseError(f"internal error: the artifact's size ({t['linear_stored_bits']} bits, "
                                 f"{t['file_bytes']} bytes) differs from the allocation's; please report this")
         path = Path(out) / artifact.MANIFEST
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(res.manifest, indent=1))
         tmp.replace(path)
+    if gguf is not None:
+        res.exported = alloc.layout.write(out, gguf, overwrite=overwrite)
+        size = res.exported["bytes"]
+        if size > alloc.file_bytes or (alloc.budget.kind == "bytes" and size > alloc.budget.value):
+            Path(gguf).unlink(missing_ok=True)
+            raise SizewiseError(f"internal error: the GGUF file {gguf} has {size:,} bytes, more than the "
+                                f"{alloc.file_bytes:,} allocated for budget {alloc.budget.describe()}; please report this")
     return res

@@ -78,6 +78,7 @@ class Result:
     model: torch.nn.Module
     tokenizer: object
     manifest: dict
+    exported: dict | None = None     # a GGUF written as well: {"path", "bytes", "tensor_types"}
 
 
 def _source(model: str | Path | Source, allow_pickle: bool = False) -> Source:
@@ -228,16 +229,19 @@ def plan_for_budget(model: str | Path | Source, budget: str, config: CompressCon
 def compress_to_budget(model: str | Path | Source, budget: str, config: CompressConfig | None = None,
                        out: str | Path | None = None, *, quantizers: tuple[str, ...] = ("rtn",),
                        fisher_samples: int = 8, measure_samples: int = 8, overwrite: bool = False,
-                       progress: bool = True, allow_pickle: bool = False, candidates=None):
+                       progress: bool = True, allow_pickle: bool = False, candidates=None,
+                       layout: str = "artifact", gguf: str | Path | None = None):
     """`plan_for_budget`, then `compress` with that plan. Returns (Result, Allocation).
 
-    `candidates` (e.g. `allocate.gguf_candidate_set()`) replaces the default candidate set."""
+    `candidates` (e.g. `allocate.gguf_candidate_set()`) replaces the default candidate set.
+    `layout="gguf"`: a byte budget bounds the GGUF file `gguf`, exported from the artifact `out`
+    (the candidates must then be ggml types: `allocate.gguf_candidate_set`)."""
     from .allocate import compress_to_budget as _compress
 
     return _compress(model, budget, out, config, quantizers=quantizers, candidates=candidates,
                      fisher_samples=fisher_samples,
                      measure_samples=measure_samples, overwrite=overwrite, progress=progress,
-                     allow_pickle=allow_pickle)
+                     allow_pickle=allow_pickle, layout=layout, gguf=gguf)
 
 
 def evaluate(model: str | Path | Source, text: str | Path = "wikitext2-test", *, ctx: int = 1024,
@@ -336,7 +340,8 @@ def compare(reference: str | Path, candidates: list[str | Path], text: str | Pat
 
 
 def export(path: str | Path, out: str | Path, *, format: str = "gguf", overwrite: bool = False,
-           tokenizer_pre: str | None = None, float_dtype: str | None = None) -> dict:
+           tokenizer_pre: str | None = None, float_dtype: str | None = None, name: str | None = None,
+           metadata: dict | None = None) -> dict:
     """Write an artifact's stored weights in another format, unchanged (no re-rounding).
 
     GGUF holds our formats exactly when they are one of ggml's block types: 32-weight groups with
@@ -346,6 +351,9 @@ def export(path: str | Path, out: str | Path, *, format: str = "gguf", overwrite
     Any other model (a built-in name, a Hugging Face directory, a GGUF file) is written unquantized,
     every tensor in `float_dtype` (default float32; 1-D tensors always F32), e.g. as the source that
     llama.cpp's own quantizer starts from.
+
+    `name` (`general.name`; default: the model directory's name) and `metadata` (keys written last;
+    default: `general.source.url` naming the artifact or model) are what the file says about itself.
     """
     from collections import Counter
 
@@ -364,7 +372,7 @@ def export(path: str | Path, out: str | Path, *, format: str = "gguf", overwrite
     if out.exists() and not overwrite:
         raise SizewiseError(f"output file {out} already exists (use --force to replace it)")
     if not (Path(path).is_dir() and artifact.is_artifact(path) and not is_packed_model(path)):
-        return _export_float(path, out, float_dtype or "float32", tokenizer_pre)
+        return _export_float(path, out, float_dtype or "float32", tokenizer_pre, name, metadata)
     if float_dtype is not None:
         raise SizewiseError("an artifact is exported as stored; --float-dtype applies to unquantized models only")
     stored, manifest = artifact.load_stored(path)
@@ -375,15 +383,17 @@ def export(path: str | Path, out: str | Path, *, format: str = "gguf", overwrite
             "compress with --group-size 32 and --sym (Q4_0/Q5_0/Q8_0) or --zero float16 (Q4_1/Q5_1)")
     config = AutoConfig.from_pretrained(Path(path) / artifact.DENSE)
     tokenizer = AutoTokenizer.from_pretrained(Path(path) / artifact.DENSE)
-    written = write_gguf(out, config, stored, tokenizer,
-                         tokenizer_pre=tokenizer_pre or manifest["source"].get("tokenizer_pre"),
-                         metadata={"general.source.url": "sizewise artifact " + str(Path(path).resolve())})
+    if metadata is None:
+        metadata = {"general.source.url": "sizewise artifact " + str(Path(path).resolve())}
+    written = write_gguf(out, config, stored, tokenizer, name=name,
+                         tokenizer_pre=tokenizer_pre or manifest["source"].get("tokenizer_pre"), metadata=metadata)
     import gguf
     types = Counter(gguf.GGMLQuantizationType(t.tensor_type).name for t in gguf.GGUFReader(written).tensors)
     return {"path": str(written), "bytes": written.stat().st_size, "tensor_types": dict(types)}
 
 
-def _export_float(model: str | Path, out: Path, float_dtype: str, tokenizer_pre: str | None) -> dict:
+def _export_float(model: str | Path, out: Path, float_dtype: str, tokenizer_pre: str | None,
+                  name: str | None = None, metadata: dict | None = None) -> dict:
     """`export` for a model that is not an artifact: its float weights, each in `float_dtype`."""
     from collections import Counter
 
@@ -394,9 +404,10 @@ def _export_float(model: str | Path, out: Path, float_dtype: str, tokenizer_pre:
     src = _source(model)
     dtype = TORCH_DTYPES[float_dtype]
     weights = {name: t.detach().to(dtype) for name, t in src.model.state_dict().items()}
-    written = write_gguf(out, src.model.config, weights, src.tokenizer,
-                         tokenizer_pre=tokenizer_pre or src.info.get("tokenizer_pre"),
-                         metadata={"general.source.url": f"sizewise {src.info['kind']} {src.info['spec']}"})
+    if metadata is None:
+        metadata = {"general.source.url": f"sizewise {src.info['kind']} {src.info['spec']}"}
+    written = write_gguf(out, src.model.config, weights, src.tokenizer, name=name,
+                         tokenizer_pre=tokenizer_pre or src.info.get("tokenizer_pre"), metadata=metadata)
     types = Counter(gguf.GGMLQuantizationType(t.tensor_type).name for t in gguf.GGUFReader(written).tensors)
     return {"path": str(written), "bytes": written.stat().st_size, "tensor_types": dict(types)}
 

@@ -122,15 +122,15 @@ def cli():
 @click.option("--no-clip-search", is_flag=True, help=_NO_CLIP_HELP)
 @click.option("--damp", default=0.01, show_default=True, type=float, help="GPTQ: Hessian damping, a fraction of its mean diagonal.")
 @click.option("--budget", default=None, help="Instead of one format: mix per-layer choices to fit bits per weight "
-              "over the linear layers (3.5bpw) or a packed file size (70MB = 70e6 bytes; MiB, GB, GiB). "
-              "--method may then list several quantizers (rtn,gptq).")
+              "over the linear layers (3.5bpw) or a file size (70MB = 70e6 bytes; MiB, GB, GiB): the packed "
+              "artifact's, or with --format gguf the .gguf file's. --method may then list several quantizers (rtn,gptq).")
 @click.option("--fisher-samples", default=8, show_default=True, type=int, help="With --budget: calibration samples for the layer-importance (Fisher) pass.")
 @click.option("--measure-samples", default=8, show_default=True, type=int, help="With --budget: held-out calibration samples on which the chosen plan is measured against alternatives; 0 skips.")
 @click.option("--format", "out_format", type=click.Choice(["artifact", "gguf"]), default="artifact", show_default=True,
               help="gguf: write -o FILE.gguf for llama.cpp instead of an artifact directory; the formats must be "
               "ggml block types (group size 32, float16 scales, --sym or --zero float16; or k-quants in a --plan); "
               "with --budget the allocator then chooses among Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, F16 and, on layers "
-              "whose input size is a multiple of 256, Q2_K..Q6_K.")
+              "whose input size is a multiple of 256, Q2_K..Q6_K, and a file-size budget bounds the .gguf file.")
 @click.option("--force", is_flag=True, help="Replace the output directory if it exists.")
 @click.option("--allow-pickle", is_flag=True, help="Allow loading pickled (.bin) weights. Only for files you trust.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
@@ -175,7 +175,7 @@ def _compress_gguf(model, output, config, budget, method, fisher_samples, measur
     import tempfile
 
     from . import api
-    from .allocate import gguf_candidate_set
+    from .allocate import gguf_candidate_set, gguf_export_args
     from .export.gguf_types import ggml_type_for
     from .quant.formats import label
 
@@ -193,15 +193,17 @@ def _compress_gguf(model, output, config, budget, method, fisher_samples, measur
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
         art = Path(tmp) / "artifact"
-        if budget is not None:
+        if budget is not None:          # a byte budget bounds the .gguf file itself (checked after writing)
             quantizers = tuple(method.split(","))
-            api.compress_to_budget(model, budget, replace(config, method="rtn"), art, quantizers=quantizers,
-                                   candidates=gguf_candidate_set(quantizers, config.float_dtype),
-                                   fisher_samples=fisher_samples, measure_samples=measure_samples,
-                                   progress=not quiet, allow_pickle=allow_pickle)
+            res, _ = api.compress_to_budget(model, budget, replace(config, method="rtn"), art, quantizers=quantizers,
+                                            candidates=gguf_candidate_set(quantizers, config.float_dtype),
+                                            fisher_samples=fisher_samples, measure_samples=measure_samples,
+                                            progress=not quiet, allow_pickle=allow_pickle, layout="gguf", gguf=out,
+                                            overwrite=force)
+            res = res.exported
         else:
-            api.compress(model, config, art, progress=not quiet, allow_pickle=allow_pickle)
-        res = api.export(art, out, format="gguf", overwrite=force)
+            made = api.compress(model, config, art, progress=not quiet, allow_pickle=allow_pickle)
+            res = api.export(art, out, format="gguf", overwrite=force, **gguf_export_args(made.manifest["source"]))
     types = ", ".join(f"{n} x {t}" for t, n in sorted(res["tensor_types"].items(), key=lambda kv: -kv[1]))
     click.echo(f"wrote {out}: {res['bytes'] / 1e6:.1f} MB ({types})")
 
@@ -232,12 +234,14 @@ def plan_cmd(model, budget, output, method, fisher_samples, measure_samples, all
 @cli.command()
 @click.argument("model")
 @click.option("--budgets", required=True, help="Comma-separated budgets: bits per weight (2.5,3,3.5bpw; a bare number is bpw) "
-              "or packed file sizes (60MB,70MB). All are checked before any work.")
+              "or file sizes (60MB,70MB: the packed artifact, or with --format gguf the .gguf file). "
+              "All are checked before any work.")
 @click.option("-o", "--output", required=True, type=click.Path(), help="Sweep directory to write (must not exist or be empty).")
 @click.option("--method", default="rtn", show_default=True, help="Quantizers the allocator chooses among, comma-separated: rtn, rtn-mse, gptq.")
 @_calib_options
 @click.option("--uniform", multiple=True, help="Uniform baselines, METHOD:BITS:GROUP, comma-separated or repeated "
-              "(rtn:4:64,gptq:3:channel); same format family as the allocator's (asymmetric, float16 scales).")
+              "(rtn:4:64,gptq:3:channel); same format family as the allocator's (asymmetric, float16 scales). "
+              "Or METHOD:GGML_TYPE (rtn:Q4_0, gptq:Q4_K), as --format gguf requires.")
 @click.option("--peer", "peers", multiple=True, type=click.Path(), help="JSON file of other tools' points "
               '([{"label", "bits_per_weight", "perplexity"}, ...]) drawn on the plot as given (repeatable).')
 @click.option("--text", default="wikitext2-test", show_default=True, help="Evaluation text: a file or built-in name.")
@@ -246,16 +250,22 @@ def plan_cmd(model, budget, output, method, fisher_samples, measure_samples, all
 @click.option("--windows", default=None, type=int, help="Use the first N windows (default: all).")
 @click.option("--sequential", is_flag=True, help="Run the calibration passes again for every budget (compressed "
               "outputs propagate, as in `compress --budget`); default: solve every plan from the profile's statistics.")
+@click.option("--format", "out_format", type=click.Choice(["artifact", "gguf"]), default="artifact", show_default=True,
+              help="gguf: also write every point as POINT.gguf (llama.cpp) beside its artifact; the allocator then "
+              "chooses among llama.cpp's types (as `compress --format gguf --budget`), byte budgets bound the .gguf "
+              "file, and --uniform points must be ggml types.")
 @click.option("--force", is_flag=True, help="Replace the output directory if it exists.")
 @click.option("--allow-pickle", is_flag=True, help="Allow loading pickled (.bin) weights. Only for files you trust.")
 @click.option("--quiet", is_flag=True, help="No progress output.")
 def sweep(model, budgets, output, method, fisher_samples, measure_samples, uniform, peers, text, ctx, stride, windows,
-          sequential, force, allow_pickle, quiet, **calib):
+          sequential, out_format, force, allow_pickle, quiet, **calib):
     """Compress MODEL to every budget (one profile), plus uniform baselines; evaluate all; write a report.
 
     \b
       sizewise sweep smollm2-135m --budgets 2.5,3,3.5,4,5 --method rtn,gptq \\
           --calib enwiki-sample --uniform rtn:4:64,gptq:3:64 --windows 16 -o out/sweep
+      sizewise sweep smollm2-135m --format gguf --budgets 70MB,78MB,90MB --method rtn,gptq \\
+          --calib enwiki-sample --uniform gptq:Q4_K --windows 16 -o out/gguf-sweep
     """
     from . import api
 
@@ -263,7 +273,7 @@ def sweep(model, budgets, output, method, fisher_samples, measure_samples, unifo
                     uniform=[u for item in uniform for u in item.split(",") if u.strip()], peers=list(peers),
                     text=text, ctx=ctx, stride=stride, windows=windows, fisher_samples=fisher_samples,
                     measure_samples=measure_samples, sequential=sequential, overwrite=force, progress=not quiet,
-                    allow_pickle=allow_pickle)
+                    allow_pickle=allow_pickle, format=out_format)
     click.echo(res["table"])
     t = res["timing"]
     click.echo(f"report: {res['report']} (profile {t['profile_s']:.1f} s, compress {sum(t['compress_s'].values()):.1f} s, "

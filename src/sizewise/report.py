@@ -168,19 +168,24 @@ def plot_bits_heatmap(result: dict, path: Path) -> None:
 
 
 def sweep_table(result: dict) -> str:
-    """One Markdown row per point: float reference, allocated budgets by size, uniform baselines, peers."""
+    """One Markdown row per point: float reference, allocated budgets by size, uniform baselines, peers.
+    A GGUF sweep adds each point's .gguf file and its exact size in bytes."""
     ref = result["reference"]["perplexity"]
-    lines = ["| point | budget | bits/weight (linear) | packed MB | predicted KL | perplexity | Δ ppl | KL | top-1 agree "
-             "| compress s |", "|---|---|---|---|---|---|---|---|---|---|",
-             f"| float (reference) | | | | | {ref:.3f} | | | | |"]
+    gguf = result.get("format") == "gguf"
+    extra = " GGUF file | GGUF bytes |" if gguf else ""
+    blank = " | |" if gguf else ""
+    lines = ["| point | budget | bits/weight (linear) | packed MB |" + extra + " predicted KL | perplexity | Δ ppl | KL "
+             "| top-1 agree | compress s |", "|---|---|---|---|" + "---|---|" * gguf + "---|---|---|---|---|---|",
+             f"| float (reference) | | | |{blank} | {ref:.3f} | | | | |"]
     for kind in ("allocated", "uniform"):
         for p in sorted((p for p in result["points"] if p["kind"] == kind), key=lambda p: p["bits_per_weight"]):
             pred = "" if p["predicted_kl"] is None else f"{p['predicted_kl']:.4g}"
-            lines.append(f"| {p['label']} | {p['budget'] or ''} | {p['bits_per_weight']:.3f} | {p['file_bytes'] / 1e6:.2f} | "
-                         f"{pred} | {p['perplexity']:.3f} | {100 * (p['perplexity'] / ref - 1):+.1f}% | {p['kl']:.4g} | "
-                         f"{100 * p['top1_agreement']:.1f}% | {p['compress_s']:.1f} |")
+            files = f" {p['gguf']} | {p['gguf_bytes']:,} |" if gguf else ""
+            lines.append(f"| {p['label']} | {p['budget'] or ''} | {p['bits_per_weight']:.3f} | {p['file_bytes'] / 1e6:.2f} |"
+                         f"{files} {pred} | {p['perplexity']:.3f} | {100 * (p['perplexity'] / ref - 1):+.1f}% | "
+                         f"{p['kl']:.4g} | {100 * p['top1_agreement']:.1f}% | {p['compress_s']:.1f} |")
     for p in result["peers"]:
-        lines.append(f"| {p['label']} (peer) | | {p['bits_per_weight']:.3f} | | | {p['perplexity']:.3f} | | | | |")
+        lines.append(f"| {p['label']} (peer) | | {p['bits_per_weight']:.3f} | |{blank} | {p['perplexity']:.3f} | | | | |")
     return "\n".join(lines)
 
 
@@ -198,10 +203,14 @@ def write_sweep(result: dict, out: Path) -> None:
         f"KL and top-1 agreement against the float model. torch {e['torch']}, transformers {e['transformers']}, "
         f"{e['threads']} threads.", "",
         f"Allocation: {len(result['candidates'])} candidates per layer ({', '.join(result['quantizers'])} over "
-        f"bit-widths and group sizes, or {result['float_dtype']}; listed in sweep.json); one sensitivity profile "
+        f"{'llama.cpp types' if result.get('format') == 'gguf' else 'bit-widths and group sizes'}, or "
+        f"{result['float_dtype']}; listed in sweep.json); one sensitivity profile "
         f"({cal.get('samples')} x {cal.get('length')} calibration tokens of {cal_text}, "
         f"{prof.get('fisher_samples')} Fisher samples) shared by every budget. Predicted KL is the profile's "
         "proxy (nats/token); measured KL is KL(float ‖ model).", "",
+        *(["GGUF: every point is also written as POINT.gguf (llama.cpp), holding its artifact's stored weights "
+           "bit for bit; candidates are llama.cpp's types, and byte budgets bound the .gguf file.", ""]
+          if result.get("format") == "gguf" else []),
         f"Time: profile {t['profile_s']:.1f} s in this run (computing it took {prof.get('profile_s', 0):.1f} s; "
         "it is cached per model and calibration), compress "
         f"{sum(t['compress_s'].values()):.1f} s in all, evaluation {t['eval_s']:.1f} s, total {t['total_s']:.1f} s.", "",

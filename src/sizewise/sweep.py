@@ -11,9 +11,15 @@ evaluated in one `api.compare` (same windows, reference computed once). The outp
 assembled under a temporary name and renamed at the end, so a directory that exists is complete:
 
     OUT/b3bpw/ ...            one artifact per budget
+    OUT/b3bpw.gguf            with format="gguf": the same weights as a GGUF (llama.cpp), per point
     OUT/uniform-rtn-w4g64/    one artifact per uniform baseline
     OUT/sweep.json            every point, the protocols, the timings
     OUT/report.md, OUT/ppl_vs_bits.png, OUT/bits_per_layer.png
+
+With format="gguf" the candidates are llama.cpp's types (`allocate.gguf_candidate_set`), byte
+budgets bound each point's .gguf file (`allocate.GGUFLayout`), and uniform points must be ggml
+types too (rtn:Q4_0, gptq:Q4_K). The evaluation reads the artifacts; the GGUFs hold the same
+stored weights bit for bit.
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ from .errors import SizewiseError
 from .evaluate import environment
 from .plan import Plan
 from .quant import methods
-from .quant.formats import DTYPE_BITS, FloatFormat, QuantFormat, label
+from .quant.formats import DTYPE_BITS, FloatFormat, Format, QuantFormat, label
 from .sources import Source
 
 _NUMBER = re.compile(r"\s*(\d+(?:\.\d+)?|\.\d+)\s*")
@@ -64,12 +70,18 @@ def budget_dir(b: Budget) -> str:
     return "b" + re.sub(r"\s+", "", b.text)
 
 
-def parse_uniform(spec: str, float_dtype: str = "float16") -> tuple[str, QuantFormat]:
-    """'rtn:4:64' or 'gptq:3:channel' → (method, format). Same format family as the allocator's
-    candidates (asymmetric, integer zero, float16 scales), so the comparison is at equal overhead."""
+def parse_uniform(spec: str, float_dtype: str = "float16") -> tuple[str, Format]:
+    """'rtn:4:64' or 'gptq:3:channel' → (method, format): same format family as the allocator's
+    candidates (asymmetric, integer zero, float16 scales), so the comparison is at equal overhead.
+    'rtn:Q4_0', 'gptq:Q4_K': a llama.cpp type (`allocate.GGML_FORMATS`), as GGUF sweeps need."""
     parts = spec.split(":")
+    if len(parts) == 2 and parts[1].strip().upper() in allocate.GGML_FORMATS:
+        method = parts[0].strip()
+        methods.parse(method)
+        return method, allocate.GGML_FORMATS[parts[1].strip().upper()]
     if len(parts) != 3:
-        raise SizewiseError(f"uniform point {spec!r} is not METHOD:BITS:GROUP (e.g. rtn:4:64, gptq:3:channel)")
+        raise SizewiseError(f"uniform point {spec!r} is not METHOD:BITS:GROUP (e.g. rtn:4:64, gptq:3:channel) "
+                            f"or METHOD:GGML_TYPE (rtn:Q4_0; {', '.join(allocate.GGML_FORMATS)})")
     method, bits, group = (p.strip() for p in parts)
     methods.parse(method)
     try:
@@ -80,7 +92,11 @@ def parse_uniform(spec: str, float_dtype: str = "float16") -> tuple[str, QuantFo
     return method, QuantFormat(b, g, symmetric=False, scale_dtype="float16", zero="int")
 
 
-def uniform_dir(method: str, fmt: QuantFormat) -> str:
+def uniform_dir(method: str, fmt: Format) -> str:
+    """'uniform-rtn-w4g64' (the default family) or 'uniform-rtn-Q4_0' (a llama.cpp type)."""
+    ggml = next((t for t, f in allocate.GGML_FORMATS.items() if f == fmt), None)
+    if ggml is not None:
+        return f"uniform-{method}-{ggml}"
     return f"uniform-{method}-w{fmt.bits}{'g' + str(fmt.group_size) if fmt.group_size else 'ch'}"
 
 
@@ -126,7 +142,7 @@ def sweep(model: str | Path, budgets: str | list[str | Budget], out: str | Path,
           uniform: list[str] | tuple[str, ...] = (), peers: list = (), text: str | Path = "wikitext2-test",
           ctx: int = 1024, stride: int | None = None, windows: int | None = None, fisher_samples: int = 8,
           cache: bool = True, measure_samples: int = 8, sequential: bool = False, overwrite: bool = False,
-          progress: bool = True, allow_pickle: bool = False) -> dict:
+          progress: bool = True, allow_pickle: bool = False, format: str = "artifact") -> dict:
     """Compress MODEL (a spec: path or built-in name) to every budget from one profile, plus the
     uniform baselines, evaluate them all against MODEL, and write OUT (see the module docstring).
 
@@ -135,6 +151,7 @@ def sweep(model: str | Path, budgets: str | list[str | Budget], out: str | Path,
     `measure_samples` is 0). The profile's float-model statistics are reused to solve every plan
     at once; `sequential` instead runs the calibration passes again per budget (as `compress
     --budget` does), which propagates compressed outputs but costs one engine run per budget.
+    `format="gguf"` also writes every point as POINT.gguf (see the module docstring).
     """
     t_start = time.perf_counter()
     if isinstance(model, Source):      # compress() changes a loaded model in place: each point needs a fresh load
@@ -143,8 +160,18 @@ def sweep(model: str | Path, budgets: str | list[str | Budget], out: str | Path,
     out = Path(out)
     # everything that can be checked cheaply fails here, before the model loads
     artifact.check_output(out, overwrite)
+    if format not in ("artifact", "gguf"):
+        raise SizewiseError(f"unknown sweep format {format!r}; available: artifact, gguf")
     blist = parse_budgets(budgets)
     ulist = [parse_uniform(u, config.float_dtype) for u in uniform]
+    if format == "gguf":
+        from .export.gguf_types import ggml_type_for
+
+        for spec, (m, f) in zip(uniform, ulist):
+            if ggml_type_for(f) is None:
+                raise SizewiseError(f"uniform point {spec} ({label(f)}) has no exact GGUF type; with --format gguf "
+                                    f"name a llama.cpp type: {m}:Q4_0, {m}:Q4_1, {m}:Q5_0, {m}:Q5_1, {m}:Q8_0, "
+                                    f"{m}:Q2_K .. {m}:Q6_K")
     names = [budget_dir(b) for b in blist] + [uniform_dir(m, f) for m, f in ulist]
     if len(set(names)) != len(names):
         raise SizewiseError(f"two points would share a directory: {sorted(n for n in names if names.count(n) > 1)[0]}")
@@ -156,8 +183,12 @@ def sweep(model: str | Path, budgets: str | list[str | Budget], out: str | Path,
     src = api._source(model, allow_pickle)
     arch = discover(src.model)
     config = replace(config, calib=config.calib.resolved(next(src.model.parameters()).device))
-    cands = allocate.candidate_set(tuple(quantizers), float_dtype=config.float_dtype)
-    sizes = allocate.size_table(src.model, arch, cands, config.float_dtype)
+    if format == "gguf":
+        cands = allocate.gguf_candidate_set(tuple(quantizers), float_dtype=config.float_dtype)
+    else:
+        cands = allocate.candidate_set(tuple(quantizers), float_dtype=config.float_dtype)
+    layout = allocate.file_layout(format, src)        # what byte budgets bound: the artifact's file, or the .gguf
+    sizes = allocate.size_table(src.model, arch, cands, config.float_dtype, layout)
     for b in blist:
         allocate.check_budget(b, sizes)              # one-line error with the reachable range
     for m, f in ulist:
@@ -193,24 +224,28 @@ def sweep(model: str | Path, budgets: str | list[str | Budget], out: str | Path,
             d = budget_dir(b)
             say(f"compressing {d} ({i}/{len(blist)}): predicted KL {alloc.predicted_total:.4g}")
             t0 = time.perf_counter()
-            allocate.compress_allocation(model, alloc, tmp / d, config, progress=progress, allow_pickle=allow_pickle,
-                                         stats=None if sequential else stats, solved=solved)
+            res = allocate.compress_allocation(model, alloc, tmp / d, config, progress=progress,
+                                               allow_pickle=allow_pickle, stats=None if sequential else stats,
+                                               solved=solved, gguf=tmp / f"{d}.gguf" if format == "gguf" else None)
             compress_s[d] = time.perf_counter() - t0
             points.append({"kind": "allocated", "label": d, "dir": d, "budget": b.text, "budget_kind": b.kind,
                            "budget_value": float(b.value), "predicted_kl": alloc.predicted_total,
                            "how": alloc.note, "measured_plans": alloc.measured,
                            "choices": [_choice_label(c) for c in alloc.plan.choices if c.name in linear_set],
                            "bits": [_bits(c) for c in alloc.plan.choices if c.name in linear_set],
-                           "tables": {c.name: _choice_label(c) for c in alloc.plan.choices if c.name not in linear_set}})
+                           "tables": {c.name: _choice_label(c) for c in alloc.plan.choices if c.name not in linear_set},
+                           **_gguf_fields(res.exported, d)})
         for i, (m, f) in enumerate(ulist, 1):
             d = uniform_dir(m, f)
             say(f"compressing {d} (uniform {i}/{len(ulist)})")
             t0 = time.perf_counter()
             api.compress(model, replace(config, method=m, format=f, plan=None, skip=()), tmp / d,
                          progress=progress, allow_pickle=allow_pickle)
+            exported = layout.write(tmp / d, tmp / f"{d}.gguf") if format == "gguf" else None
             compress_s[d] = time.perf_counter() - t0
             points.append({"kind": "uniform", "label": d, "dir": d, "budget": None, "method": m,
-                           "format": label(f), "predicted_kl": _predicted_uniform(prof, m, f)})
+                           "format": label(f), "predicted_kl": _predicted_uniform(prof, m, f),
+                           **_gguf_fields(exported, d)})
 
         say(f"evaluating {len(points)} artifacts against {model} on the same windows")
         t0 = time.perf_counter()
@@ -226,7 +261,8 @@ def sweep(model: str | Path, budgets: str | list[str | Budget], out: str | Path,
                      file_bytes=totals["file_bytes"], perplexity=r["perplexity"], kl=r["kl"],
                      top1_agreement=r["top1_agreement"], compress_s=compress_s[p["dir"]])
         result = {
-            "model": str(model), "source": src_info, "quantizers": list(quantizers), "float_dtype": config.float_dtype,
+            "model": str(model), "source": src_info, "format": format, "file_layout": layout.describe(),
+            "quantizers": list(quantizers), "float_dtype": config.float_dtype,
             "candidates": [c.label for c in cands], "linears": linears, "linear_params": sizes.linear_params,
             "profile": prof.protocol, "evaluation": res["protocol"],
             "reference": {"perplexity": res["reference"]["perplexity"]},
@@ -242,6 +278,12 @@ def sweep(model: str | Path, budgets: str | list[str | Budget], out: str | Path,
         (tmp / "sweep.json").write_text(json.dumps({k: v for k, v in result.items() if k != "table"}, indent=1))
     say(f"wrote {out} in {time.perf_counter() - t_start:.0f} s")
     return {**result, "report": str(out / "report.md")}
+
+
+def _gguf_fields(exported: dict | None, d: str) -> dict:
+    """A point's GGUF file (relative to the sweep directory) and its bytes, if one was written."""
+    return {} if exported is None else {"gguf": f"{d}.gguf", "gguf_bytes": exported["bytes"],
+                                        "gguf_tensor_types": exported["tensor_types"]}
 
 
 def _predicted_uniform(prof: allocate.Profile, method: str, fmt: QuantFormat) -> float | None:

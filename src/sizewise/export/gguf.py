@@ -13,6 +13,11 @@ the norms, always F32 as llama.cpp's converter does). What the file adds to the 
   both know);
 - architecture metadata and a byte-level BPE ("gpt2") tokenizer.
 
+The file's size is known before it is written (`header_bytes` + Σ `data_bytes`): a header (the
+metadata, the whole tokenizer included, and one info per tensor, whose size does not depend on the
+tensor's type) padded to `ALIGNMENT`, then each tensor's data padded to `ALIGNMENT`. The allocator
+sizes byte budgets for GGUF output with these (`allocate.GGUFLayout`).
+
 The file is written to a temporary name beside `path` and renamed into place, so a reader never sees
 half a file.
 """
@@ -20,7 +25,9 @@ half a file.
 from __future__ import annotations
 
 import json
+import math
 import os
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -35,11 +42,14 @@ from ..quant.formats import QuantizedTensor
 from .gguf_types import KQuantTensor, ggml_bytes
 
 GGML = GGMLQuantizationType
+ALIGNMENT = gguf.GGUF_DEFAULT_ALIGNMENT  # every tensor's data starts at a multiple of it
 ARCH = "llama"
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")  # mistral without sliding window runs as llama in llama.cpp
-QUANTIZATION_VERSION = 2  # ggml's GGML_QNT_VERSION for the block layouts written here
+QUANTIZATION_VERSION = 2  # ggml's GGML_QNT_VERSION for the block layouts written here (always written, as
+                          # llama.cpp's converter does: the header's size then does not depend on the types)
 
 _FLOAT_DTYPES = {torch.float32: GGML.F32, torch.float16: GGML.F16, torch.bfloat16: GGML.BF16}
+_TORCH_OF = {v: k for k, v in _FLOAT_DTYPES.items()}
 _LAYER_TENSORS = (
     "input_layernorm.weight", "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
     "self_attn.o_proj.weight", "post_attention_layernorm.weight", "mlp.gate_proj.weight",
@@ -70,6 +80,29 @@ def rope_row_order(rows: int, n_head: int) -> np.ndarray:
     return np.arange(rows).reshape(n_head, 2, half).swapaxes(1, 2).reshape(-1)
 
 
+def float_type(ndim: int, dtype: torch.dtype) -> GGMLQuantizationType:
+    """The GGUF type of a float tensor: its own dtype; 1-D tensors (norms, biases) F32, as llama.cpp's
+    converter keeps them."""
+    if ndim <= 1:
+        return GGML.F32
+    if dtype not in _FLOAT_DTYPES:
+        raise SizewiseError(f"float tensors are stored as F32/F16/BF16; got {dtype}")
+    return _FLOAT_DTYPES[dtype]
+
+
+def data_bytes(ggml_type: GGMLQuantizationType, shape) -> int:
+    """Bytes one tensor's data takes in the file, its alignment padding included (ggml's block sizes)."""
+    block, size = gguf.GGML_QUANT_SIZES[ggml_type]
+    n = math.prod(shape)
+    if shape[-1] % block:
+        raise SizewiseError(f"rows of {shape[-1]} weights do not split into {ggml_type.name} blocks of {block}")
+    return _aligned(n // block * size)
+
+
+def _aligned(nbytes: int) -> int:
+    return -(-nbytes // ALIGNMENT) * ALIGNMENT
+
+
 def tensor_payload(value) -> tuple[np.ndarray, GGMLQuantizationType]:
     """What goes into the file for one tensor: a quantized tensor as uint8 ggml blocks
     [out, row bytes], a float tensor as an array of its own dtype (bfloat16 as its raw bytes)."""
@@ -78,11 +111,8 @@ def tensor_payload(value) -> tuple[np.ndarray, GGMLQuantizationType]:
     if not isinstance(value, torch.Tensor):
         raise SizewiseError(f"cannot store a {type(value).__name__} in GGUF")
     t = value.detach().cpu().contiguous()
-    if t.dim() <= 1:
-        t = t.float()  # norms and biases: F32, as llama.cpp's converter keeps them
-    if t.dtype not in _FLOAT_DTYPES:
-        raise SizewiseError(f"float tensors are stored as F32/F16/BF16; got {t.dtype}")
-    ggml_type = _FLOAT_DTYPES[t.dtype]
+    ggml_type = float_type(t.dim(), t.dtype)
+    t = t.to(_TORCH_OF[ggml_type])
     if ggml_type == GGML.BF16:  # numpy has no bfloat16: write its bits, exactly
         return t.view(torch.int16).numpy().view(np.uint8), ggml_type
     return t.numpy(), ggml_type
@@ -223,32 +253,75 @@ def _put(w: gguf.GGUFWriter, key: str, value: Any) -> None:
 # --- the file ---------------------------------------------------------------------------------
 
 
-def gguf_tensors(config, weights: Mapping[str, Any]) -> list[tuple[str, np.ndarray, GGMLQuantizationType]]:
-    """(gguf name, payload, type) for every tensor of the model, in llama.cpp's layout (rope rows
-    permuted, tied output left out). Checks that the model is complete."""
+def file_names(config, names) -> dict[str, str]:
+    """transformers name -> GGUF name of every tensor the file holds, in the order given (rotary
+    buffers and a tied head left out). Checks the config and that the model is complete."""
     _check_config(config)
+    names = list(names)
     n_layers = config.num_hidden_layers
     tied = bool(getattr(config, "tie_word_embeddings", False))
     expected = ["model.embed_tokens.weight", "model.norm.weight"] + [
         f"model.layers.{i}.{t}" for i in range(n_layers) for t in _LAYER_TENSORS]
     if not tied:
         expected.append("lm_head.weight")
-    missing = [n for n in expected if n not in weights]
+    present = set(names)
+    missing = [n for n in expected if n not in present]
     if missing:
         raise SizewiseError(f"GGUF export is missing {len(missing)} tensor(s), first {missing[0]!r}")
+    return {n: gguf_tensor_name(n, n_layers) for n in names
+            if not (n.endswith("rotary_emb.inv_freq") or (tied and n == "lm_head.weight"))}
 
+
+def gguf_tensors(config, weights: Mapping[str, Any]) -> list[tuple[str, np.ndarray, GGMLQuantizationType]]:
+    """(gguf name, payload, type) for every tensor of the model, in llama.cpp's layout (rope rows
+    permuted, tied output left out). Checks that the model is complete."""
     heads = {"q_proj": config.num_attention_heads, "k_proj": _n_kv_heads(config)}
     out = []
-    for hf_name, value in weights.items():
-        if hf_name.endswith("rotary_emb.inv_freq") or (tied and hf_name == "lm_head.weight"):
-            continue
-        name = gguf_tensor_name(hf_name, n_layers)
-        payload, ggml_type = tensor_payload(value)
+    for hf_name, name in file_names(config, weights).items():
+        payload, ggml_type = tensor_payload(weights[hf_name])
         proj = hf_name.split(".")[-2]
         if proj in heads and ".self_attn." in hf_name:
             payload = payload[rope_row_order(payload.shape[0], heads[proj])]
         out.append((name, np.ascontiguousarray(payload), ggml_type))
     return out
+
+
+def _add_metadata(w: gguf.GGUFWriter, config, tokenizer, name: str | None, tokenizer_pre: str | None,
+                  metadata: Mapping[str, Any] | None) -> None:
+    """Every key `write_gguf` writes, in its order (`header_bytes` sizes the same keys)."""
+    default_name = Path(str(getattr(config, "_name_or_path", "") or "")).name or "sizewise model"
+    w.add_name(name or default_name)
+    _add_arch_metadata(w, config)
+    w.add_quantization_version(QUANTIZATION_VERSION)
+    if tokenizer is not None:
+        for key, value in tokenizer_metadata(tokenizer, config.vocab_size).items():
+            _put(w, key, value)
+        if tokenizer_pre:
+            w.add_tokenizer_pre(tokenizer_pre)
+    for key, value in (metadata or {}).items():
+        _put(w, key, value)
+
+
+def header_bytes(config, tensors, tokenizer=None, *, name: str | None = None, tokenizer_pre: str | None = None,
+                 metadata: Mapping[str, Any] | None = None) -> int:
+    """Bytes before the first tensor's data in the file `write_gguf` writes with these arguments,
+    for tensors of these (GGUF name, shape) in this order: header, metadata, tensor infos and the
+    padding to `ALIGNMENT`, exactly. gguf's own writer writes them to a scratch file; neither the
+    metadata nor a tensor info's size depends on the tensors' types."""
+    with tempfile.TemporaryDirectory(prefix="sizewise-gguf-") as tmp:
+        path = Path(tmp) / "header.gguf"
+        writer = gguf.GGUFWriter(path, ARCH)
+        try:
+            _add_metadata(writer, config, tokenizer, name, tokenizer_pre, metadata)
+            for tname, shape in tensors:
+                writer.add_tensor_info(tname, tuple(shape), np.dtype(np.float32), 0, raw_dtype=GGML.F32)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+        finally:
+            writer.close()
+        size = path.stat().st_size
+    return _aligned(size)
 
 
 def write_gguf(path: str | os.PathLike, config, weights: Mapping[str, Any], tokenizer=None, *,
@@ -270,18 +343,7 @@ def write_gguf(path: str | os.PathLike, config, weights: Mapping[str, Any], toke
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     writer = gguf.GGUFWriter(tmp, ARCH)
     try:
-        default_name = Path(str(getattr(config, "_name_or_path", "") or "")).name or "sizewise model"
-        writer.add_name(name or default_name)
-        _add_arch_metadata(writer, config)
-        if any(t not in _FLOAT_DTYPES.values() for _, _, t in tensors):
-            writer.add_quantization_version(QUANTIZATION_VERSION)
-        if tokenizer is not None:
-            for key, value in tokenizer_metadata(tokenizer, config.vocab_size).items():
-                _put(writer, key, value)
-            if tokenizer_pre:
-                writer.add_tokenizer_pre(tokenizer_pre)
-        for key, value in (metadata or {}).items():
-            _put(writer, key, value)
+        _add_metadata(writer, config, tokenizer, name, tokenizer_pre, metadata)
         for tname, payload, ggml_type in tensors:
             # quantized payloads are uint8 blocks: gguf derives the logical shape from the byte shape
             raw = ggml_type if payload.dtype == np.uint8 else None
