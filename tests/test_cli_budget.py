@@ -38,3 +38,22 @@ def test_unreachable_budget_is_one_line(tiny_dirs, tmp_path, capsys):
     code, out, err = run(capsys, "compress", tiny_dirs["llama"], "--budget", "3bpw", "--plan", "x.json",
                          "-o", tmp_path / "c")
     assert code == 2 and "drop --plan" in err
+
+
+def test_budget_with_awq_applies_the_plan_through_awq(tiny_dirs, tmp_path, capsys):
+    """The allocator chooses among the quantizers; AWQ then searches scales for each chosen format."""
+    out = tmp_path / "awq"
+    calib = ["--calib", tiny_dirs["text"], "--calib-samples", 8, "--calib-len", 32, "--quiet"]
+    code, stdout, err = run(capsys, "compress", tiny_dirs["llama"], "--budget", "3.5bpw", "--method", "awq+gptq,awq+rtn",
+                            "-o", out, *calib)
+    assert code == 0, err
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["transforms"]["awq"], "AWQ scales were not searched"
+    assert {c["method"] for c in m["plan"]} <= {"gptq", "rtn", "float"}
+    assert m["totals"]["linear_stored_bits"] <= 3.5 * m["totals"]["linear_params"]
+    code, _, err = run(capsys, "compress", tiny_dirs["llama"], "--budget", "3.5bpw", "--method", "awq+gptq,rtn",
+                       "-o", tmp_path / "mixed", *calib)
+    assert code == 2 and err.count("\n") == 1 and "same transforms" in err
+    code, _, err = run(capsys, "compress", tiny_dirs["llama"], "--budget", "3.5bpw", "--method", "rotate+gptq",
+                       "-o", tmp_path / "rot", *calib)
+    assert code == 2 and err.count("\n") == 1 and "--plan" in err

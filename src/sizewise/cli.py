@@ -28,6 +28,24 @@ _NO_CLIP_HELP = ("GPTQ: fit each group's grid to its min/max instead of searchin
                  "that minimizes the Hessian-weighted error (the default; a few percent slower).")
 
 
+def _budget_methods(method: str) -> tuple[str, tuple[str, ...]]:
+    """--method with --budget: (pipeline to apply the plan with, quantizers the allocator chooses among).
+
+    "awq+gptq,awq+rtn" -> ("awq+rtn", ("gptq", "rtn")): the plan is chosen on the float model, then
+    applied with AWQ's scales searched for each layer's chosen format. Rotations change the model
+    the profile measures, so they are not offered here (`compress --plan` applies them).
+    """
+    from .quant import methods
+
+    pipes = [methods.parse(m) for m in method.split(",")]
+    if len({(p.rotate, p.awq) for p in pipes}) > 1:
+        raise SizewiseError(f"--method {method}: every quantizer must share the same transforms (e.g. awq+gptq,awq+rtn)")
+    if pipes[0].rotate:
+        raise SizewiseError("--budget does not combine with rotate+ (the profile would measure the unrotated model); "
+                            "make a plan with `sizewise plan`, then `compress --plan FILE --method rotate+gptq`")
+    return ("awq+rtn" if pipes[0].awq else "rtn"), tuple(p.quantizer for p in pipes)
+
+
 def _gptq_options(no_act_order: bool, no_clip_search: bool, damp: float) -> dict:
     """Method options from the GPTQ flags; only what differs from the defaults, as the manifest records it."""
     options = {"act_order": False} if no_act_order else {}
@@ -156,8 +174,9 @@ def compress(model, output, method, bits, group_size, sym, zero, scale_dtype, fl
         return _compress_gguf(model, output, config, budget, method, fisher_samples, measure_samples, force,
                               allow_pickle, quiet)
     if budget is not None:
-        res, alloc = api.compress_to_budget(model, budget, replace(config, method="rtn"), output,
-                                            quantizers=tuple(method.split(",")), fisher_samples=fisher_samples,
+        pipeline, quantizers = _budget_methods(method)
+        res, alloc = api.compress_to_budget(model, budget, replace(config, method=pipeline), output,
+                                            quantizers=quantizers, fisher_samples=fisher_samples,
                                             measure_samples=measure_samples,
                                             overwrite=force, progress=not quiet, allow_pickle=allow_pickle)
         click.echo(f"allocated for {budget}: predicted KL {alloc.predicted_total:.4g} nats/token "
@@ -194,8 +213,8 @@ def _compress_gguf(model, output, config, budget, method, fisher_samples, measur
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
         art = Path(tmp) / "artifact"
         if budget is not None:          # a byte budget bounds the .gguf file itself (checked after writing)
-            quantizers = tuple(method.split(","))
-            res, _ = api.compress_to_budget(model, budget, replace(config, method="rtn"), art, quantizers=quantizers,
+            pipeline, quantizers = _budget_methods(method)
+            res, _ = api.compress_to_budget(model, budget, replace(config, method=pipeline), art, quantizers=quantizers,
                                             candidates=gguf_candidate_set(quantizers, config.float_dtype),
                                             fisher_samples=fisher_samples, measure_samples=measure_samples,
                                             progress=not quiet, allow_pickle=allow_pickle, layout="gguf", gguf=out,
