@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import builtins, engine
+from .defaults import MEASURE_SAMPLES
 from .arch import Architecture, discover
 from .errors import SizewiseError
 from .plan import Choice, Plan
@@ -1190,7 +1191,7 @@ def profile_statistics(src, arch: Architecture, calib, profile: Profile, progres
 
 
 def choose_measured(src, arch: Architecture, calib, profile: Profile, sizes: SizeTable, budget: Budget | str, *,
-                    options: dict | None = None, samples: int = 8, progress: bool = True,
+                    options: dict | None = None, samples: int = MEASURE_SAMPLES, progress: bool = True,
                     memo: dict | None = None) -> Allocation:
     """`plan_variants` for the budget, each measured (KL against the float model on `samples`
     held-out calibration samples, drawn with the next seed); the least measured KL wins.
@@ -1224,7 +1225,7 @@ def choose_measured(src, arch: Architecture, calib, profile: Profile, sizes: Siz
 def plan_for_budget(model, budget: str | Budget, *, calib=None, quantizers: tuple[str, ...] = ("rtn",),
                     candidates: tuple[Candidate, ...] | None = None, float_dtype: str = "float16",
                     options: dict | None = None, fisher_samples: int = 8, cache: bool = True,
-                    measure_samples: int = 8, progress: bool = True, allow_pickle: bool = False,
+                    measure_samples: int = MEASURE_SAMPLES, progress: bool = True, allow_pickle: bool = False,
                     layout="artifact") -> Allocation:
     """Load MODEL (a spec or `Source`), check the budget from shapes alone, profile (cached), allocate.
 
@@ -1255,7 +1256,7 @@ def plan_for_budget(model, budget: str | Budget, *, calib=None, quantizers: tupl
 def compress_to_budget(model, budget: str | Budget, out: str | Path | None = None, config=None, *,
                        quantizers: tuple[str, ...] = ("rtn",), candidates: tuple[Candidate, ...] | None = None,
                        fisher_samples: int = 8, cache: bool = True, overwrite: bool = False,
-                       measure_samples: int = 8, progress: bool = True, allow_pickle: bool = False,
+                       measure_samples: int = MEASURE_SAMPLES, progress: bool = True, allow_pickle: bool = False,
                        layout="artifact", gguf: str | Path | None = None):
     """Allocate for the budget, then `api.compress` with that plan. Returns (Result, Allocation).
 

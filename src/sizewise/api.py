@@ -20,6 +20,7 @@ import torch
 
 from . import artifact, data, engine
 from .arch import discover
+from .defaults import MEASURE_SAMPLES
 from .errors import SizewiseError
 from .evaluate import environment
 from .evaluate import evaluate as _evaluate
@@ -210,7 +211,7 @@ def compress(model: str | Path | Source, config: CompressConfig | None = None, o
 
 
 def plan_for_budget(model: str | Path | Source, budget: str, config: CompressConfig | None = None, *,
-                    quantizers: tuple[str, ...] = ("rtn",), fisher_samples: int = 8, measure_samples: int = 8,
+                    quantizers: tuple[str, ...] = ("rtn",), fisher_samples: int = 8, measure_samples: int = MEASURE_SAMPLES,
                     progress: bool = True, allow_pickle: bool = False):
     """The plan of least predicted KL whose exact size fits `budget` ("3.5bpw", "70MB", "64MiB").
 
@@ -228,7 +229,7 @@ def plan_for_budget(model: str | Path | Source, budget: str, config: CompressCon
 
 def compress_to_budget(model: str | Path | Source, budget: str, config: CompressConfig | None = None,
                        out: str | Path | None = None, *, quantizers: tuple[str, ...] = ("rtn",),
-                       fisher_samples: int = 8, measure_samples: int = 8, overwrite: bool = False,
+                       fisher_samples: int = 8, measure_samples: int = MEASURE_SAMPLES, overwrite: bool = False,
                        progress: bool = True, allow_pickle: bool = False, candidates=None,
                        layout: str = "artifact", gguf: str | Path | None = None):
     """`plan_for_budget`, then `compress` with that plan. Returns (Result, Allocation).

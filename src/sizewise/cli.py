@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from .defaults import MEASURE_SAMPLES
 from .errors import SizewiseError
 
 EXIT_ERROR = 2
@@ -67,7 +68,7 @@ _CALIB_OPTIONS = (
     click.option("--seed", default=0, show_default=True, type=int),
     click.option("--offload", type=click.Path(), help="Keep calibration activations memory-mapped in this directory instead of RAM."),
     click.option("--fisher-samples", default=8, show_default=True, type=int, help="Calibration samples for the layer-importance (Fisher) pass."),
-    click.option("--measure-samples", default=8, show_default=True, type=int, help="Held-out calibration samples on which the knapsack's plan is measured against a few alternatives (plans without the lowest bit widths, the best uniform one); 0 trusts the prediction alone."),
+    click.option("--measure-samples", default=MEASURE_SAMPLES, show_default=True, type=int, help="Held-out calibration samples on which the knapsack's plan is measured against a few alternatives (plans without the lowest bit widths, the best uniform one); 0 trusts the prediction alone."),
     click.option("--no-act-order", is_flag=True, help="GPTQ: process columns in their natural order."),
     click.option("--no-clip-search", is_flag=True, help=_NO_CLIP_HELP),
     click.option("--damp", default=0.01, show_default=True, type=float, help="GPTQ: Hessian damping, a fraction of its mean diagonal."),
@@ -143,7 +144,7 @@ def cli():
               "over the linear layers (3.5bpw) or a file size (70MB = 70e6 bytes; MiB, GB, GiB): the packed "
               "artifact's, or with --format gguf the .gguf file's. --method may then list several quantizers (rtn,gptq).")
 @click.option("--fisher-samples", default=8, show_default=True, type=int, help="With --budget: calibration samples for the layer-importance (Fisher) pass.")
-@click.option("--measure-samples", default=8, show_default=True, type=int, help="With --budget: held-out calibration samples on which the chosen plan is measured against alternatives; 0 skips.")
+@click.option("--measure-samples", default=MEASURE_SAMPLES, show_default=True, type=int, help="With --budget: held-out calibration samples on which the chosen plan is measured against alternatives; 0 skips.")
 @click.option("--format", "out_format", type=click.Choice(["artifact", "gguf"]), default="artifact", show_default=True,
               help="gguf: write -o FILE.gguf for llama.cpp instead of an artifact directory; the formats must be "
               "ggml block types (group size 32, float16 scales, --sym or --zero float16; or k-quants in a --plan); "

@@ -35,6 +35,7 @@ from pathlib import Path
 
 from . import allocate, api, artifact, data, report
 from .atomic import staged_dir
+from .defaults import MEASURE_SAMPLES
 from .allocate import Budget
 from .arch import discover
 from .errors import SizewiseError
@@ -141,7 +142,7 @@ def sweep(model: str | Path, budgets: str | list[str | Budget], out: str | Path,
           config: api.CompressConfig | None = None, *, quantizers: tuple[str, ...] = ("rtn",),
           uniform: list[str] | tuple[str, ...] = (), peers: list = (), text: str | Path = "wikitext2-test",
           ctx: int = 1024, stride: int | None = None, windows: int | None = None, fisher_samples: int = 8,
-          cache: bool = True, measure_samples: int = 8, sequential: bool = False, overwrite: bool = False,
+          cache: bool = True, measure_samples: int = MEASURE_SAMPLES, sequential: bool = False, overwrite: bool = False,
           progress: bool = True, allow_pickle: bool = False, format: str = "artifact") -> dict:
     """Compress MODEL (a spec: path or built-in name) to every budget from one profile, plus the
     uniform baselines, evaluate them all against MODEL, and write OUT (see the module docstring).
