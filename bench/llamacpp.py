@@ -1,13 +1,20 @@
 """sizewise GGUFs in llama.cpp, side by side with llama.cpp's own quantizer (issue #5, parts 3 and 4).
 
     .venv/bin/python bench/llamacpp.py [--windows 64] [--ours m.gguf[:label]] [--artifact DIR[:label]]
+        [--types Q4_K_M,Q3_K_M+imatrix,Q4_0+imatrix+emb=Q4_0] [--reuse]
 
 Builds llama-cpp-python from PyPI into out/llama-venv on first use (a native CPU build, kept out of
 the project venv and of `make test`). Exports the float model to GGUF F32 with sizewise, quantizes it
-with llama.cpp's `llama_model_quantize` to each type in TYPES, and runs every GGUF in llama.cpp:
+with llama.cpp's `llama_model_quantize` to each type in TYPES (optionally with an importance matrix,
+"+imatrix", and a token-embedding type, "+emb=Q4_0"), and runs every GGUF in llama.cpp:
 perplexity on sizewise's evaluation windows, logits vs sizewise's own evaluation of the same
 weights, prompt and generation speed. Writes bench/results/llamacpp.json and a table and a plot under
 out/bench/llamacpp/.
+
+The importance matrix is what llama.cpp's imatrix tool computes (each matmul input column's mean
+square), here from sizewise's float-model statistics on the same calibration samples sizewise's own GPTQ
+uses, so both quantizers see the same data. Results accumulate in the JSON across runs (a label run again
+replaces its row); --reuse skips a GGUF whose row there was measured on the same file and windows.
 
 llama.cpp runs in a separate process (bench/llamacpp_worker.py under the llama venv's python); the
 two exchange token ids and logits through .npy and .json files.
@@ -62,6 +69,60 @@ def ensure_venv(jobs: int = 2) -> dict:
 
 # llama.cpp's quantization types compared (names of its LLAMA_FTYPE_MOSTLY_* enums)
 TYPES = ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_K_S", "Q4_0", "Q3_K_M", "Q3_K_S", "Q2_K")
+# what runs by default: every type, the imatrix variants of those the issue's targets compare against,
+# and llama.cpp's smallest 4-bit file (Q4_0 with a Q4_0 token embedding, imatrix)
+DEFAULT_SPECS = TYPES + tuple(f"{t}+imatrix" for t in ("Q5_K_M", "Q4_K_M", "Q4_K_S", "Q4_0", "Q3_K_M", "Q3_K_S", "Q2_K")) \
+    + ("Q4_0+imatrix+emb=Q4_0",)
+EMB_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "F16")
+
+
+def parse_spec(spec: str) -> dict:
+    """`Q4_0+imatrix+emb=Q4_0` -> {"ftype": "Q4_0", "imatrix": True, "token_embedding_type": "Q4_0"}."""
+    ftype, *extras = spec.split("+")
+    if ftype not in TYPES:
+        raise ValueError(f"unknown llama.cpp type {ftype!r} in {spec!r}; choose from {', '.join(TYPES)}")
+    out = {"ftype": ftype, "imatrix": False, "token_embedding_type": None}
+    for e in extras:
+        if e == "imatrix":
+            out["imatrix"] = True
+        elif e.startswith("emb=") and e[4:] in EMB_TYPES:
+            out["token_embedding_type"] = e[4:]
+        else:
+            raise ValueError(f"unknown option {e!r} in {spec!r}: use +imatrix or +emb=TYPE ({', '.join(EMB_TYPES)})")
+    return out
+
+
+def importance_matrix(src, args, path: Path) -> dict:
+    """llama.cpp's importance matrix, mean x² of every input column of every decoder matmul, from the float
+    model's statistics on sizewise's calibration samples; written as an .npz keyed by GGUF tensor name.
+    Returns the key (model, text, samples) it is cached under."""
+    import numpy as np
+    import torch
+
+    from sizewise import data, engine
+    from sizewise.arch import discover
+    from sizewise.export.gguf import gguf_tensor_name
+
+    text = data.read_text(args.calib)
+    key = {"model_sha256": src.info["sha256"], **text.protocol(), "samples": args.calib_samples,
+           "length": args.calib_len, "seed": args.seed, "dtype": args.calib_dtype}
+    side = path.with_suffix(".json")
+    if path.is_file() and side.is_file() and json.loads(side.read_text()) == key:
+        return key
+    print(f"importance matrix from {args.calib_samples} x {args.calib_len} tokens of {args.calib}", file=sys.stderr,
+          flush=True)
+    samples = data.calibration_samples(data.tokenize(src.tokenizer, text), args.calib_samples, args.calib_len,
+                                       args.seed)
+    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.calib_dtype]
+    stats, _ = engine.statistics(src.model, discover(src.model), samples, compute_dtype=dtype)
+    n_layers = src.model.config.num_hidden_layers
+    vectors = {gguf_tensor_name(f"{name}.weight", n_layers): (s.xtx.diagonal() / s.count).numpy().astype(np.float32)
+               for name, s in stats.items()}
+    tmp = path.with_name(path.stem + ".tmp.npz")
+    np.savez(tmp, **vectors)
+    tmp.replace(path)
+    side.write_text(json.dumps(key))
+    return key
 
 
 def run_worker(job: dict, work: Path) -> dict:
@@ -76,7 +137,22 @@ def run_worker(job: dict, work: Path) -> dict:
 def _sidecar_matches(path: Path, key: dict) -> bool:
     """A GGUF made by an earlier run is reused only when made from the same inputs (its .json sidecar)."""
     side = path.with_suffix(".json")
-    return path.is_file() and side.is_file() and json.loads(side.read_text()) == key
+    if not (path.is_file() and side.is_file()):
+        return False
+    made = json.loads(side.read_text())
+    made.pop("quantize_s", None)  # how long it took is recorded, not part of what it was made from
+    return made == key
+
+
+def previous_rows(path: Path, same: dict) -> dict[str, dict]:
+    """Rows of an earlier run's results, by label, if it measured on the same windows and settings."""
+    if not path.is_file():
+        return {}
+    old = json.loads(path.read_text())
+    proto = old.get("protocol", {})
+    if any(proto.get(k) != v for k, v in same.items()):
+        return {}
+    return {r["label"]: r for r in old.get("results", [])}
 
 
 def split_label(spec: str) -> tuple[Path, str]:
@@ -183,7 +259,15 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--kv-type", choices=("f32", "f16"), default="f32",
                     help="llama.cpp's KV cache type (f32: only the weights differ from sizewise's float32 evaluation)")
-    ap.add_argument("--types", default=",".join(TYPES), help="llama.cpp types to quantize to ('' for none)")
+    ap.add_argument("--types", default=",".join(DEFAULT_SPECS),
+                    help="llama.cpp types to quantize to, each optionally +imatrix and +emb=TYPE ('' for none)")
+    ap.add_argument("--calib", default="enwiki-sample", help="calibration text of the importance matrix")
+    ap.add_argument("--calib-samples", type=int, default=128)
+    ap.add_argument("--calib-len", type=int, default=512)
+    ap.add_argument("--calib-dtype", choices=("bfloat16", "float32"), default="bfloat16")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--reuse", action="store_true",
+                    help="skip a GGUF already measured (same label, file bytes, windows) in the results JSON")
     ap.add_argument("--ours", action="append", default=[], metavar="GGUF[:LABEL]", help="a sizewise GGUF (repeatable)")
     ap.add_argument("--artifact", action="append", default=[], metavar="DIR[:LABEL]",
                     help="a sizewise artifact, exported to GGUF here (repeatable)")
@@ -202,8 +286,10 @@ def main() -> None:
     from sizewise.evaluate import environment, evaluate
 
     types = [t for t in args.types.split(",") if t]
-    if unknown := set(types) - set(TYPES):
-        ap.error(f"unknown llama.cpp types {sorted(unknown)}; choose from {', '.join(TYPES)}")
+    try:
+        specs = {t: parse_spec(t) for t in types}
+    except ValueError as e:
+        ap.error(str(e))
     build = ensure_venv(args.threads)
     loadavg_start = os.getloadavg()
     work = args.out / "gguf"
@@ -229,12 +315,23 @@ def main() -> None:
         sizewise.api.export(args.model, f32, float_dtype="float32", overwrite=True)
         f32.with_suffix(".json").write_text(json.dumps(f32_key))
     candidates = [("F32", "float", f32, "float", None)]
-    for t in types:
+    imatrix_path, imatrix_key = work / "imatrix.npz", None
+    if any(sp["imatrix"] for sp in specs.values()):
+        imatrix_key = importance_matrix(src, args, imatrix_path)
+    for t, sp in specs.items():
         path = work / f"{t}.gguf"
-        key = {"source": f32_key, "ftype": t, "llama_cpp": LLAMA_CPP_PYTHON}
+        # the plain types' keys stay as before, so their files from earlier runs are still reused
+        key = {"source": f32_key, "ftype": sp["ftype"], "llama_cpp": LLAMA_CPP_PYTHON}
+        if sp["imatrix"]:
+            key["imatrix"] = imatrix_key
+        if sp["token_embedding_type"]:
+            key["token_embedding_type"] = sp["token_embedding_type"]
         if not _sidecar_matches(path, key):
             print(f"llama.cpp quantize -> {t}", file=sys.stderr, flush=True)
-            q = run_worker({"quantize": {"src": str(f32), "dst": str(path), "ftype": t, "threads": args.threads}}, work)
+            job = {"src": str(f32), "dst": str(path), "ftype": sp["ftype"], "threads": args.threads,
+                   "imatrix": str(imatrix_path) if sp["imatrix"] else None,
+                   "token_embedding_type": sp["token_embedding_type"]}
+            q = run_worker({"quantize": job}, work)
             path.with_suffix(".json").write_text(json.dumps({**key, "quantize_s": q["quantize_s"]}))
         candidates.append((t, "gguf", path, "llama.cpp", None))
     for spec in args.ours:
@@ -246,8 +343,17 @@ def main() -> None:
         sizewise.api.export(art, path, overwrite=True)
         candidates.append((label, "artifact", path, "sizewise", art))
 
-    rows = []
+    results_path = ROOT / "bench" / "results" / "llamacpp.json"
+    same = {"model": args.model, "sha256": text.protocol()["sha256"], "ctx": args.ctx, "kv_type": args.kv_type,
+            "windows": len(wins.inputs), "threads": args.threads}
+    earlier = previous_rows(results_path, same)
+    rows, llama_info = [], {}
     for label, kind, path, source, art in candidates:
+        old = earlier.pop(label, None)
+        if args.reuse and old and old["file_bytes"] == path.stat().st_size and old["path"] == str(path):
+            print(f"reusing {label}: ppl {old['perplexity']:.3f} from the results JSON", file=sys.stderr, flush=True)
+            rows.append(old)
+            continue
         print(f"evaluating {label} ({path.name}) in llama.cpp", file=sys.stderr, flush=True)
         model = src.model if kind == "float" else sizewise_model(kind, art or path, work)
         refs = reference_logits(model, wins, check, work)
@@ -279,6 +385,8 @@ def main() -> None:
               f"logit max diff {row['logit_max_abs_diff']:.2e}, pp {row['prompt_tokens_per_s']:.0f} tok/s, "
               f"tg {row['gen_tokens_per_s']:.1f} tok/s", file=sys.stderr, flush=True)
 
+    rows += earlier.values()  # labels not run this time stay, measured on the same windows
+    rows.sort(key=lambda r: (r["label"] != "F32", r["source"], -r["file_bytes"]))
     f32_row = rows[0]
     if abs(f32_row["nll_per_token"] - sw_float["nll_per_token"]) > 1e-3:
         print(f"WARNING: llama.cpp F32 perplexity {f32_row['perplexity']:.4f} differs from sizewise's "
@@ -290,6 +398,8 @@ def main() -> None:
              "bits_per_weight": "file bytes x 8 / parameters of the model (tied embeddings once)",
              "perplexity": "exp(mean NLL), log-softmax of llama.cpp's logits in float64, same scored positions as "
                            "sizewise.evaluate", "nice": os.nice(0), **llama_info, "build": build,
+             "imatrix": {"calibration": imatrix_key, "statistic": "mean x² per input column of each decoder matmul, "
+                         "float model (llama.cpp's imatrix)"} if imatrix_key else None,
              "environment": environment(), "loadavg_start": loadavg_start, "loadavg_end": os.getloadavg()}
     ref = {"model": args.model, "perplexity": f32_row["perplexity"], "sizewise_perplexity": sw_float["perplexity"],
            "windows": len(wins.inputs), "ctx": args.ctx}

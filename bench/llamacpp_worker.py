@@ -3,7 +3,10 @@
     python llamacpp_worker.py JOB.json
 
 A job is one of:
-  {"quantize": {"src", "dst", "ftype", "threads"}}         llama_model_quantize to LLAMA_FTYPE_MOSTLY_<ftype>
+  {"quantize": {"src", "dst", "ftype", "threads", "imatrix", "token_embedding_type"}}
+        llama_model_quantize to LLAMA_FTYPE_MOSTLY_<ftype>; "imatrix" (optional) is an .npz of one float32
+        vector per GGUF tensor name (mean squared input of each column, llama.cpp's importance matrix),
+        "token_embedding_type" (optional) a GGML type name for token_embd.weight
   {"evaluate": {"model", "windows", "score_from", "threads", "kv_type", "check", "speed"}, "out": path}
 The evaluation writes its result as JSON to "out". Token windows come as an int32 .npy [n, T]; the
 reference logits of the check windows as float32 .npy files [T, vocab].
@@ -22,13 +25,32 @@ import numpy as np
 import llama_cpp
 
 
-def quantize(src: str, dst: str, ftype: str, threads: int) -> dict:
+def _imatrix_entries(path: str):
+    """llama.cpp's C importance-matrix list: one {name, data, size} per tensor, ended by a NULL name.
+    Returns (the array, the numpy vectors it points into, which must outlive the quantize call)."""
+    z = np.load(path)
+    vectors = {n: np.ascontiguousarray(z[n], dtype=np.float32) for n in z.files}
+    entries = (llama_cpp.llama_model_imatrix_data * (len(vectors) + 1))()  # zeroed: the last is the end
+    for e, (n, v) in zip(entries, vectors.items()):
+        e.name, e.data, e.size = n.encode(), v.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), v.size
+    return entries, vectors
+
+
+def quantize(src: str, dst: str, ftype: str, threads: int, imatrix: str | None = None,
+             token_embedding_type: str | None = None) -> dict:
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
     params.nthread = threads
     params.allow_requantize = True
+    keep = None
+    if imatrix:
+        entries, keep = _imatrix_entries(imatrix)
+        params.imatrix = ctypes.cast(entries, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
+    if token_embedding_type:
+        params.token_embedding_type = getattr(llama_cpp, f"GGML_TYPE_{token_embedding_type}")
     t0 = time.perf_counter()
     rc = llama_cpp.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(params))
+    del keep
     if rc != 0:
         raise SystemExit(f"llama_model_quantize({ftype}) failed with code {rc}")
     return {"quantize_s": time.perf_counter() - t0}
@@ -121,7 +143,7 @@ def main() -> None:
     job = json.loads(open(sys.argv[1]).read())
     if "quantize" in job:
         q = job["quantize"]
-        result = quantize(q["src"], q["dst"], q["ftype"], q["threads"])
+        result = quantize(q["src"], q["dst"], q["ftype"], q["threads"], q.get("imatrix"), q.get("token_embedding_type"))
     elif "evaluate" in job:
         result = evaluate(job["evaluate"])
     else:

@@ -34,6 +34,10 @@ def test_uniform_q4_0_in_one_step_equals_compress_then_export(tiny_dirs, tmp_pat
     one = {t.name: np.array(t.data) for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors}
     two = {t.name: np.array(t.data) for t in gguf.GGUFReader(tmp_path / "two.gguf").tensors}
     assert one.keys() == two.keys() and all(np.array_equal(one[k], two[k]) for k in one)
+    # and the same file: export names the model the artifact came from, not the artifact's "hf" folder
+    assert (tmp_path / "m.gguf").read_bytes() == (tmp_path / "two.gguf").read_bytes()
+    name = gguf.GGUFReader(tmp_path / "two.gguf").get_field("general.name")
+    assert name.contents() == model.name
 
 
 def test_formats_gguf_cannot_hold_fail_before_any_work(tiny_dirs, tmp_path, capsys):
@@ -151,3 +155,20 @@ def test_gguf_budget_below_reach_fails_before_any_work(tiny_dirs, tmp_path, caps
     assert "below the smallest reachable GGUF file size" in err
     assert f"({lo:,} to {hi:,} bytes)" in err                        # the range in GGUF file bytes
     assert not list(tmp_path.iterdir())
+
+
+def test_plan_for_gguf_then_compress_with_it(tiny_dirs, tmp_path, capsys):
+    """`plan --format gguf` chooses among llama.cpp's types only; the plan applies to a GGUF that fits."""
+    model, plan = tiny_dirs["llama"], tmp_path / "plan.json"
+    calib = ["--calib", tiny_dirs["text"], "--calib-samples", 8, "--calib-len", 32, "--quiet"]
+    code, _, err = run(capsys, "plan", model, "--budget", "5.25bpw", "--format", "gguf", "-o", plan, *calib)
+    assert code == 0, err
+    import json
+    from sizewise.allocate import GGML_FORMATS
+    from sizewise.quant.formats import format_from_dict
+    chosen = [c for c in json.loads(plan.read_text())["choices"] if c["method"] != "float"]
+    assert chosen and all(format_from_dict(c["format"]) in GGML_FORMATS.values() for c in chosen)
+    code, _, err = run(capsys, "compress", model, "--plan", plan, "--format", "gguf", "-o", tmp_path / "p.gguf", "--quiet")
+    assert code == 0, err
+    linear = {v for k, v in _types(tmp_path / "p.gguf").items() if k.startswith("blk.") and "norm" not in k}
+    assert linear <= {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "F16"} and len(linear) >= 2

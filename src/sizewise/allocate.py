@@ -250,7 +250,9 @@ class GGUFLayout:
 
     @classmethod
     def for_source(cls, src) -> "GGUFLayout":
-        """The GGUF a compression of `src` is exported as (`gguf_export_args`)."""
+        """The GGUF a compression of `src` is exported as (`export.gguf.gguf_export_args`)."""
+        from .export.gguf import gguf_export_args
+
         return cls(src.model.config, src.tokenizer, **gguf_export_args(src.info))
 
     def check(self, candidates: tuple[Candidate, ...]) -> None:
@@ -297,15 +299,6 @@ class GGUFLayout:
 
 
 ARTIFACT = ArtifactLayout()
-
-
-def gguf_export_args(source_info: dict) -> dict:
-    """What a GGUF compressed from a source says about itself (`api.export`'s name, tokenizer_pre,
-    metadata): named after the model, the source recorded in `general.source.url`, llama.cpp's
-    pre-tokenizer name kept. Fixed before compressing, so the file's size is known beforehand."""
-    spec = str(source_info.get("spec", ""))
-    return {"name": Path(spec).name or None, "tokenizer_pre": source_info.get("tokenizer_pre"),
-            "metadata": {"general.source.url": f"sizewise {source_info.get('kind', 'model')} {spec}"}}
 
 
 def file_layout(layout, src=None):

@@ -212,19 +212,20 @@ def compress(model: str | Path | Source, config: CompressConfig | None = None, o
 
 def plan_for_budget(model: str | Path | Source, budget: str, config: CompressConfig | None = None, *,
                     quantizers: tuple[str, ...] = ("rtn",), fisher_samples: int = 8, measure_samples: int = MEASURE_SAMPLES,
-                    progress: bool = True, allow_pickle: bool = False):
+                    progress: bool = True, allow_pickle: bool = False, layout: str = "artifact"):
     """The plan of least predicted KL whose exact size fits `budget` ("3.5bpw", "70MB", "64MiB").
 
     Uses config.calib, config.float_dtype and config.options; returns an `allocate.Allocation`
     (.plan, .predicted per layer; `allocate.render` prints it). Profiling is cached per model and
-    calibration settings, so asking again for another budget is fast.
+    calibration settings, so asking again for another budget is fast. `layout="gguf"`: only
+    llama.cpp's types, and a byte budget bounds the .gguf file the plan exports to.
     """
     from .allocate import plan_for_budget as _plan
 
     config = config or CompressConfig()
     return _plan(model, budget, calib=config.calib, quantizers=quantizers, float_dtype=config.float_dtype,
                  options=config.options, fisher_samples=fisher_samples, measure_samples=measure_samples,
-                 progress=progress, allow_pickle=allow_pickle)
+                 progress=progress, allow_pickle=allow_pickle, layout=layout)
 
 
 def compress_to_budget(model: str | Path | Source, budget: str, config: CompressConfig | None = None,
@@ -353,14 +354,16 @@ def export(path: str | Path, out: str | Path, *, format: str = "gguf", overwrite
     every tensor in `float_dtype` (default float32; 1-D tensors always F32), e.g. as the source that
     llama.cpp's own quantizer starts from.
 
-    `name` (`general.name`; default: the model directory's name) and `metadata` (keys written last;
-    default: `general.source.url` naming the artifact or model) are what the file says about itself.
+    `name` (`general.name`) and `metadata` (keys written last) are what the file says about itself;
+    by default the model's name and `general.source.url` naming the model the artifact was compressed
+    from (`export.gguf.gguf_export_args`: the same as `compress --format gguf` writes), or for a model
+    that is not an artifact its directory's name and the model itself.
     """
     from collections import Counter
 
     from transformers import AutoConfig, AutoTokenizer
 
-    from .export.gguf import write_gguf
+    from .export.gguf import gguf_export_args, write_gguf
     from .export.gguf_types import ggml_type_for
     from .lossless.model import is_packed_model
     from .quant.formats import QuantizedTensor, label
@@ -384,10 +387,10 @@ def export(path: str | Path, out: str | Path, *, format: str = "gguf", overwrite
             "compress with --group-size 32 and --sym (Q4_0/Q5_0/Q8_0) or --zero float16 (Q4_1/Q5_1)")
     config = AutoConfig.from_pretrained(Path(path) / artifact.DENSE)
     tokenizer = AutoTokenizer.from_pretrained(Path(path) / artifact.DENSE)
-    if metadata is None:
-        metadata = {"general.source.url": "sizewise artifact " + str(Path(path).resolve())}
-    written = write_gguf(out, config, stored, tokenizer, name=name,
-                         tokenizer_pre=tokenizer_pre or manifest["source"].get("tokenizer_pre"), metadata=metadata)
+    described = gguf_export_args(manifest["source"])
+    written = write_gguf(out, config, stored, tokenizer, name=name or described["name"],
+                         tokenizer_pre=tokenizer_pre or described["tokenizer_pre"],
+                         metadata=described["metadata"] if metadata is None else metadata)
     import gguf
     types = Counter(gguf.GGMLQuantizationType(t.tensor_type).name for t in gguf.GGUFReader(written).tensors)
     return {"path": str(written), "bytes": written.stat().st_size, "tensor_types": dict(types)}

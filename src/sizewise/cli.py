@@ -195,7 +195,7 @@ def _compress_gguf(model, output, config, budget, method, fisher_samples, measur
     import tempfile
 
     from . import api
-    from .allocate import gguf_candidate_set, gguf_export_args
+    from .allocate import gguf_candidate_set
     from .export.gguf_types import ggml_type_for
     from .quant.formats import label
 
@@ -223,7 +223,7 @@ def _compress_gguf(model, output, config, budget, method, fisher_samples, measur
             res = res.exported
         else:
             made = api.compress(model, config, art, progress=not quiet, allow_pickle=allow_pickle)
-            res = api.export(art, out, format="gguf", overwrite=force, **gguf_export_args(made.manifest["source"]))
+            res = api.export(art, out, format="gguf", overwrite=force)
     types = ", ".join(f"{n} x {t}" for t, n in sorted(res["tensor_types"].items(), key=lambda kv: -kv[1]))
     click.echo(f"wrote {out}: {res['bytes'] / 1e6:.1f} MB ({types})")
 
@@ -234,16 +234,19 @@ def _compress_gguf(model, output, config, budget, method, fisher_samples, measur
 @click.option("-o", "--output", type=click.Path(), help="Write the plan as JSON (apply it with `sizewise compress MODEL --plan FILE`).")
 @click.option("--method", default="rtn", show_default=True, help="Quantizers to choose among, comma-separated: rtn, rtn-mse, gptq.")
 @_calib_options
+@click.option("--format", "out_format", type=click.Choice(["artifact", "gguf"]), default="artifact", show_default=True,
+              help="gguf: choose among llama.cpp's types only, and a byte budget bounds the .gguf file (apply with "
+              "`compress --plan FILE --format gguf`).")
 @click.option("--allow-pickle", is_flag=True)
 @click.option("--quiet", is_flag=True)
-def plan_cmd(model, budget, output, method, fisher_samples, measure_samples, allow_pickle, quiet, **calib):
+def plan_cmd(model, budget, output, method, fisher_samples, measure_samples, out_format, allow_pickle, quiet, **calib):
     """Choose each linear layer's format to fit a budget at least predicted loss, and print the plan."""
     from . import api
     from .allocate import render
 
     alloc = api.plan_for_budget(model, budget, _calib_config(**calib), quantizers=tuple(method.split(",")),
                                 fisher_samples=fisher_samples, measure_samples=measure_samples, progress=not quiet,
-                                allow_pickle=allow_pickle)
+                                allow_pickle=allow_pickle, layout=out_format)
     click.echo(render(alloc))
     if output:
         Path(output).parent.mkdir(parents=True, exist_ok=True)

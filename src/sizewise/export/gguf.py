@@ -57,6 +57,15 @@ _LAYER_TENSORS = (
 )
 
 
+def gguf_export_args(source_info: dict) -> dict:
+    """What a GGUF compressed from a source says about itself (`api.export`'s defaults for name, tokenizer_pre,
+    metadata): named after the model, the source recorded in `general.source.url`, llama.cpp's
+    pre-tokenizer name kept. Fixed before compressing, so the file's size is known beforehand."""
+    spec = str(source_info.get("spec", ""))
+    return {"name": Path(spec).name or None, "tokenizer_pre": source_info.get("tokenizer_pre"),
+            "metadata": {"general.source.url": f"sizewise {source_info.get('kind', 'model')} {spec}"}}
+
+
 # --- names and layout -------------------------------------------------------------------------
 
 
