@@ -54,8 +54,12 @@ def test_quantized_tables_are_stored_and_rebuilt_exactly(tiny_dirs, tmp_path, fa
 def test_plan_checks_table_choices(tiny_dirs):
     arch = discover(load(tiny_dirs["llama"]).model)
     emb = arch.embedding
-    with pytest.raises(SizewiseError, match="data-free"):
-        _plan(arch, {emb: ("gptq", FMT)}).check(arch)
+    _plan(arch, {emb: ("gptq", FMT)}).check(arch)           # tied: the embedding computes the logits too
+    untied = discover(load(tiny_dirs["qwen2"]).model)
+    assert untied.head_table == untied.lm_head and arch.head_table == emb
+    with pytest.raises(SizewiseError, match="input embedding: its method must be data-free"):
+        _plan(untied, {untied.embedding: ("gptq", FMT)}).check(untied)
+    _plan(untied, {untied.lm_head: ("gptq", FMT)}).check(untied)
     with pytest.raises(SizewiseError, match="neither a decoder linear nor a token table"):
         _plan(arch, {"model.norm.weight": ("rtn", FMT)}).check(arch)
     with pytest.raises(SizewiseError, match="divide"):
@@ -73,15 +77,15 @@ def qwen(tiny_dirs):
     return src, arch, cands, A.size_table(src.model, arch, cands), prof
 
 
-def test_table_costs_are_measured_kls_for_data_free_candidates(qwen):
+def test_table_costs_are_measured_kls(qwen):
     src, arch, cands, sizes, prof = qwen
     for name in arch.tables:
         lp = prof.by_name[name]
         assert lp.kind == "table"
         for c, cost in zip(cands, lp.costs):
-            if c.method == "gptq":
-                assert cost is None                       # tables are quantized without calibration
-            elif c.method == "rtn" and c.fits(lp.shape[1]):
+            if c.method == "gptq" and name != arch.head_table:
+                assert cost is None                       # an input embedding is quantized without calibration
+            elif c.method in ("rtn", "gptq") and c.fits(lp.shape[1]):
                 assert cost is not None and cost >= 0
         by_bits = {c.format.bits: cost for c, cost in zip(cands, lp.costs)
                    if c.method == "rtn" and c.format.group_size == 32}
@@ -111,7 +115,7 @@ def test_byte_budgets_choose_table_formats_bits_budgets_do_not(qwen, tmp_path):
     from sizewise import engine
     before = {k: v.clone() for k, v in src.model.state_dict().items()}
     samples = torch.randint(0, 320, (2, 16), generator=torch.Generator().manual_seed(3))
-    stats, _ = engine.statistics(src.model, arch, samples, progress=False)
+    stats, _ = engine.statistics(src.model, arch, samples, progress=False, head=True)
     kl_small, kl_bits = A.measure_plans(src.model, arch, [alloc, b], samples, stats=stats, progress=False)
     assert kl_small > 0 and kl_bits > 0
     assert all(torch.equal(v, before[k]) for k, v in src.model.state_dict().items())
@@ -133,3 +137,44 @@ def test_byte_budget_end_to_end_writes_what_was_planned(tiny_dirs, tmp_path, mon
     quantized_tables = [n for n in arch.tables if m["tensors"][n]["format"]["kind"] == "quant"]
     assert quantized_tables and all(m["tensors"][n]["method"] in ("rtn",) for n in quantized_tables)
     assert m["allocation"]["measured_plans"]
+
+
+def test_head_statistics_are_the_final_hidden_states(tiny_dirs):
+    """The head's input, after the last norm, on the last HEAD_SAMPLES calibration samples only."""
+    from sizewise import engine
+    from sizewise.defaults import HEAD_SAMPLES
+
+    for family in ("llama", "qwen2"):
+        src = load(tiny_dirs[family])
+        arch = discover(src.model)
+        samples = torch.randint(0, 300, (HEAD_SAMPLES + 3, 16), generator=torch.Generator().manual_seed(1))
+        st = engine.head_statistics(src.model, arch, samples, batch=5)
+        assert list(st) == [arch.head_table]
+        with torch.no_grad():
+            h = src.model(input_ids=samples[3:], output_hidden_states=True).hidden_states[-1].reshape(-1, src.model.config.hidden_size)
+        assert st[arch.head_table].count == h.shape[0]
+        torch.testing.assert_close(st[arch.head_table].xtx, h.T @ h, rtol=1e-4, atol=1e-3)
+
+
+def test_tied_embedding_solved_by_gptq_on_the_head_input(tiny_dirs, tmp_path):
+    """A calibrated table choice is solved from the compressed model's final hidden states: its logit
+    error on them (tr dW H dWᵀ) is below round-to-nearest's in the same format."""
+    from sizewise import engine
+    from sizewise.quant.methods import round_to_nearest
+
+    src = load(tiny_dirs["llama"])
+    arch = discover(src.model)
+    fmt = QuantFormat(3, 32, symmetric=False, scale_dtype="float16", zero="int")
+    w = src.model.get_input_embeddings().weight.detach().clone()
+    cfg = sizewise.CompressConfig(plan=_plan(arch, {arch.embedding: ("gptq", fmt)}),
+                                  calib=sizewise.CalibConfig(text=tiny_dirs["text"], samples=8, length=32))
+    res = sizewise.compress(tiny_dirs["llama"], cfg, tmp_path / "g", progress=False)
+    assert res.manifest["tensors"][arch.embedding]["method"] == "gptq"
+    samples, _ = sizewise.api._calibration(load(tiny_dirs["llama"]), cfg.calib.resolved("cpu"), False)
+    h = engine.head_statistics(res.model, arch, samples)[arch.head_table].xtx
+
+    def err(q):
+        d = q - w
+        return float(((d @ h) * d).sum())
+
+    assert err(res.model.get_input_embeddings().weight.detach()) < 0.9 * err(round_to_nearest(w, fmt).dequantize())

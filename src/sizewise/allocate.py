@@ -29,7 +29,8 @@ Costs stop adding up when many layers are coarse (errors compound: at 3.3 bpw on
 prediction was 0.79 nats, the measurement 1.29), so `choose_measured` measures the knapsack's
 plan next to the knapsack without its lowest bit widths and the best uniform plan, on held-out
 calibration samples, and keeps the least measured KL. Token tables (embedding, untied head) are
-items only under file-size budgets, with data-free candidates whose cost is measured directly.
+items only under file-size budgets, with costs measured directly: data-free candidates, and for the
+table that computes the logits also calibrated ones, solved from the final hidden states.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import builtins, engine
-from .defaults import MEASURE_SAMPLES
+from .defaults import HEAD_SAMPLES, MEASURE_SAMPLES
 from .arch import Architecture, discover
 from .errors import SizewiseError
 from .plan import Choice, Plan
@@ -59,7 +60,7 @@ from .quant.formats import DTYPE_BITS, TORCH_DTYPES, FloatFormat, Format, QuantF
 from .quant.kquant import KQUANT_TYPES, KQuantFormat
 from .quant.pack import packed_nbytes
 
-PROFILE_VERSION = 3          # bump when the proxy's definition changes: cached profiles are then ignored
+PROFILE_VERSION = 4          # bump when the proxy's definition changes: cached profiles are then ignored (4: calibrated head tables)
 
 
 # --- candidates -----------------------------------------------------------------------------------
@@ -123,7 +124,7 @@ def gguf_candidate_set(quantizers: tuple[str, ...] = ("rtn",), float_dtype: str 
     """Only formats that llama.cpp's block types hold exactly, plus float: the 32-weight types (Q4_0,
     Q4_1, Q5_0, Q5_1, Q8_0) and the k-quants (Q2_K .. Q6_K; only on layers whose input size is a
     multiple of 256). A plan made of these exports to GGUF unchanged, as a mixed-type file. Token
-    tables take the data-free ones (rtn, rtn-mse), which llama.cpp holds in any of these types."""
+    tables take them too (`_table_takes`)."""
     cands = [Candidate(q, f) for q in quantizers for f in GGML_FORMATS.values()]
     for q in quantizers:
         methods.get(q)
@@ -379,10 +380,10 @@ def size_table(model, arch: Architecture, candidates: tuple[Candidate, ...], flo
             raise SizewiseError(f"no candidate fits {r.name} (input size {r.shape[1]}); add per-channel or float")
         per_layer.append((r, opts, [layout.rows(r.weight_name, candidates[i], r.shape, tuple(state[r.weight_name].shape))
                                     for i in opts]))
-    per_table = []          # token tables take data-free candidates only: they are quantized without calibration
+    per_table = []
     as_float = Candidate("float", FloatFormat(float_dtype))
     for name, shape in arch.tables.items():
-        opts = [i for i, c in enumerate(candidates) if c.fits(shape[1]) and _data_free(c)]
+        opts = [i for i, c in enumerate(candidates) if _table_takes(arch, name, c)]
         per_table.append((name, shape, opts, [layout.rows(name, candidates[i], shape, shape) for i in opts]
                           + [layout.rows(name, as_float, shape, shape)]))          # last: stored float
     others = [row for name, t in state.items() if name not in linear and name not in arch.tables
@@ -400,6 +401,13 @@ def size_table(model, arch: Architecture, candidates: tuple[Candidate, ...], flo
 
 def _data_free(c: Candidate) -> bool:
     return c.method == "float" or not methods.get(c.method).needs_calibration
+
+
+def _table_takes(arch: Architecture, name: str, c: Candidate) -> bool:
+    """Whether token table `name` may be quantized with candidate `c` (float is always its fallback):
+    an input embedding only data-free, the head (or the embedding tied to it) also calibrated, from
+    the statistics of its input, the final hidden states (`engine.head_statistics`)."""
+    return c.method != "float" and c.fits(arch.tables[name][1]) and (_data_free(c) or name == arch.head_table)
 
 
 # --- budgets --------------------------------------------------------------------------------------
@@ -602,16 +610,18 @@ def profile_model(model, arch: Architecture, samples: torch.Tensor, candidates: 
         layers.append(LayerProfile(ref.weight_name, ref.shape, float(f.mean()), costs, errors))
 
     stats, facts = engine.statistics(model, arch, samples, batch=batch, offload=offload, progress=progress,
-                                     compute_dtype=compute_dtype, measure=measure)
+                                     compute_dtype=compute_dtype, measure=measure,
+                                     head=tables and _needs_head_stats(arch, candidates))
     protocol = {"proxy": "0.5 * sum_j fisher_j * mean_tokens (dW X^T)_j^2, float-model inputs; token tables: "
-                         "measured KL with only that table changed",
+                         "measured KL with only that table changed (calibrated ones solved from the head's "
+                         f"input on the last {HEAD_SAMPLES} samples)",
                 "fisher_samples": min(fisher_samples, len(samples)), "fisher_labels": "sampled from the model",
                 "seed": seed, "calibration_tokens": int(samples.numel()), "options": options or {},
                 "fisher_s": t_fisher, "engine_s": facts["engine_s"], "profile_s": time.perf_counter() - t0}
     prof = Profile(tuple(candidates), layers, protocol)
     if tables:
         add_table_costs(prof, model, arch, samples, batch=batch, table_samples=table_samples, options=options,
-                        progress=progress)
+                        progress=progress, stats=stats, compute_dtype=compute_dtype)
     prof.protocol["profile_s"] = time.perf_counter() - t0
     if keep_stats:
         prof.stats = stats
@@ -622,30 +632,49 @@ def has_table_costs(profile: Profile, arch: Architecture) -> bool:
     return all(profile.by_name.get(n) is not None for n in arch.tables)
 
 
+def _needs_head_stats(arch: Architecture, candidates) -> bool:
+    return arch.head_table is not None and any(_table_takes(arch, arch.head_table, c) and not _data_free(c)
+                                               for c in candidates)
+
+
 def add_table_costs(profile: Profile, model, arch: Architecture, samples: torch.Tensor, *, batch: int = 8,
-                    table_samples: int = 4, options: dict | None = None, progress: bool = True) -> None:
-    """Measure the token tables' candidates (`_table_costs`) into `profile`, if not there yet."""
+                    table_samples: int = 4, options: dict | None = None, progress: bool = True,
+                    stats: dict | None = None, compute_dtype: torch.dtype = torch.float32) -> None:
+    """Measure the token tables' candidates (`_table_costs`) into `profile`, if not there yet, on
+    the first `table_samples` calibration samples. The head's statistics come from `stats` or, if
+    calibrated candidates need them, a pass over the last ones (`engine.head_statistics`)."""
     if has_table_costs(profile, arch):
         return
     t0 = time.perf_counter()
-    profile.layers += _table_costs(model, arch, profile.candidates, samples[:table_samples], batch, options, progress)
+    if _needs_head_stats(arch, profile.candidates) and arch.head_table not in (stats or {}):
+        stats = engine.head_statistics(model, arch, samples, batch=batch, compute_dtype=compute_dtype)
+        if profile.stats is not None:         # kept for solving plans: they may now quantize the head
+            profile.stats.update(stats)
+    profile.layers += _table_costs(model, arch, profile.candidates, samples[:table_samples], batch, options, progress,
+                                   stats)
     profile.by_name = {l.name: l for l in profile.layers}
     profile.protocol.update(table_samples=min(table_samples, len(samples)), tables_s=time.perf_counter() - t0)
 
 
-def _table_costs(model, arch: Architecture, candidates, samples: torch.Tensor, batch: int, options, progress: bool):
-    """KL(float ‖ model with one token table changed) per data-free candidate, measured directly.
+def _table_costs(model, arch: Architecture, candidates, samples: torch.Tensor, batch: int, options, progress: bool,
+                 stats: dict | None = None):
+    """KL(float ‖ model with one token table changed) per candidate the table takes, measured directly.
 
     A table touches every position (and, tied, every output logit): no layer-local proxy applies,
-    and there are only one or two of them, so measuring is affordable and exact.
+    and there are only one or two of them, so measuring is affordable and exact. `stats` holds the
+    head table's input statistics (`engine.head_statistics`), which calibrated candidates need.
     """
     params = dict(model.named_parameters())
     out = []
     if not arch.tables or not len(samples):
         return out
+    stats = stats or {}
     reference = _log_probs(model, samples, batch)
-    todo = [(n, i) for n, shape in arch.tables.items() for i, c in enumerate(candidates)
-            if c.method != "float" and _data_free(c) and c.fits(shape[1])]
+
+    def takes(name, c):
+        return _table_takes(arch, name, c) and (_data_free(c) or name in stats)
+
+    todo = [(n, i) for n in arch.tables for i, c in enumerate(candidates) if takes(n, c)]
     bar = tqdm(total=len(todo), desc="token tables", unit="cand", disable=not progress, file=sys.stderr)
     for name, shape in arch.tables.items():
         w = params[name].detach().clone()
@@ -654,8 +683,8 @@ def _table_costs(model, arch: Architecture, candidates, samples: torch.Tensor, b
             for i, cand in enumerate(candidates):
                 if cand.method == "float":
                     changed = w.to(TORCH_DTYPES[cand.format.dtype]).float()
-                elif _data_free(cand) and cand.fits(shape[1]):
-                    changed = _dequantized(cand, w, None, options)
+                elif takes(name, cand):
+                    changed = _dequantized(cand, w, stats.get(name), options)
                     bar.update()
                 else:
                     continue
@@ -974,7 +1003,8 @@ def measure_plans(model, arch: Architecture, allocs: list[Allocation], samples: 
                 put(n, originals[n].to(TORCH_DTYPES[alloc.plan_float_dtype]).float())
             for c in alloc.plan.choices:
                 cand = Candidate(c.method, c.format)
-                st = stats.get(refs[c.name].name) if stats is not None and c.name in refs else None
+                # linears' statistics are keyed by module name, the head table's by its weight name
+                st = stats.get(refs[c.name].name if c.name in refs else c.name) if stats is not None else None
                 if st is None and cand.method != "float" and methods.get(cand.method).needs_calibration:
                     raise SizewiseError(f"measuring a {cand.method} plan needs the calibration statistics")
                 wkey = ("weight", c.name, cand)
@@ -1150,7 +1180,8 @@ def cached_profile(src, arch: Architecture, calib, candidates: tuple[Candidate, 
             return prof
     samples, calib_proto = _calibration(src, calib, progress)
     if prof is not None:                          # cached, but without the tables this budget needs
-        add_table_costs(prof, src.model, arch, samples, batch=calib.batch, options=options, progress=progress)
+        add_table_costs(prof, src.model, arch, samples, batch=calib.batch, options=options, progress=progress,
+                        compute_dtype=TORCH_DTYPES[calib.dtype])
     else:
         prof = profile_model(src.model, arch, samples, candidates, options=options, fisher_samples=fisher_samples,
                              seed=calib.seed, batch=calib.batch, compute_dtype=TORCH_DTYPES[calib.dtype],
@@ -1167,7 +1198,8 @@ def cached_profile(src, arch: Architecture, calib, candidates: tuple[Candidate, 
 
 
 def profile_statistics(src, arch: Architecture, calib, profile: Profile, progress: bool = True) -> dict | None:
-    """The linears' input statistics the profile was made from: kept ones, or one float pass again.
+    """The linears' input statistics the profile was made from (and the head's, if calibrated
+    candidates may quantize it): kept ones, or one float pass again.
 
     None when no candidate needs calibration data.
     """
@@ -1179,7 +1211,8 @@ def profile_statistics(src, arch: Architecture, calib, profile: Profile, progres
         samples, _ = _calibration(src, calib, progress)
         profile.stats, _ = engine.statistics(src.model, arch, samples, batch=calib.batch,
                                              offload=Path(calib.offload) if calib.offload else None,
-                                             progress=progress, compute_dtype=TORCH_DTYPES[calib.dtype])
+                                             progress=progress, compute_dtype=TORCH_DTYPES[calib.dtype],
+                                             head=_needs_head_stats(arch, profile.candidates))
     return profile.stats
 
 

@@ -177,11 +177,24 @@ def compress(model: str | Path | Source, config: CompressConfig | None = None, o
                        progress=progress, compute_dtype=TORCH_DTYPES[config.calib.dtype], transform=layer_transform,
                        stats=stats)
 
-    # Token tables the plan quantizes (data-free: they see every token, no calibration needed).
+    # Token tables the plan quantizes: data-free, or (the head, or the embedding tied to it) calibrated
+    # on the head's input: from the saved float-model statistics, else the compressed model's.
     params = dict(m.named_parameters())
+    head_stats = {}
+    if any(methods.get(c.method).needs_calibration for c in plan.tables(arch)):
+        if stats is not None:
+            if arch.head_table not in stats:
+                raise SizewiseError("the saved statistics lack the output head's, which the plan's tables need")
+            head_stats = {arch.head_table: stats[arch.head_table]}
+        else:
+            head_stats = engine.head_statistics(m, arch, samples, batch=config.calib.batch,
+                                                compute_dtype=TORCH_DTYPES[config.calib.dtype])
     with torch.no_grad():
         for c in plan.tables(arch):
-            qt = methods.solve(c.method, params[c.name].detach().float(), None, c.format, config.options)
+            qt = (solved or {}).get((c.name, c.method, c.format)) if stats is not None else None
+            if qt is None:
+                qt = methods.solve(c.method, params[c.name].detach().float(), head_stats.get(c.name), c.format,
+                                   config.options)
             quantized[c.name] = qt
             params[c.name].copy_(qt.dequantize())      # a tied head follows: it is the same tensor
     # Everything not quantized is stored in a float dtype; make the model hold exactly that.

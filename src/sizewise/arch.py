@@ -67,6 +67,13 @@ class Architecture:
     def all_linears(self) -> list[LinearRef]:
         return [ref for layer in self.linears for ref in layer]
 
+    @property
+    def head_table(self) -> str | None:
+        """The token table that computes the logits (the untied head, or the embedding tied to it):
+        unlike an input embedding it multiplies activations, so calibrated quantizers apply to it."""
+        name = self.embedding if self.tied else self.lm_head
+        return name if name in self.tables else None
+
 
 def _is_linear(m: nn.Module) -> bool:
     return isinstance(m, (nn.Linear, Conv1D))

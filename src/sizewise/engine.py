@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .arch import Architecture, LinearRef
+from .defaults import HEAD_SAMPLES
 
 
 @dataclass
@@ -247,13 +248,50 @@ def run(model, arch: Architecture, solve: Solver, samples: torch.Tensor | None, 
             "activation_bytes": ActivationBuffer.nbytes(n, length, hidden)}
 
 
+def head_statistics(model, arch: Architecture, samples: torch.Tensor, *, batch: int = 8,
+                    compute_dtype: torch.dtype = torch.float32) -> dict[str, LinearStats]:
+    """The output head's input statistics (the final hidden states, after the last norm), keyed by
+    `arch.head_table`, the token table that computes the logits; {} if the model has none to quantize.
+
+    From the *last* `HEAD_SAMPLES` of the calibration `samples`: the allocator measures the tables'
+    costs on the first few, which thus stay held out. One forward pass, stopped before the logits
+    (the largest matmul of a small model); with a half-precision `compute_dtype` the pass runs under
+    autocast. The model is unchanged.
+    """
+    name = arch.head_table
+    samples = samples[-HEAD_SAMPLES:]
+    if name is None or not len(samples):
+        return {}
+    head = model.get_output_embeddings()
+    device = next(model.parameters()).device
+    stats = LinearStats.empty(head.weight.shape[1], device)
+
+    def hook(module, args):
+        stats.add(args[0].detach())
+        raise _Stop
+
+    handle = head.register_forward_pre_hook(hook)
+    autocast = torch.autocast(device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32)
+    try:
+        with torch.no_grad(), autocast:
+            for s in range(0, len(samples), batch):
+                try:
+                    model(input_ids=samples[s:s + batch].to(device), use_cache=False)
+                except _Stop:
+                    pass
+    finally:
+        handle.remove()
+    return {name: stats}
+
+
 def statistics(model, arch: Architecture, samples: torch.Tensor, *, batch: int = 8, offload: Path | None = None,
                progress: bool = True, compute_dtype: torch.dtype = torch.float32,
-               measure: Solver | None = None) -> tuple[dict[str, LinearStats], dict]:
+               measure: Solver | None = None, head: bool = False) -> tuple[dict[str, LinearStats], dict]:
     """Every decoder linear's input statistics under the *float* model, in one pass; the model is unchanged.
 
     `measure(ref, w, stats)`, if given, is called per linear as the layer is observed (its return
-    value is ignored). Returns (stats by linear name, the engine's facts).
+    value is ignored). With `head`, also the output head's (`head_statistics`), under its table's
+    weight name. Returns (stats by name, the engine's facts).
     """
     kept: dict[str, LinearStats] = {}
 
@@ -265,6 +303,10 @@ def statistics(model, arch: Architecture, samples: torch.Tensor, *, batch: int =
 
     facts = run(model, arch, keep, samples, batch=batch, offload=offload, progress=progress,
                 compute_dtype=compute_dtype)        # exact weights restored after bf16 passes (_computing_in)
+    if head:
+        t0 = time.perf_counter()
+        kept.update(head_statistics(model, arch, samples, batch=batch, compute_dtype=compute_dtype))
+        facts["head_s"] = time.perf_counter() - t0
     return kept, facts
 
 

@@ -75,7 +75,8 @@ class Plan:
 
     def check(self, arch: Architecture) -> None:
         """Every decoder linear is covered, every format fits its weight, and any other weight named
-        is a token table (embedding or untied head) with a data-free method; tables not named stay float."""
+        is a token table (embedding or untied head); only the one that computes the logits (the head,
+        or the embedding tied to it) may take a calibrated method. Tables not named stay float."""
         from .quant import methods
 
         refs = {r.weight_name: r for r in arch.all_linears()}
@@ -87,8 +88,8 @@ class Plan:
                 c.format.check(refs[c.name].shape[1], c.name)
             elif c.name in arch.tables:
                 if c.method != "float":
-                    if methods.get(c.method).needs_calibration:
-                        raise SizewiseError(f"{c.name} is a token table: its method must be data-free "
+                    if methods.get(c.method).needs_calibration and c.name != arch.head_table:
+                        raise SizewiseError(f"{c.name} is an input embedding: its method must be data-free "
                                             f"(rtn, rtn-mse), not {c.method}")
                     c.format.check(arch.tables[c.name][1], c.name)
             else:
