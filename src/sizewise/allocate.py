@@ -57,6 +57,7 @@ from .errors import SizewiseError
 from .plan import Choice, Plan
 from .quant import methods
 from .quant.formats import DTYPE_BITS, TORCH_DTYPES, FloatFormat, Format, QuantFormat, format_from_dict, label
+from .quant.codebook import CodebookFormat
 from .quant.kquant import KQUANT_TYPES, KQuantFormat
 from .quant.pack import packed_nbytes
 
@@ -117,12 +118,13 @@ GGML_FORMATS: dict[str, Format] = {
     **{f"Q{b}_0": QuantFormat(b, 32, symmetric=True, scale_dtype="float16") for b in (4, 5, 8)},
     **{f"Q{b}_1": QuantFormat(b, 32, symmetric=False, scale_dtype="float16", zero="float16") for b in (4, 5)},
     **{t: KQuantFormat(t) for t in KQUANT_TYPES},
+    "IQ4_NL": CodebookFormat("IQ4_NL"),
 }
 
 
 def gguf_candidate_set(quantizers: tuple[str, ...] = ("rtn",), float_dtype: str | None = "float16") -> tuple[Candidate, ...]:
     """Only formats that llama.cpp's block types hold exactly, plus float: the 32-weight types (Q4_0,
-    Q4_1, Q5_0, Q5_1, Q8_0) and the k-quants (Q2_K .. Q6_K; only on layers whose input size is a
+    Q4_1, Q5_0, Q5_1, Q8_0, and IQ4_NL with its non-uniform levels) and the k-quants (Q2_K .. Q6_K; only on layers whose input size is a
     multiple of 256). A plan made of these exports to GGUF unchanged, as a mixed-type file. Token
     tables take them too (`_table_takes`)."""
     cands = [Candidate(q, f) for q in quantizers for f in GGML_FORMATS.values()]
@@ -168,7 +170,7 @@ def _tensors(name: str, cand: Candidate, shape: tuple[int, int], state_shape: tu
     fmt = cand.format
     if isinstance(fmt, FloatFormat):
         return [(name, _FLOAT_ST[fmt.dtype], state_shape, out * inp * DTYPE_BITS[fmt.dtype] // 8)]
-    if isinstance(fmt, KQuantFormat):        # ggml's blocks, one row of them per output channel
+    if isinstance(fmt, (KQuantFormat, CodebookFormat)):   # ggml's blocks, one row of them per output channel
         nbytes = fmt.stored_bits(out, inp) // 8
         return [(f"{name}:ggml", "U8", (out, nbytes // out), nbytes)]
     groups = out * (inp // fmt.group_len(inp))
@@ -262,7 +264,7 @@ class GGUFLayout:
         bad = [c for c in candidates if ggml_type_for(c.format) is None]
         if bad:
             raise SizewiseError(f"GGUF cannot hold {bad[0].label} exactly; a GGUF's candidates must be ggml types "
-                                "(allocate.gguf_candidate_set: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K..Q6_K, float)")
+                                "(allocate.gguf_candidate_set: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, Q2_K..Q6_K, float)")
 
     def rows(self, name: str, cand: Candidate, shape: tuple[int, int], state_shape: tuple[int, ...]) -> list[Row]:
         from .export.gguf import data_bytes
@@ -1039,6 +1041,8 @@ def render(alloc: Allocation) -> str:
             bits, group, kind = DTYPE_BITS[fmt.dtype], "-", fmt.dtype
         elif isinstance(fmt, KQuantFormat):     # sub-blocks of a 256-weight super-block
             bits, group, kind = fmt.bits, f"{fmt.sub_size}/256", f"{c.method} {label(fmt)}"
+        elif isinstance(fmt, CodebookFormat):
+            bits, group, kind = fmt.bits, "32", f"{c.method} {label(fmt)}"
         else:
             bits, group = fmt.bits, "channel" if fmt.group_size is None else str(fmt.group_size)
             kind = f"{c.method} {label(fmt)}"

@@ -361,7 +361,7 @@ def export(path: str | Path, out: str | Path, *, format: str = "gguf", overwrite
 
     GGUF holds our formats exactly when they are one of ggml's block types: 32-weight groups with
     float16 scales, symmetric (Q4_0, Q5_0, Q8_0) or with a float16 minimum (Q4_1, Q5_1), and the
-    k-quants (Q2_K .. Q6_K), whose blocks the artifact stores as they are.
+    k-quants (Q2_K .. Q6_K) and IQ4_NL, whose blocks the artifact stores as they are.
 
     Any other model (a built-in name, a Hugging Face directory, a GGUF file) is written unquantized,
     every tensor in `float_dtype` (default float32; 1-D tensors always F32), e.g. as the source that

@@ -21,7 +21,8 @@ from safetensors.torch import save_file
 from .atomic import staged_dir
 from .errors import SizewiseError
 from .quant.formats import (TORCH_DTYPES, FloatFormat, QuantFormat, QuantizedTensor, format_from_dict)
-from .quant.kquant import KQuantFormat, KQuantTensor
+from .quant.codebook import CodebookTensor
+from .quant.kquant import KQuantTensor
 from .quant.pack import pack_bits, unpack_bits
 
 MANIFEST, PACKED, DENSE = "manifest.json", "packed.safetensors", "hf"
@@ -38,12 +39,12 @@ def check_output(out: Path, overwrite: bool) -> None:
         raise SizewiseError(f"output path {out} already exists and is not empty (use --force to replace it)")
 
 
-def _quant_entries(name: str, qt: QuantizedTensor | KQuantTensor) -> dict[str, torch.Tensor]:
-    if isinstance(qt, KQuantTensor):
+def _quant_entries(name: str, qt: QuantizedTensor | KQuantTensor | CodebookTensor) -> dict[str, torch.Tensor]:
+    if isinstance(qt, (KQuantTensor, CodebookTensor)):
         # ggml's blocks as they are: exactly the format's stored bits, and a GGUF export copies them
-        from .export.gguf_types import kquant_to_ggml_bytes
+        from .export.gguf_types import ggml_block_bytes
 
-        return {f"{name}:ggml": torch.from_numpy(kquant_to_ggml_bytes(qt))}
+        return {f"{name}:ggml": torch.from_numpy(ggml_block_bytes(qt))}
     fmt = qt.fmt
     zeros = None if qt.zeros is None else qt.zeros.cpu()     # solved on the model's device (maybe CUDA)
     out = {f"{name}:codes": torch.from_numpy(pack_bits(qt.codes.cpu().numpy(), fmt.bits)),
@@ -66,11 +67,15 @@ def _read_quant(f, name: str, fmt: QuantFormat, shape: tuple[int, int]) -> Quant
     return QuantizedTensor(fmt, torch.from_numpy(codes), f.get_tensor(f"{name}:scales"), zeros)
 
 
-def read_kquant(data: torch.Tensor, fmt: KQuantFormat, shape: tuple[int, int]) -> KQuantTensor:
-    """A k-quant weight [out, in] from its stored ggml blocks (uint8), bit for bit."""
-    from .export.gguf_types import kquant_from_ggml_bytes
+# formats an artifact stores as ggml's own blocks ("{name}:ggml")
+GGML_BLOCK_KINDS = ("kquant", "codebook")
 
-    return kquant_from_ggml_bytes(data.numpy(), fmt, shape)
+
+def read_ggml_blocks(data: torch.Tensor, fmt, shape: tuple[int, int]) -> KQuantTensor | CodebookTensor:
+    """A k-quant or IQ4_NL weight [out, in] from its stored ggml blocks (uint8), bit for bit."""
+    from .export.gguf_types import from_ggml_block_bytes
+
+    return from_ggml_block_bytes(data.numpy(), fmt, shape)
 
 
 def stored_shape(entry: dict) -> tuple[int, int]:
@@ -175,8 +180,9 @@ def load_stored(path: str | Path) -> tuple[dict, dict]:
                 fmt = entry["format"]
                 if fmt["kind"] == "quant":
                     stored[name] = _read_quant(f, name, format_from_dict(fmt), stored_shape(entry))
-                elif fmt["kind"] == "kquant":
-                    stored[name] = read_kquant(f.get_tensor(f"{name}:ggml"), format_from_dict(fmt), stored_shape(entry))
+                elif fmt["kind"] in GGML_BLOCK_KINDS:
+                    stored[name] = read_ggml_blocks(f.get_tensor(f"{name}:ggml"), format_from_dict(fmt),
+                                                    stored_shape(entry))
                 else:
                     stored[name] = f.get_tensor(name)
     except (SafetensorError, OSError, ValueError, KeyError) as e:
@@ -193,7 +199,7 @@ def dense_state(stored: dict, manifest: dict) -> dict[str, torch.Tensor]:
     """Stored tensors (as `load_stored` returns them) → the dense float32 state dict, aliases restored."""
     state = {}
     for name, t in stored.items():
-        if isinstance(t, (QuantizedTensor, KQuantTensor)):
+        if isinstance(t, (QuantizedTensor, KQuantTensor, CodebookTensor)):
             w = t.dequantize()
             state[name] = w.t().contiguous() if manifest["tensors"][name]["transposed"] else w
         else:

@@ -148,7 +148,7 @@ def cli():
 @click.option("--format", "out_format", type=click.Choice(["artifact", "gguf"]), default="artifact", show_default=True,
               help="gguf: write -o FILE.gguf for llama.cpp instead of an artifact directory; the formats must be "
               "ggml block types (group size 32, float16 scales, --sym or --zero float16; or k-quants in a --plan); "
-              "with --budget the allocator then chooses among Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, F16 and, on layers "
+              "with --budget the allocator then chooses among Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, F16 and, on layers "
               "whose input size is a multiple of 256, Q2_K..Q6_K, and a file-size budget bounds the .gguf file.")
 @click.option("--force", is_flag=True, help="Replace the output directory if it exists.")
 @click.option("--allow-pickle", is_flag=True, help="Allow loading pickled (.bin) weights. Only for files you trust.")

@@ -39,7 +39,7 @@ from gguf import GGMLQuantizationType, TokenType
 
 from ..errors import SizewiseError
 from ..quant.formats import QuantizedTensor
-from .gguf_types import KQuantTensor, ggml_bytes
+from .gguf_types import CodebookTensor, KQuantTensor, ggml_bytes
 
 GGML = GGMLQuantizationType
 ALIGNMENT = gguf.GGUF_DEFAULT_ALIGNMENT  # every tensor's data starts at a multiple of it
@@ -115,7 +115,7 @@ def _aligned(nbytes: int) -> int:
 def tensor_payload(value) -> tuple[np.ndarray, GGMLQuantizationType]:
     """What goes into the file for one tensor: a quantized tensor as uint8 ggml blocks
     [out, row bytes], a float tensor as an array of its own dtype (bfloat16 as its raw bytes)."""
-    if isinstance(value, (QuantizedTensor, KQuantTensor)):
+    if isinstance(value, (QuantizedTensor, KQuantTensor, CodebookTensor)):
         return ggml_bytes(value)
     if not isinstance(value, torch.Tensor):
         raise SizewiseError(f"cannot store a {type(value).__name__} in GGUF")

@@ -1,6 +1,6 @@
 """GGUF's quantized block types, bit-exact: our codes and scales laid out in ggml's block structs.
 
-Two families:
+Three families:
 
 - **32-weight blocks** (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1) *are* our `QuantFormat` with group_size=32 and
   float16 scales (and a float16 min for the `_1` types). `to_ggml_bytes` only moves bits around.
@@ -8,6 +8,8 @@ Two families:
   here `kquant_to_ggml_bytes` packs a `KQuantTensor` into ggml's super-blocks and
   `kquant_from_ggml_bytes` unpacks them, each the exact inverse of the other (every bit of a block
   is a field), so an artifact can store the blocks themselves.
+- **IQ4_NL**: codes into a fixed non-uniform table (`quant/codebook.py`), in Q4_0's block layout;
+  `ggml_block_bytes` / `from_ggml_block_bytes` cover it and the k-quants alike.
 
 A weight's value is defined once, by `grid.decode` over the *effective* scale and zero of its
 group: for k-quants the float32 products `d*ls` and `-(dmin*lm)` (exact: an fp16 times a <=8-bit
@@ -25,6 +27,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from ..errors import SizewiseError
 from ..quant.formats import FloatFormat, QuantFormat, QuantizedTensor
 from ..quant.grid import encode, grouped, pack_tensor, rtn
+from ..quant.codebook import BLOCK, CodebookFormat, CodebookTensor
 from ..quant.kquant import SUPER, KQuantFormat, KQuantGrid, KQuantTensor
 
 GGML = GGMLQuantizationType
@@ -61,7 +64,7 @@ def ggml_type_for(fmt) -> GGMLQuantizationType | None:
     An integer zero point (`zero="int"`) has no exact home: Q4_1 stores the offset `-scale*z` as a
     float16, which rounds it in general. bfloat16/float32 scales do not fit a float16 `d` either.
     """
-    if isinstance(fmt, KQuantFormat):
+    if isinstance(fmt, (KQuantFormat, CodebookFormat)):
         return GGML[fmt.type_name]
     if isinstance(fmt, FloatFormat):
         return _FLOAT_TYPES[fmt.dtype]
@@ -331,10 +334,56 @@ def kquant_from_ggml_bytes(data: np.ndarray, fmt: KQuantFormat, shape: tuple[int
     return KQuantTensor(grid, torch.from_numpy(codes.astype(np.uint8)).reshape(out, inp))
 
 
-def ggml_bytes(value) -> tuple[np.ndarray, GGMLQuantizationType]:
-    """(uint8 [out, row bytes], type) for a QuantizedTensor or KQuantTensor."""
+def codebook_to_ggml_bytes(ct: CodebookTensor) -> np.ndarray:
+    """IQ4_NL blocks of an [out, in] weight: d f16 | 16 bytes of nibbles (c[i], c[i+16]), as Q4_0."""
+    out, inp = ct.shape
+    ct.fmt.check(inp)
+    codes = ct.codes.detach().cpu().numpy().astype(np.uint8).reshape(-1, BLOCK)
+    if int(codes.max(initial=0)) > 15:
+        raise SizewiseError(f"a code exceeds 15 for {ct.fmt.type_name}")
+    blocks = np.concatenate([_f16_bytes(ct.d), _nibbles(codes[:, :BLOCK // 2], codes[:, BLOCK // 2:])], axis=1)
+    assert blocks.shape[1] == ct.fmt.block_bytes == GGML_QUANT_SIZES[GGML[ct.fmt.type_name]][1]
+    return blocks.reshape(out, -1)
+
+
+def codebook_from_ggml_bytes(data: np.ndarray, fmt: CodebookFormat, shape: tuple[int, int]) -> CodebookTensor:
+    """Inverse of `codebook_to_ggml_bytes`."""
+    out, inp = shape
+    fmt.check(inp)
+    nb = out * inp // BLOCK
+    if data.dtype != np.uint8 or data.size != nb * fmt.block_bytes:
+        raise SizewiseError(f"{data.size} {data.dtype} values are not the {nb * fmt.block_bytes} bytes of an "
+                            f"{out}x{inp} {fmt.type_name} weight")
+    blocks = np.ascontiguousarray(data).reshape(nb, fmt.block_bytes)
+    d = torch.from_numpy(blocks[:, :2].copy().view("<f2").astype(np.float16)).reshape(out, inp // BLOCK)
+    qs = blocks[:, 2:]
+    codes = np.concatenate([qs & 0xF, qs >> 4], axis=1)
+    return CodebookTensor(fmt, d, torch.from_numpy(codes.astype(np.uint8)).reshape(out, inp))
+
+
+def ggml_block_bytes(value: KQuantTensor | CodebookTensor) -> np.ndarray:
+    """The ggml blocks of a weight whose format is a ggml type of its own (k-quant, IQ4_NL), which is
+    how artifacts store them."""
     if isinstance(value, KQuantTensor):
-        return kquant_to_ggml_bytes(value), ggml_type_for(value.fmt)
+        return kquant_to_ggml_bytes(value)
+    if isinstance(value, CodebookTensor):
+        return codebook_to_ggml_bytes(value)
+    raise SizewiseError(f"not a k-quant or codebook tensor: {type(value).__name__}")
+
+
+def from_ggml_block_bytes(data: np.ndarray, fmt, shape: tuple[int, int]) -> KQuantTensor | CodebookTensor:
+    """Inverse of `ggml_block_bytes`, for the format `fmt`."""
+    if isinstance(fmt, KQuantFormat):
+        return kquant_from_ggml_bytes(data, fmt, shape)
+    if isinstance(fmt, CodebookFormat):
+        return codebook_from_ggml_bytes(data, fmt, shape)
+    raise SizewiseError(f"{fmt} is not stored as ggml blocks")
+
+
+def ggml_bytes(value) -> tuple[np.ndarray, GGMLQuantizationType]:
+    """(uint8 [out, row bytes], type) for a QuantizedTensor, KQuantTensor or CodebookTensor."""
+    if isinstance(value, (KQuantTensor, CodebookTensor)):
+        return ggml_block_bytes(value), ggml_type_for(value.fmt)
     if isinstance(value, QuantizedTensor):
         return to_ggml_bytes(value), ggml_type_for(value.fmt)
     raise SizewiseError(f"not a quantized tensor: {type(value).__name__}")

@@ -798,7 +798,8 @@ def code_artifact_stats(artifact_dir, *, threads: int | None = None) -> dict:
 def pack_artifact(artifact_dir, out, *, overwrite: bool = False, threads: int | None = None) -> dict:
     """A sizewise artifact with its integer codes (and integer zeros) entropy-coded, bf16/fp16 scales
     and float tensors coded as floats, the rest raw; the dense hf/ copy is dropped (it is rebuilt)."""
-    from sizewise.export.gguf_types import kquant_to_ggml_bytes
+    from sizewise.export.gguf_types import ggml_block_bytes
+    from sizewise.quant.codebook import CodebookTensor
     from sizewise.quant.formats import QuantizedTensor
     from sizewise.quant.kquant import KQuantTensor
 
@@ -821,8 +822,8 @@ def pack_artifact(artifact_dir, out, *, overwrite: bool = False, threads: int | 
                             writer.add(f"{name}:zeros", t.zeros.contiguous(), "codes", bits=t.fmt.bits)
                         else:
                             add_float(f"{name}:zeros", t.zeros)
-                elif isinstance(t, KQuantTensor):        # ggml's blocks, kept as the artifact stores them
-                    writer.add(f"{name}:ggml", torch.from_numpy(kquant_to_ggml_bytes(t)), "raw")
+                elif isinstance(t, (KQuantTensor, CodebookTensor)):   # ggml's blocks, as the artifact stores them
+                    writer.add(f"{name}:ggml", torch.from_numpy(ggml_block_bytes(t)), "raw")
                 else:
                     add_float(name, t)
         finally:
@@ -859,9 +860,9 @@ def load_packed_stored(path, *, threads: int | None = None) -> tuple[dict, dict]
             if entry["format"]["kind"] == "quant":
                 stored[name] = QuantizedTensor(format_from_dict(entry["format"]), tensors[f"{name}:codes"],
                                                tensors[f"{name}:scales"], tensors.get(f"{name}:zeros"))
-            elif entry["format"]["kind"] == "kquant":
-                stored[name] = artifact.read_kquant(tensors[f"{name}:ggml"], format_from_dict(entry["format"]),
-                                                    artifact.stored_shape(entry))
+            elif entry["format"]["kind"] in artifact.GGML_BLOCK_KINDS:
+                stored[name] = artifact.read_ggml_blocks(tensors[f"{name}:ggml"], format_from_dict(entry["format"]),
+                                                         artifact.stored_shape(entry))
             else:
                 stored[name] = tensors[name]
     except KeyError as e:

@@ -95,7 +95,7 @@ class FloatFormat:
         return {"kind": self.kind, **asdict(self)}
 
 
-Format = QuantFormat | FloatFormat   # and kquant.KQuantFormat (llama.cpp's k-quants), which builds on these
+Format = QuantFormat | FloatFormat   # and llama.cpp's kquant.KQuantFormat and codebook.CodebookFormat (IQ4_NL)
 
 
 def format_from_dict(d: dict) -> Format:
@@ -109,6 +109,10 @@ def format_from_dict(d: dict) -> Format:
         from .kquant import KQuantFormat  # kquant imports this module
 
         return KQuantFormat(**d)
+    if kind == "codebook":
+        from .codebook import CodebookFormat
+
+        return CodebookFormat(**d)
     raise SizewiseError(f"unknown format kind {kind!r}")
 
 
@@ -141,7 +145,7 @@ def label(fmt: Format) -> str:
     """Short human-readable name, e.g. 'int4 g64 asym', 'Q4_K' or 'float16'."""
     if isinstance(fmt, FloatFormat):
         return fmt.dtype
-    if fmt.kind == "kquant":
+    if fmt.kind in ("kquant", "codebook"):
         return fmt.type_name
     group = "per-channel" if fmt.group_size is None else f"g{fmt.group_size}"
     kind = "sym" if fmt.symmetric else ("asym" if fmt.zero == "int" else "asym-fmin")

@@ -21,6 +21,7 @@ import torch
 from ..errors import SizewiseError
 from .formats import QuantFormat, QuantizedTensor
 from .grid import decode, encode, fit, grouped, pack_tensor
+from .codebook import CodebookFormat, CodebookTensor, codebook_decode, codebook_encode, codebook_fit, per_weight_scale
 from .kquant import KQuantFormat, KQuantTensor, kquant_fit, surrogate_format
 from .refine import mse_clip
 
@@ -126,7 +127,7 @@ def _fit_groups(w: torch.Tensor, fmt: QuantFormat, weight: torch.Tensor | None, 
 
 def gptq(weight: torch.Tensor, xtx: torch.Tensor, fmt: QuantFormat | KQuantFormat, *, block_size: int = 128,
          act_order: bool = True, damp: float = 0.01, clip_search: bool = False,
-         factor: HessianFactor | None = None) -> QuantizedTensor | KQuantTensor:
+         factor: HessianFactor | None = None) -> QuantizedTensor | KQuantTensor | CodebookTensor:
     """Quantize weight [out, in] to `fmt`, minimizing ‖XWᵀ − XŴᵀ‖ for the X behind xtx = ΣxxT.
 
     act_order: process columns by decreasing diag(XᵀX). Groups stay contiguous in the original
@@ -137,9 +138,10 @@ def gptq(weight: torch.Tensor, xtx: torch.Tensor, fmt: QuantFormat | KQuantForma
     clip_search: fit each group's range by `mse_clip`, weighting inputs by diag(XᵀX).
     factor: a precomputed `hessian_factor(xtx, damp=..., act_order=...)`; xtx is then unused.
 
-    A k-quant's two-level grid is always fitted up front, by `kquant_fit` with diag(XᵀX) as the
-    input channels' importance (llama.cpp's imatrix is the same statistic); GPTQ then chooses every
-    code on that fixed grid. clip_search does not apply: kquant_fit searches the scales itself.
+    A k-quant's two-level grid (and IQ4_NL's block scales) is always fitted up front, by
+    `kquant_fit` (`codebook_fit`) with diag(XᵀX) as the input channels' importance (llama.cpp's
+    imatrix is the same statistic); GPTQ then chooses every code on that fixed grid. clip_search
+    does not apply: those fits search the scales themselves.
     """
     if weight.ndim != 2:
         raise SizewiseError(f"GPTQ needs a 2-D weight, got shape {tuple(weight.shape)}")
@@ -160,6 +162,10 @@ def gptq(weight: torch.Tensor, xtx: torch.Tensor, fmt: QuantFormat | KQuantForma
         grid = kquant_fit(w, fmt, importance=factor.diag)
         codes, _ = _round_columns(w, factor, surrogate_format(fmt), block_size, grid.per_weight())
         return KQuantTensor(grid, codes)
+    if isinstance(fmt, CodebookFormat):
+        d = codebook_fit(w, fmt, importance=factor.diag)
+        codes, _ = _round_columns(w, factor, fmt, block_size, (per_weight_scale(d).to(w.device), None))
+        return CodebookTensor(fmt, d, codes)
     g = fmt.group_len(in_f)
     cw = factor.diag.to(w.device) if clip_search else None
     if act_order or g == in_f:
@@ -171,7 +177,16 @@ def gptq(weight: torch.Tensor, xtx: torch.Tensor, fmt: QuantFormat | KQuantForma
     return pack_tensor(codes, scale, zero, fmt)
 
 
-def _round_columns(w: torch.Tensor, factor: HessianFactor, fmt: QuantFormat, block_size: int,
+def _encode(x, s, z, fmt):
+    """Codes of x on a grid: uniform (grid.encode) or a codebook's levels (scale s, no zero)."""
+    return codebook_encode(x, s, fmt) if isinstance(fmt, CodebookFormat) else encode(x, s, z, fmt)
+
+
+def _decode(c, s, z, fmt):
+    return codebook_decode(c, s, fmt) if isinstance(fmt, CodebookFormat) else decode(c, s, z, fmt)
+
+
+def _round_columns(w: torch.Tensor, factor: HessianFactor, fmt: QuantFormat | CodebookFormat, block_size: int,
                    fixed: tuple[torch.Tensor, torch.Tensor | None] | None = None, *, group: int = 0,
                    cw: torch.Tensor | None = None, clip_search: bool = False):
     """GPTQ's column loop over w [out, in]: each column rounded in processing order, its error spread.
@@ -212,7 +227,7 @@ def _round_columns(w: torch.Tensor, factor: HessianFactor, fmt: QuantFormat, blo
                 s = st[c]
                 z = None if zt is None else zt[c]
             wc = w1[i]
-            err = (wc - decode(encode(wc, s, z, fmt), s, z, fmt)) / d[c]
+            err = (wc - _decode(_encode(wc, s, z, fmt), s, z, fmt)) / d[c]
             e1[i] = err
             # Spread this column's error over the rest of the block now; beyond it, later.
             w1[i + 1:].addr_(u1[i, i + 1:], err, alpha=-1.0)
@@ -228,7 +243,7 @@ def _round_columns(w: torch.Tensor, factor: HessianFactor, fmt: QuantFormat, blo
         fitted = (scale, zero)
     # Each row of wt now holds the value that was rounded; encoding is elementwise, so this
     # reproduces the codes chosen inside the loop exactly.
-    codes_t = encode(wt, st, zt, fmt)
+    codes_t = _encode(wt, st, zt, fmt)
     inv = torch.empty_like(perm)
     inv[perm] = torch.arange(in_f, device=dev)
     return codes_t[inv].t().contiguous(), fitted                        # original column order

@@ -14,6 +14,7 @@ import torch
 from ..errors import SizewiseError
 from .formats import QuantFormat, QuantizedTensor
 from .grid import rtn
+from .codebook import CodebookFormat, CodebookTensor, codebook_rtn
 from .kquant import KQuantFormat, KQuantTensor, kquant_rtn
 
 
@@ -26,9 +27,14 @@ class Method:
     options: dict = field(default_factory=dict)
 
 
-def round_to_nearest(w: torch.Tensor, fmt) -> QuantizedTensor | KQuantTensor:
-    """Data-free rounding in any quantized format: k-quants fit their two-level grid first."""
-    return kquant_rtn(w, fmt) if isinstance(fmt, KQuantFormat) else rtn(w, fmt)
+def round_to_nearest(w: torch.Tensor, fmt) -> QuantizedTensor | KQuantTensor | CodebookTensor:
+    """Data-free rounding in any quantized format: k-quants fit their two-level grid first, IQ4_NL
+    searches each block's scale."""
+    if isinstance(fmt, KQuantFormat):
+        return kquant_rtn(w, fmt)
+    if isinstance(fmt, CodebookFormat):
+        return codebook_rtn(w, fmt)
+    return rtn(w, fmt)
 
 
 def _rtn(w, stats, fmt, **_):
@@ -36,10 +42,11 @@ def _rtn(w, stats, fmt, **_):
 
 
 def _rtn_mse(w, stats, fmt, **_):
-    if isinstance(fmt, KQuantFormat):
-        # kquant_fit already searches each sub-block's scale (and min) for the least squared error,
-        # as llama.cpp's make_qkx2_quants / make_qx_quants do: a clip search would repeat it
-        return kquant_rtn(w, fmt)
+    if isinstance(fmt, (KQuantFormat, CodebookFormat)):
+        # kquant_fit / codebook_fit already search each block's scale (and min) for the least squared
+        # error, as llama.cpp's make_qkx2_quants / make_qx_quants / IQ4_NL search do: a clip search would
+        # repeat it
+        return round_to_nearest(w, fmt)
     from .refine import rtn_refined
     return rtn_refined(w, fmt)
 
