@@ -470,7 +470,7 @@ def _show_range(budget: Budget, sizes: SizeTable) -> str:
         a, b = inwards(Fraction(lo, sizes.linear_params), Fraction(hi, sizes.linear_params))
         return f"{a} to {b} bits/weight"
     lo, hi = sizes.reachable_bytes()
-    unit = budget.unit if budget.unit.lower() in _UNITS else "MB"
+    unit = budget.unit if budget.unit.lower() in _UNITS and budget.unit.lower() != "b" else "MB"  # bytes: in full after
     a, b = inwards(Fraction(lo, _UNITS[unit.lower()]), Fraction(hi, _UNITS[unit.lower()]))
     return f"{a} {unit} to {b} {unit} ({lo:,} to {hi:,} bytes)"
 
