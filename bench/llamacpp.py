@@ -1,15 +1,16 @@
 """sizewise GGUFs in llama.cpp, side by side with llama.cpp's own quantizer (issue #5, parts 3 and 4).
 
-    .venv/bin/python bench/llamacpp.py [--windows 64] [--ours m.gguf[:label]] [--artifact DIR[:label]]
-        [--types Q4_K_M,Q3_K_M+imatrix,Q4_0+imatrix+emb=Q4_0] [--reuse]
+    .venv/bin/python bench/llamacpp.py [--windows 64] [--sizewise-eval] [--ours m.gguf[:label]]
+        [--artifact DIR[:label]] [--types Q4_K_M,Q3_K_M+imatrix,Q4_0+imatrix+emb=Q4_0] [--reuse]
 
 Builds llama-cpp-python from PyPI into out/llama-venv on first use (a native CPU build, kept out of
 the project venv and of `make test`). Exports the float model to GGUF F32 with sizewise, quantizes it
 with llama.cpp's `llama_model_quantize` to each type in TYPES (optionally with an importance matrix,
-"+imatrix", and a token-embedding type, "+emb=Q4_0"), and runs every GGUF in llama.cpp:
-perplexity on sizewise's evaluation windows, logits vs sizewise's own evaluation of the same
-weights, prompt and generation speed. Writes bench/results/llamacpp.json and a table and a plot under
-out/bench/llamacpp/.
+"+imatrix", and a token-embedding type, "+emb=Q4_0"), and runs every GGUF in llama.cpp: perplexity
+on sizewise's evaluation windows, logits vs sizewise's own evaluation of the same weights (the file
+dequantized by sizewise's reader), prompt and generation speed; with --sizewise-eval also sizewise's
+perplexity of those weights on the same windows. Writes
+bench/results/<--results>.json (default llamacpp) and a table and a plot under out/bench/llamacpp/.
 
 The importance matrix is what llama.cpp's imatrix tool computes (each matmul input column's mean
 square), here from sizewise's float-model statistics on the same calibration samples sizewise's own GPTQ
@@ -195,6 +196,39 @@ def sizewise_model(kind: str, path: Path, work: Path):
         shutil.rmtree(scratch, ignore_errors=True)
 
 
+def dequantized_check(path: Path, work: Path, wins, check: list[int], args) -> dict:
+    """llama.cpp's logits for the *dequantized* weights of a GGUF vs sizewise's for the same weights.
+
+    With quantized types llama.cpp also rounds the activations (to 8 bits) inside its matmuls, so their
+    logits differ from a float evaluation by more than float error. Here sizewise's reader dequantizes
+    the GGUF and sizewise writes those weights back as an F32 GGUF: what remains is float arithmetic
+    alone, which shows the quantized file holds exactly the weights sizewise evaluated."""
+    import shutil
+
+    import numpy as np
+
+    import sizewise
+    from sizewise import builtins, sources
+
+    scratch, f32 = work / "hf-dequantized", work / "dequantized-F32.gguf"
+    shutil.rmtree(scratch, ignore_errors=True)
+    try:
+        builtins.gguf_to_hf(path, scratch)
+        sizewise.api.export(str(scratch), f32, float_dtype="float32", overwrite=True)
+        refs = reference_logits(sources.load(str(scratch)).model, wins, check, work)
+        windows_npy = work / "check-windows.npy"   # the first windows, so check indices stay the same
+        np.save(windows_npy, np.stack([wins.inputs[k][0].numpy() for k in check]).astype(np.int32))
+        res = run_worker({"evaluate": {"model": str(f32), "windows": str(windows_npy),
+                                       "score_from": [wins.score_from[k] for k in check], "threads": args.threads,
+                                       "kv_type": args.kv_type, "check": refs, "speed": None}}, work)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+        f32.unlink(missing_ok=True)
+    return {"logit_max_abs_diff": max(c["max_abs_diff"] for c in res["checks"]),
+            "argmax_agreement": float(np.mean([c["argmax_agreement"] for c in res["checks"]])),
+            "checks": res["checks"]}
+
+
 def gguf_types(path: Path) -> dict[str, int]:
     from collections import Counter
 
@@ -204,21 +238,26 @@ def gguf_types(path: Path) -> dict[str, int]:
 
 def markdown(rows: list[dict], ref: dict, proto: dict) -> str:
     lines = [f"Model {proto['model']}, {proto['text']} ({proto['windows']} windows x {proto['ctx']} tokens, "
-             f"{proto['tokens_scored']} tokens scored), llama.cpp {proto['llama_cpp_python']} on "
-             f"{proto['threads']} threads, KV cache {proto['kv_type']}; {proto['parameters'] / 1e6:.1f}M parameters. "
-             f"sizewise (transformers) float perplexity {ref['sizewise_perplexity']:.3f}. Logit check on windows "
-             f"{proto['check_windows']}: llama.cpp vs sizewise's evaluation of the same weights (a GGUF "
-             "dequantized by sizewise's reader), max |logit diff|, argmax agreement, and the perplexity difference "
-             "on those windows. pp: prompt processing, tg: greedy generation (medians). Load average "
+             f"{proto['tokens_scored']} tokens scored), llama.cpp {proto.get('llama_cpp_python') or LLAMA_CPP_PYTHON} "
+             f"on {proto['threads']} threads, KV cache {proto['kv_type']}; {proto['parameters'] / 1e6:.1f}M parameters, "
+             "bits per weight = file bytes x 8 / parameters. sizewise (transformers) float perplexity "
+             f"{ref['sizewise_perplexity']:.3f}. Logit check on windows {proto['check_windows']}: llama.cpp vs "
+             "sizewise's evaluation of the same weights (the GGUF dequantized by sizewise's reader): max |logit "
+             "diff|, argmax agreement, perplexity ratio. In quantized matmuls llama.cpp also rounds the activations "
+             "to 8 bits, so the last check runs each sizewise GGUF's weights dequantized to an F32 GGUF: float "
+             "arithmetic only. sizewise ppl: sizewise's evaluator on the file's weights, all windows (if run). "
+             "pp: prompt processing, tg: greedy generation (medians). Load average "
              f"{proto['loadavg_start'][0]:.2f} at start, {proto['loadavg_end'][0]:.2f} at end.", "",
-             "| type / label | source | MB | bpw | ppl | Δppl vs F32 | logit max diff | argmax agree "
-             "| Δppl vs sizewise, same weights | pp tok/s | tg tok/s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| type / label | source | MB | bpw | ppl | Δppl vs F32 | sizewise ppl | logit max diff | argmax agree "
+             "| Δppl llama.cpp vs sizewise, same weights | logit max diff, as F32 | pp tok/s | tg tok/s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        dq, sw = r.get("dequantized"), r.get("sizewise_perplexity")
         lines.append(f"| {r['label']} | {r['source']} | {r['file_bytes'] / 1e6:.1f} | {r['bits_per_weight']:.2f} | "
                      f"{r['perplexity']:.3f} | {100 * (r['perplexity'] / ref['perplexity'] - 1):+.1f}% | "
-                     f"{r['logit_max_abs_diff']:.2e} | {100 * r['argmax_agreement']:.2f}% | "
-                     f"{100 * (r['check_ppl_ratio'] - 1):+.2f}% | "
+                     f"{format(sw, '.3f') if sw else ''} | {r['logit_max_abs_diff']:.2e} | "
+                     f"{100 * r['argmax_agreement']:.2f}% | {100 * (r['check_ppl_ratio'] - 1):+.2f}% | "
+                     f"{format(dq['logit_max_abs_diff'], '.2e') if dq else ''} | "
                      f"{r['prompt_tokens_per_s']:.0f} | {r['gen_tokens_per_s']:.1f} |")
     return "\n".join(lines)
 
@@ -228,20 +267,23 @@ def plot(rows: list[dict], ref: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 5))
-    for source, marker, color in (("llama.cpp", "o", "tab:blue"), ("sizewise", "s", "tab:red")):
-        pts = [r for r in rows if r["source"] == source and r["label"] != "F32"]
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    styles = (("llama.cpp", False, "o", "tab:blue", "llama.cpp quantizer"),
+              ("llama.cpp", True, "^", "tab:cyan", "llama.cpp quantizer, imatrix"),
+              ("sizewise", None, "s", "tab:red", "sizewise allocator (GGUF)"))
+    for source, imatrix, marker, color, name in styles:
+        pts = [r for r in rows if r["source"] == source and (imatrix is None or ("imatrix" in r["label"]) == imatrix)]
         if not pts:
             continue
         ax.scatter([r["bits_per_weight"] for r in pts], [r["perplexity"] for r in pts], marker=marker, color=color,
-                   label=f"{source} quantizer", zorder=3)
+                   label=name, zorder=3)
         for r in pts:
             ax.annotate(r["label"], (r["bits_per_weight"], r["perplexity"]), textcoords="offset points",
-                        xytext=(4, 4), fontsize=8, color=color)
+                        xytext=(4, 4), fontsize=7, color=color)
     ax.axhline(ref["perplexity"], color="gray", ls="--", lw=1, label=f"F32 in llama.cpp ({ref['perplexity']:.3f})")
     ax.set_xlabel("bits per weight over the whole file (file bytes x 8 / parameters)")
-    ax.set_ylabel("perplexity (llama.cpp)")
-    ax.set_title(f"{ref['model']}: perplexity vs file size, {ref['windows']} windows x {ref['ctx']}")
+    ax.set_ylabel(f"perplexity in llama.cpp ({ref['windows']} windows x {ref['ctx']})")
+    ax.set_title(f"{ref['model']}: perplexity vs GGUF file size")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -254,6 +296,9 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--text", default="wikitext2-test")
     ap.add_argument("--windows", type=int, default=64)
+    ap.add_argument("--sizewise-eval", action="store_true",
+                    help="also sizewise's perplexity of each file's weights on the same windows")
+    ap.add_argument("--results", default="llamacpp", help="name of the results JSON under bench/results")
     ap.add_argument("--ctx", type=int, default=1024)
     ap.add_argument("--check-windows", type=int, default=2, help="first windows whose logits are compared")
     ap.add_argument("--threads", type=int, default=2)
@@ -268,6 +313,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--reuse", action="store_true",
                     help="skip a GGUF already measured (same label, file bytes, windows) in the results JSON")
+    ap.add_argument("--no-dequantized-check", action="store_true",
+                    help="skip running each sizewise GGUF's weights as F32 in llama.cpp (logits on the check windows)")
     ap.add_argument("--ours", action="append", default=[], metavar="GGUF[:LABEL]", help="a sizewise GGUF (repeatable)")
     ap.add_argument("--artifact", action="append", default=[], metavar="DIR[:LABEL]",
                     help="a sizewise artifact, exported to GGUF here (repeatable)")
@@ -315,6 +362,14 @@ def main() -> None:
         sizewise.api.export(args.model, f32, float_dtype="float32", overwrite=True)
         f32.with_suffix(".json").write_text(json.dumps(f32_key))
     candidates = [("F32", "float", f32, "float", None)]
+    for spec in args.ours:                      # ours first: they are what is new
+        path, label = split_label(spec)
+        candidates.append((label, "gguf", path, "sizewise", None))
+    for spec in args.artifact:
+        art, label = split_label(spec)
+        path = work / f"sizewise-{label}.gguf"
+        sizewise.api.export(art, path, overwrite=True)
+        candidates.append((label, "artifact", path, "sizewise", art))
     imatrix_path, imatrix_key = work / "imatrix.npz", None
     if any(sp["imatrix"] for sp in specs.values()):
         imatrix_key = importance_matrix(src, args, imatrix_path)
@@ -334,33 +389,59 @@ def main() -> None:
             q = run_worker({"quantize": job}, work)
             path.with_suffix(".json").write_text(json.dumps({**key, "quantize_s": q["quantize_s"]}))
         candidates.append((t, "gguf", path, "llama.cpp", None))
-    for spec in args.ours:
-        path, label = split_label(spec)
-        candidates.append((label, "gguf", path, "sizewise", None))
-    for spec in args.artifact:
-        art, label = split_label(spec)
-        path = work / f"sizewise-{label}.gguf"
-        sizewise.api.export(art, path, overwrite=True)
-        candidates.append((label, "artifact", path, "sizewise", art))
 
-    results_path = ROOT / "bench" / "results" / "llamacpp.json"
+    results_path = ROOT / "bench" / "results" / f"{args.results}.json"
     same = {"model": args.model, "sha256": text.protocol()["sha256"], "ctx": args.ctx, "kv_type": args.kv_type,
             "windows": len(wins.inputs), "threads": args.threads}
     earlier = previous_rows(results_path, same)
     rows, llama_info = [], {}
+
+    def publish(rows: list[dict], earlier: dict, final: bool = False) -> None:
+        """Write the results so far (the JSON, a table, a plot): a run stopped midway keeps its rows."""
+        # labels not run this time stay, measured on the same windows
+        everything = sorted(rows + list(earlier.values()), key=lambda r: (r["label"] != "F32", r["source"], -r["file_bytes"]))
+        f32_row = everything[0]
+        proto = {"model": args.model, "model_info": src.info, "parameters": n_params, **text.protocol(), **wins.protocol(),
+                 "check_windows": check, "threads": args.threads, "kv_type": args.kv_type, "n_ctx": wins.inputs[0].shape[1],
+                 "logits_all": True, "speed": {"prompt_tokens": args.prompt_tokens, "gen_tokens": args.gen_tokens,
+                                               "repeats": args.repeats, "sampling": "greedy"},
+                 "bits_per_weight": "file bytes x 8 / parameters of the model (tied embeddings once)",
+                 "perplexity": "exp(mean NLL), log-softmax of llama.cpp's logits in float64, same scored positions as "
+                               "sizewise.evaluate", "nice": os.nice(0), **llama_info, "build": build,
+                 "imatrix": {"calibration": imatrix_key, "statistic": "mean x² per input column of each decoder matmul, "
+                             "float model (llama.cpp's imatrix)"} if imatrix_key else None,
+                 "environment": environment(), "loadavg_start": loadavg_start, "loadavg_end": os.getloadavg()}
+        ref = {"model": args.model, "perplexity": f32_row["perplexity"], "sizewise_perplexity": sw_float["perplexity"],
+               "windows": len(wins.inputs), "ctx": args.ctx}
+        report = markdown(everything, ref, proto)
+        args.out.mkdir(parents=True, exist_ok=True)
+        report_path, plot_path = args.out / f"{args.results}.md", args.out / f"{args.results}.png"
+        report_path.write_text(report + "\n")
+        plot(everything, ref, plot_path)
+        if final:
+            print(report)
+        save(args.results, {"benchmark": "llamacpp", "model": args.model, "reference_perplexity": f32_row["perplexity"],
+                            "sizewise_float_perplexity": sw_float["perplexity"], "protocol": proto,
+                            "command": shlex.join(["bench/llamacpp.py", *sys.argv[1:]]), "results": everything,
+                            "report": str(report_path), "plot": str(plot_path)})
+
     for label, kind, path, source, art in candidates:
         old = earlier.pop(label, None)
         if args.reuse and old and old["file_bytes"] == path.stat().st_size and old["path"] == str(path):
             print(f"reusing {label}: ppl {old['perplexity']:.3f} from the results JSON", file=sys.stderr, flush=True)
             rows.append(old)
+            publish(rows, earlier)
             continue
-        print(f"evaluating {label} ({path.name}) in llama.cpp", file=sys.stderr, flush=True)
+        print(f"evaluating {label} ({path.name}) in sizewise and llama.cpp", file=sys.stderr, flush=True)
         model = src.model if kind == "float" else sizewise_model(kind, art or path, work)
         refs = reference_logits(model, wins, check, work)
+        sw = (sw_float if model is src.model else evaluate(model, wins, text, progress=False)) \
+            if args.sizewise_eval else None
         if model is not src.model:
             del model
         load_before = os.getloadavg()
-        res = run_worker({"evaluate": {"model": str(path), "windows": str(windows_npy), "score_from": wins.score_from,
+        res = run_worker({"evaluate": {"model": str(path), "windows": str(windows_npy),
+                                       "score_from": wins.score_from,
                                        "threads": args.threads, "kv_type": args.kv_type, "check": refs,
                                        "speed": {"prompt_tokens": args.prompt_tokens, "gen_tokens": args.gen_tokens,
                                                  "repeats": args.repeats}}}, work)
@@ -376,42 +457,27 @@ def main() -> None:
                "check_ppl_ratio": math.exp(sum(c["llama_nll"] - c["ref_nll"] for c in res["checks"])
                                            / sum(c["tokens"] for c in res["checks"])),
                "loadavg": [load_before, os.getloadavg()],
+               "sizewise_perplexity": sw and sw["perplexity"], "sizewise_nll_per_token": sw and sw["nll_per_token"],
                **{k: res[k] for k in ("perplexity", "nll_per_token", "tokens", "checks", "load_s", "eval_tokens_per_s",
                                       "prompt_tokens_per_s", "gen_tokens_per_s", "prompt_tokens_per_s_runs",
                                       "gen_tokens_per_s_runs", "per_window")}}
+        row["dequantized"] = (dequantized_check(path, work, wins, check, args)
+                              if source == "sizewise" and not args.no_dequantized_check else None)
+        if row["dequantized"]:
+            print(f"  {label} dequantized to F32: logit max diff {row['dequantized']['logit_max_abs_diff']:.2e}",
+                  file=sys.stderr, flush=True)
         rows.append(row)
         llama_info = {k: res[k] for k in ("llama_cpp_python", "system_info")}
+        publish(rows, earlier)
         print(f"  {label}: ppl {row['perplexity']:.3f}, {size / 1e6:.1f} MB, {row['bits_per_weight']:.2f} bpw, "
               f"logit max diff {row['logit_max_abs_diff']:.2e}, pp {row['prompt_tokens_per_s']:.0f} tok/s, "
               f"tg {row['gen_tokens_per_s']:.1f} tok/s", file=sys.stderr, flush=True)
 
-    rows += earlier.values()  # labels not run this time stay, measured on the same windows
-    rows.sort(key=lambda r: (r["label"] != "F32", r["source"], -r["file_bytes"]))
+    publish(rows, earlier, final=True)
     f32_row = rows[0]
-    if abs(f32_row["nll_per_token"] - sw_float["nll_per_token"]) > 1e-3:
-        print(f"WARNING: llama.cpp F32 perplexity {f32_row['perplexity']:.4f} differs from sizewise's "
-              f"{sw_float['perplexity']:.4f}", file=sys.stderr)
-    proto = {"model": args.model, "model_info": src.info, "parameters": n_params, **text.protocol(), **wins.protocol(),
-             "check_windows": check, "threads": args.threads, "kv_type": args.kv_type, "n_ctx": wins.inputs[0].shape[1],
-             "logits_all": True, "speed": {"prompt_tokens": args.prompt_tokens, "gen_tokens": args.gen_tokens,
-                                           "repeats": args.repeats, "sampling": "greedy"},
-             "bits_per_weight": "file bytes x 8 / parameters of the model (tied embeddings once)",
-             "perplexity": "exp(mean NLL), log-softmax of llama.cpp's logits in float64, same scored positions as "
-                           "sizewise.evaluate", "nice": os.nice(0), **llama_info, "build": build,
-             "imatrix": {"calibration": imatrix_key, "statistic": "mean x² per input column of each decoder matmul, "
-                         "float model (llama.cpp's imatrix)"} if imatrix_key else None,
-             "environment": environment(), "loadavg_start": loadavg_start, "loadavg_end": os.getloadavg()}
-    ref = {"model": args.model, "perplexity": f32_row["perplexity"], "sizewise_perplexity": sw_float["perplexity"],
-           "windows": len(wins.inputs), "ctx": args.ctx}
-    report = markdown(rows, ref, proto)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "report.md").write_text(report + "\n")
-    plot(rows, ref, args.out / "ppl_vs_bpw.png")
-    print(report)
-    save("llamacpp", {"benchmark": "llamacpp", "model": args.model, "reference_perplexity": f32_row["perplexity"],
-                      "sizewise_float_perplexity": sw_float["perplexity"], "protocol": proto,
-                      "command": shlex.join(["bench/llamacpp.py", *sys.argv[1:]]), "results": rows,
-                      "report": str(args.out / "report.md"), "plot": str(args.out / "ppl_vs_bpw.png")})
+    if abs(math.log(f32_row["check_ppl_ratio"])) > 1e-3:
+        print(f"WARNING: llama.cpp's F32 perplexity differs from sizewise's on the check windows by "
+              f"{100 * (f32_row['check_ppl_ratio'] - 1):+.3f}%", file=sys.stderr)
 
 
 if __name__ == "__main__":

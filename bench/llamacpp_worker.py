@@ -106,7 +106,7 @@ def evaluate(job: dict) -> dict:
     del llm
     return {"perplexity": float(np.exp(nll / tokens)), "nll_per_token": nll / tokens, "tokens": tokens,
             "per_window": per_window, "checks": checks, "load_s": load_s,
-            "eval_tokens_per_s": windows.size / eval_s, **speed(job, windows[0])}
+            "eval_tokens_per_s": windows.size / eval_s, **(speed(job, windows[0]) if job.get("speed") else {})}
 
 
 def speed(job: dict, prompt_window: np.ndarray) -> dict:
