@@ -127,11 +127,9 @@ def codebook_fit(w: torch.Tensor, fmt: CodebookFormat, importance: torch.Tensor 
     mx = x.gather(-1, x.abs().argmax(-1, keepdim=True)).squeeze(-1)        # signed largest
     best_d = mx / levels[0]
     best_g = torch.full_like(mx, -1.0)
-    ends = [float(levels[0]), float(levels[-1])]
-    for end in ends:
+    for end in (float(levels[0]), float(levels[-1])):
         for k in range(-steps, steps + 1):
-            target = end + k * (1 if end < 0 else -1) * 1.0     # toward the middle of the table
-            d = mx / target
+            d = mx / (end + k)
             q = levels[codebook_encode(x, d[..., None], fmt).long()]
             wq = q if wt is None else wt * q
             sqq, sxq = (wq * q).sum(-1), (wq * x).sum(-1)
