@@ -21,6 +21,13 @@ model loss: KL ≈ ½ Σ_j f_j e_j, where f_j is the diagonal Fisher of the laye
 tokens of (∂ℓ/∂y_j)², labels sampled from the model itself, so that E[ggᵀ] is the Fisher of the
 model's own distribution and ½ δᵀFδ is its KL). Costs add over layers (cross-terms ignored).
 
+A GGUF runs in llama.cpp, which also rounds each matmul's input to the weight type's dot-product
+format (`export.ggml_matmul`: 8-bit blocks of 32 for Q4_0..Q8_0 and IQ4_NL, of 256 for the
+k-quants, float16 for F16). With `arithmetic="llamacpp"` a candidate's cost adds that rounding's
+½ Σ_j f_j (W E Wᵀ)_jj / N (E = Σ e eᵀ of the input's rounding error e, on the float weight W; the
+cross term with the weight error is ignored), the head table's is measured with its input
+rounded, and plans are measured with every input rounded as llama.cpp would.
+
 Profiling runs the engine once over the *float* model: each layer's statistics are those of the
 inputs the float model gives it. The allocation must be known before any layer is compressed, and
 a layer's own error dominates the change its input statistics would see from upstream choices.
@@ -51,7 +58,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import builtins, engine
-from .defaults import HEAD_SAMPLES, MEASURE_SAMPLES
+from .defaults import HEAD_SAMPLES, MEASURE_SAMPLES, ROUNDING_TOKENS
 from .arch import Architecture, discover
 from .errors import SizewiseError
 from .plan import Choice, Plan
@@ -61,7 +68,7 @@ from .quant.codebook import CodebookFormat
 from .quant.kquant import KQUANT_TYPES, KQuantFormat
 from .quant.pack import packed_nbytes
 
-PROFILE_VERSION = 4          # bump when the proxy's definition changes: cached profiles are then ignored (4: calibrated head tables)
+PROFILE_VERSION = 5          # bump when the proxy's definition changes: cached profiles are then ignored (5: llama.cpp's input rounding)
 
 
 # --- candidates -----------------------------------------------------------------------------------
@@ -206,6 +213,7 @@ class ArtifactLayout:
     tight upper bound (a few bytes per tensor)."""
 
     kind = "artifact"
+    arithmetic = None           # sizewise's own kernels multiply by float activations
     noun = "packed file"
 
     def check(self, candidates: tuple[Candidate, ...]) -> None:
@@ -244,6 +252,7 @@ class GGUFLayout:
     """
 
     kind = "gguf"
+    arithmetic = "llamacpp"     # what runs it rounds each matmul's input (`export.ggml_matmul`)
     noun = "GGUF file"
 
     def __init__(self, config, tokenizer, *, name: str | None = None, tokenizer_pre: str | None = None,
@@ -507,6 +516,7 @@ class LayerProfile:
     costs: list[float | None]        # predicted KL (nats/token) per candidate; None where it does not fit
     errors: list[float | None]       # Σ_j e_j: mean squared layer-output error per token, per candidate
     kind: str = "linear"             # or "table": costs then measured directly (KL with only this table changed)
+    rounding: dict = field(default_factory=dict)   # llama.cpp input rounding kind -> its cost, included in costs
 
 
 @dataclass
@@ -523,7 +533,8 @@ class Profile:
         return json.dumps({"profile_version": PROFILE_VERSION, "protocol": self.protocol,
                            "candidates": [c.to_dict() for c in self.candidates],
                            "layers": [{"name": l.name, "shape": list(l.shape), "importance": l.importance,
-                                       "costs": l.costs, "errors": l.errors, "kind": l.kind} for l in self.layers]})
+                                       "costs": l.costs, "errors": l.errors, "kind": l.kind, "rounding": l.rounding}
+                                      for l in self.layers]})
 
     @classmethod
     def from_json(cls, text: str) -> "Profile":
@@ -531,8 +542,8 @@ class Profile:
         if d.get("profile_version") != PROFILE_VERSION:
             raise SizewiseError("the sensitivity profile was made by another sizewise version; profile again")
         return cls(tuple(Candidate.from_dict(c) for c in d["candidates"]),
-                   [LayerProfile(l["name"], tuple(l["shape"]), l["importance"], l["costs"], l["errors"], l["kind"])
-                    for l in d["layers"]], d["protocol"])
+                   [LayerProfile(l["name"], tuple(l["shape"]), l["importance"], l["costs"], l["errors"], l["kind"],
+                                 l["rounding"]) for l in d["layers"]], d["protocol"])
 
 
 def fisher_diagonal(model, arch: Architecture, samples: torch.Tensor, *, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -581,10 +592,12 @@ def profile_model(model, arch: Architecture, samples: torch.Tensor, candidates: 
                   options: dict | None = None, fisher_samples: int = 8, seed: int = 0, batch: int = 8,
                   compute_dtype: torch.dtype = torch.float32, offload: Path | None = None,
                   progress: bool = True, keep_stats: bool = False, table_samples: int = 4,
-                  tables: bool = True) -> Profile:
+                  tables: bool = True, arithmetic: str | None = None) -> Profile:
     """Predicted KL of every candidate on every decoder linear: one Fisher pass, one engine pass;
     with `tables`, for the token tables (embedding, untied head), the KL measured on
     `table_samples` samples (only byte budgets choose for tables; `add_table_costs` adds them later).
+    `arithmetic="llamacpp"`: costs include llama.cpp's rounding of each candidate's inputs (GGUF
+    candidates only; see the module docstring).
 
     The model is left exactly as it was. With `keep_stats` the profile also holds each linear's
     input statistics (`profile.stats`, in memory only), so plans can be solved without another pass.
@@ -592,6 +605,7 @@ def profile_model(model, arch: Architecture, samples: torch.Tensor, candidates: 
     if fisher_samples < 1:
         raise SizewiseError(f"the Fisher estimate needs at least 1 sample, got {fisher_samples}")
     t0 = time.perf_counter()
+    rounds = _input_roundings(candidates, arithmetic)
     fisher = fisher_diagonal(model, arch, samples[:fisher_samples], seed=seed)
     t_fisher = time.perf_counter() - t0
     layers = []
@@ -599,8 +613,10 @@ def profile_model(model, arch: Architecture, samples: torch.Tensor, candidates: 
     def measure(ref, w, stats):
         f = fisher[ref.name].to(w.device)
         h = stats.xtx
+        rounding = {k: 0.5 * float((f * ((w @ e) * w).sum(1).clamp_min(0)).sum()) / stats.rounding_count
+                    for k, e in stats.rounding.items()}
         costs, errors = [], []
-        for cand in candidates:
+        for cand, kind in zip(candidates, rounds):
             if not cand.fits(ref.shape[1]):
                 costs.append(None)
                 errors.append(None)
@@ -608,17 +624,19 @@ def profile_model(model, arch: Architecture, samples: torch.Tensor, candidates: 
             dw = _dequantized(cand, w, stats, options) - w
             row = ((dw @ h) * dw).sum(1).clamp_min(0) / stats.count     # e_j, mean (Δy_j)² per token
             errors.append(float(row.sum()))
-            costs.append(0.5 * float((f * row).sum()))
-        layers.append(LayerProfile(ref.weight_name, ref.shape, float(f.mean()), costs, errors))
+            costs.append(0.5 * float((f * row).sum()) + rounding.get(kind, 0.0))
+        layers.append(LayerProfile(ref.weight_name, ref.shape, float(f.mean()), costs, errors, rounding=rounding))
 
     stats, facts = engine.statistics(model, arch, samples, batch=batch, offload=offload, progress=progress,
                                      compute_dtype=compute_dtype, measure=measure,
-                                     head=tables and _needs_head_stats(arch, candidates))
+                                     head=tables and _needs_head_stats(arch, candidates),
+                                     roundings=tuple(sorted({k for k in rounds if k is not None})))
     protocol = {"proxy": "0.5 * sum_j fisher_j * mean_tokens (dW X^T)_j^2, float-model inputs; token tables: "
                          "measured KL with only that table changed (calibrated ones solved from the head's "
                          f"input on the last {HEAD_SAMPLES} samples)",
                 "fisher_samples": min(fisher_samples, len(samples)), "fisher_labels": "sampled from the model",
                 "seed": seed, "calibration_tokens": int(samples.numel()), "options": options or {},
+                "arithmetic": arithmetic, **({"rounding_tokens": ROUNDING_TOKENS} if arithmetic else {}),
                 "fisher_s": t_fisher, "engine_s": facts["engine_s"], "profile_s": time.perf_counter() - t0}
     prof = Profile(tuple(candidates), layers, protocol)
     if tables:
@@ -628,6 +646,20 @@ def profile_model(model, arch: Architecture, samples: torch.Tensor, candidates: 
     if keep_stats:
         prof.stats = stats
     return prof
+
+
+def _input_roundings(candidates, arithmetic: str | None) -> list[str | None]:
+    """Per candidate, the input rounding `arithmetic` applies to its matmuls (None: none)."""
+    if arithmetic is None:
+        return [None] * len(candidates)
+    if arithmetic != "llamacpp":
+        raise SizewiseError(f"unknown arithmetic {arithmetic!r}; available: llamacpp")
+    from .export.ggml_matmul import input_rounding
+
+    try:
+        return [input_rounding(c.format) for c in candidates]
+    except ValueError as e:
+        raise SizewiseError(f"llama.cpp's arithmetic applies to ggml types only: {e}") from None
 
 
 def has_table_costs(profile: Profile, arch: Architecture) -> bool:
@@ -653,19 +685,22 @@ def add_table_costs(profile: Profile, model, arch: Architecture, samples: torch.
         if profile.stats is not None:         # kept for solving plans: they may now quantize the head
             profile.stats.update(stats)
     profile.layers += _table_costs(model, arch, profile.candidates, samples[:table_samples], batch, options, progress,
-                                   stats)
+                                   stats, profile.protocol.get("arithmetic"))
     profile.by_name = {l.name: l for l in profile.layers}
     profile.protocol.update(table_samples=min(table_samples, len(samples)), tables_s=time.perf_counter() - t0)
 
 
 def _table_costs(model, arch: Architecture, candidates, samples: torch.Tensor, batch: int, options, progress: bool,
-                 stats: dict | None = None):
+                 stats: dict | None = None, arithmetic: str | None = None):
     """KL(float ‖ model with one token table changed) per candidate the table takes, measured directly.
 
     A table touches every position (and, tied, every output logit): no layer-local proxy applies,
     and there are only one or two of them, so measuring is affordable and exact. `stats` holds the
     head table's input statistics (`engine.head_statistics`), which calibrated candidates need.
+    With `arithmetic`, the head's input is rounded as that arithmetic rounds it for the candidate.
     """
+    from .export.ggml_matmul import rounded_inputs
+
     params = dict(model.named_parameters())
     out = []
     if not arch.tables or not len(samples):
@@ -677,6 +712,8 @@ def _table_costs(model, arch: Architecture, candidates, samples: torch.Tensor, b
         return _table_takes(arch, name, c) and (_data_free(c) or name in stats)
 
     todo = [(n, i) for n in arch.tables for i, c in enumerate(candidates) if takes(n, c)]
+    rounds = _input_roundings(candidates, arithmetic)
+    head = model.get_output_embeddings()
     bar = tqdm(total=len(todo), desc="token tables", unit="cand", disable=not progress, file=sys.stderr)
     for name, shape in arch.tables.items():
         w = params[name].detach().clone()
@@ -692,7 +729,8 @@ def _table_costs(model, arch: Architecture, candidates, samples: torch.Tensor, b
                     continue
                 with torch.no_grad():
                     params[name].copy_(changed)
-                logp = _log_probs(model, samples, batch)
+                with rounded_inputs({head: rounds[i]} if name == arch.head_table else {}):
+                    logp = _log_probs(model, samples, batch)
                 costs[i] = max(0.0, sum(float((r.exp() * (r - l)).sum()) for r, l in zip(reference, logp)) / samples.numel())
         finally:
             with torch.no_grad():
@@ -911,6 +949,10 @@ def allocate(profile: Profile, sizes: SizeTable, budget: Budget | str, *, allowe
     budget = parse_budget(budget)
     if tuple(profile.candidates) != tuple(sizes.candidates):
         raise SizewiseError("the sensitivity profile was made for a different candidate set; profile again")
+    if profile.protocol.get("arithmetic") != sizes.layout.arithmetic:
+        raise SizewiseError(f"the sensitivity profile prices {profile.protocol.get('arithmetic') or 'float'} "
+                            f"arithmetic, a {sizes.layout.noun} runs in {sizes.layout.arithmetic or 'float'}; "
+                            "profile again (profile_model(arithmetic=layout.arithmetic))")
     capacity = check_budget(budget, sizes)
     weights, costs, opts = _layer_options(profile, sizes, budget, allowed)
     if any(not w for w in weights):
@@ -975,8 +1017,11 @@ def measure_plans(model, arch: Architecture, allocs: list[Allocation], samples: 
     Each plan's weights are solved from `stats` (the float model's input statistics, needed by
     calibrated quantizers) all at once, as the profile predicted them. `memo` (a dict kept by the
     caller, e.g. across the budgets of a sweep) holds solved weights and the float model's
-    log-probabilities, which plans and budgets share.
+    log-probabilities, which plans and budgets share. A plan sized for a GGUF is measured with
+    llama.cpp's input rounding (`export.ggml_matmul`); the reference is the float model as it is.
     """
+    from .export.ggml_matmul import rounded_inputs
+
     memo = {} if memo is None else memo
     refs = {r.weight_name: r for r in arch.all_linears()}
     params = dict(model.named_parameters())
@@ -997,12 +1042,14 @@ def measure_plans(model, arch: Architecture, allocs: list[Allocation], samples: 
     bar = tqdm(allocs, desc="measuring plans", unit="plan", disable=not progress, file=sys.stderr)
     try:
         for alloc in bar:
-            pkey = ("kl", key, alloc.plan_float_dtype, tuple((c.name, c.method, c.format) for c in alloc.plan.choices))
+            pkey = ("kl", key, alloc.plan_float_dtype, _arithmetic(alloc),
+                    tuple((c.name, c.method, c.format) for c in alloc.plan.choices))
             if pkey in memo:                    # the same plan, measured for another budget
                 kls.append(memo[pkey])
                 continue
             for n in arch.tables:               # tables the plan does not name stay float
                 put(n, originals[n].to(TORCH_DTYPES[alloc.plan_float_dtype]).float())
+            rounding = _plan_roundings(model, arch, alloc)
             for c in alloc.plan.choices:
                 cand = Candidate(c.method, c.format)
                 # linears' statistics are keyed by module name, the head table's by its weight name
@@ -1013,7 +1060,8 @@ def measure_plans(model, arch: Architecture, allocs: list[Allocation], samples: 
                 if wkey not in memo:        # stored solved (uint8 codes), not dense: 4x less memory
                     memo[wkey] = _solved(cand, originals[c.name], st, options)
                 put(c.name, _dense(memo[wkey]))
-            logp = _log_probs(model, samples, batch, torch.float32)
+            with rounded_inputs(rounding):
+                logp = _log_probs(model, samples, batch, torch.float32)
             kl = sum(float((r.exp() * (r - l)).double().sum()) for r, l in zip(reference, logp))
             kls.append(kl / samples.numel())
             memo[pkey] = kls[-1]
@@ -1021,6 +1069,25 @@ def measure_plans(model, arch: Architecture, allocs: list[Allocation], samples: 
         for n, w in originals.items():
             put(n, w)
     return kls
+
+
+def _arithmetic(alloc: Allocation) -> str | None:
+    return getattr(alloc.layout, "arithmetic", None)
+
+
+def _plan_roundings(model, arch: Architecture, alloc: Allocation) -> dict:
+    """Module -> the input rounding the plan's file gets from its runtime (empty for our own artifact)."""
+    arithmetic = _arithmetic(alloc)
+    if arithmetic is None:
+        return {}
+    chosen = {c.name: c.format for c in alloc.plan.choices}
+    float_format = FloatFormat(alloc.plan_float_dtype)
+    modules = {r.module: r.weight_name for r in arch.all_linears()}
+    if arch.head_table is not None:
+        modules[model.get_output_embeddings()] = arch.head_table
+    names = list(modules.values())
+    kinds = _input_roundings([Candidate("x", chosen.get(n, float_format)) for n in names], arithmetic)
+    return dict(zip(modules, kinds))
 
 
 def solved_weights(memo: dict) -> dict:
@@ -1151,17 +1218,19 @@ def validate_proxy(model, arch: Architecture, profile: Profile, samples: torch.T
 # --- entry points (the CLI and api call these) -----------------------------------------------------
 
 
-def _profile_key(src_info: dict, calib, text_sha: str | None, candidates, options, fisher_samples: int) -> str:
+def _profile_key(src_info: dict, calib, text_sha: str | None, candidates, options, fisher_samples: int,
+                 arithmetic: str | None) -> str:
     d = {"v": PROFILE_VERSION, "model": src_info.get("sha256"), "text": text_sha, "samples": calib.samples,
          "length": calib.length, "seed": calib.seed, "dtype": calib.dtype, "fisher_samples": fisher_samples,
-         "options": options or {}, "candidates": [c.to_dict() for c in candidates]}
+         "options": options or {}, "candidates": [c.to_dict() for c in candidates], "arithmetic": arithmetic}
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:32]
 
 
 def cached_profile(src, arch: Architecture, calib, candidates: tuple[Candidate, ...], *, options: dict | None = None,
                    fisher_samples: int = 8, cache: bool = True, progress: bool = True,
-                   keep_stats: bool = False, tables: bool = True) -> Profile:
-    """`profile_model` on the source's calibration samples, cached per model + calibration + candidates.
+                   keep_stats: bool = False, tables: bool = True, arithmetic: str | None = None) -> Profile:
+    """`profile_model` on the source's calibration samples, cached per model + calibration + candidates
+    (+ the arithmetic whose input rounding the costs include: the layout's, e.g. llama.cpp's for a GGUF).
 
     The cache (under `builtins.cache_dir()/profiles`) lets a sweep over budgets profile once. A
     profile read from the cache has no statistics (`profile.stats` is None) even with `keep_stats`.
@@ -1172,7 +1241,7 @@ def cached_profile(src, arch: Architecture, calib, candidates: tuple[Candidate, 
     from .api import _calibration
 
     text_sha = data.read_text(calib.text).sha256 if calib.text is not None else None
-    key = _profile_key(src.info, calib, text_sha, candidates, options, fisher_samples)
+    key = _profile_key(src.info, calib, text_sha, candidates, options, fisher_samples, arithmetic)
     path = builtins.cache_dir() / "profiles" / f"{key}.json"
     prof = None
     if cache and src.info.get("sha256") and path.is_file():
@@ -1190,7 +1259,7 @@ def cached_profile(src, arch: Architecture, calib, candidates: tuple[Candidate, 
         prof = profile_model(src.model, arch, samples, candidates, options=options, fisher_samples=fisher_samples,
                              seed=calib.seed, batch=calib.batch, compute_dtype=TORCH_DTYPES[calib.dtype],
                              offload=Path(calib.offload) if calib.offload else None, progress=progress,
-                             keep_stats=keep_stats, tables=tables)
+                             keep_stats=keep_stats, tables=tables, arithmetic=arithmetic)
         prof.protocol.update(model=src.info.get("spec"), model_sha256=src.info.get("sha256"),
                              calibration=calib_proto)
     if cache and src.info.get("sha256"):
@@ -1276,7 +1345,8 @@ def plan_for_budget(model, budget: str | Budget, *, calib=None, quantizers: tupl
     check_budget(budget, sizes)                         # before any expensive work
     calib = (calib or CalibConfig()).resolved(next(src.model.parameters()).device)
     prof = cached_profile(src, arch, calib, cands, options=options, fisher_samples=fisher_samples, cache=cache,
-                          progress=progress, keep_stats=measure_samples > 0, tables=budget.kind == "bytes")
+                          progress=progress, keep_stats=measure_samples > 0, tables=budget.kind == "bytes",
+                          arithmetic=layout.arithmetic)
     if measure_samples > 0:
         return choose_measured(src, arch, calib, prof, sizes, budget, options=options, samples=measure_samples,
                                progress=progress)

@@ -10,3 +10,9 @@ MEASURE_SAMPLES = 8
 # input statistics, with which calibrated quantizers (GPTQ) solve the head or the embedding tied to
 # it. 32 x 512 tokens for SmolLM2's 576 inputs; one forward pass, stopped before the logits.
 HEAD_SAMPLES = 32
+
+# Calibration tokens over which each linear's llama.cpp input-rounding error (e eᵀ, per rounding
+# kind) is gathered when the allocator prices a GGUF's arithmetic. The rounding acts on every
+# block of every token alike, so its second moment settles on far fewer tokens than XᵀX needs;
+# 8192 (16 x 512) keeps the extra Gram products to an eighth of the profile pass's.
+ROUNDING_TOKENS = 8192

@@ -206,7 +206,7 @@ def sweep(model: str | Path, budgets: str | list[str | Budget], out: str | Path,
         t0 = time.perf_counter()
         prof = allocate.cached_profile(src, arch, config.calib, cands, options=config.options,
                                        fisher_samples=fisher_samples, cache=cache, progress=progress, keep_stats=True,
-                                       tables=any(b.kind == "bytes" for b in blist))
+                                       tables=any(b.kind == "bytes" for b in blist), arithmetic=layout.arithmetic)
         stats = allocate.profile_statistics(src, arch, config.calib, prof, progress)
         profile_s = time.perf_counter() - t0
         t0 = time.perf_counter()
