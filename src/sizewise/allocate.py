@@ -1077,17 +1077,16 @@ def _arithmetic(alloc: Allocation) -> str | None:
 
 def _plan_roundings(model, arch: Architecture, alloc: Allocation) -> dict:
     """Module -> the input rounding the plan's file gets from its runtime (empty for our own artifact)."""
+    from .export.ggml_matmul import module_roundings
+
     arithmetic = _arithmetic(alloc)
     if arithmetic is None:
         return {}
+    _input_roundings([], arithmetic)                 # a known arithmetic
     chosen = {c.name: c.format for c in alloc.plan.choices}
     float_format = FloatFormat(alloc.plan_float_dtype)
-    modules = {r.module: r.weight_name for r in arch.all_linears()}
-    if arch.head_table is not None:
-        modules[model.get_output_embeddings()] = arch.head_table
-    names = list(modules.values())
-    kinds = _input_roundings([Candidate("x", chosen.get(n, float_format)) for n in names], arithmetic)
-    return dict(zip(modules, kinds))
+    names = [r.weight_name for r in arch.all_linears()] + [n for n in [arch.head_table] if n is not None]
+    return module_roundings(model, arch, {n: chosen.get(n, float_format) for n in names})
 
 
 def solved_weights(memo: dict) -> dict:

@@ -319,12 +319,18 @@ def _artifact_info(m: dict, path: str | Path) -> dict:
 
 def compare(reference: str | Path, candidates: list[str | Path], text: str | Path = "wikitext2-test", *,
             ctx: int = 1024, stride: int | None = None, windows: int | None = None,
-            out: str | Path | None = None, progress: bool = True) -> dict:
-    """Evaluate artifacts side by side against their reference on the same windows; optionally write a report."""
+            out: str | Path | None = None, progress: bool = True, arithmetic: str | None = None) -> dict:
+    """Evaluate artifacts side by side against their reference on the same windows; optionally write a report.
+
+    `arithmetic="llamacpp"`: each artifact's matmul inputs are rounded as llama.cpp rounds them for
+    its stored types (`export.ggml_matmul`), which predicts what its GGUF measures in llama.cpp.
+    """
     from . import report
     from .quant.formats import format_from_dict
     from .quant.formats import label as fmt_label
 
+    if arithmetic not in (None, "float", "llamacpp"):
+        raise SizewiseError(f"unknown arithmetic {arithmetic!r}; available: float, llamacpp")
     txt = data.read_text(text)
     ref = _source(reference)
     cands = {}
@@ -336,7 +342,9 @@ def compare(reference: str | Path, candidates: list[str | Path], text: str | Pat
         cands[label] = src
     tokens = data.tokenize(ref.tokenizer, txt)
     wins = data.eval_windows(tokens, ctx, stride, windows, data.wants_bos(ref.model, ref.tokenizer))
-    res = evaluate_many({k: v.model for k, v in cands.items()}, wins, txt, reference=ref.model, progress=progress)
+    roundings = {k: _llamacpp_roundings(v) for k, v in cands.items()} if arithmetic == "llamacpp" else None
+    res = evaluate_many({k: v.model for k, v in cands.items()}, wins, txt, reference=ref.model, progress=progress,
+                        roundings=roundings)
     results = {"reference_spec": str(reference), "protocol": res["reference"]["protocol"],
                "reference": {k: v for k, v in res["reference"].items() if k != "protocol"}, "candidates": {}}
     for label, src in cands.items():
@@ -352,6 +360,23 @@ def compare(reference: str | Path, candidates: list[str | Path], text: str | Pat
     if out is not None:
         results["report"] = str(report.write(results, out))
     return results
+
+
+def _llamacpp_roundings(src: Source) -> dict:
+    """Module -> llama.cpp's input rounding for an artifact's stored types (`export.ggml_matmul`)."""
+    from .export.ggml_matmul import module_roundings
+    from .export.gguf_types import ggml_type_for
+    from .quant.formats import format_from_dict, label
+
+    if src.info["kind"] != "artifact":
+        raise SizewiseError(f"llama.cpp's arithmetic needs an artifact, whose tensor types are known; got {src.info['spec']}")
+    tensors = artifact.read_manifest(src.info["path"])["tensors"]
+    formats = {n: format_from_dict(e["format"]) for n, e in tensors.items() if e["format"]["kind"] != "raw"}
+    try:
+        return module_roundings(src.model, discover(src.model), formats)
+    except ValueError:
+        bad = next(f for f in formats.values() if ggml_type_for(f) is None)
+        raise SizewiseError(f"llama.cpp's arithmetic applies to ggml types; {src.info['spec']} stores {label(bad)}") from None
 
 
 def export(path: str | Path, out: str | Path, *, format: str = "gguf", overwrite: bool = False,

@@ -363,13 +363,16 @@ def info(artifact_dir, as_json):
 @click.option("--stride", default=None, type=int)
 @click.option("--windows", default=None, type=int, help="Use the first N windows (default: all).")
 @click.option("-o", "--output", required=True, type=click.Path(), help="Report directory (report.md, results.json, plot).")
+@click.option("--arithmetic", type=click.Choice(["float", "llamacpp"]), default="float", show_default=True,
+              help="llamacpp: round each matmul's input as llama.cpp does for the artifact's ggml types "
+                   "(predicts the perplexity of its GGUF in llama.cpp).")
 @click.option("--quiet", is_flag=True)
-def compare(reference, candidates, text, ctx, stride, windows, output, quiet):
+def compare(reference, candidates, text, ctx, stride, windows, output, arithmetic, quiet):
     """Evaluate CANDIDATES side by side against REFERENCE on the same windows and write a report."""
     from . import api
 
     res = api.compare(reference, list(candidates), text, ctx=ctx, stride=stride, windows=windows, out=output,
-                      progress=not quiet)
+                      progress=not quiet, arithmetic=arithmetic)
     ref = res["reference"]["perplexity"]
     click.echo(f"reference perplexity {ref:.4f}")
     for label, r in res["candidates"].items():

@@ -59,13 +59,18 @@ class _Tally:
 
 
 @torch.no_grad()
-def evaluate_many(models: dict, windows: Windows, text: Text, *, reference=None, progress: bool = True) -> dict:
+def evaluate_many(models: dict, windows: Windows, text: Text, *, reference=None, progress: bool = True,
+                  roundings: dict | None = None) -> dict:
     """Evaluate several models on the same windows in one pass; the reference runs once per window.
 
     Returns {label: result}, plus "reference" when a reference is given. Each result holds the
     perplexity and, with a reference, KL(reference ‖ model) and top-1 agreement, all over the same
-    scored positions, with per-window values so that comparisons can be paired.
+    scored positions, with per-window values so that comparisons can be paired. `roundings`
+    ({label: {module: kind}}) rounds those models' matmul inputs as llama.cpp does (`export.ggml_matmul`).
     """
+    from .export.ggml_matmul import rounded_inputs
+
+    roundings = roundings or {}
     t0 = time.perf_counter()
     tallies = {label: _Tally() for label in models}
     ref_tally = _Tally() if reference is not None else None
@@ -77,12 +82,15 @@ def evaluate_many(models: dict, windows: Windows, text: Text, *, reference=None,
             ref_logp = F.log_softmax(_logits(reference, x)[first:-1], dim=-1)
             ref_tally.add(ref_logp, targets, None)
         for label, model in models.items():
-            tallies[label].add(F.log_softmax(_logits(model, x)[first:-1], dim=-1), targets, ref_logp)
+            with rounded_inputs(roundings.get(label, {})):
+                logp = F.log_softmax(_logits(model, x)[first:-1], dim=-1)
+            tallies[label].add(logp, targets, ref_logp)
     elapsed = time.perf_counter() - t0
     some_model = next(iter(models.values())) if models else reference
     protocol = {**text.protocol(), **windows.protocol(), "dtype": str(next(some_model.parameters()).dtype),
                 **environment()}
-    results = {label: {**t.result(reference is not None), "protocol": protocol, "eval_s": elapsed}
+    results = {label: {**t.result(reference is not None), "protocol": protocol, "eval_s": elapsed,
+                       "arithmetic": "llamacpp" if roundings.get(label) else "float"}
                for label, t in tallies.items()}
     if ref_tally is not None:
         results["reference"] = {**ref_tally.result(False), "protocol": protocol, "eval_s": elapsed}

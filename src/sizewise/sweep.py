@@ -18,8 +18,9 @@ assembled under a temporary name and renamed at the end, so a directory that exi
 
 With format="gguf" the candidates are llama.cpp's types (`allocate.gguf_candidate_set`), byte
 budgets bound each point's .gguf file (`allocate.GGUFLayout`), and uniform points must be ggml
-types too (rtn:Q4_0, gptq:Q4_K). The evaluation reads the artifacts; the GGUFs hold the same
-stored weights bit for bit.
+types too (rtn:Q4_0, gptq:Q4_K). The evaluation reads the artifacts, whose GGUFs hold the same
+stored weights bit for bit, and rounds every matmul's input as llama.cpp does for those types
+(`export.ggml_matmul`): the perplexities are those llama.cpp should measure.
 """
 
 from __future__ import annotations
@@ -252,7 +253,7 @@ def sweep(model: str | Path, budgets: str | list[str | Budget], out: str | Path,
         t0 = time.perf_counter()
         ref = api._source(model, allow_pickle)
         res = api.compare(ref, [tmp / p["dir"] for p in points], text, ctx=ctx, stride=stride, windows=windows,
-                          progress=progress)
+                          progress=progress, arithmetic=layout.arithmetic)
         del ref
         eval_s = time.perf_counter() - t0
 

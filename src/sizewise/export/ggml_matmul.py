@@ -67,6 +67,15 @@ def round_input(x: torch.Tensor, kind: str | None) -> torch.Tensor:
     return out.reshape(shape).to(x.dtype)
 
 
+def module_roundings(model, arch, formats: dict[str, Format]) -> dict:
+    """Module -> its input rounding in llama.cpp, for every decoder linear and the output head, from
+    the format each weight is stored in (`formats`, by weight name; the head by `arch.head_table`)."""
+    modules = {r.module: r.weight_name for r in arch.all_linears()}
+    if arch.head_table is not None:
+        modules[model.get_output_embeddings()] = arch.head_table
+    return {m: input_rounding(formats[n]) for m, n in modules.items()}
+
+
 def fits(kind: str | None, in_features: int) -> bool:
     return in_features % _BLOCK.get(kind, 1) == 0
 
