@@ -168,3 +168,17 @@ def test_compare_with_llamacpp_arithmetic(tiny_dirs, tmp_path):
         api.compare(tiny_dirs["llama"], [tmp_path / "w4"], arithmetic="llamacpp", **args)
     with pytest.raises(SizewiseError, match="needs an artifact"):
         api.compare(tiny_dirs["llama"], [tiny_dirs["qwen2"]], arithmetic="llamacpp", **args)
+
+
+def test_a_gguf_is_evaluated_with_its_own_types(tiny_dirs, tmp_path):
+    import sizewise
+    from sizewise import api
+
+    q4 = QuantFormat(4, 32, symmetric=True, scale_dtype="float16")          # Q4_0
+    sizewise.compress(tiny_dirs["llama"], sizewise.CompressConfig(method="rtn", format=q4), tmp_path / "a",
+                      progress=False)
+    api.export(tmp_path / "a", tmp_path / "a.gguf")
+    res = api.compare(tiny_dirs["llama"], [tmp_path / "a", tmp_path / "a.gguf"], tiny_dirs["text"], ctx=32,
+                      windows=2, progress=False, arithmetic="llamacpp")["candidates"]
+    assert res["a.gguf"]["arithmetic"] == "llamacpp"
+    assert res["a.gguf"]["kl"] == pytest.approx(res["a"]["kl"], rel=1e-4)

@@ -1077,7 +1077,7 @@ def _arithmetic(alloc: Allocation) -> str | None:
 
 def _plan_roundings(model, arch: Architecture, alloc: Allocation) -> dict:
     """Module -> the input rounding the plan's file gets from its runtime (empty for our own artifact)."""
-    from .export.ggml_matmul import module_roundings
+    from .export.ggml_matmul import input_rounding, module_roundings
 
     arithmetic = _arithmetic(alloc)
     if arithmetic is None:
@@ -1085,8 +1085,7 @@ def _plan_roundings(model, arch: Architecture, alloc: Allocation) -> dict:
     _input_roundings([], arithmetic)                 # a known arithmetic
     chosen = {c.name: c.format for c in alloc.plan.choices}
     float_format = FloatFormat(alloc.plan_float_dtype)
-    names = [r.weight_name for r in arch.all_linears()] + [n for n in [arch.head_table] if n is not None]
-    return module_roundings(model, arch, {n: chosen.get(n, float_format) for n in names})
+    return module_roundings(model, arch, lambda n: input_rounding(chosen.get(n, float_format)))
 
 
 def solved_weights(memo: dict) -> dict:

@@ -363,20 +363,34 @@ def compare(reference: str | Path, candidates: list[str | Path], text: str | Pat
 
 
 def _llamacpp_roundings(src: Source) -> dict:
-    """Module -> llama.cpp's input rounding for an artifact's stored types (`export.ggml_matmul`)."""
-    from .export.ggml_matmul import module_roundings
+    """Module -> llama.cpp's input rounding for the types an artifact or a GGUF file stores
+    (`export.ggml_matmul`)."""
+    from .export.ggml_matmul import INPUT_ROUNDING, input_rounding, module_roundings
+    from .export.gguf import gguf_tensor_name
     from .export.gguf_types import ggml_type_for
     from .quant.formats import format_from_dict, label
 
-    if src.info["kind"] != "artifact":
-        raise SizewiseError(f"llama.cpp's arithmetic needs an artifact, whose tensor types are known; got {src.info['spec']}")
-    tensors = artifact.read_manifest(src.info["path"])["tensors"]
-    formats = {n: format_from_dict(e["format"]) for n, e in tensors.items() if e["format"]["kind"] != "raw"}
-    try:
-        return module_roundings(src.model, discover(src.model), formats)
-    except ValueError:
-        bad = next(f for f in formats.values() if ggml_type_for(f) is None)
-        raise SizewiseError(f"llama.cpp's arithmetic applies to ggml types; {src.info['spec']} stores {label(bad)}") from None
+    kind, spec = src.info["kind"], src.info["spec"]
+    if kind == "artifact":
+        tensors = artifact.read_manifest(src.info["path"])["tensors"]
+        formats = {n: format_from_dict(e["format"]) for n, e in tensors.items() if e["format"]["kind"] != "raw"}
+        bad = [f for f in formats.values() if ggml_type_for(f) is None]
+        if bad:
+            raise SizewiseError(f"llama.cpp's arithmetic applies to ggml types; {spec} stores {label(bad[0])}")
+        kind_of = lambda name: input_rounding(formats[name])      # noqa: E731
+    elif kind == "gguf":
+        import gguf
+
+        types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(src.info["path"]).tensors}
+        layers = src.model.config.num_hidden_layers
+        kind_of = lambda name: INPUT_ROUNDING.get(types.get(gguf_tensor_name(name, layers), ""), "?")  # noqa: E731
+    else:
+        raise SizewiseError(f"llama.cpp's arithmetic needs an artifact or a .gguf, whose tensor types are known; "
+                            f"got {spec}")
+    out = module_roundings(src.model, discover(src.model), kind_of)
+    if "?" in out.values():
+        raise SizewiseError(f"{spec}: a weight's ggml type has no known llama.cpp input rounding")
+    return out
 
 
 def export(path: str | Path, out: str | Path, *, format: str = "gguf", overwrite: bool = False,

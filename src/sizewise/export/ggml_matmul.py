@@ -67,13 +67,13 @@ def round_input(x: torch.Tensor, kind: str | None) -> torch.Tensor:
     return out.reshape(shape).to(x.dtype)
 
 
-def module_roundings(model, arch, formats: dict[str, Format]) -> dict:
-    """Module -> its input rounding in llama.cpp, for every decoder linear and the output head, from
-    the format each weight is stored in (`formats`, by weight name; the head by `arch.head_table`)."""
+def module_roundings(model, arch, kind_of) -> dict:
+    """Module -> its input rounding in llama.cpp, for every decoder linear and the output head;
+    `kind_of(weight name)` gives a weight's rounding (the head's is asked for by `arch.head_table`)."""
     modules = {r.module: r.weight_name for r in arch.all_linears()}
     if arch.head_table is not None:
         modules[model.get_output_embeddings()] = arch.head_table
-    return {m: input_rounding(formats[n]) for m, n in modules.items()}
+    return {m: kind_of(n) for m, n in modules.items()}
 
 
 def fits(kind: str | None, in_features: int) -> bool:
