@@ -164,18 +164,31 @@ def split_label(spec: str) -> tuple[Path, str]:
     return Path(spec), Path(spec).stem if spec.endswith(".gguf") else Path(spec).name
 
 
-def reference_logits(model, windows, check: list[int], work: Path) -> dict[str, str]:
-    """sizewise's own float32 logits of `model` on the check windows, as .npy files [T, vocab]."""
+def reference_logits(model, windows, check: list[int], work: Path, rounding: dict | None = None,
+                     tag: str = "ref") -> dict[str, str]:
+    """sizewise's own float32 logits of `model` on the check windows, as .npy files [T, vocab];
+    with `rounding` ({module: kind}), with each matmul input rounded as llama.cpp rounds it."""
     import numpy as np
     import torch
 
+    from sizewise.export.ggml_matmul import rounded_inputs
+
     paths = {}
-    with torch.no_grad():
+    with torch.no_grad(), rounded_inputs(rounding or {}):
         for k in check:
             logits = model(input_ids=windows.inputs[k], use_cache=False).logits[0].float().numpy()
-            paths[str(k)] = str(work / f"ref{k}.npy")
+            paths[str(k)] = str(work / f"{tag}{k}.npy")
             np.save(paths[str(k)], logits.astype(np.float32))
     return paths
+
+
+def llamacpp_rounding(model, kind: str, path: Path) -> dict:
+    """{module: kind}: how llama.cpp rounds each matmul input of the GGUF (or artifact) at `path`."""
+    from sizewise.api import _llamacpp_roundings
+    from sizewise.sources import Source
+
+    return _llamacpp_roundings(Source(model, None, {"kind": "artifact" if kind == "artifact" else "gguf",
+                                                    "spec": str(path), "path": str(path)}))
 
 
 def sizewise_model(kind: str, path: Path, work: Path):
@@ -245,19 +258,26 @@ def markdown(rows: list[dict], ref: dict, proto: dict) -> str:
              "sizewise's evaluation of the same weights (the GGUF dequantized by sizewise's reader): max |logit "
              "diff|, argmax agreement, perplexity ratio. In quantized matmuls llama.cpp also rounds the activations "
              "to 8 bits, so the last check runs each sizewise GGUF's weights dequantized to an F32 GGUF: float "
-             "arithmetic only. sizewise ppl: sizewise's evaluator on the file's weights, all windows (if run). "
+             "arithmetic only; and sizewise's evaluation with llama.cpp's input rounding (sizewise "
+             "`compare --arithmetic llamacpp`) vs llama.cpp: what is left once that rounding is modelled. "
+             "sizewise ppl: sizewise's evaluator on the file's weights, all windows (if run), in float and "
+             "with llama.cpp's rounding. "
              "pp: prompt processing, tg: greedy generation (medians). Load average "
              f"{proto['loadavg_start'][0]:.2f} at start, {proto['loadavg_end'][0]:.2f} at end.", "",
-             "| type / label | source | MB | bpw | ppl | Δppl vs F32 | sizewise ppl | logit max diff | argmax agree "
-             "| Δppl llama.cpp vs sizewise, same weights | logit max diff, as F32 | pp tok/s | tg tok/s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| type / label | source | MB | bpw | ppl | Δppl vs F32 | sizewise ppl: float / llama.cpp rounding "
+             "| logit max diff | argmax agree | Δppl llama.cpp vs sizewise, same weights | logit max diff, as F32 "
+             "| logit max diff, sizewise with llama.cpp rounding | pp tok/s | tg tok/s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        dq, sw = r.get("dequantized"), r.get("sizewise_perplexity")
+        dq, sw, swr = r.get("dequantized"), r.get("sizewise_perplexity"), r.get("sizewise_llamacpp_perplexity")
+        rd = r.get("rounded_logit_max_abs_diff")
         lines.append(f"| {r['label']} | {r['source']} | {r['file_bytes'] / 1e6:.1f} | {r['bits_per_weight']:.2f} | "
                      f"{r['perplexity']:.3f} | {100 * (r['perplexity'] / ref['perplexity'] - 1):+.1f}% | "
-                     f"{format(sw, '.3f') if sw else ''} | {r['logit_max_abs_diff']:.2e} | "
+                     f"{format(sw, '.3f') if sw else ''}{' / ' + format(swr, '.3f') if swr else ''} | "
+                     f"{r['logit_max_abs_diff']:.2e} | "
                      f"{100 * r['argmax_agreement']:.2f}% | {100 * (r['check_ppl_ratio'] - 1):+.2f}% | "
                      f"{format(dq['logit_max_abs_diff'], '.2e') if dq else ''} | "
+                     f"{format(rd, '.2e') if rd is not None else ''} | "
                      f"{r['prompt_tokens_per_s']:.0f} | {r['gen_tokens_per_s']:.1f} |")
     return "\n".join(lines)
 
@@ -331,6 +351,7 @@ def main() -> None:
     import sizewise
     from sizewise import data, sources
     from sizewise.evaluate import environment, evaluate
+    from sizewise.export.ggml_matmul import rounded_inputs
 
     types = [t for t in args.types.split(",") if t]
     try:
@@ -435,17 +456,24 @@ def main() -> None:
         print(f"evaluating {label} ({path.name}) in sizewise and llama.cpp", file=sys.stderr, flush=True)
         model = src.model if kind == "float" else sizewise_model(kind, art or path, work)
         refs = reference_logits(model, wins, check, work)
+        rounding = llamacpp_rounding(model, kind, art or path)
+        refs_rounded = reference_logits(model, wins, check, work, rounding, "rounded")
         sw = (sw_float if model is src.model else evaluate(model, wins, text, progress=False)) \
             if args.sizewise_eval else None
+        sw_rounded = None
+        if args.sizewise_eval and any(rounding.values()):
+            with rounded_inputs(rounding):
+                sw_rounded = evaluate(model, wins, text, progress=False)
         if model is not src.model:
             del model
         load_before = os.getloadavg()
         res = run_worker({"evaluate": {"model": str(path), "windows": str(windows_npy),
                                        "score_from": wins.score_from,
                                        "threads": args.threads, "kv_type": args.kv_type, "check": refs,
+                                       "check_rounded": refs_rounded,
                                        "speed": {"prompt_tokens": args.prompt_tokens, "gen_tokens": args.gen_tokens,
                                                  "repeats": args.repeats}}}, work)
-        for p in refs.values():
+        for p in [*refs.values(), *refs_rounded.values()]:
             Path(p).unlink()
         size = path.stat().st_size
         row = {"label": label, "source": source, "path": str(path), "artifact": str(art) if art else None,
@@ -456,11 +484,17 @@ def main() -> None:
                # arithmetic (8-bit activations in quantized matmuls) changes
                "check_ppl_ratio": math.exp(sum(c["llama_nll"] - c["ref_nll"] for c in res["checks"])
                                            / sum(c["tokens"] for c in res["checks"])),
+               # the same, sizewise computing with llama.cpp's input rounding (export/ggml_matmul.py)
+               "rounded_logit_max_abs_diff": max(c["max_abs_diff"] for c in res["checks_rounded"]),
+               "rounded_argmax_agreement": float(np.mean([c["argmax_agreement"] for c in res["checks_rounded"]])),
+               "rounded_check_ppl_ratio": math.exp(sum(c["llama_nll"] - c["ref_nll"] for c in res["checks_rounded"])
+                                                   / sum(c["tokens"] for c in res["checks_rounded"])),
                "loadavg": [load_before, os.getloadavg()],
                "sizewise_perplexity": sw and sw["perplexity"], "sizewise_nll_per_token": sw and sw["nll_per_token"],
+               "sizewise_llamacpp_perplexity": (sw_rounded or sw or {}).get("perplexity"),
                **{k: res[k] for k in ("perplexity", "nll_per_token", "tokens", "checks", "load_s", "eval_tokens_per_s",
                                       "prompt_tokens_per_s", "gen_tokens_per_s", "prompt_tokens_per_s_runs",
-                                      "gen_tokens_per_s_runs", "per_window")}}
+                                      "gen_tokens_per_s_runs", "per_window", "checks_rounded")}}
         row["dequantized"] = (dequantized_check(path, work, wins, check, args)
                               if source == "sizewise" and not args.no_dequantized_check else None)
         if row["dequantized"]:

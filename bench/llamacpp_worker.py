@@ -7,7 +7,7 @@ A job is one of:
         llama_model_quantize to LLAMA_FTYPE_MOSTLY_<ftype>; "imatrix" (optional) is an .npz of one float32
         vector per GGUF tensor name (mean squared input of each column, llama.cpp's importance matrix),
         "token_embedding_type" (optional) a GGML type name for token_embd.weight
-  {"evaluate": {"model", "windows", "score_from", "threads", "kv_type", "check", "speed"}, "out": path}
+  {"evaluate": {"model", "windows", "score_from", "threads", "kv_type", "check", "check_rounded", "speed"}, "out": path}
 The evaluation writes its result as JSON to "out". Token windows come as an int32 .npy [n, T]; the
 reference logits of the check windows as float32 .npy files [T, vocab].
 """
@@ -56,6 +56,14 @@ def quantize(src: str, dst: str, ftype: str, threads: int, imatrix: str | None =
     return {"quantize_s": time.perf_counter() - t0}
 
 
+def _check(k: int, logits, ref, first: int, targets, window: dict) -> dict:
+    """llama.cpp's logits of window k vs reference logits of the same window."""
+    diff = np.abs(logits - ref)
+    return {"window": k, "max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()),
+            "ref_max_abs": float(np.abs(ref).max()), "argmax_agreement": float((logits.argmax(1) == ref.argmax(1)).mean()),
+            "llama_nll": window["nll"], "ref_nll": _nll(np.asarray(ref[first:-1]), targets), "tokens": window["tokens"]}
+
+
 def _nll(logits: np.ndarray, targets: np.ndarray, chunk: int = 128) -> float:
     """Summed negative log-likelihood of `targets`, log-softmax in float64 (in chunks: [T, vocab] is large)."""
     total = 0.0
@@ -81,7 +89,7 @@ def evaluate(job: dict) -> dict:
     t_load = time.perf_counter()
     llm = _llama(job["model"], n_ctx, job["threads"], job["kv_type"], logits_all=True)
     load_s = time.perf_counter() - t_load
-    per_window, checks = [], []
+    per_window, checks, checks_rounded = [], [], []
     eval_s = 0.0
     for k, (x, first) in enumerate(zip(windows, score_from)):
         llm.reset()  # the next eval drops the whole KV cache from position 0
@@ -92,20 +100,14 @@ def evaluate(job: dict) -> dict:
         targets = x[first + 1:].astype(np.int64)
         scored = logits[first:-1]
         per_window.append({"nll": _nll(scored, targets), "tokens": int(len(targets))})
-        ref_path = job["check"].get(str(k))
-        if ref_path is not None:
-            ref = np.load(ref_path, mmap_mode="r")
-            diff = np.abs(logits - ref)
-            checks.append({"window": k, "max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()),
-                           "ref_max_abs": float(np.abs(ref).max()),
-                           "argmax_agreement": float((logits.argmax(1) == ref.argmax(1)).mean()),
-                           "llama_nll": per_window[-1]["nll"], "ref_nll": _nll(np.asarray(ref[first:-1]), targets),
-                           "tokens": per_window[-1]["tokens"]})
+        for refs, out in ((job["check"], checks), (job.get("check_rounded", {}), checks_rounded)):
+            if str(k) in refs:
+                out.append(_check(k, logits, np.load(refs[str(k)], mmap_mode="r"), first, targets, per_window[-1]))
     nll = sum(w["nll"] for w in per_window)
     tokens = sum(w["tokens"] for w in per_window)
     del llm
     return {"perplexity": float(np.exp(nll / tokens)), "nll_per_token": nll / tokens, "tokens": tokens,
-            "per_window": per_window, "checks": checks, "load_s": load_s,
+            "per_window": per_window, "checks": checks, "checks_rounded": checks_rounded, "load_s": load_s,
             "eval_tokens_per_s": windows.size / eval_s, **(speed(job, windows[0]) if job.get("speed") else {})}
 
 

@@ -1,4 +1,4 @@
-"""IQ4_NL (llama.cpp's non-uniform 4-bit codebook): format, methods, bit-exact ggml bytes, artifacts, GGUF."""
+"""IQ4_NL and MXFP4 (llama.cpp's 4-bit codebooks): format, methods, bit-exact ggml bytes, artifacts, GGUF."""
 
 import gguf
 import numpy as np
@@ -19,6 +19,7 @@ from sizewise.quant.formats import QuantFormat, format_from_dict, label
 from sizewise.sources import load
 
 IQ4 = CodebookFormat("IQ4_NL")
+MXFP4 = CodebookFormat("MXFP4")
 Q4_0 = QuantFormat(4, 32, symmetric=True)
 
 
@@ -41,18 +42,37 @@ def test_format_and_its_sizes():
     assert A.GGML_FORMATS["IQ4_NL"] == IQ4
     with pytest.raises(SizewiseError):
         CodebookFormat("IQ3_XX")
+    assert MXFP4.stored_bits(4, 64) == 4 * 2 * 17 * 8 and MXFP4.bits_per_weight == 4.25 and label(MXFP4) == "MXFP4"
+    assert (MXFP4.block_bytes, 32) == gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.MXFP4][::-1]
+    assert A.GGML_FORMATS["MXFP4"] == MXFP4 and format_from_dict(MXFP4.to_dict()) == MXFP4
 
 
+def test_mxfp4_scales_are_powers_of_two_and_minus_zero_reads_as_zero():
+    w, _ = _data()
+    w[0, :32] = 0                                               # an all-zero block
+    ct = methods.solve("rtn", w, None, MXFP4)
+    assert torch.equal(ct.d, torch.exp2(torch.log2(ct.d).round()))
+    assert torch.equal(ct.dequantize()[0, :32], torch.zeros(32))
+    data = codebook_to_ggml_bytes(ct)
+    data[:, 1] = (data[:, 1] & 0xF0) | 8                        # ggml's -0 in the first weight of each row
+    back = codebook_from_ggml_bytes(data, MXFP4, w.shape)
+    assert (back.dequantize()[:, 0] == 0).all()
+    # 0.25 bits cheaper than IQ4_NL, and coarser
+    err = lambda f: float(((methods.solve("rtn", w, None, f).dequantize() - w) ** 2).sum())      # noqa: E731
+    assert err(IQ4) < err(MXFP4)
+
+
+@pytest.mark.parametrize("fmt", [IQ4, MXFP4], ids=lambda f: f.type_name)
 @pytest.mark.parametrize("method", ["rtn", "rtn-mse", "gptq"])
-def test_methods_give_blocks_that_ggml_decodes_bit_exactly(method):
+def test_methods_give_blocks_that_ggml_decodes_bit_exactly(method, fmt):
     w, x = _data()
-    ct = methods.solve(method, w, LinearStats(x.T @ x, x.abs().sum(0), x.shape[0]), IQ4)
+    ct = methods.solve(method, w, LinearStats(x.T @ x, x.abs().sum(0), x.shape[0]), fmt)
     assert isinstance(ct, CodebookTensor) and ct.shape == w.shape
     data = codebook_to_ggml_bytes(ct)
     assert data.size * 8 == ct.stored_bits()
-    ggml = gguf.quants.dequantize(data, gguf.GGMLQuantizationType.IQ4_NL).reshape(w.shape)
+    ggml = gguf.quants.dequantize(data, gguf.GGMLQuantizationType[fmt.type_name]).reshape(w.shape)
     assert np.array_equal(ggml.view(np.uint32), ct.dequantize().numpy().view(np.uint32))
-    back = codebook_from_ggml_bytes(data, IQ4, w.shape)
+    back = codebook_from_ggml_bytes(data, fmt, w.shape)
     assert torch.equal(back.codes, ct.codes) and torch.equal(back.d, ct.d)
 
 
@@ -82,7 +102,7 @@ def test_nonuniform_levels_beat_q4_0_at_its_size_and_gptq_beats_rtn():
 def test_iq4_nl_plan_stores_exact_blocks_and_exports_them(tiny_dirs, tmp_path):
     src = load(tiny_dirs["llama"])
     arch = discover(src.model)
-    plan = Plan([Choice(r.weight_name, "rtn", IQ4 if i % 2 else Q4_0) for i, r in enumerate(arch.all_linears())]
+    plan = Plan([Choice(r.weight_name, "rtn", (Q4_0, IQ4, MXFP4)[i % 3]) for i, r in enumerate(arch.all_linears())]
                 + [Choice(arch.embedding, "rtn", IQ4)])
     res = sizewise.compress(tiny_dirs["llama"], sizewise.CompressConfig(plan=plan), tmp_path / "a", progress=False)
     stored, _ = artifact.load_stored(tmp_path / "a")
@@ -99,3 +119,8 @@ def test_iq4_nl_plan_stores_exact_blocks_and_exports_them(tiny_dirs, tmp_path):
     emb = next(t for t in r.tensors if t.name == "token_embd.weight")
     deq = gguf.quants.dequantize(np.array(emb.data), emb.tensor_type)
     assert np.array_equal(deq.reshape(state[arch.embedding].shape), state[arch.embedding].numpy())
+    v = next(t for t in r.tensors if t.name == "blk.0.attn_v.weight")
+    assert types[v.name] == "MXFP4"
+    v_name = next(r.weight_name for r in arch.all_linears() if r.weight_name.endswith("0.self_attn.v_proj.weight"))
+    deq = gguf.quants.dequantize(np.array(v.data), v.tensor_type)
+    assert np.array_equal(deq.reshape(state[v_name].shape), state[v_name].numpy())

@@ -56,7 +56,7 @@ def test_budget_to_a_mixed_type_gguf(tiny_dirs, tmp_path, capsys):
     assert code == 0, err
     types = _types(out)
     linear = {v for k, v in types.items() if k.startswith("blk.") and k.endswith(".weight") and "norm" not in k}
-    assert linear <= {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL", "F16"} and len(linear) >= 2      # mixed types
+    assert linear <= {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL", "MXFP4", "F16"} and len(linear) >= 2      # mixed types
     # dequantized back with gguf, the linears hold at most 5.25 bits per weight on average
     r = gguf.GGUFReader(out)
     bits = sum(t.n_bytes * 8 for t in r.tensors if t.name.startswith("blk.") and "norm" not in t.name)
@@ -171,4 +171,4 @@ def test_plan_for_gguf_then_compress_with_it(tiny_dirs, tmp_path, capsys):
     code, _, err = run(capsys, "compress", model, "--plan", plan, "--format", "gguf", "-o", tmp_path / "p.gguf", "--quiet")
     assert code == 0, err
     linear = {v for k, v in _types(tmp_path / "p.gguf").items() if k.startswith("blk.") and "norm" not in k}
-    assert linear <= {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL", "F16"} and len(linear) >= 2
+    assert linear <= {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL", "MXFP4", "F16"} and len(linear) >= 2

@@ -126,12 +126,13 @@ GGML_FORMATS: dict[str, Format] = {
     **{f"Q{b}_1": QuantFormat(b, 32, symmetric=False, scale_dtype="float16", zero="float16") for b in (4, 5)},
     **{t: KQuantFormat(t) for t in KQUANT_TYPES},
     "IQ4_NL": CodebookFormat("IQ4_NL"),
+    "MXFP4": CodebookFormat("MXFP4"),
 }
 
 
 def gguf_candidate_set(quantizers: tuple[str, ...] = ("rtn",), float_dtype: str | None = "float16") -> tuple[Candidate, ...]:
     """Only formats that llama.cpp's block types hold exactly, plus float: the 32-weight types (Q4_0,
-    Q4_1, Q5_0, Q5_1, Q8_0, and IQ4_NL with its non-uniform levels) and the k-quants (Q2_K .. Q6_K; only on layers whose input size is a
+    Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL with its non-uniform levels, MXFP4 at 4.25 bits) and the k-quants (Q2_K .. Q6_K; only on layers whose input size is a
     multiple of 256). A plan made of these exports to GGUF unchanged, as a mixed-type file. Token
     tables take them too (`_table_takes`)."""
     cands = [Candidate(q, f) for q in quantizers for f in GGML_FORMATS.values()]
@@ -273,7 +274,7 @@ class GGUFLayout:
         bad = [c for c in candidates if ggml_type_for(c.format) is None]
         if bad:
             raise SizewiseError(f"GGUF cannot hold {bad[0].label} exactly; a GGUF's candidates must be ggml types "
-                                "(allocate.gguf_candidate_set: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, Q2_K..Q6_K, float)")
+                                "(allocate.gguf_candidate_set: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, MXFP4, Q2_K..Q6_K, float)")
 
     def rows(self, name: str, cand: Candidate, shape: tuple[int, int], state_shape: tuple[int, ...]) -> list[Row]:
         from .export.gguf import data_bytes

@@ -8,8 +8,9 @@ Three families:
   here `kquant_to_ggml_bytes` packs a `KQuantTensor` into ggml's super-blocks and
   `kquant_from_ggml_bytes` unpacks them, each the exact inverse of the other (every bit of a block
   is a field), so an artifact can store the blocks themselves.
-- **IQ4_NL**: codes into a fixed non-uniform table (`quant/codebook.py`), in Q4_0's block layout;
-  `ggml_block_bytes` / `from_ggml_block_bytes` cover it and the k-quants alike.
+- **IQ4_NL**, **MXFP4**: codes into a fixed table (`quant/codebook.py`), in Q4_0's block layout
+  (MXFP4 with a one-byte power-of-two scale); `ggml_block_bytes` / `from_ggml_block_bytes` cover
+  them and the k-quants alike.
 
 A weight's value is defined once, by `grid.decode` over the *effective* scale and zero of its
 group: for k-quants the float32 products `d*ls` and `-(dmin*lm)` (exact: an fp16 times a <=8-bit
@@ -27,7 +28,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from ..errors import SizewiseError
 from ..quant.formats import FloatFormat, QuantFormat, QuantizedTensor
 from ..quant.grid import encode, grouped, pack_tensor, rtn
-from ..quant.codebook import BLOCK, CodebookFormat, CodebookTensor
+from ..quant.codebook import BLOCK, E8M0_BIAS, CodebookFormat, CodebookTensor
 from ..quant.kquant import SUPER, KQuantFormat, KQuantGrid, KQuantTensor
 
 GGML = GGMLQuantizationType
@@ -335,13 +336,24 @@ def kquant_from_ggml_bytes(data: np.ndarray, fmt: KQuantFormat, shape: tuple[int
 
 
 def codebook_to_ggml_bytes(ct: CodebookTensor) -> np.ndarray:
-    """IQ4_NL blocks of an [out, in] weight: d f16 | 16 bytes of nibbles (c[i], c[i+16]), as Q4_0."""
+    """IQ4_NL / MXFP4 blocks of an [out, in] weight: d f16 (MXFP4: one E8M0 byte) | 16 bytes of
+    nibbles (c[i], c[i+16]), as Q4_0; codes become ggml's nibbles (`CodebookFormat.ggml_codes`)."""
     out, inp = ct.shape
-    ct.fmt.check(inp)
+    fmt = ct.fmt
+    fmt.check(inp)
     codes = ct.codes.detach().cpu().numpy().astype(np.uint8).reshape(-1, BLOCK)
-    if int(codes.max(initial=0)) > 15:
-        raise SizewiseError(f"a code exceeds 15 for {ct.fmt.type_name}")
-    blocks = np.concatenate([_f16_bytes(ct.d), _nibbles(codes[:, :BLOCK // 2], codes[:, BLOCK // 2:])], axis=1)
+    if int(codes.max(initial=0)) >= len(fmt.ggml_codes):
+        raise SizewiseError(f"a code exceeds {len(fmt.ggml_codes) - 1} for {fmt.type_name}")
+    codes = np.asarray(fmt.ggml_codes, dtype=np.uint8)[codes]
+    if fmt.scale == "e8m0":
+        mant, exp = np.frexp(ct.d.detach().cpu().numpy().astype(np.float32).reshape(-1, 1))
+        e = exp.astype(np.int64) - 1 + E8M0_BIAS                       # d = 0.5 * 2^exp
+        if not (np.all(mant == 0.5) and np.all((e >= 0) & (e <= 254))):
+            raise SizewiseError(f"an {fmt.type_name} scale is not a power of two in E8M0's range")
+        scale = e.astype(np.uint8)
+    else:
+        scale = _f16_bytes(ct.d)
+    blocks = np.concatenate([scale, _nibbles(codes[:, :BLOCK // 2], codes[:, BLOCK // 2:])], axis=1)
     assert blocks.shape[1] == ct.fmt.block_bytes == GGML_QUANT_SIZES[GGML[ct.fmt.type_name]][1]
     return blocks.reshape(out, -1)
 
@@ -355,9 +367,22 @@ def codebook_from_ggml_bytes(data: np.ndarray, fmt: CodebookFormat, shape: tuple
         raise SizewiseError(f"{data.size} {data.dtype} values are not the {nb * fmt.block_bytes} bytes of an "
                             f"{out}x{inp} {fmt.type_name} weight")
     blocks = np.ascontiguousarray(data).reshape(nb, fmt.block_bytes)
-    d = torch.from_numpy(blocks[:, :2].copy().view("<f2").astype(np.float16)).reshape(out, inp // BLOCK)
-    qs = blocks[:, 2:]
-    codes = np.concatenate([qs & 0xF, qs >> 4], axis=1)
+    if fmt.scale == "e8m0":
+        e = blocks[:, :1].astype(np.int64)
+        d = torch.from_numpy(np.ldexp(np.float32(1), e - E8M0_BIAS).astype(np.float32)).reshape(out, inp // BLOCK)
+        qs = blocks[:, 1:]
+    else:
+        d = torch.from_numpy(blocks[:, :2].copy().view("<f2").astype(np.float16)).reshape(out, inp // BLOCK)
+        qs = blocks[:, 2:]
+    nibbles = np.concatenate([qs & 0xF, qs >> 4], axis=1)
+    ours = np.full(16, -1, dtype=np.int64)                  # ggml nibble -> our code (MXFP4's -0 reads as 0)
+    for code, nib in enumerate(fmt.ggml_codes):
+        ours[nib] = code
+    if fmt.type_name == "MXFP4":
+        ours[8] = fmt.ggml_codes.index(0)
+    codes = ours[nibbles]
+    if (codes < 0).any():
+        raise SizewiseError(f"an {fmt.type_name} block holds a nibble with no level")
     return CodebookTensor(fmt, d, torch.from_numpy(codes.astype(np.uint8)).reshape(out, inp))
 
 

@@ -1,14 +1,19 @@
-"""llama.cpp's IQ4_NL as a format: 4-bit codes into a fixed non-uniform table, one float16 scale per 32.
+"""llama.cpp's codebook types as formats: 4-bit codes into a fixed table of levels, one scale per 32.
 
-A weight is worth d * IQ4_NL_LEVELS[code], d the float16 scale of its 32-weight block. The levels are
-denser near zero than a uniform grid's, where most weights of a trained layer lie, so at Q4_0's size
-(4.5 bits per weight) a block's squared error is about half of Q4_0's on SmolLM2's layers. It takes
-rows of any multiple of 32 weights, so unlike the k-quants it fits 576-wide layers.
+IQ4_NL: a weight is worth d * IQ4_NL_LEVELS[code], d the float16 scale of its 32-weight block. The
+levels are denser near zero than a uniform grid's, where most weights of a trained layer lie, so at
+Q4_0's size (4.5 bits per weight) a block's squared error is about half of Q4_0's on SmolLM2's layers.
+MXFP4 (OCP microscaling FP4): the levels are the E2M1 floats (doubled: 0, ±1, ±2, ±3, ±4, ±6, ±8,
+±12) and the scale a power of two stored as one E8M0 byte, so a block costs 17 bytes, 4.25 bits per
+weight, the smallest type llama.cpp has for rows that are not multiples of 256. Both take rows of
+any multiple of 32 weights, so unlike the k-quants they fit 576-wide layers.
 
 `CodebookFormat` says the layout, `codebook_fit` chooses each block's scale (weighted by an optional
 per-input-channel importance, like llama.cpp's imatrix), `codebook_encode` rounds weights to the
 nearest level. The ggml bytes are GGUF's business: `export/gguf_types.py` packs and unpacks them.
-The value is float32 d (a float16) times a small integer, exact, as gguf's numpy dequantizer computes it.
+The value is float32 d (a float16, or a power of two) times a small integer, exact, as gguf's numpy
+dequantizer computes it. Codes index the levels in ascending order; `ggml_codes` maps them to ggml's
+nibbles (MXFP4's table is sign-magnitude).
 """
 
 from __future__ import annotations
@@ -22,14 +27,20 @@ from ..errors import SizewiseError
 BLOCK = 32
 # ggml's kvalues_iq4nl, ascending
 IQ4_NL_LEVELS = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
+# ggml's kvalues_mxfp4 (0, 1, 2, 3, 4, 6, 8, 12, then their negatives) in ascending order, -0 left out
+MXFP4_LEVELS = (-12, -8, -6, -4, -3, -2, -1, 0, 1, 2, 3, 4, 6, 8, 12)
+_MXFP4_NIBBLES = (15, 14, 13, 12, 11, 10, 9, 0, 1, 2, 3, 4, 5, 6, 7)
 _F16_MAX = 65504.0
-_CODEBOOKS = {"IQ4_NL": IQ4_NL_LEVELS}
+# type -> (levels, scale: "float16" or "e8m0" (2^(e-128), one byte), ggml nibble of each code)
+_CODEBOOKS = {"IQ4_NL": (IQ4_NL_LEVELS, "float16", tuple(range(16))),
+              "MXFP4": (MXFP4_LEVELS, "e8m0", _MXFP4_NIBBLES)}
+E8M0_BIAS = 128          # ggml_e8m0_to_fp32_half: byte e is worth 2^(e - 128)
 
 
 @dataclass(frozen=True)
 class CodebookFormat:
-    """One ggml block per 32 weights of a row: d float16 | qs[16]: low nibble c[i], high nibble c[i+16]
-    (Q4_0's layout), 18 bytes; code c is worth d * levels[c]."""
+    """One ggml block per 32 weights of a row: the scale (float16 d, or MXFP4's E8M0 byte) | qs[16]:
+    low nibble c[i], high nibble c[i+16] (Q4_0's layout), 18 or 17 bytes; code c is worth d * levels[c]."""
 
     type_name: str = "IQ4_NL"
     kind = "codebook"
@@ -40,7 +51,15 @@ class CodebookFormat:
 
     @property
     def levels(self) -> torch.Tensor:
-        return torch.tensor(_CODEBOOKS[self.type_name], dtype=torch.float32)
+        return torch.tensor(_CODEBOOKS[self.type_name][0], dtype=torch.float32)
+
+    @property
+    def scale(self) -> str:
+        return _CODEBOOKS[self.type_name][1]
+
+    @property
+    def ggml_codes(self) -> tuple[int, ...]:
+        return _CODEBOOKS[self.type_name][2]
 
     @property
     def bits(self) -> int:
@@ -48,7 +67,7 @@ class CodebookFormat:
 
     @property
     def block_bytes(self) -> int:
-        return 2 + BLOCK * self.bits // 8
+        return (2 if self.scale == "float16" else 1) + BLOCK * self.bits // 8
 
     @property
     def bits_per_weight(self) -> float:
@@ -69,7 +88,8 @@ class CodebookFormat:
 
 @dataclass
 class CodebookTensor:
-    """An [out, in] weight: d float16 [out, in/32] and uint8 codes [out, in] in [0, 16)."""
+    """An [out, in] weight: d [out, in/32] (float16; MXFP4: float32 powers of two) and uint8 codes
+    [out, in], indices into the format's levels."""
 
     fmt: CodebookFormat
     d: torch.Tensor
@@ -109,11 +129,12 @@ def codebook_decode(codes: torch.Tensor, scale: torch.Tensor, fmt: CodebookForma
 
 def codebook_fit(w: torch.Tensor, fmt: CodebookFormat, importance: torch.Tensor | None = None, *,
                  steps: int = 7, name: str = "layer") -> torch.Tensor:
-    """Each block's float16 d for an [out, in] weight, least squared error weighted by `importance`
+    """Each block's d for an [out, in] weight, least squared error weighted by `importance`
     (one non-negative value per input channel; None: plain MSE), in the manner of llama.cpp's
     IQ4_NL search: the largest-magnitude weight is mapped near each end of the table in turn
     (`steps` level offsets either way), codes are assigned, d is refitted by weighted least squares,
-    and the candidate explaining the most weighted energy wins. Returns float16 [out, in/32]."""
+    and the candidate explaining the most weighted energy wins. Returns float16 [out, in/32]; for
+    an E8M0 scale (MXFP4) float32 powers of two, the best of the three around max|w| / 12."""
     fmt.check(w.shape[1], name)
     out, inp = w.shape
     x = w.float().reshape(out, inp // BLOCK, BLOCK)
@@ -124,6 +145,8 @@ def codebook_fit(w: torch.Tensor, fmt: CodebookFormat, importance: torch.Tensor 
             raise SizewiseError(f"importance must have one value per input channel ({inp}), got {tuple(imp.shape)}")
         wt = (imp + 1e-8 * imp.mean().clamp_min(1e-30)).reshape(1, inp // BLOCK, BLOCK)
     levels = fmt.levels.to(x.device)
+    if fmt.scale == "e8m0":
+        return _power_of_two_fit(x, wt, fmt)
     mx = x.gather(-1, x.abs().argmax(-1, keepdim=True)).squeeze(-1)        # signed largest
     best_d = mx / levels[0]
     best_g = torch.full_like(mx, -1.0)
@@ -138,6 +161,25 @@ def codebook_fit(w: torch.Tensor, fmt: CodebookFormat, importance: torch.Tensor 
             best_d = torch.where(better, sxq / torch.where(sqq > 0, sqq, torch.ones_like(sqq)), best_d)
             best_g = torch.where(better, g, best_g)
     return best_d.clamp(-_F16_MAX, _F16_MAX).to(torch.float16)
+
+
+def _power_of_two_fit(x: torch.Tensor, wt: torch.Tensor | None, fmt: CodebookFormat) -> torch.Tensor:
+    """Per block, the power of two d (an E8M0 byte's range) of least weighted squared error, among
+    the one that just covers the largest weight with the top level and its two neighbours."""
+    levels = fmt.levels.to(x.device)
+    amax = x.abs().amax(-1)
+    k0 = torch.ceil(torch.log2(amax.clamp_min(2.0 ** -140) / float(levels.abs().max())))
+    best_d, best_e = None, None
+    for k in (k0 - 1, k0, k0 + 1):
+        d = torch.exp2(k.clamp(-E8M0_BIAS, 254 - E8M0_BIAS))
+        err = x - d[..., None] * levels[codebook_encode(x, d[..., None], fmt).long()]
+        e = ((err * err) if wt is None else wt * err * err).sum(-1)
+        if best_d is None:
+            best_d, best_e = d, e
+        else:
+            better = e < best_e
+            best_d, best_e = torch.where(better, d, best_d), torch.where(better, e, best_e)
+    return best_d
 
 
 def codebook_rtn(w: torch.Tensor, fmt: CodebookFormat, importance: torch.Tensor | None = None,
