@@ -233,7 +233,8 @@ def dequantized_check(path: Path, work: Path, wins, check: list[int], args) -> d
         np.save(windows_npy, np.stack([wins.inputs[k][0].numpy() for k in check]).astype(np.int32))
         res = run_worker({"evaluate": {"model": str(f32), "windows": str(windows_npy),
                                        "score_from": [wins.score_from[k] for k in check], "threads": args.threads,
-                                       "kv_type": args.kv_type, "check": refs, "speed": None}}, work)
+                                       "kv_type": args.kv_type, "extra_bufts": args.extra_bufts, "check": refs,
+                                       "speed": None}}, work)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
         f32.unlink(missing_ok=True)
@@ -252,7 +253,8 @@ def gguf_types(path: Path) -> dict[str, int]:
 def markdown(rows: list[dict], ref: dict, proto: dict) -> str:
     lines = [f"Model {proto['model']}, {proto['text']} ({proto['windows']} windows x {proto['ctx']} tokens, "
              f"{proto['tokens_scored']} tokens scored), llama.cpp {proto.get('llama_cpp_python') or LLAMA_CPP_PYTHON} "
-             f"on {proto['threads']} threads, KV cache {proto['kv_type']}; {proto['parameters'] / 1e6:.1f}M parameters, "
+             f"on {proto['threads']} threads, KV cache {proto['kv_type']}, CPU extra buffer types (repacked weights) "
+             f"{'on' if proto.get('extra_bufts') else 'off'}; {proto['parameters'] / 1e6:.1f}M parameters, "
              "bits per weight = file bytes x 8 / parameters. sizewise (transformers) float perplexity "
              f"{ref['sizewise_perplexity']:.3f}. Logit check on windows {proto['check_windows']}: llama.cpp vs "
              "sizewise's evaluation of the same weights (the GGUF dequantized by sizewise's reader): max |logit "
@@ -324,6 +326,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--kv-type", choices=("f32", "f16"), default="f32",
                     help="llama.cpp's KV cache type (f32: only the weights differ from sizewise's float32 evaluation)")
+    ap.add_argument("--extra-bufts", action="store_true",
+                    help="let llama.cpp repack weights into its CPU extra buffer types (AVX512/AMX kernels). Off by "
+                         "default: llama-cpp-python 0.3.36 built natively segfaults with them on every quantized "
+                         "file, its own included, on an AMX machine; off, every file runs ggml's plain CPU kernels")
     ap.add_argument("--types", default=",".join(DEFAULT_SPECS),
                     help="llama.cpp types to quantize to, each optionally +imatrix and +emb=TYPE ('' for none)")
     ap.add_argument("--calib", default="enwiki-sample", help="calibration text of the importance matrix")
@@ -413,6 +419,7 @@ def main() -> None:
 
     results_path = ROOT / "bench" / "results" / f"{args.results}.json"
     same = {"model": args.model, "sha256": text.protocol()["sha256"], "ctx": args.ctx, "kv_type": args.kv_type,
+            "extra_bufts": args.extra_bufts,
             "windows": len(wins.inputs), "threads": args.threads}
     earlier = previous_rows(results_path, same)
     rows, llama_info = [], {}
@@ -423,7 +430,8 @@ def main() -> None:
         everything = sorted(rows + list(earlier.values()), key=lambda r: (r["label"] != "F32", r["source"], -r["file_bytes"]))
         f32_row = everything[0]
         proto = {"model": args.model, "model_info": src.info, "parameters": n_params, **text.protocol(), **wins.protocol(),
-                 "check_windows": check, "threads": args.threads, "kv_type": args.kv_type, "n_ctx": wins.inputs[0].shape[1],
+                 "check_windows": check, "threads": args.threads, "kv_type": args.kv_type, "extra_bufts": args.extra_bufts,
+                 "n_ctx": wins.inputs[0].shape[1],
                  "logits_all": True, "speed": {"prompt_tokens": args.prompt_tokens, "gen_tokens": args.gen_tokens,
                                                "repeats": args.repeats, "sampling": "greedy"},
                  "bits_per_weight": "file bytes x 8 / parameters of the model (tied embeddings once)",
@@ -469,7 +477,8 @@ def main() -> None:
         load_before = os.getloadavg()
         res = run_worker({"evaluate": {"model": str(path), "windows": str(windows_npy),
                                        "score_from": wins.score_from,
-                                       "threads": args.threads, "kv_type": args.kv_type, "check": refs,
+                                       "threads": args.threads, "kv_type": args.kv_type,
+                                       "extra_bufts": args.extra_bufts, "check": refs,
                                        "check_rounded": refs_rounded,
                                        "speed": {"prompt_tokens": args.prompt_tokens, "gen_tokens": args.gen_tokens,
                                                  "repeats": args.repeats}}}, work)

@@ -7,7 +7,8 @@ A job is one of:
         llama_model_quantize to LLAMA_FTYPE_MOSTLY_<ftype>; "imatrix" (optional) is an .npz of one float32
         vector per GGUF tensor name (mean squared input of each column, llama.cpp's importance matrix),
         "token_embedding_type" (optional) a GGML type name for token_embd.weight
-  {"evaluate": {"model", "windows", "score_from", "threads", "kv_type", "check", "check_rounded", "speed"}, "out": path}
+  {"evaluate": {"model", "windows", "score_from", "threads", "kv_type", "extra_bufts", "check", "check_rounded",
+                "speed"}, "out": path}
 The evaluation writes its result as JSON to "out". Token windows come as an int32 .npy [n, T]; the
 reference logits of the check windows as float32 .npy files [T, vocab].
 """
@@ -75,11 +76,25 @@ def _nll(logits: np.ndarray, targets: np.ndarray, chunk: int = 128) -> float:
     return total
 
 
-def _llama(model: str, n_ctx: int, threads: int, kv_type: str, logits_all: bool) -> llama_cpp.Llama:
+def _llama(model: str, n_ctx: int, threads: int, kv_type: str, logits_all: bool,
+           extra_bufts: bool = False) -> llama_cpp.Llama:
     kv = {"f32": llama_cpp.GGML_TYPE_F32, "f16": llama_cpp.GGML_TYPE_F16}[kv_type]
-    return llama_cpp.Llama(model_path=model, n_ctx=n_ctx, n_batch=n_ctx, n_threads=threads,
-                           n_threads_batch=threads, logits_all=logits_all, type_k=kv, type_v=kv,
-                           seed=0, verbose=False)
+    # llama.cpp's CPU "extra buffer types" (weights repacked for AVX512/AMX kernels) can be switched
+    # off only through the model params, which Llama() builds from llama_model_default_params()
+    default = llama_cpp.llama_model_default_params
+
+    def params():
+        p = default()
+        p.use_extra_bufts = extra_bufts
+        return p
+
+    llama_cpp.llama.llama_cpp.llama_model_default_params = params
+    try:
+        return llama_cpp.Llama(model_path=model, n_ctx=n_ctx, n_batch=n_ctx, n_threads=threads,
+                               n_threads_batch=threads, logits_all=logits_all, type_k=kv, type_v=kv,
+                               seed=0, verbose=False)
+    finally:
+        llama_cpp.llama.llama_cpp.llama_model_default_params = default
 
 
 def evaluate(job: dict) -> dict:
@@ -87,7 +102,8 @@ def evaluate(job: dict) -> dict:
     score_from = job["score_from"]
     n_ctx = windows.shape[1]
     t_load = time.perf_counter()
-    llm = _llama(job["model"], n_ctx, job["threads"], job["kv_type"], logits_all=True)
+    llm = _llama(job["model"], n_ctx, job["threads"], job["kv_type"], logits_all=True,
+                 extra_bufts=job.get("extra_bufts", False))
     load_s = time.perf_counter() - t_load
     per_window, checks, checks_rounded = [], [], []
     eval_s = 0.0
@@ -117,7 +133,8 @@ def speed(job: dict, prompt_window: np.ndarray) -> dict:
     cfg = job["speed"]
     prompt = prompt_window[:cfg["prompt_tokens"]].tolist()
     n_ctx = len(prompt) + cfg["gen_tokens"] + 1
-    llm = _llama(job["model"], n_ctx, job["threads"], job["kv_type"], logits_all=False)
+    llm = _llama(job["model"], n_ctx, job["threads"], job["kv_type"], logits_all=False,
+                 extra_bufts=job.get("extra_bufts", False))
     pp, tg = [], []
     for _ in range(cfg["repeats"]):
         llm.reset()
