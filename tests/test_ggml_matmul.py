@@ -115,6 +115,13 @@ def test_profile_adds_each_candidates_input_rounding_cost(priced):
                 assert lq.costs[i] is None
             else:
                 assert lq.costs[i] == pytest.approx(lp.costs[i] + lq.rounding[k], rel=1e-4)
+    # each role's rounding costs were scaled to the KL measured with all its inputs rounded
+    cal = llama.protocol["rounding_calibration"]
+    assert set(cal) == {f"model.layers.{r}.weight q8_0" for r in ("self_attn.q_proj", "self_attn.k_proj",
+                        "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
+    down = [l for l in llama.layers if l.name.endswith("down_proj.weight")]
+    measured = cal["model.layers.mlp.down_proj.weight q8_0"]["measured"]
+    assert measured > 0 and sum(l.rounding["q8_0"] for l in down) == pytest.approx(measured, rel=1e-9)
     # the head table: the same data-free candidate costs more once its input is rounded
     head = arch.head_table
     q8 = next(i for i, c in enumerate(cands) if c.label == "rtn int8 g32 sym")

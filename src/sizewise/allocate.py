@@ -25,7 +25,8 @@ A GGUF runs in llama.cpp, which also rounds each matmul's input to the weight ty
 format (`export.ggml_matmul`: 8-bit blocks of 32 for Q4_0..Q8_0 and IQ4_NL, of 256 for the
 k-quants, float16 for F16). With `arithmetic="llamacpp"` a candidate's cost adds that rounding's
 ½ Σ_j f_j (W E Wᵀ)_jj / N (E = Σ e eᵀ of the input's rounding error e, on the float weight W; the
-cross term with the weight error is ignored), the head table's is measured with its input
+cross term with the weight error is ignored), scaled per linear role to the KL measured with all
+of that role's inputs rounded (`_calibrate_rounding`); the head table's is measured with its input
 rounded, and plans are measured with every input rounded as llama.cpp would.
 
 Profiling runs the engine once over the *float* model: each layer's statistics are those of the
@@ -625,19 +626,24 @@ def profile_model(model, arch: Architecture, samples: torch.Tensor, candidates: 
             dw = _dequantized(cand, w, stats, options) - w
             row = ((dw @ h) * dw).sum(1).clamp_min(0) / stats.count     # e_j, mean (Δy_j)² per token
             errors.append(float(row.sum()))
-            costs.append(0.5 * float((f * row).sum()) + rounding.get(kind, 0.0))
+            costs.append(0.5 * float((f * row).sum()))
         layers.append(LayerProfile(ref.weight_name, ref.shape, float(f.mean()), costs, errors, rounding=rounding))
 
     stats, facts = engine.statistics(model, arch, samples, batch=batch, offload=offload, progress=progress,
                                      compute_dtype=compute_dtype, measure=measure,
                                      head=tables and _needs_head_stats(arch, candidates),
                                      roundings=tuple(sorted({k for k in rounds if k is not None})))
+    t1 = time.perf_counter()
+    calibration = _calibrate_rounding(model, arch, layers, samples[:table_samples], batch, progress) if arithmetic else {}
+    for lp in layers:                       # each candidate pays its own input rounding on top of its weight error
+        lp.costs = [None if c is None else c + lp.rounding.get(k, 0.0) for c, k in zip(lp.costs, rounds)]
     protocol = {"proxy": "0.5 * sum_j fisher_j * mean_tokens (dW X^T)_j^2, float-model inputs; token tables: "
                          "measured KL with only that table changed (calibrated ones solved from the head's "
                          f"input on the last {HEAD_SAMPLES} samples)",
                 "fisher_samples": min(fisher_samples, len(samples)), "fisher_labels": "sampled from the model",
                 "seed": seed, "calibration_tokens": int(samples.numel()), "options": options or {},
-                "arithmetic": arithmetic, **({"rounding_tokens": ROUNDING_TOKENS} if arithmetic else {}),
+                "arithmetic": arithmetic, **({"rounding_tokens": ROUNDING_TOKENS, "rounding_calibration": calibration,
+                                              "rounding_calibration_s": time.perf_counter() - t1} if arithmetic else {}),
                 "fisher_s": t_fisher, "engine_s": facts["engine_s"], "profile_s": time.perf_counter() - t0}
     prof = Profile(tuple(candidates), layers, protocol)
     if tables:
@@ -647,6 +653,41 @@ def profile_model(model, arch: Architecture, samples: torch.Tensor, candidates: 
     if keep_stats:
         prof.stats = stats
     return prof
+
+
+def _calibrate_rounding(model, arch: Architecture, layers: list, samples: torch.Tensor, batch: int,
+                        progress: bool) -> dict:
+    """Scale the layers' input-rounding proxies to measurement, per linear role and 8-bit kind.
+
+    The Fisher proxy misjudges rounding noise by role: it overstates v_proj's about 2.5x on SmolLM2
+    (attention averages the independent noise of many tokens), and states down_proj's about right.
+    So for each role (q_proj, ..., down_proj) and kind, the KL with every such input rounded is
+    measured on `samples`, and each layer's proxy is scaled so that the role's sum matches; the
+    proxy still says how the role's cost splits over layers. Float16 rounding (~1e-17) is left as is.
+    Returns {"ROLE KIND": {"proxy", "measured"}}.
+    """
+    from .export.ggml_matmul import rounded_inputs
+
+    modules = {r.weight_name: r.module for r in arch.all_linears()}
+    groups: dict[tuple[str, str], list] = {}
+    for lp in layers:
+        for kind in lp.rounding:
+            if kind.startswith("q8"):
+                groups.setdefault((re.sub(r"\.\d+\.", ".", lp.name), kind), []).append(lp)
+    if not groups or not len(samples):
+        return {}
+    reference = _log_probs(model, samples, batch)
+    out = {}
+    for (role, kind), lps in tqdm(groups.items(), desc="rounding costs", unit="role", disable=not progress,
+                                  file=sys.stderr):
+        with rounded_inputs({modules[lp.name]: kind for lp in lps}):
+            logp = _log_probs(model, samples, batch)
+        kl = max(0.0, sum(float((r.exp() * (r - l)).sum()) for r, l in zip(reference, logp)) / samples.numel())
+        proxy = sum(lp.rounding[kind] for lp in lps)
+        for lp in lps:
+            lp.rounding[kind] *= kl / proxy if proxy > 0 else 1.0
+        out[f"{role} {kind}"] = {"proxy": proxy, "measured": kl}
+    return out
 
 
 def _input_roundings(candidates, arithmetic: str | None) -> list[str | None]:
