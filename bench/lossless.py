@@ -32,7 +32,7 @@ from sizewise.lossless import backend, decode_float
 from sizewise.lossless import model as lm
 from sizewise.lossless.coder import entropy_bits
 from sizewise.lossless.planes import split_bf16
-from sizewise.quant.formats import QuantFormat
+from sizewise.quant.uniform import QuantFormat
 
 OUT = ROOT / "out" / "bench" / "lossless"
 NOTE = ("SmolLM2-135M comes from its built-in source, a Q4_1 GGUF dequantized to float32, here rounded to "

@@ -8,7 +8,7 @@ import sizewise
 from sizewise import artifact
 from sizewise.api import CompressConfig
 from sizewise.errors import SizewiseError
-from sizewise.quant.formats import QuantFormat
+from sizewise.quant.uniform import QuantFormat
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2", "opt", "phi3", "gemma3", "mistral"])

@@ -9,8 +9,8 @@ from sizewise.api import CalibConfig, CompressConfig
 from sizewise.arch import discover
 from sizewise.engine import run
 from sizewise.quant.awq import awq_transform, norm_offset, search_scale
-from sizewise.quant.formats import QuantFormat
-from sizewise.quant.grid import rtn
+from sizewise.quant.uniform import QuantFormat
+from sizewise.quant.uniform import rtn
 from tiny import CONFIGS, tiny_model
 
 FMT = QuantFormat(3, 32)

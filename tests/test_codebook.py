@@ -11,11 +11,12 @@ from sizewise import artifact
 from sizewise.arch import discover
 from sizewise.engine import LinearStats
 from sizewise.errors import SizewiseError
-from sizewise.export.gguf_types import codebook_from_ggml_bytes, codebook_to_ggml_bytes
 from sizewise.plan import Choice, Plan
 from sizewise.quant import methods
 from sizewise.quant.codebook import IQ4_NL_LEVELS, CodebookFormat, CodebookTensor, codebook_encode, codebook_fit
-from sizewise.quant.formats import QuantFormat, format_from_dict, label
+from sizewise.quant.formats import label
+from sizewise.quant.registry import format_from_dict
+from sizewise.quant.uniform import QuantFormat
 from sizewise.sources import load
 
 IQ4 = CodebookFormat("IQ4_NL")
@@ -53,9 +54,9 @@ def test_mxfp4_scales_are_powers_of_two_and_minus_zero_reads_as_zero():
     ct = methods.solve("rtn", w, None, MXFP4)
     assert torch.equal(ct.d, torch.exp2(torch.log2(ct.d).round()))
     assert torch.equal(ct.dequantize()[0, :32], torch.zeros(32))
-    data = codebook_to_ggml_bytes(ct)
+    data = ct.fmt.ggml_blocks(ct)
     data[:, 1] = (data[:, 1] & 0xF0) | 8                        # ggml's -0 in the first weight of each row
-    back = codebook_from_ggml_bytes(data, MXFP4, w.shape)
+    back = MXFP4.from_ggml_blocks(data, w.shape)
     assert (back.dequantize()[:, 0] == 0).all()
     # 0.25 bits cheaper than IQ4_NL, and coarser
     err = lambda f: float(((methods.solve("rtn", w, None, f).dequantize() - w) ** 2).sum())      # noqa: E731
@@ -68,11 +69,11 @@ def test_methods_give_blocks_that_ggml_decodes_bit_exactly(method, fmt):
     w, x = _data()
     ct = methods.solve(method, w, LinearStats(x.T @ x, x.abs().sum(0), x.shape[0]), fmt)
     assert isinstance(ct, CodebookTensor) and ct.shape == w.shape
-    data = codebook_to_ggml_bytes(ct)
+    data = ct.fmt.ggml_blocks(ct)
     assert data.size * 8 == ct.stored_bits()
     ggml = gguf.quants.dequantize(data, gguf.GGMLQuantizationType[fmt.type_name]).reshape(w.shape)
     assert np.array_equal(ggml.view(np.uint32), ct.dequantize().numpy().view(np.uint32))
-    back = codebook_from_ggml_bytes(data, fmt, w.shape)
+    back = fmt.from_ggml_blocks(data, w.shape)
     assert torch.equal(back.codes, ct.codes) and torch.equal(back.d, ct.d)
 
 

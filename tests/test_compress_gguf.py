@@ -165,7 +165,7 @@ def test_plan_for_gguf_then_compress_with_it(tiny_dirs, tmp_path, capsys):
     assert code == 0, err
     import json
     from sizewise.allocate import GGML_FORMATS
-    from sizewise.quant.formats import format_from_dict
+    from sizewise.quant.registry import format_from_dict
     chosen = [c for c in json.loads(plan.read_text())["choices"] if c["method"] != "float"]
     assert chosen and all(format_from_dict(c["format"]) in GGML_FORMATS.values() for c in chosen)
     code, _, err = run(capsys, "compress", model, "--plan", plan, "--format", "gguf", "-o", tmp_path / "p.gguf", "--quiet")

@@ -11,7 +11,7 @@ from sizewise.api import CompressConfig
 from sizewise.cli import main
 from sizewise.errors import SizewiseError
 from sizewise.export.gguf import gguf_tensor_name
-from sizewise.quant.formats import QuantFormat
+from sizewise.quant.uniform import QuantFormat
 
 
 @pytest.mark.parametrize("fmt", [QuantFormat(4, 32, zero="float16"), QuantFormat(4, 32, symmetric=True),

@@ -11,7 +11,8 @@ from sizewise.engine import LinearStats
 from sizewise.errors import SizewiseError
 from sizewise.export.ggml_matmul import input_rounding, round_input, rounded_inputs
 from sizewise.quant.codebook import CodebookFormat
-from sizewise.quant.formats import FloatFormat, QuantFormat
+from sizewise.quant.formats import FloatFormat
+from sizewise.quant.uniform import QuantFormat
 from sizewise.quant.kquant import KQuantFormat
 from sizewise.sources import load
 

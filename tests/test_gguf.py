@@ -12,18 +12,11 @@ import pytest
 import torch
 
 from sizewise.errors import SizewiseError
-from sizewise.export.gguf import rope_row_order, write_gguf
-from sizewise.export.gguf_types import (
-    fit_ggml,
-    ggml_bytes,
-    ggml_type_for,
-    kquant_from_ggml_bytes,
-    kquant_to_ggml_bytes,
-    rtn_ggml,
-    to_ggml_bytes,
-)
-from sizewise.quant.formats import FloatFormat, QuantFormat
-from sizewise.quant.grid import decode, encode, rtn
+from sizewise.export.gguf import rope_row_order, tensor_payload, write_gguf
+from sizewise.quant.formats import FloatFormat
+from sizewise.quant.grid import decode, encode
+from sizewise.quant.uniform import QuantFormat, fit_ggml, rtn, rtn_ggml
+
 from sizewise.quant.kquant import (
     KQuantFormat,
     KQuantGrid,
@@ -36,6 +29,24 @@ from sizewise.quant.kquant import (
 )
 
 G = gguf.GGMLQuantizationType
+
+# the format protocol under the names these tests were written with
+
+def to_ggml_bytes(qt):
+    return qt.fmt.ggml_blocks(qt)
+
+
+def ggml_type_for(fmt):
+    return None if fmt.ggml_type is None else G[fmt.ggml_type]
+
+
+def kquant_from_ggml_bytes(data, fmt, shape):
+    return fmt.from_ggml_blocks(data, shape)
+
+
+kquant_to_ggml_bytes = to_ggml_bytes
+ggml_bytes = tensor_payload
+
 BLOCK32 = {
     "Q8_0": QuantFormat(8, 32, symmetric=True),
     "Q4_0": QuantFormat(4, 32, symmetric=True),
@@ -104,7 +115,7 @@ def test_block32_every_code_lands_where_ggml_reads_it(type_name):
     codes = torch.randint(0, fmt.qmax + 1, (4, 64), generator=g, dtype=torch.uint8)
     scales = (torch.randn(4, 2, generator=g) * 0.05).half()
     zeros = None if fmt.symmetric else (torch.randn(4, 2, generator=g)).half()
-    from sizewise.quant.formats import QuantizedTensor
+    from sizewise.quant.uniform import QuantizedTensor
 
     qt = QuantizedTensor(fmt, codes, scales, zeros)
     data = to_ggml_bytes(qt)

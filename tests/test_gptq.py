@@ -4,9 +4,10 @@ import pytest
 import torch
 
 from sizewise.errors import SizewiseError
-from sizewise.quant.formats import QuantFormat
+from sizewise.quant.uniform import QuantFormat
 from sizewise.quant.gptq import gptq, hessian_factor
-from sizewise.quant.grid import decode, encode, fit, grouped, rtn
+from sizewise.quant.grid import decode, encode, fit, grouped
+from sizewise.quant.uniform import rtn
 
 
 def _data(out=64, inp=128, tokens=512, seed=0):

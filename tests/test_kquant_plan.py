@@ -22,10 +22,11 @@ from sizewise.cli import main
 from sizewise.engine import LinearStats
 from sizewise.errors import SizewiseError
 from sizewise.export.gguf import gguf_tensor_name, rope_row_order
-from sizewise.export.gguf_types import kquant_to_ggml_bytes
 from sizewise.plan import Choice, Plan
 from sizewise.quant import methods
-from sizewise.quant.formats import FloatFormat, QuantFormat, format_from_dict, label
+from sizewise.quant.formats import FloatFormat, label
+from sizewise.quant.registry import format_from_dict
+from sizewise.quant.uniform import QuantFormat
 from sizewise.quant.kquant import KQUANT_TYPES, KQuantFormat, KQuantTensor, kquant_encode, kquant_fit
 from sizewise.sources import load
 
@@ -90,7 +91,7 @@ def test_methods_give_k_quant_tensors_that_ggml_decodes_bit_exactly(type_name, m
     w, x = _data()
     kt = methods.solve(method, w, _stats(x), fmt)
     assert isinstance(kt, KQuantTensor) and kt.fmt == fmt and kt.shape == w.shape
-    data = kquant_to_ggml_bytes(kt)
+    data = kt.fmt.ggml_blocks(kt)
     assert data.size * 8 == kt.stored_bits() == fmt.stored_bits(*w.shape)
     assert bits_equal(gguf.quants.dequantize(data, G[type_name]).reshape(w.shape), kt.dequantize().numpy())
 

@@ -282,7 +282,7 @@ def test_bad_sources_are_one_line_errors(half_dirs, tmp_path):
 def rtn_artifact(tiny_dirs, tmp_path_factory):
     import sizewise
     from sizewise.api import CompressConfig
-    from sizewise.quant.formats import QuantFormat
+    from sizewise.quant.uniform import QuantFormat
 
     out = tmp_path_factory.mktemp("art") / "a"
     sizewise.compress(str(tiny_dirs["llama"]), CompressConfig("rtn", QuantFormat(4, 32)), out, progress=False)

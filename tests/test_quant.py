@@ -3,8 +3,11 @@ import pytest
 import torch
 
 from sizewise.errors import SizewiseError
-from sizewise.quant.formats import FloatFormat, QuantFormat, format_from_dict
-from sizewise.quant.grid import decode, rtn
+from sizewise.quant.formats import FloatFormat
+from sizewise.quant.registry import format_from_dict
+from sizewise.quant.uniform import QuantFormat
+from sizewise.quant.grid import decode
+from sizewise.quant.uniform import rtn
 from sizewise.quant.pack import pack_bits, packed_nbytes, unpack_bits
 
 FORMATS = [QuantFormat(b, g, s, zero=z) for b in (2, 3, 4, 8) for g in (None, 32)

@@ -7,7 +7,7 @@ import pytest
 import sizewise
 from sizewise import builtins
 from sizewise.api import CompressConfig
-from sizewise.quant.formats import QuantFormat
+from sizewise.quant.uniform import QuantFormat
 
 pytestmark = pytest.mark.slow
 

@@ -3,9 +3,11 @@
 import pytest
 import torch
 
-from sizewise.quant.formats import QuantFormat
-from sizewise.quant.grid import fit, grouped, rtn
-from sizewise.quant.refine import group_error, lsq_refit, mse_clip, rtn_refined
+from sizewise.quant.uniform import QuantFormat
+from sizewise.quant.grid import fit, grouped
+from sizewise.quant.uniform import rtn
+from sizewise.quant.refine import group_error, lsq_refit, mse_clip
+from sizewise.quant.uniform import rtn_refined
 
 FORMATS = [QuantFormat(2, 32), QuantFormat(3, 32, symmetric=True), QuantFormat(4, None),
            QuantFormat(3, 16, zero="float16"), QuantFormat(2, None, symmetric=True)]

@@ -6,8 +6,8 @@ from sizewise import artifact
 from sizewise.api import CalibConfig, CompressConfig
 from sizewise.arch import discover
 from sizewise.errors import SizewiseError
-from sizewise.quant.formats import QuantFormat
-from sizewise.quant.grid import rtn
+from sizewise.quant.uniform import QuantFormat
+from sizewise.quant.uniform import rtn
 from sizewise.quant.hadamard import factors, hadamard
 from sizewise.quant.rotate import rotate_model, rotation
 from tiny import tiny_model

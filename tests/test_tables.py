@@ -11,7 +11,7 @@ from sizewise import artifact
 from sizewise.arch import discover
 from sizewise.errors import SizewiseError
 from sizewise.plan import Choice, Plan
-from sizewise.quant.formats import QuantFormat
+from sizewise.quant.uniform import QuantFormat
 from sizewise.sources import load
 
 FMT = QuantFormat(4, 16, symmetric=False, scale_dtype="float16", zero="int")

@@ -64,7 +64,9 @@ from .arch import Architecture, discover
 from .errors import SizewiseError
 from .plan import Choice, Plan
 from .quant import methods
-from .quant.formats import DTYPE_BITS, TORCH_DTYPES, FloatFormat, Format, QuantFormat, format_from_dict, label
+from .quant.formats import DTYPE_BITS, TORCH_DTYPES, FloatFormat, Format, label
+from .quant.registry import format_from_dict
+from .quant.uniform import QuantFormat
 from .quant.codebook import CodebookFormat
 from .quant.kquant import KQUANT_TYPES, KQuantFormat
 from .quant.pack import packed_nbytes
@@ -121,7 +123,7 @@ def candidate_set(quantizers: tuple[str, ...] = ("rtn",), bits: tuple[int, ...] 
     return tuple(cands)
 
 
-# llama.cpp's quantized block types as our formats, each held exactly (`export.gguf_types.ggml_type_for`)
+# llama.cpp's quantized block types as our formats, each held exactly (`Format.ggml_type`)
 GGML_FORMATS: dict[str, Format] = {
     **{f"Q{b}_0": QuantFormat(b, 32, symmetric=True, scale_dtype="float16") for b in (4, 5, 8)},
     **{f"Q{b}_1": QuantFormat(b, 32, symmetric=False, scale_dtype="float16", zero="float16") for b in (4, 5)},
@@ -270,18 +272,16 @@ class GGUFLayout:
         return cls(src.model.config, src.tokenizer, **gguf_export_args(src.info))
 
     def check(self, candidates: tuple[Candidate, ...]) -> None:
-        from .export.gguf_types import ggml_type_for
 
-        bad = [c for c in candidates if ggml_type_for(c.format) is None]
+        bad = [c for c in candidates if c.format.ggml_type is None]
         if bad:
             raise SizewiseError(f"GGUF cannot hold {bad[0].label} exactly; a GGUF's candidates must be ggml types "
                                 "(allocate.gguf_candidate_set: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, MXFP4, Q2_K..Q6_K, float)")
 
     def rows(self, name: str, cand: Candidate, shape: tuple[int, int], state_shape: tuple[int, ...]) -> list[Row]:
-        from .export.gguf import data_bytes
-        from .export.gguf_types import ggml_type_for
+        from .export.gguf import GGML, data_bytes
 
-        t = ggml_type_for(cand.format)
+        t = GGML[cand.format.ggml_type]
         return [(name, t.name, tuple(state_shape), data_bytes(t, state_shape))]
 
     def other_rows(self, name: str, t: torch.Tensor, float_dtype: str) -> list[Row]:

@@ -27,7 +27,8 @@ from .evaluate import evaluate as _evaluate
 from .evaluate import evaluate_many
 from .plan import Plan
 from .quant import methods
-from .quant.formats import TORCH_DTYPES, FloatFormat, QuantFormat
+from .quant.formats import TORCH_DTYPES, FloatFormat
+from .quant.uniform import QuantFormat
 from .sources import Source, load
 
 
@@ -304,7 +305,8 @@ def info(path: str | Path) -> dict:
 
 
 def _artifact_info(m: dict, path: str | Path) -> dict:
-    from .quant.formats import format_from_dict, label
+    from .quant.formats import label
+    from .quant.registry import format_from_dict
     layers = []
     for name, e in m["tensors"].items():
         fmt = e["format"]
@@ -326,7 +328,7 @@ def compare(reference: str | Path, candidates: list[str | Path], text: str | Pat
     its stored types (`export.ggml_matmul`), which predicts what its GGUF measures in llama.cpp.
     """
     from . import report
-    from .quant.formats import format_from_dict
+    from .quant.registry import format_from_dict
     from .quant.formats import label as fmt_label
 
     if arithmetic not in (None, "float", "llamacpp"):
@@ -367,14 +369,14 @@ def _llamacpp_roundings(src: Source) -> dict:
     (`export.ggml_matmul`)."""
     from .export.ggml_matmul import INPUT_ROUNDING, input_rounding, module_roundings
     from .export.gguf import gguf_tensor_name
-    from .export.gguf_types import ggml_type_for
-    from .quant.formats import format_from_dict, label
+    from .quant.formats import label
+    from .quant.registry import format_from_dict
 
     kind, spec = src.info["kind"], src.info["spec"]
     if kind == "artifact":
         tensors = artifact.read_manifest(src.info["path"])["tensors"]
         formats = {n: format_from_dict(e["format"]) for n, e in tensors.items() if e["format"]["kind"] != "raw"}
-        bad = [f for f in formats.values() if ggml_type_for(f) is None]
+        bad = [f for f in formats.values() if f.ggml_type is None]
         if bad:
             raise SizewiseError(f"llama.cpp's arithmetic applies to ggml types; {spec} stores {label(bad[0])}")
         kind_of = lambda name: input_rounding(formats[name])      # noqa: E731
@@ -416,9 +418,9 @@ def export(path: str | Path, out: str | Path, *, format: str = "gguf", overwrite
     from transformers import AutoConfig, AutoTokenizer
 
     from .export.gguf import gguf_export_args, write_gguf
-    from .export.gguf_types import ggml_type_for
     from .lossless.model import is_packed_model
-    from .quant.formats import QuantizedTensor, label
+    from .quant.formats import label
+    from .quant.uniform import QuantizedTensor
 
     if format != "gguf":
         raise SizewiseError(f"unknown export format {format!r}; available: gguf")
@@ -432,7 +434,7 @@ def export(path: str | Path, out: str | Path, *, format: str = "gguf", overwrite
     if float_dtype is not None:
         raise SizewiseError("an artifact is exported as stored; --float-dtype applies to unquantized models only")
     stored, manifest = artifact.load_stored(path)
-    bad = [(n, t) for n, t in stored.items() if isinstance(t, QuantizedTensor) and ggml_type_for(t.fmt) is None]
+    bad = [(n, t) for n, t in stored.items() if isinstance(t, QuantizedTensor) and t.fmt.ggml_type is None]
     if bad:
         raise SizewiseError(
             f"{len(bad)} tensors are in formats GGUF cannot hold exactly (e.g. {bad[0][0]}: {label(bad[0][1].fmt)}); "

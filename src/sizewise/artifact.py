@@ -20,10 +20,9 @@ from safetensors.torch import save_file
 
 from .atomic import staged_dir
 from .errors import SizewiseError
-from .quant.formats import (TORCH_DTYPES, FloatFormat, QuantFormat, QuantizedTensor, format_from_dict)
-from .quant.codebook import CodebookTensor
-from .quant.kquant import KQuantTensor
+from .quant.formats import TORCH_DTYPES, FloatFormat, Format, Part
 from .quant.pack import pack_bits, unpack_bits
+from .quant.registry import format_from_dict
 
 MANIFEST, PACKED, DENSE = "manifest.json", "packed.safetensors", "hf"
 FORMAT_NAME, FORMAT_VERSION = "sizewise-artifact", 1
@@ -39,43 +38,32 @@ def check_output(out: Path, overwrite: bool) -> None:
         raise SizewiseError(f"output path {out} already exists and is not empty (use --force to replace it)")
 
 
-def _quant_entries(name: str, qt: QuantizedTensor | KQuantTensor | CodebookTensor) -> dict[str, torch.Tensor]:
-    if isinstance(qt, (KQuantTensor, CodebookTensor)):
-        # ggml's blocks as they are: exactly the format's stored bits, and a GGUF export copies them
-        from .export.gguf_types import ggml_block_bytes
-
-        return {f"{name}:ggml": torch.from_numpy(ggml_block_bytes(qt))}
-    fmt = qt.fmt
-    zeros = None if qt.zeros is None else qt.zeros.cpu()     # solved on the model's device (maybe CUDA)
-    out = {f"{name}:codes": torch.from_numpy(pack_bits(qt.codes.cpu().numpy(), fmt.bits)),
-           f"{name}:scales": qt.scales.cpu().contiguous()}
-    if zeros is not None:
-        out[f"{name}:zeros"] = (torch.from_numpy(pack_bits(zeros.numpy(), fmt.bits)) if fmt.zero == "int"
-                                else zeros.contiguous())
-    return out
+def part_tensor(part: Part, t: torch.Tensor) -> torch.Tensor:
+    """A format's part as the packed file stores it: integer codes bit-packed, anything else as it is."""
+    if part.code_bits is None:
+        return t.contiguous()
+    return torch.from_numpy(pack_bits(t.numpy(), part.code_bits))
 
 
-def _read_quant(f, name: str, fmt: QuantFormat, shape: tuple[int, int]) -> QuantizedTensor:
-    out, inp = shape
-    groups = inp // fmt.group_len(inp)
-    codes = unpack_bits(f.get_tensor(f"{name}:codes").numpy(), fmt.bits, out * inp).reshape(out, inp)
-    zeros = None
-    if not fmt.symmetric:
-        z = f.get_tensor(f"{name}:zeros")
-        zeros = (torch.from_numpy(unpack_bits(z.numpy(), fmt.bits, out * groups).reshape(out, groups))
-                 if fmt.zero == "int" else z)
-    return QuantizedTensor(fmt, torch.from_numpy(codes), f.get_tensor(f"{name}:scales"), zeros)
+def part_value(part: Part, t: torch.Tensor) -> torch.Tensor:
+    """Inverse of `part_tensor`: the part's logical tensor (codes unpacked to uint8, in `part.shape`)."""
+    if part.code_bits is None:
+        if tuple(t.shape) != part.shape:
+            raise SizewiseError(f"stored shape {tuple(t.shape)}, expected {part.shape}")
+        return t
+    return torch.from_numpy(unpack_bits(t.numpy(), part.code_bits, part.numel).reshape(part.shape))
 
 
-# formats an artifact stores as ggml's own blocks ("{name}:ggml")
-GGML_BLOCK_KINDS = ("kquant", "codebook")
+def stored_entries(name: str, fmt: Format, stored) -> dict[str, torch.Tensor]:
+    """The packed file's tensors for one solved weight, through its format's parts."""
+    out, inp = stored.shape
+    values = fmt.to_parts(stored)
+    return {p.key(name): part_tensor(p, values[p.suffix]) for p in fmt.parts(out, inp)}
 
 
-def read_ggml_blocks(data: torch.Tensor, fmt, shape: tuple[int, int]) -> KQuantTensor | CodebookTensor:
-    """A k-quant or IQ4_NL weight [out, in] from its stored ggml blocks (uint8), bit for bit."""
-    from .export.gguf_types import from_ggml_block_bytes
-
-    return from_ggml_block_bytes(data.numpy(), fmt, shape)
+def read_stored(get, name: str, fmt: Format, shape: tuple[int, int]):
+    """One solved weight from the packed file's tensors (`get(key)` reads one) through its format."""
+    return fmt.from_parts({p.suffix: part_value(p, get(p.key(name))) for p in fmt.parts(*shape)}, shape)
 
 
 def stored_shape(entry: dict) -> tuple[int, int]:
@@ -98,12 +86,13 @@ def unique_state(model) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     return state, aliases
 
 
-def write(out: Path, *, model, tokenizer, quantized: dict[str, QuantizedTensor | KQuantTensor],
+def write(out: Path, *, model, tokenizer, quantized: dict,
           linears: dict[str, bool], methods: dict[str, str], float_dtype: str, manifest: dict,
           overwrite: bool = False) -> dict:
     """Write the artifact for `model` (whose weights already equal the dequantized ones).
 
-    `linears` maps each decoder linear weight name to whether it is stored transposed (GPT-2 Conv1D).
+    `quantized` maps weight names to their formats' stored tensors; `linears` maps each decoder linear
+    weight name to whether it is stored transposed (GPT-2 Conv1D).
     """
     out = Path(out)
     check_output(out, overwrite)
@@ -113,7 +102,7 @@ def write(out: Path, *, model, tokenizer, quantized: dict[str, QuantizedTensor |
         for name, t in state.items():
             if name in quantized:
                 qt = quantized[name]
-                tensors.update(_quant_entries(name, qt))
+                tensors.update(stored_entries(name, qt.fmt, qt))
                 fmt, bits = qt.fmt.to_dict(), qt.stored_bits()
             elif t.is_floating_point():
                 tensors[name] = t.detach().to(TORCH_DTYPES[float_dtype]).contiguous()
@@ -166,8 +155,8 @@ def read_manifest(path: str | Path) -> dict:
 
 
 def load_stored(path: str | Path) -> tuple[dict, dict]:
-    """The tensors exactly as stored: QuantizedTensor or KQuantTensor ([out, in]) or tensors in their
-    storage dtype.
+    """The tensors exactly as stored: each quantized weight as its format's stored tensor ([out, in]),
+    everything else as a tensor in its storage dtype.
 
     Returns (tensors, manifest); tied aliases are not repeated.
     """
@@ -178,14 +167,11 @@ def load_stored(path: str | Path) -> tuple[dict, dict]:
         with safe_open(str(path / PACKED), framework="pt") as f:
             for name, entry in manifest["tensors"].items():
                 fmt = entry["format"]
-                if fmt["kind"] == "quant":
-                    stored[name] = _read_quant(f, name, format_from_dict(fmt), stored_shape(entry))
-                elif fmt["kind"] in GGML_BLOCK_KINDS:
-                    stored[name] = read_ggml_blocks(f.get_tensor(f"{name}:ggml"), format_from_dict(fmt),
-                                                    stored_shape(entry))
-                else:
+                if fmt["kind"] in ("raw", "float"):
                     stored[name] = f.get_tensor(name)
-    except (SafetensorError, OSError, ValueError, KeyError) as e:
+                else:
+                    stored[name] = read_stored(f.get_tensor, name, format_from_dict(fmt), stored_shape(entry))
+    except (SafetensorError, OSError, ValueError, KeyError, SizewiseError) as e:
         raise SizewiseError(f"{path / PACKED} is missing or corrupt: {e}") from None
     return stored, manifest
 
@@ -199,11 +185,11 @@ def dense_state(stored: dict, manifest: dict) -> dict[str, torch.Tensor]:
     """Stored tensors (as `load_stored` returns them) → the dense float32 state dict, aliases restored."""
     state = {}
     for name, t in stored.items():
-        if isinstance(t, (QuantizedTensor, KQuantTensor, CodebookTensor)):
+        if isinstance(t, torch.Tensor):
+            state[name] = t.float() if t.is_floating_point() else t
+        else:
             w = t.dequantize()
             state[name] = w.t().contiguous() if manifest["tensors"][name]["transposed"] else w
-        else:
-            state[name] = t.float() if t.is_floating_point() else t
     for alias, target in manifest["aliases"].items():
         state[alias] = state[target]
     return state

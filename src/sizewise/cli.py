@@ -161,7 +161,7 @@ def compress(model, output, method, bits, group_size, sym, zero, scale_dtype, fl
     or with --format gguf a GGUF file for llama.cpp."""
     from . import api
     from .plan import Plan
-    from .quant.formats import QuantFormat
+    from .quant.uniform import QuantFormat
 
     if budget is not None and (plan_path or skip):
         raise SizewiseError("--budget chooses every layer's format itself; drop --plan and --skip")
@@ -196,7 +196,6 @@ def _compress_gguf(model, output, config, budget, method, fisher_samples, measur
 
     from . import api
     from .allocate import gguf_candidate_set
-    from .export.gguf_types import ggml_type_for
     from .quant.formats import label
 
     out = Path(output)
@@ -206,7 +205,7 @@ def _compress_gguf(model, output, config, budget, method, fisher_samples, measur
         raise SizewiseError(f"output file {out} already exists (use --force to replace it)")
     if budget is None:          # fail before any work if the file could not hold the formats exactly
         fmts = [c.format for c in config.plan.choices] if config.plan else [config.format]
-        bad = [f for f in fmts if ggml_type_for(f) is None]
+        bad = [f for f in fmts if f.ggml_type is None]
         if bad:
             raise SizewiseError(f"GGUF cannot hold {label(bad[0])} exactly; use --group-size 32 with --sym "
                                 "(Q4_0/Q5_0/Q8_0) or --zero float16 (Q4_1/Q5_1)")

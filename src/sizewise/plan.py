@@ -13,7 +13,9 @@ from pathlib import Path
 
 from .arch import Architecture
 from .errors import SizewiseError
-from .quant.formats import FloatFormat, Format, QuantFormat, format_from_dict
+from .quant.formats import FloatFormat, Format
+from .quant.registry import format_from_dict
+from .quant.uniform import QuantFormat
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,8 @@ from .errors import SizewiseError
 from .evaluate import environment
 from .plan import Plan
 from .quant import methods
-from .quant.formats import DTYPE_BITS, FloatFormat, Format, QuantFormat, label
+from .quant.formats import DTYPE_BITS, FloatFormat, Format, label
+from .quant.uniform import QuantFormat
 from .sources import Source
 
 _NUMBER = re.compile(r"\s*(\d+(?:\.\d+)?|\.\d+)\s*")
@@ -167,10 +168,9 @@ def sweep(model: str | Path, budgets: str | list[str | Budget], out: str | Path,
     blist = parse_budgets(budgets)
     ulist = [parse_uniform(u, config.float_dtype) for u in uniform]
     if format == "gguf":
-        from .export.gguf_types import ggml_type_for
 
         for spec, (m, f) in zip(uniform, ulist):
-            if ggml_type_for(f) is None:
+            if f.ggml_type is None:
                 raise SizewiseError(f"uniform point {spec} ({label(f)}) has no exact GGUF type; with --format gguf "
                                     f"name a llama.cpp type: {m}:Q4_0, {m}:Q4_1, {m}:Q5_0, {m}:Q5_1, {m}:Q8_0, "
                                     f"{m}:Q2_K .. {m}:Q6_K")

@@ -31,12 +31,9 @@ _BLOCK = {"q8_0": 32, "q8_K": 256}
 
 def input_rounding(fmt: Format) -> str | None:
     """The rounding llama.cpp applies to the inputs of a weight stored in `fmt` (None: none)."""
-    from .gguf_types import ggml_type_for
-
-    t = ggml_type_for(fmt)
-    if t is None:
+    if fmt.ggml_type is None:
         raise ValueError(f"{fmt} is not a ggml type")
-    return INPUT_ROUNDING[t.name]
+    return INPUT_ROUNDING[fmt.ggml_type]
 
 
 def round_input(x: torch.Tensor, kind: str | None) -> torch.Tensor:

@@ -38,8 +38,6 @@ import torch
 from gguf import GGMLQuantizationType, TokenType
 
 from ..errors import SizewiseError
-from ..quant.formats import QuantizedTensor
-from .gguf_types import CodebookTensor, KQuantTensor, ggml_bytes
 
 GGML = GGMLQuantizationType
 ALIGNMENT = gguf.GGUF_DEFAULT_ALIGNMENT  # every tensor's data starts at a multiple of it
@@ -115,10 +113,11 @@ def _aligned(nbytes: int) -> int:
 def tensor_payload(value) -> tuple[np.ndarray, GGMLQuantizationType]:
     """What goes into the file for one tensor: a quantized tensor as uint8 ggml blocks
     [out, row bytes], a float tensor as an array of its own dtype (bfloat16 as its raw bytes)."""
-    if isinstance(value, (QuantizedTensor, KQuantTensor, CodebookTensor)):
-        return ggml_bytes(value)
-    if not isinstance(value, torch.Tensor):
-        raise SizewiseError(f"cannot store a {type(value).__name__} in GGUF")
+    if not isinstance(value, torch.Tensor):      # a format's stored tensor: its own ggml blocks
+        fmt = getattr(value, "fmt", None)
+        if fmt is None or fmt.ggml_type is None:
+            raise SizewiseError(f"cannot store {fmt.label if fmt else type(value).__name__} in GGUF exactly")
+        return fmt.ggml_blocks(value), GGML[fmt.ggml_type]
     t = value.detach().cpu().contiguous()
     ggml_type = float_type(t.dim(), t.dtype)
     t = t.to(_TORCH_OF[ggml_type])

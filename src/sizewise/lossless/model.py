@@ -748,7 +748,7 @@ def _entropy_per_value(values: np.ndarray) -> float:
 def code_artifact_stats(artifact_dir, *, threads: int | None = None) -> dict:
     """For each quantized tensor of an artifact: its codes entropy-coded, nominal vs coded bits per
     code and the entropy bounds (per-block order-0 on the coded symbols, and of single codes)."""
-    from sizewise.quant.formats import QuantizedTensor
+    from sizewise.quant.uniform import QuantizedTensor
 
     stored, amanifest = artifact.load_stored(artifact_dir)
     rows, tot = {}, {"codes": 0, "nominal_bits": 0, "coded_bits": 0, "bound_bits": 0.0, "single_bound_bits": 0.0,
@@ -798,9 +798,8 @@ def code_artifact_stats(artifact_dir, *, threads: int | None = None) -> dict:
 def pack_artifact(artifact_dir, out, *, overwrite: bool = False, threads: int | None = None) -> dict:
     """A sizewise artifact with its integer codes (and integer zeros) entropy-coded, bf16/fp16 scales
     and float tensors coded as floats, the rest raw; the dense hf/ copy is dropped (it is rebuilt)."""
-    from sizewise.export.gguf_types import ggml_block_bytes
     from sizewise.quant.codebook import CodebookTensor
-    from sizewise.quant.formats import QuantizedTensor
+    from sizewise.quant.uniform import QuantizedTensor
     from sizewise.quant.kquant import KQuantTensor
 
     artifact_dir = Path(artifact_dir)
@@ -823,7 +822,7 @@ def pack_artifact(artifact_dir, out, *, overwrite: bool = False, threads: int | 
                         else:
                             add_float(f"{name}:zeros", t.zeros)
                 elif isinstance(t, (KQuantTensor, CodebookTensor)):   # ggml's blocks, as the artifact stores them
-                    writer.add(f"{name}:ggml", torch.from_numpy(ggml_block_bytes(t)), "raw")
+                    writer.add(f"{name}:ggml", torch.from_numpy(t.fmt.ggml_blocks(t)), "raw")
                 else:
                     add_float(name, t)
         finally:
@@ -848,7 +847,8 @@ def pack_artifact(artifact_dir, out, *, overwrite: bool = False, threads: int | 
 
 def load_packed_stored(path, *, threads: int | None = None) -> tuple[dict, dict]:
     """Like artifact.load_stored for a packed artifact: (QuantizedTensor or tensor per name, artifact manifest)."""
-    from sizewise.quant.formats import QuantizedTensor, format_from_dict
+    from sizewise.quant.registry import format_from_dict
+    from sizewise.quant.uniform import QuantizedTensor
 
     tensors, manifest = load_packed_tensors(path, threads=threads)
     if manifest.kind != KIND_ARTIFACT or manifest.artifact_manifest is None:
@@ -860,9 +860,9 @@ def load_packed_stored(path, *, threads: int | None = None) -> tuple[dict, dict]
             if entry["format"]["kind"] == "quant":
                 stored[name] = QuantizedTensor(format_from_dict(entry["format"]), tensors[f"{name}:codes"],
                                                tensors[f"{name}:scales"], tensors.get(f"{name}:zeros"))
-            elif entry["format"]["kind"] in artifact.GGML_BLOCK_KINDS:
-                stored[name] = artifact.read_ggml_blocks(tensors[f"{name}:ggml"], format_from_dict(entry["format"]),
-                                                         artifact.stored_shape(entry))
+            elif entry["format"]["kind"] in ("kquant", "codebook"):
+                stored[name] = format_from_dict(entry["format"]).from_parts({"ggml": tensors[f"{name}:ggml"]},
+                                                                            artifact.stored_shape(entry))
             else:
                 stored[name] = tensors[name]
     except KeyError as e:

@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from .formats import QuantFormat
+from .uniform import QuantFormat
 from .methods import round_to_nearest
 
 GRID = tuple(k / 20 for k in range(21))   # α in {0, 0.05, ..., 1}

@@ -10,7 +10,7 @@ any multiple of 32 weights, so unlike the k-quants they fit 576-wide layers.
 
 `CodebookFormat` says the layout, `codebook_fit` chooses each block's scale (weighted by an optional
 per-input-channel importance, like llama.cpp's imatrix), `codebook_encode` rounds weights to the
-nearest level. The ggml bytes are GGUF's business: `export/gguf_types.py` packs and unpacks them.
+nearest level; the format packs its ggml blocks (`ggml_layout.codebook_blocks`).
 The value is float32 d (a float16, or a power of two) times a small integer, exact, as gguf's numpy
 dequantizer computes it. Codes index the levels in ascending order; `ggml_codes` maps them to ggml's
 nibbles (MXFP4's table is sign-magnitude).
@@ -19,12 +19,16 @@ nibbles (MXFP4's table is sign-magnitude).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
+import numpy as np
 import torch
 
 from ..errors import SizewiseError
+from .formats import FixedGrid, Format, Part
+from .ggml_layout import QK, codebook_blocks, codebook_unblocks, f16_bytes
 
-BLOCK = 32
+BLOCK = QK
 # ggml's kvalues_iq4nl, ascending
 IQ4_NL_LEVELS = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 # ggml's kvalues_mxfp4 (0, 1, 2, 3, 4, 6, 8, 12, then their negatives) in ascending order, -0 left out
@@ -38,12 +42,12 @@ E8M0_BIAS = 128          # ggml_e8m0_to_fp32_half: byte e is worth 2^(e - 128)
 
 
 @dataclass(frozen=True)
-class CodebookFormat:
+class CodebookFormat(Format):
     """One ggml block per 32 weights of a row: the scale (float16 d, or MXFP4's E8M0 byte) | qs[16]:
     low nibble c[i], high nibble c[i+16] (Q4_0's layout), 18 or 17 bytes; code c is worth d * levels[c]."""
 
     type_name: str = "IQ4_NL"
-    kind = "codebook"
+    kind: ClassVar[str] = "codebook"
 
     def __post_init__(self):
         if self.type_name not in _CODEBOOKS:
@@ -82,8 +86,80 @@ class CodebookFormat:
         self.check(in_features)
         return out_features * (in_features // BLOCK) * self.block_bytes * 8
 
-    def to_dict(self) -> dict:
-        return {"kind": self.kind, "type_name": self.type_name}
+    @property
+    def label(self) -> str:
+        return self.type_name
+
+    @property
+    def ggml_type(self) -> str:
+        return self.type_name
+
+    def parts(self, out_features: int, in_features: int) -> tuple[Part, ...]:
+        """ggml's blocks as they are, one row of them per output channel."""
+        return (Part("ggml", (out_features, self.stored_bits(out_features, in_features) // 8 // out_features),
+                     "uint8"),)
+
+    def to_parts(self, ct: "CodebookTensor") -> dict[str, torch.Tensor]:
+        return {"ggml": torch.from_numpy(self.ggml_blocks(ct))}
+
+    def from_parts(self, tensors: dict[str, torch.Tensor], shape: tuple[int, int]) -> "CodebookTensor":
+        return self.from_ggml_blocks(tensors["ggml"].numpy(), shape)
+
+    def ggml_blocks(self, ct: "CodebookTensor") -> np.ndarray:
+        """IQ4_NL / MXFP4 blocks of an [out, in] weight: d f16 (MXFP4: one E8M0 byte) | 16 bytes of
+        nibbles (c[i], c[i+16]), as Q4_0; codes become ggml's nibbles (`ggml_codes`)."""
+        out, inp = ct.shape
+        self.check(inp)
+        codes = ct.codes.detach().cpu().numpy().astype(np.uint8).reshape(-1, BLOCK)
+        if int(codes.max(initial=0)) >= len(self.ggml_codes):
+            raise SizewiseError(f"a code exceeds {len(self.ggml_codes) - 1} for {self.type_name}")
+        codes = np.asarray(self.ggml_codes, dtype=np.uint8)[codes]
+        if self.scale == "e8m0":
+            mant, exp = np.frexp(ct.d.detach().cpu().numpy().astype(np.float32).reshape(-1, 1))
+            e = exp.astype(np.int64) - 1 + E8M0_BIAS                       # d = 0.5 * 2^exp
+            if not (np.all(mant == 0.5) and np.all((e >= 0) & (e <= 254))):
+                raise SizewiseError(f"an {self.type_name} scale is not a power of two in E8M0's range")
+            scale = e.astype(np.uint8)
+        else:
+            scale = f16_bytes(ct.d)
+        blocks = codebook_blocks(codes, scale)
+        assert blocks.shape[1] == self.block_bytes
+        return blocks.reshape(out, -1)
+
+    def from_ggml_blocks(self, data: np.ndarray, shape: tuple[int, int]) -> "CodebookTensor":
+        """Inverse of `ggml_blocks`."""
+        out, inp = shape
+        self.check(inp)
+        nb = out * inp // BLOCK
+        if data.dtype != np.uint8 or data.size != nb * self.block_bytes:
+            raise SizewiseError(f"{data.size} {data.dtype} values are not the {nb * self.block_bytes} bytes of an "
+                                f"{out}x{inp} {self.type_name} weight")
+        blocks = np.ascontiguousarray(data).reshape(nb, self.block_bytes)
+        scale, nibbles = codebook_unblocks(blocks, 1 if self.scale == "e8m0" else 2)
+        if self.scale == "e8m0":
+            d = torch.from_numpy(np.ldexp(np.float32(1), scale.astype(np.int64) - E8M0_BIAS).astype(np.float32))
+        else:
+            d = torch.from_numpy(scale.copy().view("<f2").astype(np.float16))
+        d = d.reshape(out, inp // BLOCK)
+        ours = np.full(16, -1, dtype=np.int64)                  # ggml nibble -> our code (MXFP4's -0 reads as 0)
+        for code, nib in enumerate(self.ggml_codes):
+            ours[nib] = code
+        if self.type_name == "MXFP4":
+            ours[8] = self.ggml_codes.index(0)
+        codes = ours[nibbles]
+        if (codes < 0).any():
+            raise SizewiseError(f"an {self.type_name} block holds a nibble with no level")
+        return CodebookTensor(self, d, torch.from_numpy(codes.astype(np.uint8)).reshape(out, inp))
+
+    def round(self, w: torch.Tensor, importance: torch.Tensor | None = None) -> "CodebookTensor":
+        """`codebook_fit` already searches each block's scale, as llama.cpp's IQ4_NL search does: a
+        clip search (`round_mse`) would repeat it."""
+        return codebook_rtn(w, self, importance)
+
+    def fixed_grid(self, w: torch.Tensor, importance: torch.Tensor | None) -> FixedGrid:
+        d = codebook_fit(w, self, importance=importance)
+        return FixedGrid(per_weight_scale(d).to(w.device), None, lambda x, s, z: codebook_encode(x, s, self),
+                         lambda c, s, z: codebook_decode(c, s, self), lambda codes: CodebookTensor(self, d, codes))
 
 
 @dataclass

@@ -1,13 +1,23 @@
-"""What is stored for a compressed weight, exactly: the formats and the tensors that hold them.
+"""The format protocol: what is stored for a compressed weight, exactly, and how it turns back into one.
 
-Bits per weight is always computed from these declarations (never estimated), and the artifact
-stores exactly the tensors a `QuantizedTensor` holds, so the two cannot disagree.
+A format is a small frozen dataclass that owns its bits: `stored_bits` (every bit it stores, never
+an estimate), the named tensors it is stored as (`parts`), encoding a solved weight to those tensors
+and back (`to_parts` / `from_parts`), its ggml type and block bytes where GGUF has one, and its
+data-free rounding and fixed grid for quantizers (`round`, `round_mse`, `fixed_grid`). Everything
+outside `quant/` (artifact, lossless packing, file sizes, export) goes through these methods and
+never asks which class a format is. The registry (`quant.registry`) maps a JSON kind to its class.
+
+What a format produces when a weight is solved is its *stored tensor* (`QuantizedTensor`,
+`KQuantTensor`, `CodebookTensor`; a plain float tensor for `FloatFormat`): it has `.fmt`, `.shape`,
+`.stored_bits()` and `.dequantize()`.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Any, Callable, ClassVar
 
+import numpy as np
 import torch
 
 from ..errors import SizewiseError
@@ -18,72 +28,145 @@ MIN_BITS, MAX_BITS = 2, 8
 
 
 @dataclass(frozen=True)
-class QuantFormat:
-    """Uniform integer grid with one scale (and zero) per group of consecutive input columns.
+class Part:
+    """One named tensor a format is stored as: `{weight name}:{suffix}` in an artifact (the weight's
+    own name when the suffix is empty).
 
-    - `group_size=None` means one group per output row (per-channel).
-    - symmetric: code q in [0, 2^b), weight = scale * (q - 2^(b-1)); no zero is stored.
-    - asymmetric, `zero="int"`: weight = scale * (q - z), z a b-bit integer per group (GPTQ style).
-    - asymmetric, `zero="float16"`: weight = scale * q + m, m a float16 per group (ggml Q4_1 style).
+    code_bits: the part holds integer codes below 2^code_bits (uint8, one per value); an artifact
+    bit-packs them (`quant.pack`), the lossless coder entropy-codes them. Otherwise the part is
+    stored as a tensor of `dtype` ("float16", "uint8", ...) and `shape`, byte for byte.
     """
 
-    bits: int
-    group_size: int | None = None
-    symmetric: bool = False
-    scale_dtype: str = "float16"
-    zero: str = "int"
-
-    def __post_init__(self):
-        if not MIN_BITS <= self.bits <= MAX_BITS:
-            raise SizewiseError(f"bits must be between {MIN_BITS} and {MAX_BITS}, got {self.bits}")
-        if self.group_size is not None and self.group_size < 1:
-            raise SizewiseError(f"group size must be positive, got {self.group_size}")
-        if self.scale_dtype not in DTYPE_BITS:
-            raise SizewiseError(f"scale dtype must be one of {sorted(DTYPE_BITS)}, got {self.scale_dtype!r}")
-        if self.zero not in ("int", "float16"):
-            raise SizewiseError(f"zero must be 'int' or 'float16', got {self.zero!r}")
-
-    kind = "quant"
+    suffix: str
+    shape: tuple[int, ...]
+    dtype: str
+    code_bits: int | None = None
 
     @property
-    def qmax(self) -> int:
-        return (1 << self.bits) - 1
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
 
-    def group_len(self, in_features: int) -> int:
-        return in_features if self.group_size is None else self.group_size
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the part as an artifact stores it (codes bit-packed, nothing else padded)."""
+        if self.code_bits is not None:
+            return (self.numel * self.code_bits + 7) // 8
+        return self.numel * torch.empty((), dtype=getattr(torch, self.dtype)).element_size()
+
+    @property
+    def stored_shape(self) -> tuple[int, ...]:
+        return (self.nbytes,) if self.code_bits is not None else self.shape
+
+    @property
+    def stored_dtype(self) -> str:
+        return "uint8" if self.code_bits is not None else self.dtype
+
+    def key(self, name: str) -> str:
+        return f"{name}:{self.suffix}" if self.suffix else name
+
+
+@dataclass
+class FixedGrid:
+    """A grid fixed before any weight is rounded, per weight [out, in], for column-wise quantizers
+    (GPTQ): `encode(x, scale, zero)` → codes, `decode(codes, scale, zero)` → values (elementwise,
+    scale/zero broadcast), `wrap(codes)` → the format's stored tensor."""
+
+    scale: torch.Tensor
+    zero: torch.Tensor | None
+    encode: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+    decode: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+    wrap: Callable[[torch.Tensor], Any]
+
+
+class Format:
+    """The protocol every stored format implements (see the module docstring)."""
+
+    kind: ClassVar[str]
+    quantized: ClassVar[bool] = True
 
     def check(self, in_features: int, name: str = "layer") -> None:
-        """Raise a one-line error if the group size does not tile this layer's input dimension."""
-        g = self.group_len(in_features)
-        if in_features % g:
-            ok = [d for d in range(8, in_features, 8) if in_features % d == 0]
-            raise SizewiseError(
-                f"group size {g} does not divide the input dimension {in_features} of {name}; "
-                f"sizes that do: {', '.join(map(str, ok))} (or per-channel)")
+        """Raise a one-line error if this format cannot store rows of `in_features` weights."""
+        raise NotImplementedError
 
     def stored_bits(self, out_features: int, in_features: int) -> int:
-        """Every bit stored for one [out, in] weight: codes, scales, zeros."""
-        self.check(in_features)
-        groups = out_features * (in_features // self.group_len(in_features))
-        per_group = DTYPE_BITS[self.scale_dtype]
-        if not self.symmetric:
-            per_group += self.bits if self.zero == "int" else 16
-        return out_features * in_features * self.bits + groups * per_group
+        """Every bit stored for one [out, in] weight."""
+        raise NotImplementedError
+
+    @property
+    def label(self) -> str:
+        """Short human-readable name, e.g. 'int4 g64 asym', 'Q4_K' or 'float16'."""
+        raise NotImplementedError
+
+    @property
+    def ggml_type(self) -> str | None:
+        """The ggml type (GGUF) that stores this format exactly, or None if none does."""
+        return None
 
     def to_dict(self) -> dict:
         return {"kind": self.kind, **asdict(self)}
 
+    # --- what is stored ---------------------------------------------------------------------
+
+    def parts(self, out_features: int, in_features: int) -> tuple[Part, ...]:
+        raise NotImplementedError
+
+    def to_parts(self, stored) -> dict[str, torch.Tensor]:
+        """suffix -> tensor (codes unpacked, on the CPU) of a solved weight, in `parts` order."""
+        raise NotImplementedError
+
+    def from_parts(self, tensors: dict[str, torch.Tensor], shape: tuple[int, int]):
+        """Inverse of `to_parts`: the stored tensor of an [out, in] weight."""
+        raise NotImplementedError
+
+    def ggml_blocks(self, stored) -> np.ndarray:
+        """The weight as ggml blocks, uint8 [out, row bytes] (formats with a `ggml_type` only)."""
+        raise SizewiseError(f"{self.label} has no exact GGUF type")
+
+    def from_ggml_blocks(self, data: np.ndarray, shape: tuple[int, int]):
+        raise SizewiseError(f"{self.label} has no exact GGUF type")
+
+    # --- what quantizers call -----------------------------------------------------------------
+
+    def round(self, w: torch.Tensor, importance: torch.Tensor | None = None):
+        """Data-free rounding of an [out, in] weight to this format (each fit's own search)."""
+        raise NotImplementedError
+
+    def round_mse(self, w: torch.Tensor):
+        """Data-free rounding with the best clipping of each group (where the fit does not already search)."""
+        return self.round(w)
+
+    def fixed_grid(self, w: torch.Tensor, importance: torch.Tensor | None) -> FixedGrid | None:
+        """The grid a column-wise quantizer rounds `w` against, fitted up front with `importance` per
+        input channel; None where the quantizer fits the grid itself (uniform groups)."""
+        return None
+
 
 @dataclass(frozen=True)
-class FloatFormat:
-    """A weight kept in floating point (not quantized)."""
+class FloatFormat(Format):
+    """A weight kept in floating point (not quantized); its stored tensor is the float tensor itself."""
 
     dtype: str = "float16"
-    kind = "float"
+    kind: ClassVar[str] = "float"
+    quantized: ClassVar[bool] = False
 
     def __post_init__(self):
         if self.dtype not in DTYPE_BITS:
             raise SizewiseError(f"float dtype must be one of {sorted(DTYPE_BITS)}, got {self.dtype!r}")
+
+    @property
+    def bits(self) -> int:
+        return DTYPE_BITS[self.dtype]
+
+    @property
+    def label(self) -> str:
+        return self.dtype
+
+    @property
+    def ggml_type(self) -> str:
+        return {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}[self.dtype]
 
     def check(self, in_features: int, name: str = "layer") -> None:
         return None
@@ -91,63 +174,18 @@ class FloatFormat:
     def stored_bits(self, out_features: int, in_features: int) -> int:
         return out_features * in_features * DTYPE_BITS[self.dtype]
 
-    def to_dict(self) -> dict:
-        return {"kind": self.kind, **asdict(self)}
+    def parts(self, out_features: int, in_features: int) -> tuple[Part, ...]:
+        return (Part("", (out_features, in_features), self.dtype),)
 
+    def to_parts(self, stored: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"": stored.detach().to(TORCH_DTYPES[self.dtype]).cpu().contiguous()}
 
-Format = QuantFormat | FloatFormat   # and llama.cpp's kquant.KQuantFormat and codebook.CodebookFormat (IQ4_NL)
+    def from_parts(self, tensors: dict[str, torch.Tensor], shape: tuple[int, int]) -> torch.Tensor:
+        return tensors[""]
 
-
-def format_from_dict(d: dict) -> Format:
-    d = dict(d)
-    kind = d.pop("kind")
-    if kind == "quant":
-        return QuantFormat(**d)
-    if kind == "float":
-        return FloatFormat(**d)
-    if kind == "kquant":
-        from .kquant import KQuantFormat  # kquant imports this module
-
-        return KQuantFormat(**d)
-    if kind == "codebook":
-        from .codebook import CodebookFormat
-
-        return CodebookFormat(**d)
-    raise SizewiseError(f"unknown format kind {kind!r}")
-
-
-@dataclass
-class QuantizedTensor:
-    """A quantized [out, in] weight: codes in original column order, per-group scales and zeros."""
-
-    fmt: QuantFormat
-    codes: torch.Tensor            # uint8 [out, in]
-    scales: torch.Tensor           # fmt.scale_dtype [out, groups]
-    zeros: torch.Tensor | None     # uint8 (int zero) or float16 [out, groups]; None if symmetric
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return tuple(self.codes.shape)
-
-    def stored_bits(self) -> int:
-        return self.fmt.stored_bits(*self.shape)
-
-    def dequantize(self) -> torch.Tensor:
-        from .grid import decode  # grid math lives in one place
-
-        g = self.fmt.group_len(self.shape[1])
-        scale = self.scales.float().repeat_interleave(g, dim=1)
-        zero = None if self.zeros is None else self.zeros.float().repeat_interleave(g, dim=1)
-        return decode(self.codes, scale, zero, self.fmt)
+    def round(self, w: torch.Tensor, importance: torch.Tensor | None = None) -> torch.Tensor:
+        return w.to(TORCH_DTYPES[self.dtype])
 
 
 def label(fmt: Format) -> str:
-    """Short human-readable name, e.g. 'int4 g64 asym', 'Q4_K' or 'float16'."""
-    if isinstance(fmt, FloatFormat):
-        return fmt.dtype
-    if fmt.kind in ("kquant", "codebook"):
-        return fmt.type_name
-    group = "per-channel" if fmt.group_size is None else f"g{fmt.group_size}"
-    kind = "sym" if fmt.symmetric else ("asym" if fmt.zero == "int" else "asym-fmin")
-    scale = "" if fmt.scale_dtype == "float16" else f" s:{fmt.scale_dtype}"
-    return f"int{fmt.bits} {group} {kind}{scale}"
+    return fmt.label

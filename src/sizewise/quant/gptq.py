@@ -19,11 +19,10 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import SizewiseError
-from .formats import QuantFormat, QuantizedTensor
-from .grid import decode, encode, fit, grouped, pack_tensor
-from .codebook import CodebookFormat, CodebookTensor, codebook_decode, codebook_encode, codebook_fit, per_weight_scale
-from .kquant import KQuantFormat, KQuantTensor, kquant_fit, surrogate_format
+from .formats import Format
+from .grid import decode, encode, fit, grouped
 from .refine import mse_clip
+from .uniform import QuantFormat, QuantizedTensor, pack_tensor
 
 _DAMP_RETRIES = 4   # each retry multiplies the damping by 10
 
@@ -125,9 +124,9 @@ def _fit_groups(w: torch.Tensor, fmt: QuantFormat, weight: torch.Tensor | None, 
     return fit(grouped(w, fmt), fmt, clip)
 
 
-def gptq(weight: torch.Tensor, xtx: torch.Tensor, fmt: QuantFormat | KQuantFormat, *, block_size: int = 128,
+def gptq(weight: torch.Tensor, xtx: torch.Tensor, fmt: Format, *, block_size: int = 128,
          act_order: bool = True, damp: float = 0.01, clip_search: bool = False,
-         factor: HessianFactor | None = None) -> QuantizedTensor | KQuantTensor | CodebookTensor:
+         factor: HessianFactor | None = None):
     """Quantize weight [out, in] to `fmt`, minimizing ‖XWᵀ − XŴᵀ‖ for the X behind xtx = ΣxxT.
 
     act_order: process columns by decreasing diag(XᵀX). Groups stay contiguous in the original
@@ -138,10 +137,10 @@ def gptq(weight: torch.Tensor, xtx: torch.Tensor, fmt: QuantFormat | KQuantForma
     clip_search: fit each group's range by `mse_clip`, weighting inputs by diag(XᵀX).
     factor: a precomputed `hessian_factor(xtx, damp=..., act_order=...)`; xtx is then unused.
 
-    A k-quant's two-level grid (and IQ4_NL's block scales) is always fitted up front, by
-    `kquant_fit` (`codebook_fit`) with diag(XᵀX) as the input channels' importance (llama.cpp's
+    A format with a fixed grid (`fmt.fixed_grid`: a k-quant's two-level grid, IQ4_NL's and MXFP4's
+    block scales) has it fitted up front with diag(XᵀX) as the input channels' importance (llama.cpp's
     imatrix is the same statistic); GPTQ then chooses every code on that fixed grid. clip_search
-    does not apply: those fits search the scales themselves.
+    does not apply: those fits search the scales themselves. Returns the format's stored tensor.
     """
     if weight.ndim != 2:
         raise SizewiseError(f"GPTQ needs a 2-D weight, got shape {tuple(weight.shape)}")
@@ -158,45 +157,40 @@ def gptq(weight: torch.Tensor, xtx: torch.Tensor, fmt: QuantFormat | KQuantForma
 
     w = weight.detach().float().clone()
     w[:, factor.dead.to(w.device)] = 0  # no data constrains these; zero is on every grid with an integer zero
-    if isinstance(fmt, KQuantFormat):
-        grid = kquant_fit(w, fmt, importance=factor.diag)
-        codes, _ = _round_columns(w, factor, surrogate_format(fmt), block_size, grid.per_weight())
-        return KQuantTensor(grid, codes)
-    if isinstance(fmt, CodebookFormat):
-        d = codebook_fit(w, fmt, importance=factor.diag)
-        codes, _ = _round_columns(w, factor, fmt, block_size, (per_weight_scale(d).to(w.device), None))
-        return CodebookTensor(fmt, d, codes)
+    fixed = fmt.fixed_grid(w, factor.diag)
+    if fixed is not None:
+        codes, _ = _round_columns(w, factor, (fixed.encode, fixed.decode), block_size, (fixed.scale, fixed.zero))
+        return fixed.wrap(codes)
     g = fmt.group_len(in_f)
     cw = factor.diag.to(w.device) if clip_search else None
     if act_order or g == in_f:
         scale, zero = _fit_groups(w, fmt, cw, clip_search)          # [out, groups]
         per_weight = (scale.repeat_interleave(g, dim=1), None if zero is None else zero.repeat_interleave(g, dim=1))
-        codes, _ = _round_columns(w, factor, fmt, block_size, per_weight)
+        codes, _ = _round_columns(w, factor, _uniform(fmt), block_size, per_weight)
     else:
-        codes, (scale, zero) = _round_columns(w, factor, fmt, block_size, group=g, cw=cw, clip_search=clip_search)
+        codes, (scale, zero) = _round_columns(w, factor, _uniform(fmt), block_size, group=g, cw=cw,
+                                              clip_search=clip_search, fmt=fmt)
     return pack_tensor(codes, scale, zero, fmt)
 
 
-def _encode(x, s, z, fmt):
-    """Codes of x on a grid: uniform (grid.encode) or a codebook's levels (scale s, no zero)."""
-    return codebook_encode(x, s, fmt) if isinstance(fmt, CodebookFormat) else encode(x, s, z, fmt)
+def _uniform(fmt: QuantFormat):
+    """(encode, decode) of a uniform grid (`grid.encode/decode`)."""
+    return (lambda x, s, z: encode(x, s, z, fmt)), (lambda c, s, z: decode(c, s, z, fmt))
 
 
-def _decode(c, s, z, fmt):
-    return codebook_decode(c, s, fmt) if isinstance(fmt, CodebookFormat) else decode(c, s, z, fmt)
-
-
-def _round_columns(w: torch.Tensor, factor: HessianFactor, fmt: QuantFormat | CodebookFormat, block_size: int,
+def _round_columns(w: torch.Tensor, factor: HessianFactor, coding, block_size: int,
                    fixed: tuple[torch.Tensor, torch.Tensor | None] | None = None, *, group: int = 0,
-                   cw: torch.Tensor | None = None, clip_search: bool = False):
+                   cw: torch.Tensor | None = None, clip_search: bool = False, fmt: QuantFormat | None = None):
     """GPTQ's column loop over w [out, in]: each column rounded in processing order, its error spread.
 
+    coding: (encode, decode) of the grid, each elementwise with scale/zero broadcast.
     fixed: (scale, zero) per weight, each [out, in] (zero None if symmetric), rounded against as given.
-    Without it each group of `group` columns (original order only) gets its grid fitted from its
-    weights as updated so far, when its first column is reached.
+    Without it each group of `group` columns (original order only) gets its uniform grid (`fmt`)
+    fitted from its weights as updated so far, when its first column is reached.
     Returns (uint8 codes [out, in] in original column order, that fitted (scale, zero) [out, groups],
     or None with a fixed grid). Decoding the codes gives exactly the values rounded to.
     """
+    _encode, _decode = coding
     in_f = w.shape[1]
     dev = w.device
     perm, u = factor.perm.to(dev), factor.u.to(dev)
@@ -227,7 +221,7 @@ def _round_columns(w: torch.Tensor, factor: HessianFactor, fmt: QuantFormat | Co
                 s = st[c]
                 z = None if zt is None else zt[c]
             wc = w1[i]
-            err = (wc - _decode(_encode(wc, s, z, fmt), s, z, fmt)) / d[c]
+            err = (wc - _decode(_encode(wc, s, z), s, z)) / d[c]
             e1[i] = err
             # Spread this column's error over the rest of the block now; beyond it, later.
             w1[i + 1:].addr_(u1[i, i + 1:], err, alpha=-1.0)
@@ -243,7 +237,7 @@ def _round_columns(w: torch.Tensor, factor: HessianFactor, fmt: QuantFormat | Co
         fitted = (scale, zero)
     # Each row of wt now holds the value that was rounded; encoding is elementwise, so this
     # reproduces the codes chosen inside the loop exactly.
-    codes_t = _encode(wt, st, zt, fmt)
+    codes_t = _encode(wt, st, zt)
     inv = torch.empty_like(perm)
     inv[perm] = torch.arange(in_f, device=dev)
     return codes_t[inv].t().contiguous(), fitted                        # original column order

@@ -1,5 +1,8 @@
 """Grid math as pure functions: fit a group's scale/zero, encode weights to codes, decode back.
 
+`fmt` is read for its fields only (bits, qmax, symmetric, zero, scale_dtype, group_len): the uniform
+format (`uniform.QuantFormat`) and the k-quants' effective grids both decode through here.
+
 Scales and zeros are rounded to their stored precision *before* codes are computed, so the codes
 are optimal for what is actually stored, and `decode` is the single definition of a weight's
 value everywhere (engine, artifact loading, exporters).
@@ -9,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .formats import TORCH_DTYPES, QuantFormat, QuantizedTensor
+from .formats import TORCH_DTYPES
 
 _TINY = 2.0 ** -24  # smallest float16 subnormal: a scale never rounds to zero
 
@@ -25,7 +28,7 @@ def _stored_scale(x: torch.Tensor, dtype: str) -> torch.Tensor:
     return torch.where(y.float() < x, up, y).float().clamp_min(_TINY)
 
 
-def fit(w: torch.Tensor, fmt: QuantFormat, clip: float | torch.Tensor = 1.0):
+def fit(w: torch.Tensor, fmt, clip: float | torch.Tensor = 1.0):
     """Scale and zero for groups laid along the last dim of `w` (reduced away).
 
     `clip` < 1 shrinks the range (MSE-optimal clipping searches it). Returns float32 tensors
@@ -47,7 +50,7 @@ def fit(w: torch.Tensor, fmt: QuantFormat, clip: float | torch.Tensor = 1.0):
     return scale, _stored(lo, "float16")
 
 
-def encode(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, fmt: QuantFormat):
+def encode(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, fmt):
     """Nearest code for each weight; scale/zero broadcast against `w`. Returns uint8 codes."""
     w = w.float()
     if fmt.symmetric:
@@ -59,7 +62,7 @@ def encode(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, fmt:
     return q.clamp(0, fmt.qmax).to(torch.uint8)
 
 
-def decode(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, fmt: QuantFormat):
+def decode(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, fmt):
     """The value of each code, in float32; scale/zero broadcast against `codes`."""
     q = codes.float()
     if fmt.symmetric:
@@ -69,25 +72,8 @@ def decode(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, 
     return scale * q + zero
 
 
-def grouped(w: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
+def grouped(w: torch.Tensor, fmt) -> torch.Tensor:
     """View [out, in] as [out, groups, group_len]."""
     out, inp = w.shape
     fmt.check(inp)
     return w.reshape(out, inp // fmt.group_len(inp), fmt.group_len(inp))
-
-
-def pack_tensor(codes: torch.Tensor, scale: torch.Tensor, zero, fmt: QuantFormat) -> QuantizedTensor:
-    """Wrap codes and per-group scale/zero ([out, groups]) in their stored dtypes."""
-    zeros = None
-    if zero is not None:
-        zeros = zero.to(torch.uint8) if fmt.zero == "int" else zero.to(torch.float16)
-    return QuantizedTensor(fmt, codes, scale.to(TORCH_DTYPES[fmt.scale_dtype]), zeros)
-
-
-def rtn(w: torch.Tensor, fmt: QuantFormat, clip: float | torch.Tensor = 1.0) -> QuantizedTensor:
-    """Round-to-nearest: fit each group's grid to its own min/max, then round every weight."""
-    wg = grouped(w.float(), fmt)
-    scale, zero = fit(wg, fmt, clip)
-    z = None if zero is None else zero[..., None]
-    codes = encode(wg, scale[..., None], z, fmt).reshape(w.shape)
-    return pack_tensor(codes, scale, zero, fmt)

@@ -1,5 +1,5 @@
-"""Method names → solvers. A solver is a pure function (weight [out,in], stats, format) → QuantizedTensor,
-or KQuantTensor for llama.cpp's k-quant formats.
+"""Method names → solvers. A solver is a pure function (weight [out,in], stats, format) → the format's
+stored tensor (QuantizedTensor, KQuantTensor, CodebookTensor).
 
 This is the one place a method name is resolved; the engine, the CLI and the plan all go through it.
 """
@@ -12,43 +12,30 @@ from typing import Callable
 import torch
 
 from ..errors import SizewiseError
-from .formats import QuantFormat, QuantizedTensor
-from .grid import rtn
-from .codebook import CodebookFormat, CodebookTensor, codebook_rtn
-from .kquant import KQuantFormat, KQuantTensor, kquant_rtn
+from .formats import Format
 
 
 @dataclass(frozen=True)
 class Method:
     name: str
     needs_calibration: bool
-    solve: Callable[..., QuantizedTensor | KQuantTensor]   # (weight, stats, fmt, **options)
+    solve: Callable[..., object]   # (weight, stats, fmt, **options) -> the format's stored tensor
     summary: str
     options: dict = field(default_factory=dict)
 
 
-def round_to_nearest(w: torch.Tensor, fmt) -> QuantizedTensor | KQuantTensor | CodebookTensor:
-    """Data-free rounding in any quantized format: k-quants fit their two-level grid first, IQ4_NL
-    searches each block's scale."""
-    if isinstance(fmt, KQuantFormat):
-        return kquant_rtn(w, fmt)
-    if isinstance(fmt, CodebookFormat):
-        return codebook_rtn(w, fmt)
-    return rtn(w, fmt)
+def round_to_nearest(w: torch.Tensor, fmt: Format):
+    """Data-free rounding in any quantized format (k-quants fit their two-level grid first, IQ4_NL
+    searches each block's scale)."""
+    return fmt.round(w)
 
 
 def _rtn(w, stats, fmt, **_):
-    return round_to_nearest(w, fmt)
+    return fmt.round(w)
 
 
 def _rtn_mse(w, stats, fmt, **_):
-    if isinstance(fmt, (KQuantFormat, CodebookFormat)):
-        # kquant_fit / codebook_fit already search each block's scale (and min) for the least squared
-        # error, as llama.cpp's make_qkx2_quants / make_qx_quants / IQ4_NL search do: a clip search would
-        # repeat it
-        return round_to_nearest(w, fmt)
-    from .refine import rtn_refined
-    return rtn_refined(w, fmt)
+    return fmt.round_mse(w)
 
 
 def _gptq(w, stats, fmt, block_size=128, act_order=True, damp=0.01, clip_search=True, factor=None, **_):
@@ -107,7 +94,6 @@ def get(name: str) -> Method:
     return METHODS[name]
 
 
-def solve(name: str, w: torch.Tensor, stats, fmt: QuantFormat | KQuantFormat,
-          options: dict | None = None) -> QuantizedTensor | KQuantTensor:
+def solve(name: str, w: torch.Tensor, stats, fmt: Format, options: dict | None = None):
     m = get(name)
     return m.solve(w, stats, fmt, **{**m.options, **(options or {})})

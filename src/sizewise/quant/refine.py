@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .formats import QuantFormat, QuantizedTensor
-from .grid import _TINY, _stored, decode, encode, fit, grouped, pack_tensor
+from .grid import _TINY, _stored, decode, encode, fit, grouped
 
 # 1.0 first: ties keep the unclipped grid, so the search never does worse than plain min/max.
 DEFAULT_CLIP_GRID = tuple(round(1.0 - 0.05 * k, 2) for k in range(11))   # 1.0, 0.95, ..., 0.5
@@ -36,7 +35,7 @@ def _error(wg, scale, zero, fmt, wt, norm):
     return (err if wt is None else err * wt).sum(-1)
 
 
-def group_error(w: torch.Tensor, fmt: QuantFormat, clip: float | torch.Tensor = 1.0, *,
+def group_error(w: torch.Tensor, fmt, clip: float | torch.Tensor = 1.0, *,
                 weight: torch.Tensor | None = None, norm: float = 2.0) -> torch.Tensor:
     """Σ weight·|w − ŵ|^norm per group, [out, groups], for the grid `fit` gives with `clip`."""
     wg = grouped(w.float(), fmt)
@@ -44,7 +43,7 @@ def group_error(w: torch.Tensor, fmt: QuantFormat, clip: float | torch.Tensor = 
     return _error(wg, scale, zero, fmt, _group_weight(weight, wg), norm)
 
 
-def mse_clip(w: torch.Tensor, fmt: QuantFormat, *, weight: torch.Tensor | None = None,
+def mse_clip(w: torch.Tensor, fmt, *, weight: torch.Tensor | None = None,
              grid: tuple[float, ...] = DEFAULT_CLIP_GRID, norm: float = 2.0) -> torch.Tensor:
     """Per-group clip ratio [out, groups] minimizing the (weighted) reconstruction error.
 
@@ -68,7 +67,7 @@ def mse_clip(w: torch.Tensor, fmt: QuantFormat, *, weight: torch.Tensor | None =
     return best
 
 
-def lsq_refit(w: torch.Tensor, fmt: QuantFormat, scale: torch.Tensor, zero: torch.Tensor | None, *,
+def lsq_refit(w: torch.Tensor, fmt, scale: torch.Tensor, zero: torch.Tensor | None, *,
               weight: torch.Tensor | None = None, iters: int = 3):
     """Improve per-group scale/zero [out, groups] by alternating codes and least squares.
 
@@ -109,18 +108,3 @@ def lsq_refit(w: torch.Tensor, fmt: QuantFormat, scale: torch.Tensor, zero: torc
         if zero is not None:
             zero = torch.where(better, new_zero, zero)
     return scale, zero
-
-
-def rtn_refined(w: torch.Tensor, fmt: QuantFormat, weight: torch.Tensor | None = None, *,
-                refit_iters: int = 0) -> QuantizedTensor:
-    """Round-to-nearest on the grid whose per-group clip `mse_clip` chose.
-
-    refit_iters > 0 additionally runs `lsq_refit` on that grid (worth it for float zeros).
-    """
-    wg = grouped(w.float(), fmt)
-    scale, zero = fit(wg, fmt, mse_clip(w, fmt, weight=weight))
-    if refit_iters:
-        scale, zero = lsq_refit(w, fmt, scale, zero, weight=weight, iters=refit_iters)
-    z = None if zero is None else zero[..., None]
-    codes = encode(wg, scale[..., None], z, fmt).reshape(w.shape)
-    return pack_tensor(codes, scale, zero, fmt)

@@ -1,0 +1,28 @@
+"""The format registry: a format's JSON `kind` → its class. Adding a format is its module and a line here."""
+
+from __future__ import annotations
+
+from ..errors import SizewiseError
+from .codebook import CodebookFormat
+from .formats import FloatFormat, Format
+from .kquant import KQuantFormat
+from .uniform import QuantFormat
+
+FORMATS: dict[str, type[Format]] = {cls.kind: cls for cls in (
+    FloatFormat,
+    QuantFormat,
+    KQuantFormat,
+    CodebookFormat,
+)}
+
+
+def format_from_dict(d: dict) -> Format:
+    """The format a manifest or plan describes; one-line error for anything else (the dict is untrusted)."""
+    if not isinstance(d, dict) or d.get("kind") not in FORMATS:
+        kind = d.get("kind") if isinstance(d, dict) else d
+        raise SizewiseError(f"unknown format kind {kind!r}; known: {', '.join(FORMATS)}")
+    fields = {k: v for k, v in d.items() if k != "kind"}
+    try:
+        return FORMATS[d["kind"]](**fields)
+    except TypeError as e:
+        raise SizewiseError(f"bad {d['kind']} format {fields}: {e}") from None
