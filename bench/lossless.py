@@ -26,10 +26,10 @@ from common import ROOT, save
 
 import sizewise
 from sizewise import artifact, sources
+from sizewise import lossless as lm
 from sizewise.api import CompressConfig
 from sizewise.evaluate import environment
 from sizewise.lossless import backend, decode_float
-from sizewise.lossless import model as lm
 from sizewise.lossless.coder import entropy_bits
 from sizewise.lossless.planes import split_bf16
 from sizewise.quant.uniform import QuantFormat

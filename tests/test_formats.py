@@ -110,7 +110,7 @@ def _mixed_plan(arch) -> Plan:
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_mixed_plan_through_artifact_and_lossless_packing(family, tiny_dirs, tmp_path):
-    from sizewise.lossless.model import load_packed_artifact, pack_artifact
+    from sizewise.lossless import load_packed_artifact, pack_artifact
     from tiny import tiny_model
 
     plan = _mixed_plan(discover(tiny_model(family)))

@@ -241,7 +241,7 @@ def test_mixed_plan_compresses_stores_exactly_reloads_and_exports(wide, tiny_dir
 
 
 def test_lossless_packing_keeps_k_quants(narrow, tmp_path):
-    from sizewise.lossless import model as lm
+    from sizewise import lossless as lm
 
     plan = Plan.uniform(discover(load(narrow).model), "rtn", Q8_0)
     plan = Plan([Choice(c.name, "rtn", KQuantFormat("Q3_K")) if "down_proj" in c.name else c for c in plan.choices])

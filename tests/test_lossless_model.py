@@ -9,9 +9,9 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
+from sizewise import lossless as lm
 from sizewise.errors import SizewiseError
 from sizewise.lossless import CorruptData
-from sizewise.lossless import model as lm
 from sizewise.lossless.cli import pack, unpack
 
 
@@ -385,7 +385,7 @@ def test_sources_load_reads_packed_directories(half_dirs, tmp_path):
     from sizewise import sources
 
     if "is_packed_model" not in inspect.getsource(sources.load):
-        pytest.skip("sources.load does not dispatch to lossless.model yet")
+        pytest.skip("sources.load does not dispatch to lossless packing yet")
     src = half_dirs["llama", torch.bfloat16]
     lm.pack_model(src, tmp_path / "p")
     loaded = sources.load(str(tmp_path / "p"))

@@ -283,8 +283,8 @@ def info(path: str | Path) -> dict:
     """What an artifact stores: per-layer format and bits, totals, provenance. Lossless-packed
     directories too: a packed artifact as its artifact plus the coded sizes ("lossless"), a packed
     float model per tensor with its coded bits per parameter."""
-    from .lossless.model import is_packed_model
-    from .lossless.model import read_manifest as read_packed
+    from .lossless import is_packed_model
+    from .lossless import read_manifest as read_packed
 
     if is_packed_model(path):
         pm = read_packed(path)
@@ -418,7 +418,7 @@ def export(path: str | Path, out: str | Path, *, format: str = "gguf", overwrite
     from transformers import AutoConfig, AutoTokenizer
 
     from .export.gguf import gguf_export_args, write_gguf
-    from .lossless.model import is_packed_model
+    from .lossless import is_packed_model
     from .quant.formats import label
     from .quant.uniform import QuantizedTensor
 

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import torch
 
-from . import artifact, builtins
-from .data import files_sha256, sha256_file
-from .lossless.model import is_packed_model, load_packed_model
+from . import artifact, builtins, locate
+from .data import files_sha256
 from .errors import SizewiseError
+from .lossless import is_packed_model, load_packed_model
 
 
 @dataclass
@@ -70,24 +70,21 @@ def load(spec: str | Path, *, allow_pickle: bool = False) -> Source:
         info = {"kind": "artifact", "path": str(path.resolve()),
                 "sha256": hashlib.sha256((path / artifact.MANIFEST).read_bytes()).hexdigest(),
                 "compressed_from": manifest.get("source")}
-    elif path.is_dir() and (path / "config.json").is_file():
-        model, tokenizer, _ = _load_hf(path, allow_pickle)
-        info = {"kind": "hf", "path": str(path.resolve()), "sha256": _weights_sha256(path)}
-    elif path.is_file() and path.suffix.lower() == ".gguf":
-        digest = sha256_file(path)
-        converted = builtins.cache_dir() / "gguf" / digest[:32]
-        if not (converted / "config.json").is_file():
-            builtins.gguf_to_hf(path, converted)
-        model, tokenizer, _ = _load_hf(converted, False)
-        info = {"kind": "gguf", "path": str(path.resolve()), "sha256": digest,
-                "tokenizer_pre": _gguf_tokenizer_pre(path)}
-    elif not path.exists() and builtins.is_builtin_model(spec):
-        directory = builtins.fetch_model(spec)
-        model, tokenizer, _ = _load_hf(directory, False)
-        provenance = directory / "sizewise_source.json"
-        info = {"kind": "builtin", "path": str(directory), "sha256": _weights_sha256(directory),
-                "provenance": json.loads(provenance.read_text()) if provenance.is_file() else None,
-                "tokenizer_pre": getattr(builtins.MODELS[spec], "tokenizer_pre", None)}
+    elif (found := locate.model_dir(spec)) is not None:   # a HF directory, a .gguf file or a built-in name
+        directory, where = found
+        if where["kind"] == "hf":
+            model, tokenizer, _ = _load_hf(directory, allow_pickle)
+            info = {"kind": "hf", "path": where["path"], "sha256": _weights_sha256(directory)}
+        elif where["kind"] == "gguf":
+            model, tokenizer, _ = _load_hf(directory, False)
+            info = {"kind": "gguf", "path": where["path"], "sha256": where["gguf_sha256"],
+                    "tokenizer_pre": _gguf_tokenizer_pre(path)}
+        else:
+            model, tokenizer, _ = _load_hf(directory, False)
+            provenance = directory / "sizewise_source.json"
+            info = {"kind": "builtin", "path": where["path"], "sha256": _weights_sha256(directory),
+                    "provenance": json.loads(provenance.read_text()) if provenance.is_file() else None,
+                    "tokenizer_pre": getattr(builtins.MODELS[spec], "tokenizer_pre", None)}
     elif path.exists():
         raise SizewiseError(f"{spec} is neither a Hugging Face model directory (config.json), a .gguf file, "
                             "nor a sizewise artifact (manifest.json)")

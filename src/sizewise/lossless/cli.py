@@ -37,7 +37,9 @@ def pack(model, lossless, output, dtype, allow_lossy, force, threads):
     Hugging Face directory.
     """
     from sizewise import artifact
-    from sizewise.lossless import model as lm
+    from sizewise.lossless.artifacts import pack_artifact
+    from sizewise.lossless.float_model import pack_model
+    from sizewise.lossless.store import is_packed_model
 
     if not lossless:
         raise SizewiseError("pack needs --lossless: bit-exact entropy coding is the only packing it does "
@@ -45,12 +47,12 @@ def pack(model, lossless, output, dtype, allow_lossy, force, threads):
     if allow_lossy and dtype is None:
         raise SizewiseError("--allow-lossy only applies with --dtype (the rounding it allows)")
     path = Path(model)
-    if path.is_dir() and artifact.is_artifact(path) and not lm.is_packed_model(path):
+    if path.is_dir() and artifact.is_artifact(path) and not is_packed_model(path):
         if dtype is not None:
             raise SizewiseError("--dtype does not apply to a sizewise artifact (its stored tensors are packed as they are)")
-        res = lm.pack_artifact(path, output, overwrite=force, threads=threads)
+        res = pack_artifact(path, output, overwrite=force, threads=threads)
     else:
-        res = lm.pack_model(model, output, dtype=dtype, allow_lossy=allow_lossy, overwrite=force, threads=threads)
+        res = pack_model(model, output, dtype=dtype, allow_lossy=allow_lossy, overwrite=force, threads=threads)
     t = res["totals"]
     line = (f"wrote {output}: {_mb(t['file_bytes'])} from {_mb(t['raw_bytes'])} stored "
             f"({100 * t['ratio']:.1f}%, entropy bound {100 * t['bound_ratio']:.1f}%), {t['tensors']} tensors")
@@ -74,12 +76,13 @@ def pack(model, lossless, output, dtype, allow_lossy, force, threads):
 @click.option("--threads", type=int, default=None, help="Decoding threads (default: all cores).")
 def unpack(packed, output, force, threads):
     """Decode a packed directory back to a plain Hugging Face safetensors directory (-o DIR), bit-exact."""
-    from sizewise.lossless import model as lm
+    from sizewise.lossless.float_model import unpack_model
+    from sizewise.lossless.store import KIND_ARTIFACT, is_packed_model
 
-    if not lm.is_packed_model(packed):
+    if not is_packed_model(packed):
         raise SizewiseError(f"{packed} is not a lossless-packed directory (written by `sizewise pack --lossless`)")
-    res = lm.unpack_model(packed, output, overwrite=force, threads=threads)
-    if res["kind"] == lm.KIND_ARTIFACT:
+    res = unpack_model(packed, output, overwrite=force, threads=threads)
+    if res["kind"] == KIND_ARTIFACT:
         click.echo(f"wrote {output}: the artifact's dense float32 model ({res['tensors']} stored tensors decoded)")
     else:
         click.echo(f"wrote {output}: {res['tensors']} tensors, {_mb(res['bytes'])} in {', '.join(res['files'])}, "

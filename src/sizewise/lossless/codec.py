@@ -29,7 +29,8 @@ _SPLIT = {KIND_BF16: planes.split_bf16, KIND_FP16: planes.split_fp16}
 _MERGE = {KIND_BF16: planes.merge_bf16, KIND_FP16: planes.merge_fp16}
 
 
-def _default_threads() -> int:
+def default_threads() -> int:
+    """The threads used when none are given: the CPUs this process may run on."""
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
@@ -37,7 +38,7 @@ def _default_threads() -> int:
 
 
 def _map(fn, items: list, threads: int | None) -> list:
-    threads = min(threads or _default_threads(), len(items))
+    threads = min(threads or default_threads(), len(items))
     if threads <= 1:
         return [fn(x) for x in items]
     with ThreadPoolExecutor(threads) as pool:
@@ -83,7 +84,7 @@ def encode_float(t: torch.Tensor, *, block_values: int = DEFAULT_BLOCK_VALUES, t
     return _assemble(kind, 16, 1, 0, block_values, u.size, t.shape, encoded)
 
 
-def _decode_float_into(mv: memoryview, header: Header, i: int, offset: int, dst: np.ndarray) -> None:
+def _decode_float_block_into(mv: memoryview, header: Header, i: int, offset: int, dst: np.ndarray) -> None:
     """Decode block i (its bytes start at `offset`) into `dst`, a uint16 array of the block's length."""
     entry = header.blocks[i]
     n = dst.size
@@ -96,23 +97,38 @@ def _decode_float_into(mv: memoryview, header: Header, i: int, offset: int, dst:
         raise CorruptData(f"block {i}: checksum mismatch")
 
 
-def _float_header(data) -> Header:
+def float_header(data) -> Header:
+    """The header of encode_float bytes; CorruptData if they do not hold a float tensor."""
     header = read_header(data)
     if header.kind not in _KIND_DTYPES or header.bits != 16 or header.group != 1:
         raise CorruptData("packed data does not hold a float tensor (use decode_codes?)")
     return header
 
 
+def float_dtype(header: Header) -> torch.dtype:
+    """The dtype of the tensor a float header (from float_header) describes."""
+    return _KIND_DTYPES[header.kind]
+
+
+def decode_float_into(data, header: Header, dst: np.ndarray) -> None:
+    """Decode every block of encode_float bytes, in order on this thread, straight into `dst`
+    (uint16, flat, header.numel values): no intermediate copy. `header` is float_header(data)."""
+    mv = memoryview(data).cast("B")
+    for i, at in enumerate(header.block_offsets()):
+        start, stop = header.block_range(i)
+        _decode_float_block_into(mv, header, i, at, dst[start:stop])
+
+
 def decode_float(data, *, threads: int | None = None) -> torch.Tensor:
     """Packed bytes from encode_float -> the tensor, bit-identical; CorruptData if any check fails."""
-    header = _float_header(data)
+    header = float_header(data)
     mv = memoryview(data).cast("B")
     out = np.empty(header.numel, dtype="<u2")
     offsets = header.block_offsets()
 
     def decode_block(i: int) -> None:
         start, stop = header.block_range(i)
-        _decode_float_into(mv, header, i, offsets[i], out[start:stop])
+        _decode_float_block_into(mv, header, i, offsets[i], out[start:stop])
 
     _map(decode_block, list(range(len(header.blocks))), threads)
     return torch.from_numpy(out.view(np.int16)).view(_KIND_DTYPES[header.kind]).reshape(header.shape)
@@ -120,12 +136,12 @@ def decode_float(data, *, threads: int | None = None) -> torch.Tensor:
 
 def decode_float_block(data, index: int) -> torch.Tensor:
     """The values of block `index` alone (1-D, flat order), without touching the other blocks."""
-    header = _float_header(data)
+    header = float_header(data)
     if not 0 <= index < len(header.blocks):
         raise IndexError(f"block {index} of {len(header.blocks)}")
     start, stop = header.block_range(index)
     out = np.empty(stop - start, dtype="<u2")
-    _decode_float_into(memoryview(data).cast("B"), header, index, header.block_offsets()[index], out)
+    _decode_float_block_into(memoryview(data).cast("B"), header, index, header.block_offsets()[index], out)
     return torch.from_numpy(out.view(np.int16)).view(_KIND_DTYPES[header.kind])
 
 
@@ -158,7 +174,8 @@ def encode_codes(codes: np.ndarray, bits: int, *, block_values: int = DEFAULT_BL
     return _assemble(KIND_CODES, bits, group, dtype, block_values, flat.size, codes.shape, encoded)
 
 
-def _codes_header(data) -> Header:
+def codes_header(data) -> Header:
+    """The header of encode_codes bytes; CorruptData if they do not hold integer codes."""
     header = read_header(data)
     if header.kind != KIND_CODES or not 1 <= header.bits <= 8 or header.group != planes.code_group(header.bits) \
             or header.dtype >= len(CODE_DTYPES) or header.block_values % header.group:
@@ -166,7 +183,7 @@ def _codes_header(data) -> Header:
     return header
 
 
-def _decode_codes_into(mv: memoryview, header: Header, i: int, offset: int, dst: np.ndarray) -> None:
+def _decode_codes_block_into(mv: memoryview, header: Header, i: int, offset: int, dst: np.ndarray) -> None:
     """Decode block i (its bytes start at `offset`) into `dst`, a uint8 array of the block's length."""
     entry = header.blocks[i]
     n = dst.size
@@ -179,16 +196,25 @@ def _decode_codes_into(mv: memoryview, header: Header, i: int, offset: int, dst:
         raise CorruptData(f"block {i}: checksum mismatch")
 
 
+def decode_codes_into(data, header: Header, dst: np.ndarray) -> None:
+    """Decode every block of encode_codes bytes, in order on this thread, straight into `dst`
+    (uint8, flat, header.numel values). `header` is codes_header(data)."""
+    mv = memoryview(data).cast("B")
+    for i, at in enumerate(header.block_offsets()):
+        start, stop = header.block_range(i)
+        _decode_codes_block_into(mv, header, i, at, dst[start:stop])
+
+
 def decode_codes(data, *, threads: int | None = None) -> np.ndarray:
     """Packed bytes from encode_codes -> the codes with their shape and dtype; CorruptData on any failure."""
-    header = _codes_header(data)
+    header = codes_header(data)
     mv = memoryview(data).cast("B")
     out = np.empty(header.numel, dtype=np.uint8)
     offsets = header.block_offsets()
 
     def decode_block(i: int) -> None:
         start, stop = header.block_range(i)
-        _decode_codes_into(mv, header, i, offsets[i], out[start:stop])
+        _decode_codes_block_into(mv, header, i, offsets[i], out[start:stop])
 
     _map(decode_block, list(range(len(header.blocks))), threads)
     return out.astype(CODE_DTYPES[header.dtype], copy=False).reshape(header.shape)
@@ -196,12 +222,12 @@ def decode_codes(data, *, threads: int | None = None) -> np.ndarray:
 
 def decode_codes_block(data, index: int) -> np.ndarray:
     """The codes of block `index` alone (1-D uint8, flat order)."""
-    header = _codes_header(data)
+    header = codes_header(data)
     if not 0 <= index < len(header.blocks):
         raise IndexError(f"block {index} of {len(header.blocks)}")
     start, stop = header.block_range(index)
     out = np.empty(stop - start, dtype=np.uint8)
-    _decode_codes_into(memoryview(data).cast("B"), header, index, header.block_offsets()[index], out)
+    _decode_codes_block_into(memoryview(data).cast("B"), header, index, header.block_offsets()[index], out)
     return out
 
 
