@@ -1,0 +1,187 @@
+"""A recipe is everything one compression run does, as data: JSON in, JSON out, the same object the
+CLI builds from its flags and a notebook user passes to `api.run`.
+
+    transforms    the method's prefix: rotate+ (Hadamard rotation), awq+ (AWQ scales), applied first
+    quantizer     the method's last part (rtn, rtn-mse, gptq), with typed options (`options`)
+    what to store one uniform `format` (minus `skip` globs), a `plan` (per-layer choices), or a
+                  `budget` the allocator meets by choosing among the listed quantizers per layer
+    calibration   `calib`; the allocator's samples (`fisher_samples`, `measure_samples`)
+    output        "artifact" (a directory) or "gguf" (a file llama.cpp runs)
+
+    sizewise compress MODEL --recipe recipe.json -o out/x        # a recipe saved by an earlier run
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+
+import torch
+
+from .defaults import MEASURE_SAMPLES
+from .errors import SizewiseError
+from .plan import Choice, Plan
+from .quant import methods
+from .quant.formats import TORCH_DTYPES, Format
+from .quant.registry import format_from_dict
+from .quant.uniform import QuantFormat
+
+RECIPE_VERSION = 1
+OUTPUTS = ("artifact", "gguf")
+
+
+@dataclass
+class CalibConfig:
+    """Calibration data for methods that need it. `text=None`: the model generates its own samples."""
+
+    text: str | None = None
+    samples: int = 128
+    length: int = 512
+    seed: int = 0
+    batch: int = 8
+    offload: str | None = None       # directory for the activation buffer (memory-mapped)
+    # dtype of calibration forward passes: "auto" (bfloat16 where native: GPTQ on SmolLM2 2.8x faster
+    # than float32 at equal perplexity, bench/results/budget.json), "float32" or "bfloat16"
+    dtype: str = "auto"
+
+    def resolved(self, device) -> "CalibConfig":
+        """This config with "auto" replaced by the dtype chosen for `device` (see `auto_calib_dtype`)."""
+        return self if self.dtype != "auto" else replace(self, dtype=auto_calib_dtype(device))
+
+
+def auto_calib_dtype(device) -> str:
+    """bfloat16 where the hardware computes it natively (CUDA with bf16; x86 CPUs with AVX512-BF16 or
+    AMX, read from /proc/cpuinfo), else float32: emulated bf16 would be slower than float32."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "float32"
+    return "bfloat16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "float32"
+
+
+@dataclass
+class Recipe:
+    method: str = "rtn"                             # [rotate+][awq+]QUANTIZER; with a budget, QUANTIZERS comma-separated
+    format: Format = field(default_factory=lambda: QuantFormat(4, 64))
+    options: dict = field(default_factory=dict)     # method options, e.g. {"act_order": False} (checked: `check`)
+    skip: tuple[str, ...] = ()                      # globs of linear names kept in float
+    float_dtype: str = "float16"                    # storage of every weight not quantized
+    plan: Plan | None = None                        # when given, overrides format/skip
+    calib: CalibConfig = field(default_factory=CalibConfig)
+    budget: str | None = None                       # "3.5bpw", "70MB": the allocator chooses per layer
+    fisher_samples: int = 8                         # with a budget: samples for the importance pass
+    measure_samples: int = MEASURE_SAMPLES          # with a budget: held-out samples to measure plans on
+    output: str = "artifact"                        # "artifact" or "gguf"
+
+    # --- what the run does --------------------------------------------------------------------
+
+    @property
+    def pipeline(self) -> methods.Pipeline:
+        """The transforms and the quantizer (for a budget: the transforms the quantizers share)."""
+        return self.budget_methods()[0] if self.budget is not None else methods.parse(self.method)
+
+    def budget_methods(self) -> tuple[methods.Pipeline, tuple[str, ...]]:
+        """With a budget: (pipeline the plan is applied with, quantizers the allocator chooses among).
+
+        "awq+gptq,awq+rtn" -> (awq+rtn, ("gptq", "rtn")): the plan is chosen on the float model, then
+        applied with AWQ's scales searched for each layer's chosen format. Rotations change the model
+        the profile measures, so they are not offered here (`compress --plan` applies them).
+        """
+        pipes = [methods.parse(m) for m in self.method.split(",")]
+        if len({(p.rotate, p.awq) for p in pipes}) > 1:
+            raise SizewiseError(f"--method {self.method}: every quantizer must share the same transforms "
+                                "(e.g. awq+gptq,awq+rtn)")
+        if pipes[0].rotate:
+            raise SizewiseError("--budget does not combine with rotate+ (the profile would measure the unrotated "
+                                "model); make a plan with `sizewise plan`, then `compress --plan FILE --method rotate+gptq`")
+        pipeline = methods.parse("awq+rtn" if pipes[0].awq else "rtn")
+        return pipeline, tuple(p.quantizer for p in pipes)
+
+    def check(self) -> "Recipe":
+        """Every field names something that exists and fits the others; one-line error otherwise."""
+        if self.float_dtype not in TORCH_DTYPES:
+            raise SizewiseError(f"float dtype must be one of {sorted(TORCH_DTYPES)}, got {self.float_dtype!r}")
+        if self.output not in OUTPUTS:
+            raise SizewiseError(f"unknown output {self.output!r}; available: {', '.join(OUTPUTS)}")
+        if self.budget is not None and (self.plan is not None or self.skip):
+            raise SizewiseError("--budget chooses every layer's format itself; drop --plan and --skip")
+        quantizers = self.budget_methods()[1] if self.budget is not None else (self.pipeline.quantizer,)
+        used = {methods.get(q).name for q in quantizers} | (self.plan.methods() if self.plan else set())
+        for name in used:
+            methods.get(name)
+        self._check_options()
+        return self
+
+    def _check_options(self) -> None:
+        """Options are typed by the defaults of the methods that take them (GPTQ: block_size int,
+        act_order bool, damp float, clip_search bool)."""
+        known = {k: v for m in methods.METHODS.values() for k, v in m.options.items()}
+        for key, value in self.options.items():
+            if key not in known:
+                raise SizewiseError(f"unknown method option {key!r}; known: {', '.join(sorted(known))}")
+            want = type(known[key])
+            ok = isinstance(value, want) and not (want is not bool and isinstance(value, bool))
+            if want is float and isinstance(value, int) and not isinstance(value, bool):
+                ok = True
+            if not ok:
+                raise SizewiseError(f"method option {key}={value!r} must be a {want.__name__}")
+        if self.options.get("damp", 0) < 0 or self.options.get("block_size", 1) < 1:
+            raise SizewiseError("GPTQ's damp must be >= 0 and its block size >= 1")
+
+    # --- JSON ---------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict:
+        out = {"recipe_version": RECIPE_VERSION}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.name == "format":
+                v = v.to_dict()
+            elif f.name == "plan":
+                v = None if v is None else [c.to_dict() for c in v.choices]
+            elif f.name == "calib":
+                v = {g.name: getattr(v, g.name) for g in fields(v)}
+            elif f.name == "skip":
+                v = list(v)
+            out[f.name] = v
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Recipe":
+        if not isinstance(d, dict):
+            raise SizewiseError("a recipe is a JSON object")
+        d = dict(d)
+        if d.pop("recipe_version", RECIPE_VERSION) > RECIPE_VERSION:
+            raise SizewiseError("the recipe was written by a newer sizewise")
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise SizewiseError(f"unknown recipe field(s): {', '.join(unknown)}")
+        try:
+            if "format" in d:
+                d["format"] = format_from_dict(d["format"])
+            if d.get("plan") is not None:
+                d["plan"] = Plan([Choice.from_dict(c) for c in d["plan"]])
+            if "calib" in d:
+                d["calib"] = CalibConfig(**d["calib"])
+            if "skip" in d:
+                d["skip"] = tuple(d["skip"])
+            return cls(**d).check()
+        except (TypeError, KeyError, AttributeError) as e:
+            raise SizewiseError(f"not a sizewise recipe: {e}") from None
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Recipe":
+        p = Path(path)
+        if not p.is_file():
+            raise SizewiseError(f"no recipe file at {path}")
+        try:
+            return cls.from_dict(json.loads(p.read_text()))
+        except json.JSONDecodeError as e:
+            raise SizewiseError(f"{path} is not JSON: {e}") from None

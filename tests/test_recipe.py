@@ -1,0 +1,69 @@
+"""Recipes: everything a run does, as JSON that round-trips and is checked before any work."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sizewise.errors import SizewiseError
+from sizewise.plan import Choice, Plan
+from sizewise.quant.formats import FloatFormat
+from sizewise.quant.kquant import KQuantFormat
+from sizewise.quant.uniform import QuantFormat
+from sizewise.recipe import CalibConfig, Recipe
+
+RECIPES = [
+    Recipe(),
+    Recipe(method="awq+gptq", format=QuantFormat(3, 32, symmetric=True, scale_dtype="bfloat16"),
+           options={"act_order": False, "damp": 0.05}, skip=("*.down_proj",), float_dtype="bfloat16",
+           calib=CalibConfig(text="enwiki-sample", samples=16, length=128, seed=3, dtype="float32")),
+    Recipe(method="rotate+gptq", plan=Plan([Choice("a.weight", "gptq", KQuantFormat("Q4_K")),
+                                            Choice("b.weight", "float", FloatFormat("float32"))])),
+    Recipe(method="rtn,gptq", budget="3.5bpw", fisher_samples=4, measure_samples=0, output="gguf"),
+]
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda r: r.method)
+def test_json_round_trip(recipe):
+    back = Recipe.from_dict(json.loads(recipe.to_json()))
+    assert back == recipe
+    assert back.to_json() == recipe.to_json()
+
+
+def test_load_from_file(tmp_path):
+    p = tmp_path / "r.json"
+    p.write_text(RECIPES[1].to_json())
+    assert Recipe.load(p) == RECIPES[1]
+    with pytest.raises(SizewiseError):
+        Recipe.load(tmp_path / "missing.json")
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(SizewiseError):
+        Recipe.load(tmp_path / "bad.json")
+
+
+@pytest.mark.parametrize("bad", [
+    {"method": "nope"},
+    {"method": "gptq", "options": {"act_ordr": False}},        # a typo is not silently ignored
+    {"method": "gptq", "options": {"act_order": "no"}},        # options are typed
+    {"method": "gptq", "options": {"block_size": 1.5}},
+    {"method": "gptq", "options": {"damp": -1.0}},
+    {"float_dtype": "float8"},
+    {"output": "onnx"},
+    {"budget": "3bpw", "skip": ["*.q_proj"]},
+    {"budget": "3bpw", "method": "rotate+gptq"},
+    {"budget": "3bpw", "method": "awq+gptq,rtn"},
+    {"colour": "blue"},
+    {"format": {"kind": "quant", "bits": 9}},
+    {"recipe_version": 99},
+])
+def test_bad_recipes_are_one_line_errors(bad):
+    with pytest.raises(SizewiseError) as e:
+        Recipe.from_dict({**Recipe().to_dict(), **bad})
+    assert "\n" not in str(e.value)
+
+
+def test_budget_methods_split_transforms_from_quantizers():
+    pipeline, quantizers = Recipe(method="awq+gptq,awq+rtn", budget="3bpw").budget_methods()
+    assert (pipeline.awq, pipeline.rotate, pipeline.quantizer) == (True, False, "rtn")
+    assert quantizers == ("gptq", "rtn")
