@@ -8,6 +8,7 @@ import torch
 from sizewise import allocate as A
 from sizewise.arch import discover
 from sizewise.engine import LinearStats
+from sizewise.observers import DEFAULT_OBSERVERS, RoundingGram
 from sizewise.errors import SizewiseError
 from sizewise.export.ggml_matmul import input_rounding, round_input, rounded_inputs
 from sizewise.quant.codebook import CodebookFormat
@@ -80,7 +81,7 @@ def test_rounded_inputs_hooks_only_inside_the_block():
 
 def test_stats_gather_rounding_error_on_the_first_tokens_only():
     x = _activations(40, 256)
-    s = LinearStats.empty(256, "cpu", ("q8_0", "q8_K"), rounding_tokens=30)
+    s = LinearStats.empty(256, "cpu", (*DEFAULT_OBSERVERS, RoundingGram(("q8_0", "q8_K"), 30)))
     s.add(x[:20])
     s.add(x[20:])
     assert s.count == 40 and s.rounding_count == 30
@@ -88,7 +89,7 @@ def test_stats_gather_rounding_error_on_the_first_tokens_only():
         e = round_input(x[:30], kind) - x[:30]
         assert torch.allclose(s.rounding[kind], e.t() @ e, rtol=1e-5, atol=1e-6)
     # a width the block does not tile gets no accumulator for it
-    assert set(LinearStats.empty(64, "cpu", ("q8_0", "q8_K"), 8).rounding) == {"q8_0"}
+    assert set(LinearStats.empty(64, "cpu", (*DEFAULT_OBSERVERS, RoundingGram(("q8_0", "q8_K"), 8))).rounding) == {"q8_0"}
 
 
 @pytest.fixture(scope="module")

@@ -62,6 +62,7 @@ from . import builtins, engine
 from .defaults import HEAD_SAMPLES, MEASURE_SAMPLES, ROUNDING_TOKENS
 from .arch import Architecture, discover
 from .errors import SizewiseError
+from .observers import DEFAULT_OBSERVERS, RoundingGram
 from .plan import Choice, Plan
 from .quant import methods
 from .quant.formats import DTYPE_BITS, TORCH_DTYPES, FloatFormat, Format, label
@@ -632,7 +633,8 @@ def profile_model(model, arch: Architecture, samples: torch.Tensor, candidates: 
     stats, facts = engine.statistics(model, arch, samples, batch=batch, offload=offload, progress=progress,
                                      compute_dtype=compute_dtype, measure=measure,
                                      head=tables and _needs_head_stats(arch, candidates),
-                                     roundings=tuple(sorted({k for k in rounds if k is not None})))
+                                     observers=(*DEFAULT_OBSERVERS, RoundingGram(
+                                         tuple(sorted({k for k in rounds if k is not None})), ROUNDING_TOKENS)))
     t1 = time.perf_counter()
     calibration = _calibrate_rounding(model, arch, layers, samples[:table_samples], batch, progress) if arithmetic else {}
     for lp in layers:                       # each candidate pays its own input rounding on top of its weight error

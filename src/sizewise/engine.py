@@ -21,56 +21,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .arch import Architecture, LinearRef
-from .defaults import HEAD_SAMPLES, ROUNDING_TOKENS
-from .export import ggml_matmul
-
-
-@dataclass
-class LinearStats:
-    """What a solver may know about a linear layer's inputs (sums over calibration tokens)."""
-
-    xtx: torch.Tensor        # [in, in] float32, sum of x xᵀ (GPTQ's Hessian up to a factor 2/n)
-    abs_sum: torch.Tensor    # [in] float32, sum of |x| (AWQ's activation salience)
-    count: int = 0           # tokens seen
-    # Linears that read the same input (q/k/v, gate/up) share one LinearStats; solvers may cache
-    # what they derive from it (e.g. GPTQ's Hessian factor) here. Cleared whenever xtx changes.
-    cache: dict = field(default_factory=dict, repr=False)
-    # kind -> [in, in] sum of e eᵀ, e = what llama.cpp's input rounding of that kind does to x
-    # (`export.ggml_matmul`), over the first `rounding_limit` tokens only: its statistics settle fast
-    rounding: dict = field(default_factory=dict, repr=False)
-    rounding_count: int = 0
-    rounding_limit: int = 0
-
-    @classmethod
-    def empty(cls, in_features: int, device, roundings: tuple[str, ...] = (), rounding_tokens: int = 0) -> "LinearStats":
-        z = torch.zeros
-        return cls(z(in_features, in_features, device=device), z(in_features, device=device),
-                   rounding={k: z(in_features, in_features, device=device) for k in roundings
-                             if ggml_matmul.fits(k, in_features)},
-                   rounding_limit=rounding_tokens)
-
-    def add(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1])
-        xf = x.float()
-        if x.dtype in (torch.bfloat16, torch.float16):
-            # Half-precision passes: the Gram product runs in x's dtype (4x faster here than float32),
-            # but its output is rounded to 8 mantissa bits. Centering first keeps that rounding
-            # relative to the spread of x, not to its mean, which dominates XᵀX entries:
-            # XᵀX = CᵀC + n μμᵀ with C = X - μ. Batches are then summed in float32.
-            mu = xf.mean(0)
-            c = (xf - mu).to(x.dtype)
-            self.xtx.add_((c.t() @ c).float())
-            self.xtx.addr_(mu, mu, alpha=x.shape[0])
-        else:
-            self.xtx.addmm_(xf.t(), xf)
-        self.abs_sum.add_(xf.abs().sum(0))
-        self.count += x.shape[0]
-        if self.rounding and self.rounding_count < self.rounding_limit:
-            xs = xf[:self.rounding_limit - self.rounding_count]
-            for kind, acc in self.rounding.items():
-                e = ggml_matmul.round_input(xs, kind) - xs
-                acc.addmm_(e.t(), e)
-            self.rounding_count += xs.shape[0]
+from .defaults import HEAD_SAMPLES
+from .observers import DEFAULT_OBSERVERS, LinearStats, Observer
 
 
 # solve(ref, weight [out, in] float32, stats or None) -> the new [out, in] weight the model will use
@@ -176,7 +128,7 @@ def _layer_forward(layer, h, extra):
 
 
 def _observe(layer, refs: list[LinearRef], buffer: ActivationBuffer, batch: int, extra, device, dtype,
-             roundings: tuple[str, ...] = ()) -> dict:
+             observers: tuple[Observer, ...] = DEFAULT_OBSERVERS) -> dict:
     """Run the float layer over all samples, accumulating each linear's input statistics.
 
     Linears fed the very same tensor share one accumulator, so XᵀX is computed once per input.
@@ -193,7 +145,7 @@ def _observe(layer, refs: list[LinearRef], buffer: ActivationBuffer, batch: int,
                 owner.setdefault(name, first)
                 return
             if name not in stats:
-                stats[name] = LinearStats.empty(in_features, device, roundings, ROUNDING_TOKENS)
+                stats[name] = LinearStats.empty(in_features, device, observers)
             stats[name].add(x)
         return accumulate
 
@@ -214,7 +166,7 @@ def _observe(layer, refs: list[LinearRef], buffer: ActivationBuffer, batch: int,
 def run(model, arch: Architecture, solve: Solver, samples: torch.Tensor | None, *,
         batch: int = 8, offload: Path | None = None, progress: bool = True,
         compute_dtype: torch.dtype = torch.float32, transform: Transform | None = None,
-        stats: dict[str, LinearStats] | None = None, roundings: tuple[str, ...] = ()) -> dict:
+        stats: dict[str, LinearStats] | None = None, observers: tuple[Observer, ...] = DEFAULT_OBSERVERS) -> dict:
     """Compress every linear of every decoder layer in place; return timing and memory facts.
 
     With `samples` None the solver gets no statistics and no forward pass runs (data-free methods).
@@ -223,7 +175,7 @@ def run(model, arch: Architecture, solve: Solver, samples: torch.Tensor | None, 
     `stats` (linear name -> statistics gathered earlier, e.g. by `statistics`) replaces the passes:
     every layer is solved from those inputs at once ("one-shot"), without propagating the
     compressed layers' outputs. A sweep over budgets uses this to observe the model only once.
-    `roundings`: llama.cpp input roundings whose error statistics the observed stats also gather.
+    `observers`: what is accumulated of each linear's inputs (`observers.py`: XᵀX and Σ|x| by default).
     """
     device = next(model.parameters()).device
     t0 = time.perf_counter()
@@ -249,7 +201,7 @@ def run(model, arch: Architecture, solve: Solver, samples: torch.Tensor | None, 
         for i, layer in enumerate(arch.layers):
             refs = arch.linears[i]
             with _computing_in(layer, compute_dtype):
-                stats = _observe(layer, refs, buffer, batch, extra, device, compute_dtype, roundings)
+                stats = _observe(layer, refs, buffer, batch, extra, device, compute_dtype, observers)
             if transform is not None:
                 transform(i, layer, refs, stats)
             for ref in refs:                          # solve
@@ -304,7 +256,7 @@ def head_statistics(model, arch: Architecture, samples: torch.Tensor, *, batch: 
 def statistics(model, arch: Architecture, samples: torch.Tensor, *, batch: int = 8, offload: Path | None = None,
                progress: bool = True, compute_dtype: torch.dtype = torch.float32,
                measure: Solver | None = None, head: bool = False,
-               roundings: tuple[str, ...] = ()) -> tuple[dict[str, LinearStats], dict]:
+               observers: tuple[Observer, ...] = DEFAULT_OBSERVERS) -> tuple[dict[str, LinearStats], dict]:
     """Every decoder linear's input statistics under the *float* model, in one pass; the model is unchanged.
 
     `measure(ref, w, stats)`, if given, is called per linear as the layer is observed (its return
@@ -320,7 +272,7 @@ def statistics(model, arch: Architecture, samples: torch.Tensor, *, batch: int =
         return w                                    # the float model propagates
 
     facts = run(model, arch, keep, samples, batch=batch, offload=offload, progress=progress,
-                compute_dtype=compute_dtype, roundings=roundings)        # exact weights restored after bf16 passes (_computing_in)
+                compute_dtype=compute_dtype, observers=observers)        # exact weights restored after bf16 passes (_computing_in)
     if head:
         t0 = time.perf_counter()
         kept.update(head_statistics(model, arch, samples, batch=batch, compute_dtype=compute_dtype))
