@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from .arch import Architecture, LinearRef
 from .defaults import HEAD_SAMPLES, ROUNDING_TOKENS
-from .export import ggml_matmul
+from .runtime import llamacpp
 
 
 @dataclass
@@ -36,7 +36,7 @@ class LinearStats:
     # what they derive from it (e.g. GPTQ's Hessian factor) here. Cleared whenever xtx changes.
     cache: dict = field(default_factory=dict, repr=False)
     # kind -> [in, in] sum of e eᵀ, e = what llama.cpp's input rounding of that kind does to x
-    # (`export.ggml_matmul`), over the first `rounding_limit` tokens only: its statistics settle fast
+    # (`runtime.llamacpp`), over the first `rounding_limit` tokens only: its statistics settle fast
     rounding: dict = field(default_factory=dict, repr=False)
     rounding_count: int = 0
     rounding_limit: int = 0
@@ -46,7 +46,7 @@ class LinearStats:
         z = torch.zeros
         return cls(z(in_features, in_features, device=device), z(in_features, device=device),
                    rounding={k: z(in_features, in_features, device=device) for k in roundings
-                             if ggml_matmul.fits(k, in_features)},
+                             if llamacpp.fits(k, in_features)},
                    rounding_limit=rounding_tokens)
 
     def add(self, x: torch.Tensor) -> None:
@@ -68,7 +68,7 @@ class LinearStats:
         if self.rounding and self.rounding_count < self.rounding_limit:
             xs = xf[:self.rounding_limit - self.rounding_count]
             for kind, acc in self.rounding.items():
-                e = ggml_matmul.round_input(xs, kind) - xs
+                e = llamacpp.round_input(xs, kind) - xs
                 acc.addmm_(e.t(), e)
             self.rounding_count += xs.shape[0]
 

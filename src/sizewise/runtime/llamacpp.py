@@ -6,7 +6,7 @@ for the 32-weight types, 8-bit blocks of 256 with a float32 scale (Q8_K) for the
 weight's own dtype for F16 and BF16, nothing for F32. The weights of a sizewise GGUF are exact,
 so this rounding is all that separates llama.cpp's logits from sizewise's float evaluation; on
 SmolLM2-135M it costs about 0.003 nats per token, as much as a 5-bit weight grid. The allocator
-prices it per tensor (`allocate.profile_model(rounding=...)`) and measures plans with it.
+prices it per tensor (`allocate.profile_model(arithmetic="llamacpp")`) and measures plans with it.
 
 Written by hand: the rounding lives inside ggml's C kernels; no library exposes it on tensors.
 """
@@ -31,7 +31,7 @@ _BLOCK = {"q8_0": 32, "q8_K": 256}
 
 def input_rounding(fmt: Format) -> str | None:
     """The rounding llama.cpp applies to the inputs of a weight stored in `fmt` (None: none)."""
-    from .gguf_types import ggml_type_for
+    from ..export.gguf_types import ggml_type_for      # to become fmt.ggml_type (the format classes)
 
     t = ggml_type_for(fmt)
     if t is None:
