@@ -18,11 +18,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, save  # noqa: E402
+from proxy_validation import proxy_pairs, spearman, validate_proxy  # noqa: E402
 
 from sizewise import CalibConfig, CompressConfig, compress  # noqa: E402
 from sizewise import allocate as A  # noqa: E402
 from sizewise import data  # noqa: E402
-from sizewise.api import _calibration  # noqa: E402
+from sizewise.api.budget import cached_profile  # noqa: E402
 from sizewise.arch import discover  # noqa: E402
 from sizewise.evaluate import environment, evaluate_many  # noqa: E402
 from sizewise.plan import Plan  # noqa: E402
@@ -58,7 +59,7 @@ def main() -> None:
     sizes = A.size_table(src.model, arch, cands)
     calib = CalibConfig(text=args.calib, samples=args.calib_samples, length=args.calib_len)
     t0 = time.perf_counter()
-    prof = A.cached_profile(src, arch, calib, cands, fisher_samples=args.fisher_samples, progress=False)
+    prof = cached_profile(src, arch, calib, cands, fisher_samples=args.fisher_samples, progress=False)
     if args.compare_only:
         return side_by_side(args, src, arch, cands, sizes, prof, result)
     result["profile_s"] = time.perf_counter() - t0
@@ -72,14 +73,14 @@ def main() -> None:
     held = data.calibration_samples(data.tokenize(src.tokenizer, text), 4, args.calib_len, seed=123)
     i3 = next(i for i, c in enumerate(cands) if c.method == "rtn" and c.format == QuantFormat(3, 64))
     checks = {}
-    for name, pairs in (("random", A.proxy_pairs(prof, args.pairs, seed=0)),
-                        ("int3_g64_across_layers", A.proxy_pairs(prof, args.pairs, seed=1, candidate=i3))):
+    for name, pairs in (("random", proxy_pairs(prof, args.pairs, seed=0)),
+                        ("int3_g64_across_layers", proxy_pairs(prof, args.pairs, seed=1, candidate=i3))):
         t0 = time.perf_counter()
-        v = A.validate_proxy(src.model, arch, prof, held, pairs=pairs)
+        v = validate_proxy(src.model, arch, prof, held, pairs=pairs)
         # the same pairs ranked by the unweighted layer-output error (no Fisher importance)
         raw = [prof.by_name[r["layer"]].errors[cands.index(next(c for c in cands if c.label == r["candidate"]))]
                for r in v["pairs"]]
-        v["spearman_unweighted_error"] = A.spearman(raw, [r["measured"] for r in v["pairs"]])
+        v["spearman_unweighted_error"] = spearman(raw, [r["measured"] for r in v["pairs"]])
         v["validate_s"] = time.perf_counter() - t0
         checks[name] = v
         result["validation"] = checks

@@ -171,7 +171,7 @@ def reference_logits(model, windows, check: list[int], work: Path, rounding: dic
     import numpy as np
     import torch
 
-    from sizewise.export.ggml_matmul import rounded_inputs
+    from sizewise.runtime.llamacpp import rounded_inputs
 
     paths = {}
     with torch.no_grad(), rounded_inputs(rounding or {}):
@@ -357,7 +357,7 @@ def main() -> None:
     import sizewise
     from sizewise import data, sources
     from sizewise.evaluate import environment, evaluate
-    from sizewise.export.ggml_matmul import rounded_inputs
+    from sizewise.runtime.llamacpp import rounded_inputs
 
     types = [t for t in args.types.split(",") if t]
     try:
@@ -493,7 +493,7 @@ def main() -> None:
                # arithmetic (8-bit activations in quantized matmuls) changes
                "check_ppl_ratio": math.exp(sum(c["llama_nll"] - c["ref_nll"] for c in res["checks"])
                                            / sum(c["tokens"] for c in res["checks"])),
-               # the same, sizewise computing with llama.cpp's input rounding (export/ggml_matmul.py)
+               # the same, sizewise computing with llama.cpp's input rounding (runtime/llamacpp.py)
                "rounded_logit_max_abs_diff": max(c["max_abs_diff"] for c in res["checks_rounded"]),
                "rounded_argmax_agreement": float(np.mean([c["argmax_agreement"] for c in res["checks_rounded"]])),
                "rounded_check_ppl_ratio": math.exp(sum(c["llama_nll"] - c["ref_nll"] for c in res["checks_rounded"])

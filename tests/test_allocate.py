@@ -2,7 +2,9 @@
 
 import itertools
 import json
+import sys
 from fractions import Fraction
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,11 +12,16 @@ import torch
 
 import sizewise
 from sizewise import allocate as A
+from sizewise.allocate import candidates, choice
+from sizewise.api import budget as B
 from sizewise.arch import discover
 from sizewise.errors import SizewiseError
 from sizewise.plan import Plan
 from sizewise.sources import load
 from tiny import tiny_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import proxy_validation as PV  # noqa: E402
 
 
 def _brute(weights, costs, cap):
@@ -126,9 +133,9 @@ def test_unreachable_budget_names_the_range_before_profiling(tiny_dirs, monkeypa
     def no_profiling(*a, **k):
         raise AssertionError("profiled before checking the budget")
 
-    monkeypatch.setattr(A, "profile_model", no_profiling)
+    monkeypatch.setattr(B, "profile_model", no_profiling)
     with pytest.raises(SizewiseError) as e:
-        A.plan_for_budget(tiny_dirs["llama"], budget, progress=False)
+        B.plan_for_budget(tiny_dirs["llama"], budget, progress=False)
     msg = str(e.value)
     assert words in msg and "reachable:" in msg and " to " in msg and "\n" not in msg
 
@@ -156,7 +163,7 @@ def test_file_size_bound_is_tight_and_never_below_the_real_file(tiny_dirs, tmp_p
     sizes = A.size_table(src.model, arch, cands)
     r = np.random.default_rng(0)
     picks = [int(r.integers(len(l.options))) for l in sizes.layers]
-    plan = Plan([A._choice(l.name, cands[l.options[k]]) for l, k in zip(sizes.layers, picks)])
+    plan = Plan([candidates._choice(l.name, cands[l.options[k]]) for l, k in zip(sizes.layers, picks)])
     res = sizewise.compress(src, sizewise.CompressConfig(plan=plan), tmp_path / "a", progress=False)
     t = res.manifest["totals"]
     assert t["linear_stored_bits"] == sum(l.bits[k] for l, k in zip(sizes.layers, picks))
@@ -189,7 +196,7 @@ def test_profile_error_is_the_exact_layer_output_error(llama, profiled):
     x = torch.cat(xs)
     lp = prof.by_name[ref.weight_name]
     i = next(i for i, c in enumerate(cands) if c.method == "rtn" and c.format.bits == 3 and c.format.group_size == 32)
-    dw = A._dequantized(cands[i], ref.weight(), None, None) - ref.weight()
+    dw = candidates._dequantized(cands[i], ref.weight(), None, None) - ref.weight()
     assert lp.errors[i] == pytest.approx(float(((x @ dw.t()) ** 2).sum(1).mean()), rel=1e-3)
     assert all(c is None or c >= 0 for c in lp.costs)
     # fewer bits, more error, at a fixed group size
@@ -201,7 +208,7 @@ def test_proxy_ranks_single_layer_changes_like_the_measured_kl(llama, profiled):
     model, arch, cands, _ = llama
     prof, samples = profiled
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    res = A.validate_proxy(model, arch, prof, samples, count=10, seed=0)
+    res = PV.validate_proxy(model, arch, prof, samples, count=10, seed=0)
     assert len(res["pairs"]) == 10
     assert res["spearman"] > 0.7, res
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())   # model restored
@@ -209,16 +216,16 @@ def test_proxy_ranks_single_layer_changes_like_the_measured_kl(llama, profiled):
     # measured on held-out token sequences
     held_out = torch.randint(0, model.config.vocab_size, (8, 32), generator=torch.Generator().manual_seed(1))
     i = next(i for i, c in enumerate(cands) if c.method == "rtn" and c.format.bits == 3 and c.format.group_size == 32)
-    res = A.validate_proxy(model, arch, prof, held_out, pairs=A.proxy_pairs(prof, 100, candidate=i))
+    res = PV.validate_proxy(model, arch, prof, held_out, pairs=PV.proxy_pairs(prof, 100, candidate=i))
     assert len(res["pairs"]) == len(arch.all_linears())
     assert res["spearman"] > 0.8, res
     assert 0.5 < res["median_ratio"] < 2           # ½·Fisher makes it a KL estimate, not just a ranking
 
 
 def test_spearman():
-    assert A.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1)
-    assert A.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1)
-    assert A.spearman([1, 1, 2], [5, 5, 9]) == pytest.approx(1)
+    assert PV.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1)
+    assert PV.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1)
+    assert PV.spearman([1, 1, 2], [5, 5, 9]) == pytest.approx(1)
 
 
 # --- allocation -----------------------------------------------------------------------------------
@@ -264,12 +271,12 @@ def test_end_to_end_two_budgets_then_compress(tiny_dirs, tmp_path, monkeypatch):
     """profile (once, then from the cache) → allocate at 2 budgets → JSON → compress: exact sizes."""
     monkeypatch.setenv("SIZEWISE_CACHE", str(tmp_path / "cache"))     # this test's own, empty cache
     calls = []
-    real = A.profile_model
-    monkeypatch.setattr(A, "profile_model", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = B.profile_model
+    monkeypatch.setattr(B, "profile_model", lambda *a, **k: calls.append(1) or real(*a, **k))
     calib = sizewise.CalibConfig(text=str(tiny_dirs["text"]), samples=8, length=32)
     src = load(tiny_dirs["llama"])
     for budget in ("3.25bpw", "80kB"):
-        alloc = A.plan_for_budget(src, budget, calib=calib, progress=False)
+        alloc = B.plan_for_budget(src, budget, calib=calib, progress=False)
         plan = Plan.from_json(alloc.plan.to_json())
         assert plan.choices == alloc.plan.choices
         out = tmp_path / budget
@@ -290,7 +297,7 @@ def test_end_to_end_two_budgets_then_compress(tiny_dirs, tmp_path, monkeypatch):
 
 def test_compress_to_budget_records_the_allocation(tiny_dirs, tmp_path):
     calib = sizewise.CalibConfig(text=str(tiny_dirs["text"]), samples=8, length=32)
-    res, alloc = A.compress_to_budget(tiny_dirs["gpt2"], "4bpw", tmp_path / "o",
+    res, alloc = B.compress_to_budget(tiny_dirs["gpt2"], "4bpw", tmp_path / "o",
                                       sizewise.CompressConfig(calib=calib), progress=False)
     m = json.loads((tmp_path / "o" / "manifest.json").read_text())
     assert m["allocation"]["budget"] == "4bpw" and m["totals"]["bits_per_weight"] <= 4
@@ -336,7 +343,7 @@ def test_measure_plans_is_the_kl_of_the_plans_model_and_restores_the_weights(lla
     tarch = discover(twin)
     refs = {r.weight_name: r for r in tarch.all_linears()}
     for c in variants[0].plan.choices:
-        refs[c.name].set_weight(A._dequantized(A.Candidate(c.method, c.format), refs[c.name].weight(), None, None))
+        refs[c.name].set_weight(candidates._dequantized(A.Candidate(c.method, c.format), refs[c.name].weight(), None, None))
     with torch.no_grad():
         p = torch.log_softmax(model(input_ids=samples[:4]).logits.double(), -1)
         q = torch.log_softmax(twin(input_ids=samples[:4]).logits.double(), -1)
@@ -347,7 +354,7 @@ def test_measure_plans_is_the_kl_of_the_plans_model_and_restores_the_weights(lla
 def test_measured_choice_is_the_least_measured_kl_and_is_recorded(tiny_dirs, tmp_path, monkeypatch):
     monkeypatch.setenv("SIZEWISE_CACHE", str(tmp_path / "cache"))
     calib = sizewise.CalibConfig(text=str(tiny_dirs["text"]), samples=8, length=32)
-    alloc = A.plan_for_budget(load(tiny_dirs["llama"]), "3.5bpw", calib=calib, quantizers=("rtn", "gptq"),
+    alloc = B.plan_for_budget(load(tiny_dirs["llama"]), "3.5bpw", calib=calib, quantizers=("rtn", "gptq"),
                               measure_samples=4, progress=False)
     rows = alloc.measured
     assert len(rows) >= 2 and sum(r["chosen"] for r in rows) == 1
@@ -356,7 +363,7 @@ def test_measured_choice_is_the_least_measured_kl_and_is_recorded(tiny_dirs, tmp
     assert alloc.bits_per_weight <= 3.5
     assert alloc.summary()["measured_plans"] == rows
     # a second call reads the profile from the cache and recomputes the statistics GPTQ needs
-    again = A.plan_for_budget(load(tiny_dirs["llama"]), "3.5bpw", calib=calib, quantizers=("rtn", "gptq"),
+    again = B.plan_for_budget(load(tiny_dirs["llama"]), "3.5bpw", calib=calib, quantizers=("rtn", "gptq"),
                               measure_samples=4, progress=False)
     assert [r["measured_kl"] for r in again.measured] == pytest.approx([r["measured_kl"] for r in rows], rel=1e-5)
 
@@ -375,7 +382,7 @@ def test_statistics_pass_leaves_the_model_exactly_as_it_was(llama):
 def test_engine_from_saved_statistics_equals_solving_each_layer_from_them(llama):
     from sizewise import engine
     from sizewise.quant import methods
-    from sizewise.quant.formats import QuantFormat
+    from sizewise.quant.uniform import QuantFormat
     import copy
     model, arch, *_ = llama
     twin = copy.deepcopy(model)
@@ -395,12 +402,12 @@ def test_measure_memo_reuses_weights_reference_and_plans(llama, profiled, monkey
     variants = A.plan_variants(prof, sizes, "3.5bpw")[:2]
     plain = A.measure_plans(model, arch, variants, samples[:4], progress=False)
     solved, forwards = [], []
-    real_solve, real_logp = A._dequantized, A._log_probs
-    monkeypatch.setattr(A, "_dequantized", lambda *a, **k: solved.append(1) or real_solve(*a, **k))
-    monkeypatch.setattr(A, "_log_probs", lambda *a, **k: forwards.append(1) or real_logp(*a, **k))
-    memo = {}
-    first = A.measure_plans(model, arch, variants, samples[:4], progress=False, memo=memo)
+    real_solve, real_logp = candidates._dequantized, choice._log_probs
+    monkeypatch.setattr(candidates, "_dequantized", lambda *a, **k: solved.append(1) or real_solve(*a, **k))
+    monkeypatch.setattr(choice, "_log_probs", lambda *a, **k: forwards.append(1) or real_logp(*a, **k))
+    memo = A.SolvedCache()
+    first = A.measure_plans(model, arch, variants, samples[:4], progress=False, cache=memo)
     n_solved, n_fwd = len(solved), len(forwards)
     assert first == pytest.approx(plain, rel=1e-6) and n_fwd == 1 + len(variants)
-    again = A.measure_plans(model, arch, variants[::-1], samples[:4], progress=False, memo=memo)
+    again = A.measure_plans(model, arch, variants[::-1], samples[:4], progress=False, cache=memo)
     assert again == first[::-1] and len(solved) == n_solved and len(forwards) == n_fwd     # nothing recomputed

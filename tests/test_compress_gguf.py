@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 import torch
 
-from sizewise import artifact
 from sizewise.cli import main
 
 
@@ -69,11 +68,12 @@ def test_budget_to_a_mixed_type_gguf(tiny_dirs, tmp_path, capsys):
 
 def _gguf_sizes(model_dir, layout="gguf"):
     from sizewise import allocate, api
+    from sizewise.api import budget
     from sizewise.arch import discover
 
     src = api._source(model_dir)
     cands = allocate.gguf_candidate_set(("rtn",))
-    return src, allocate.size_table(src.model, discover(src.model), cands, "float16", allocate.file_layout(layout, src))
+    return src, allocate.size_table(src.model, discover(src.model), cands, "float16", budget.file_layout(layout, src))
 
 
 def test_gguf_layout_counts_the_file_exactly(tmp_path):
@@ -102,7 +102,7 @@ def test_gguf_layout_counts_the_file_exactly(tmp_path):
         if cand.method != "float" or item in sizes.layers:
             choices.append(Choice(item.name, cand.method, cand.format))
     api.compress(src.info["spec"], api.CompressConfig(plan=Plan(choices)), tmp_path / "art", progress=False)
-    sizes.layout.write(tmp_path / "art", tmp_path / "m.gguf")
+    api.budget.write_gguf(sizes.layout, tmp_path / "art", tmp_path / "m.gguf")
     types = _types(tmp_path / "m.gguf")
     assert "output.weight" in types and any(t.endswith("_K") for t in types.values()), types
     assert len(set(types.values())) >= 5, types
@@ -128,11 +128,12 @@ def test_gguf_byte_budget_bounds_the_file(tiny_dirs, tmp_path, where):
 
 
 def test_gguf_size_mismatch_is_an_internal_error(tiny_dirs, tmp_path, monkeypatch):
-    from sizewise import allocate, api
+    from sizewise import api
     from sizewise.errors import SizewiseError
+    from sizewise.export.gguf_layout import GGUFLayout
 
-    real = allocate.GGUFLayout.measure
-    monkeypatch.setattr(allocate.GGUFLayout, "measure",
+    real = GGUFLayout.measure
+    monkeypatch.setattr(GGUFLayout, "measure",
                         lambda self, *a: (lambda fixed, per: (fixed - 64, per))(*real(self, *a)))   # undercount
     with pytest.raises(SizewiseError, match="internal error: the GGUF file"):
         calib = api.CalibConfig(text=str(tiny_dirs["text"]), samples=8, length=32)
@@ -142,10 +143,10 @@ def test_gguf_size_mismatch_is_an_internal_error(tiny_dirs, tmp_path, monkeypatc
 
 
 def test_gguf_budget_below_reach_fails_before_any_work(tiny_dirs, tmp_path, capsys, monkeypatch):
-    from sizewise import allocate
+    from sizewise.api import budget
 
     profiles = []
-    monkeypatch.setattr(allocate, "cached_profile", lambda *a, **k: profiles.append(1))
+    monkeypatch.setattr(budget, "cached_profile", lambda *a, **k: profiles.append(1))
     _, sizes = _gguf_sizes(tiny_dirs["llama"])
     lo, hi = sizes.reachable_bytes()
     assert _gguf_sizes(tiny_dirs["llama"], "artifact")[1].reachable_bytes()[0] != lo    # not the artifact's

@@ -1,4 +1,4 @@
-"""llama.cpp's input rounding (`export.ggml_matmul`) and the allocator pricing it for GGUF plans."""
+"""llama.cpp's input rounding (`runtime.llamacpp`) and the allocator pricing it for GGUF plans."""
 
 import gguf
 import numpy as np
@@ -10,11 +10,12 @@ from sizewise.arch import discover
 from sizewise.engine import LinearStats
 from sizewise.observers import DEFAULT_OBSERVERS, RoundingGram
 from sizewise.errors import SizewiseError
-from sizewise.export.ggml_matmul import input_rounding, round_input, rounded_inputs
+from sizewise.export.gguf_layout import GGUFLayout
 from sizewise.quant.codebook import CodebookFormat
 from sizewise.quant.formats import FloatFormat
 from sizewise.quant.uniform import QuantFormat
 from sizewise.quant.kquant import KQuantFormat
+from sizewise.runtime.llamacpp import input_rounding, round_input, rounded_inputs
 from sizewise.sources import load
 
 
@@ -135,7 +136,7 @@ def test_profile_adds_each_candidates_input_rounding_cost(priced):
 
 def test_allocation_refuses_a_profile_for_another_arithmetic(priced, tiny_dirs):
     src, arch, cands, _, plain, llama = priced
-    gguf_sizes = A.size_table(src.model, arch, cands, layout=A.GGUFLayout.for_source(src))
+    gguf_sizes = A.size_table(src.model, arch, cands, layout=GGUFLayout.for_source(src))
     lo, hi = gguf_sizes.reachable_bytes()
     budget = f"{(lo + hi) // 2}B"
     with pytest.raises(SizewiseError, match="profile again"):
@@ -145,7 +146,7 @@ def test_allocation_refuses_a_profile_for_another_arithmetic(priced, tiny_dirs):
 
 def test_gguf_plans_are_measured_with_llamacpps_rounding(priced):
     src, arch, cands, samples, plain, llama = priced
-    gguf_sizes = A.size_table(src.model, arch, cands, layout=A.GGUFLayout.for_source(src))
+    gguf_sizes = A.size_table(src.model, arch, cands, layout=GGUFLayout.for_source(src))
     art_sizes = A.size_table(src.model, arch, cands)
     budget = "8.5bpw"                               # every linear Q8_0 fits
     g = A.uniform_allocations(llama, gguf_sizes, budget)

@@ -17,6 +17,8 @@ import transformers as tf
 import sizewise
 from sizewise import allocate as A
 from sizewise import api, artifact
+from sizewise.allocate import sizes as allocate_sizes
+from sizewise.api import compression
 from sizewise.arch import discover
 from sizewise.cli import main
 from sizewise.engine import LinearStats
@@ -187,8 +189,8 @@ def test_mixed_plan_compresses_stores_exactly_reloads_and_exports(wide, tiny_dir
         k = item.options.index(cands.index(A.Candidate(*MIXED[item.name])))
         assert manifest["tensors"][item.name]["stored_bits"] == item.bits[k]
         shape = tuple(manifest["tensors"][item.name]["shape"])
-        for name, dtype, tshape, nbytes in A._tensors(item.name, sizes.candidates[item.options[k]],
-                                                      artifact.stored_shape(manifest["tensors"][item.name]), shape):
+        for name, dtype, tshape, nbytes in allocate_sizes._tensors(item.name, sizes.candidates[item.options[k]],
+                                                                   artifact.stored_shape(manifest["tensors"][item.name]), shape):
             want[name] = (dtype, list(tshape), nbytes)
     header_len = int.from_bytes((art / artifact.PACKED).read_bytes()[:8], "little")
     header = json.loads((art / artifact.PACKED).read_bytes()[8:8 + header_len])
@@ -297,7 +299,7 @@ def test_k_quant_on_a_layer_too_narrow_fails_before_any_work(narrow, tmp_path, c
     def no_work(*a, **k):
         raise AssertionError("calibrated before checking the plan")
 
-    monkeypatch.setattr(api, "_calibration", no_work)
+    monkeypatch.setattr(compression, "_calibration", no_work)
     plan = Plan.uniform(discover(load(narrow).model), "gptq", Q4_0)
     bad = L1 + "self_attn.o_proj.weight"
     plan = Plan([Choice(c.name, c.method, KQuantFormat("Q4_K")) if c.name == bad else c for c in plan.choices])

@@ -64,6 +64,33 @@ def test_bad_recipes_are_one_line_errors(bad):
 
 
 def test_budget_methods_split_transforms_from_quantizers():
-    pipeline, quantizers = Recipe(method="awq+gptq,awq+rtn", budget="3bpw").budget_methods()
-    assert (pipeline.awq, pipeline.rotate, pipeline.quantizer) == (True, False, "rtn")
+    r = Recipe(method="awq+gptq,awq+rtn", budget="3bpw")
+    pipeline, quantizers = r.budget_methods()
+    assert pipeline == "awq+rtn"
+    assert (r.pipeline.awq, r.pipeline.rotate, r.pipeline.quantizer) == (True, False, "rtn")
     assert quantizers == ("gptq", "rtn")
+
+
+def test_a_manifest_recipe_rebuilds_the_same_artifact(tiny_dirs, tmp_path, capsys):
+    """Every run records the recipe that rebuilds it; `compress --recipe` of it gives the same bytes."""
+    from safetensors.torch import load_file
+
+    from sizewise.cli import main
+
+    first = tmp_path / "a"
+    assert main(["compress", str(tiny_dirs["llama"]), "--method", "gptq", "--bits", "3", "--group-size", "32",
+                 "--calib", str(tiny_dirs["text"]), "--calib-samples", "8", "--calib-len", "32", "--no-act-order",
+                 "-o", str(first), "--quiet"]) == 0
+    recipe = json.loads((first / "manifest.json").read_text())["recipe"]
+    assert recipe["method"] == "gptq" and recipe["options"] == {"act_order": False}
+    (tmp_path / "r.json").write_text(json.dumps(recipe))
+    again = tmp_path / "b"
+    assert main(["compress", str(tiny_dirs["llama"]), "--recipe", str(tmp_path / "r.json"), "-o", str(again),
+                 "--quiet"]) == 0
+    a, b = load_file(str(first / "packed.safetensors")), load_file(str(again / "packed.safetensors"))
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+    capsys.readouterr()
+    assert main(["compress", str(tiny_dirs["llama"]), "--recipe", str(tmp_path / "r.json"), "--bits", "4",
+                 "-o", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "drop --bits" in err

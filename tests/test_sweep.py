@@ -6,6 +6,7 @@ import json
 import pytest
 
 from sizewise import allocate
+from sizewise.api import budget as api_budget
 from sizewise.cli import main
 from sizewise.sweep import parse_budgets, parse_uniform, read_peers
 
@@ -37,8 +38,8 @@ def args(tiny_dirs):
 
 def test_sweep_end_to_end(tiny_dirs, tmp_path, capsys, monkeypatch, args):
     monkeypatch.setenv("SIZEWISE_CACHE", str(tmp_path / "cache"))      # a cold cache: the profile must be computed
-    profiles = calls(monkeypatch, allocate, "profile_model")
-    cached = calls(monkeypatch, allocate, "cached_profile")
+    profiles = calls(monkeypatch, api_budget, "profile_model")
+    cached = calls(monkeypatch, api_budget, "cached_profile")
     peers = tmp_path / "peers.json"
     peers.write_text(json.dumps([{"label": "other Q4", "bits_per_weight": 4.5, "perplexity": 400.0}]))
     out = tmp_path / "sweep"
@@ -100,7 +101,7 @@ def test_sweep_end_to_end(tiny_dirs, tmp_path, capsys, monkeypatch, args):
     ("3,x", "budget 'x' is not understood"),
 ])
 def test_bad_budget_fails_before_profiling(tiny_dirs, tmp_path, capsys, monkeypatch, args, budgets, message):
-    profiles = calls(monkeypatch, allocate, "cached_profile")      # a cache hit is profiling too late as well
+    profiles = calls(monkeypatch, api_budget, "cached_profile")      # a cache hit is profiling too late as well
     out = tmp_path / "sweep"
     code, _, err = run(capsys, "sweep", tiny_dirs["llama"], "--budgets", budgets, "-o", out, *args)
     assert code == 2 and err.count("\n") == 1 and message in err, err
@@ -110,7 +111,7 @@ def test_bad_budget_fails_before_profiling(tiny_dirs, tmp_path, capsys, monkeypa
 
 
 def test_bad_uniform_and_peer_fail_early(tiny_dirs, tmp_path, capsys, monkeypatch, args):
-    profiles = calls(monkeypatch, allocate, "cached_profile")
+    profiles = calls(monkeypatch, api_budget, "cached_profile")
     code, _, err = run(capsys, "sweep", tiny_dirs["llama"], "--budgets", "3", "-o", tmp_path / "a",
                        "--uniform", "rtn:4:48", *args)            # 48 does not divide the 64-wide inputs
     assert code == 2 and err.count("\n") == 1
@@ -133,12 +134,12 @@ def test_parsers():
 
 def test_failure_leaves_no_output(tiny_dirs, tmp_path, capsys, monkeypatch, args):
     """A sweep that fails late (here: in evaluation) leaves neither OUT nor its temporary directory."""
-    from sizewise import api
+    from sizewise.api import evaluation
     from sizewise.errors import SizewiseError
 
     def broken(*a, **k):
         raise SizewiseError("evaluation failed")
-    monkeypatch.setattr(api, "compare", broken)
+    monkeypatch.setattr(evaluation, "compare", broken)
     code, _, err = run(capsys, "sweep", tiny_dirs["llama"], "--budgets", "3", "-o", tmp_path / "sweep", *args)
     assert code == 2 and "evaluation failed" in err
     assert list(tmp_path.iterdir()) == []
@@ -151,14 +152,14 @@ def _gguf_range(model_dir) -> tuple[int, int]:
 
     src = api._source(model_dir)
     sizes = allocate.size_table(src.model, discover(src.model), allocate.gguf_candidate_set(("rtn", "gptq")),
-                                "float16", allocate.file_layout("gguf", src))
+                                "float16", api_budget.file_layout("gguf", src))
     return sizes.reachable_bytes()
 
 
 def test_sweep_gguf_writes_one_gguf_per_point_within_budget(tiny_dirs, tmp_path, capsys, monkeypatch, args):
     import gguf
 
-    profiles = calls(monkeypatch, allocate, "cached_profile")
+    profiles = calls(monkeypatch, api_budget, "cached_profile")
     lo, hi = _gguf_range(tiny_dirs["llama"])
     small, large = int(lo + 0.4 * (hi - lo)), int(lo + 0.75 * (hi - lo))
     out = tmp_path / "sweep"
@@ -188,7 +189,7 @@ def test_sweep_gguf_writes_one_gguf_per_point_within_budget(tiny_dirs, tmp_path,
 
 
 def test_sweep_gguf_refuses_what_gguf_cannot_hold_before_work(tiny_dirs, tmp_path, capsys, monkeypatch, args):
-    profiles = calls(monkeypatch, allocate, "cached_profile")
+    profiles = calls(monkeypatch, api_budget, "cached_profile")
     code, _, err = run(capsys, "sweep", tiny_dirs["llama"], "--format", "gguf", "--budgets", "5", "-o", tmp_path / "a",
                        "--uniform", "rtn:4:32", *args)                # integer zero points: no ggml type
     assert code == 2 and err.count("\n") == 1 and "no exact GGUF type" in err and "rtn:Q4_0" in err, err

@@ -1,6 +1,8 @@
 """Token tables (the embedding and an untied head) as quantizable weights: plans, artifacts, budgets."""
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,11 +10,15 @@ import torch
 import sizewise
 from sizewise import allocate as A
 from sizewise import artifact
+from sizewise.api import budget as B
 from sizewise.arch import discover
 from sizewise.errors import SizewiseError
 from sizewise.plan import Choice, Plan
 from sizewise.quant.uniform import QuantFormat
 from sizewise.sources import load
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import proxy_validation as PV  # noqa: E402
 
 FMT = QuantFormat(4, 16, symmetric=False, scale_dtype="float16", zero="int")
 
@@ -91,7 +97,7 @@ def test_table_costs_are_measured_kls(qwen):
                    if c.method == "rtn" and c.format.group_size == 32}
         assert by_bits[2] > by_bits[4] > by_bits[8]
     # token tables are never offered as single-layer pairs for the linear proxy's validation
-    assert all(n not in arch.tables for n, _ in A.proxy_pairs(prof, count=50))
+    assert all(n not in arch.tables for n, _ in PV.proxy_pairs(prof, count=50))
     assert A.Profile.from_json(prof.to_json()).by_name[arch.embedding].kind == "table"
 
 
@@ -130,7 +136,7 @@ def test_byte_budget_end_to_end_writes_what_was_planned(tiny_dirs, tmp_path, mon
     lo, _ = sizes.reachable_bytes()
     lin_lo = sizes.fixed_file_bytes + sum(sizes.table_float_bytes) + sum(min(l.file_bytes) for l in sizes.layers)
     budget = f"{(lo + lin_lo) // 2}B"
-    res, alloc = A.compress_to_budget(tiny_dirs["mistral"], budget, tmp_path / "o", sizewise.CompressConfig(calib=calib),
+    res, alloc = B.compress_to_budget(tiny_dirs["mistral"], budget, tmp_path / "o", sizewise.CompressConfig(calib=calib),
                                       measure_samples=2, progress=False)
     m = json.loads((tmp_path / "o" / "manifest.json").read_text())
     assert m["totals"]["file_bytes"] <= alloc.file_bytes <= (lo + lin_lo) // 2

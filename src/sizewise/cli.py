@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -27,24 +26,6 @@ def _group_size(value: str) -> int | None:
 # Calibration and allocator options shared by `plan` and `sweep` (same names, defaults and help).
 _NO_CLIP_HELP = ("GPTQ: fit each group's grid to its min/max instead of searching the clipping range "
                  "that minimizes the Hessian-weighted error (the default; a few percent slower).")
-
-
-def _budget_methods(method: str) -> tuple[str, tuple[str, ...]]:
-    """--method with --budget: (pipeline to apply the plan with, quantizers the allocator chooses among).
-
-    "awq+gptq,awq+rtn" -> ("awq+rtn", ("gptq", "rtn")): the plan is chosen on the float model, then
-    applied with AWQ's scales searched for each layer's chosen format. Rotations change the model
-    the profile measures, so they are not offered here (`compress --plan` applies them).
-    """
-    from .quant import methods
-
-    pipes = [methods.parse(m) for m in method.split(",")]
-    if len({(p.rotate, p.awq) for p in pipes}) > 1:
-        raise SizewiseError(f"--method {method}: every quantizer must share the same transforms (e.g. awq+gptq,awq+rtn)")
-    if pipes[0].rotate:
-        raise SizewiseError("--budget does not combine with rotate+ (the profile would measure the unrotated model); "
-                            "make a plan with `sizewise plan`, then `compress --plan FILE --method rotate+gptq`")
-    return ("awq+rtn" if pipes[0].awq else "rtn"), tuple(p.quantizer for p in pipes)
 
 
 def _gptq_options(no_act_order: bool, no_clip_search: bool, damp: float) -> dict:
@@ -92,10 +73,9 @@ def _calib_config(float_dtype, calib, calib_samples, calib_len, calib_dtype, bat
 
 def _emit(obj: dict, as_json: bool, output: str | None, human) -> None:
     if output:
-        Path(output).parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(output).with_suffix(".tmp")
-        tmp.write_text(json.dumps(obj, indent=1))
-        tmp.replace(output)
+        from .atomic import write_text
+
+        write_text(output, json.dumps(obj, indent=1))
     if as_json:
         click.echo(json.dumps({k: v for k, v in obj.items() if k != "per_window"}, indent=1))
     else:
@@ -153,78 +133,55 @@ def cli():
 @click.option("--force", is_flag=True, help="Replace the output directory if it exists.")
 @click.option("--allow-pickle", is_flag=True, help="Allow loading pickled (.bin) weights. Only for files you trust.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def compress(model, output, method, bits, group_size, sym, zero, scale_dtype, float_dtype, skip, plan_path, calib,
+@click.option("--recipe", "recipe_path", type=click.Path(), help="Run a recipe JSON (method, options, format/plan/budget, "
+              "calibration, output: every run records its own in its manifest) instead of the flags that describe one.")
+@click.pass_context
+def compress(ctx, model, output, method, bits, group_size, sym, zero, scale_dtype, float_dtype, skip, plan_path, calib,
              calib_samples, calib_len, calib_dtype, batch, seed, offload, no_act_order, no_clip_search, damp, budget,
-             fisher_samples,
-             measure_samples, out_format, force, allow_pickle, quiet):
+             fisher_samples, measure_samples, out_format, force, allow_pickle, quiet, recipe_path):
     """Compress MODEL and write an artifact (manifest, packed tensors, dense HF copy) to -o DIR,
     or with --format gguf a GGUF file for llama.cpp."""
     from . import api
     from .plan import Plan
     from .quant.uniform import QuantFormat
+    from .recipe import Recipe
 
-    if budget is not None and (plan_path or skip):
-        raise SizewiseError("--budget chooses every layer's format itself; drop --plan and --skip")
-    fmt = QuantFormat(bits, _group_size(group_size), symmetric=sym, scale_dtype=scale_dtype, zero=zero)
-    config = api.CompressConfig(
-        method=method, format=fmt, options=_gptq_options(no_act_order, no_clip_search, damp), skip=tuple(skip), float_dtype=float_dtype,
-        plan=Plan.load(plan_path) if plan_path else None,
-        calib=api.CalibConfig(text=calib, samples=calib_samples, length=calib_len, seed=seed, batch=batch,
-                              offload=offload, dtype=calib_dtype))
-    if out_format == "gguf":
-        return _compress_gguf(model, output, config, budget, method, fisher_samples, measure_samples, force,
-                              allow_pickle, quiet)
-    if budget is not None:
-        pipeline, quantizers = _budget_methods(method)
-        res, alloc = api.compress_to_budget(model, budget, replace(config, method=pipeline), output,
-                                            quantizers=quantizers, fisher_samples=fisher_samples,
-                                            measure_samples=measure_samples,
-                                            overwrite=force, progress=not quiet, allow_pickle=allow_pickle)
-        click.echo(f"allocated for {budget}: predicted KL {alloc.predicted_total:.4g} nats/token "
-                   f"(`sizewise info {output}` lists every layer)")
+    if recipe_path:
+        given = [p.opts[0] for p in ctx.command.params if p.name in _RECIPE_FLAGS
+                 and ctx.get_parameter_source(p.name) == click.core.ParameterSource.COMMANDLINE]
+        if given:
+            raise SizewiseError(f"--recipe holds the whole recipe; drop {', '.join(given)}")
+        recipe = Recipe.load(recipe_path)
     else:
-        res = api.compress(model, config, output, overwrite=force, progress=not quiet, allow_pickle=allow_pickle)
+        recipe = Recipe(
+            method=method, format=QuantFormat(bits, _group_size(group_size), symmetric=sym, scale_dtype=scale_dtype,
+                                              zero=zero),
+            options=_gptq_options(no_act_order, no_clip_search, damp), skip=tuple(skip), float_dtype=float_dtype,
+            plan=Plan([]) if plan_path else None,     # checked with the recipe before the file is read
+            calib=api.CalibConfig(text=calib, samples=calib_samples, length=calib_len, seed=seed, batch=batch,
+                                  offload=offload, dtype=calib_dtype),
+            budget=budget, fisher_samples=fisher_samples, measure_samples=measure_samples, output=out_format).check()
+        if plan_path:
+            recipe.plan = Plan.load(plan_path)
+    res, alloc = api.run(model, recipe, output, overwrite=force, progress=not quiet, allow_pickle=allow_pickle)
+    if alloc is not None and recipe.output != "gguf":
+        click.echo(f"allocated for {recipe.budget}: predicted KL {alloc.predicted_total:.4g} nats/token "
+                   f"(`sizewise info {output}` lists every layer)")
+    if recipe.output == "gguf":
+        e = res.exported
+        types = ", ".join(f"{n} x {t}" for t, n in sorted(e["tensor_types"].items(), key=lambda kv: -kv[1]))
+        click.echo(f"wrote {output}: {e['bytes'] / 1e6:.1f} MB ({types})")
+        return
     t = res.manifest["totals"]
     click.echo(f"wrote {output}: {t['bits_per_weight']:.3f} bits/weight over linear layers, "
                f"{t['file_bytes'] / 1e6:.1f} MB packed ({t['bits_per_weight_file']:.2f} bits/param over the whole model), "
                f"{res.manifest['timing']['wall_s']:.0f} s")
 
 
-def _compress_gguf(model, output, config, budget, method, fisher_samples, measure_samples, force, allow_pickle, quiet):
-    """compress --format gguf: the artifact is built in a temporary directory beside the output, exported, dropped."""
-    import tempfile
-
-    from . import api
-    from .allocate import gguf_candidate_set
-    from .quant.formats import label
-
-    out = Path(output)
-    if out.suffix != ".gguf":
-        raise SizewiseError(f"with --format gguf, -o names the file to write (model.gguf), got {output}")
-    if out.exists() and not force:
-        raise SizewiseError(f"output file {out} already exists (use --force to replace it)")
-    if budget is None:          # fail before any work if the file could not hold the formats exactly
-        fmts = [c.format for c in config.plan.choices] if config.plan else [config.format]
-        bad = [f for f in fmts if f.ggml_type is None]
-        if bad:
-            raise SizewiseError(f"GGUF cannot hold {label(bad[0])} exactly; use --group-size 32 with --sym "
-                                "(Q4_0/Q5_0/Q8_0) or --zero float16 (Q4_1/Q5_1)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
-        art = Path(tmp) / "artifact"
-        if budget is not None:          # a byte budget bounds the .gguf file itself (checked after writing)
-            pipeline, quantizers = _budget_methods(method)
-            res, _ = api.compress_to_budget(model, budget, replace(config, method=pipeline), art, quantizers=quantizers,
-                                            candidates=gguf_candidate_set(quantizers, config.float_dtype),
-                                            fisher_samples=fisher_samples, measure_samples=measure_samples,
-                                            progress=not quiet, allow_pickle=allow_pickle, layout="gguf", gguf=out,
-                                            overwrite=force)
-            res = res.exported
-        else:
-            made = api.compress(model, config, art, progress=not quiet, allow_pickle=allow_pickle)
-            res = api.export(art, out, format="gguf", overwrite=force)
-    types = ", ".join(f"{n} x {t}" for t, n in sorted(res["tensor_types"].items(), key=lambda kv: -kv[1]))
-    click.echo(f"wrote {out}: {res['bytes'] / 1e6:.1f} MB ({types})")
+# compress's flags that a --recipe file replaces
+_RECIPE_FLAGS = ("method", "bits", "group_size", "sym", "zero", "scale_dtype", "float_dtype", "skip", "plan_path", "calib",
+                 "calib_samples", "calib_len", "calib_dtype", "batch", "seed", "offload", "no_act_order",
+                 "no_clip_search", "damp", "budget", "fisher_samples", "measure_samples", "out_format")
 
 
 @cli.command(name="plan")
@@ -248,8 +205,9 @@ def plan_cmd(model, budget, output, method, fisher_samples, measure_samples, out
                                 allow_pickle=allow_pickle, layout=out_format)
     click.echo(render(alloc))
     if output:
-        Path(output).parent.mkdir(parents=True, exist_ok=True)
-        Path(output).write_text(alloc.plan.to_json())
+        from .atomic import write_text
+
+        write_text(output, alloc.plan.to_json())
         click.echo(f"wrote {output}")
 
 

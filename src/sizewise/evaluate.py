@@ -66,9 +66,9 @@ def evaluate_many(models: dict, windows: Windows, text: Text, *, reference=None,
     Returns {label: result}, plus "reference" when a reference is given. Each result holds the
     perplexity and, with a reference, KL(reference ‖ model) and top-1 agreement, all over the same
     scored positions, with per-window values so that comparisons can be paired. `roundings`
-    ({label: {module: kind}}) rounds those models' matmul inputs as llama.cpp does (`export.ggml_matmul`).
+    ({label: {module: kind}}) rounds those models' matmul inputs as llama.cpp does (`runtime.llamacpp`).
     """
-    from .export.ggml_matmul import rounded_inputs
+    from .runtime.llamacpp import rounded_inputs
 
     roundings = roundings or {}
     t0 = time.perf_counter()

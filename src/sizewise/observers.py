@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .export import ggml_matmul
+from .runtime import llamacpp
 
 
 class Observer:
@@ -60,7 +60,7 @@ class AbsSum(Observer):
 
 @dataclass(frozen=True)
 class RoundingGram(Observer):
-    """Per rounding kind of llama.cpp's (`export.ggml_matmul`), Σ e eᵀ with e = round(x) - x, over the
+    """Per rounding kind of llama.cpp's (`runtime.llamacpp`), Σ e eᵀ with e = round(x) - x, over the
     first `tokens` tokens only: its statistics settle fast. Kinds whose blocks do not tile the input
     are left out."""
 
@@ -69,14 +69,14 @@ class RoundingGram(Observer):
 
     def start(self, stats, in_features, device):
         stats.rounding = {k: torch.zeros(in_features, in_features, device=device) for k in self.kinds
-                          if ggml_matmul.fits(k, in_features)}
+                          if llamacpp.fits(k, in_features)}
         stats.rounding_limit = self.tokens
 
     def add(self, stats, x, xf):
         if stats.rounding and stats.rounding_count < stats.rounding_limit:
             xs = xf[:stats.rounding_limit - stats.rounding_count]
             for kind, acc in stats.rounding.items():
-                e = ggml_matmul.round_input(xs, kind) - xs
+                e = llamacpp.round_input(xs, kind) - xs
                 acc.addmm_(e.t(), e)
             stats.rounding_count += xs.shape[0]
 

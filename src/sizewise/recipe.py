@@ -82,9 +82,9 @@ class Recipe:
     @property
     def pipeline(self) -> methods.Pipeline:
         """The transforms and the quantizer (for a budget: the transforms the quantizers share)."""
-        return self.budget_methods()[0] if self.budget is not None else methods.parse(self.method)
+        return methods.parse(self.budget_methods()[0] if self.budget is not None else self.method)
 
-    def budget_methods(self) -> tuple[methods.Pipeline, tuple[str, ...]]:
+    def budget_methods(self) -> tuple[str, tuple[str, ...]]:
         """With a budget: (pipeline the plan is applied with, quantizers the allocator chooses among).
 
         "awq+gptq,awq+rtn" -> (awq+rtn, ("gptq", "rtn")): the plan is chosen on the float model, then
@@ -98,8 +98,7 @@ class Recipe:
         if pipes[0].rotate:
             raise SizewiseError("--budget does not combine with rotate+ (the profile would measure the unrotated "
                                 "model); make a plan with `sizewise plan`, then `compress --plan FILE --method rotate+gptq`")
-        pipeline = methods.parse("awq+rtn" if pipes[0].awq else "rtn")
-        return pipeline, tuple(p.quantizer for p in pipes)
+        return ("awq+rtn" if pipes[0].awq else "rtn"), tuple(p.quantizer for p in pipes)
 
     def check(self) -> "Recipe":
         """Every field names something that exists and fits the others; one-line error otherwise."""

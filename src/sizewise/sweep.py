@@ -17,10 +17,10 @@ assembled under a temporary name and renamed at the end, so a directory that exi
     OUT/report.md, OUT/ppl_vs_bits.png, OUT/bits_per_layer.png
 
 With format="gguf" the candidates are llama.cpp's types (`allocate.gguf_candidate_set`), byte
-budgets bound each point's .gguf file (`allocate.GGUFLayout`), and uniform points must be ggml
+budgets bound each point's .gguf file (`export.gguf_layout.GGUFLayout`), and uniform points must be ggml
 types too (rtn:Q4_0, gptq:Q4_K). The evaluation reads the artifacts, whose GGUFs hold the same
 stored weights bit for bit, and rounds every matmul's input as llama.cpp does for those types
-(`export.ggml_matmul`): the perplexities are those llama.cpp should measure.
+(`runtime.llamacpp`): the perplexities are those llama.cpp should measure.
 """
 
 from __future__ import annotations
@@ -34,16 +34,18 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from . import allocate, api, artifact, data, report
+from . import allocate, artifact, data, report
+from .allocate import Budget
+from .api import budget as api_budget
+from .api import compression, evaluation
 from .atomic import staged_dir
 from .defaults import MEASURE_SAMPLES
-from .allocate import Budget
 from .arch import discover
 from .errors import SizewiseError
 from .evaluate import environment
 from .plan import Plan
 from .quant import methods
-from .quant.formats import DTYPE_BITS, FloatFormat, Format, label
+from .quant.formats import Format, label
 from .quant.uniform import QuantFormat
 from .sources import Source
 
@@ -133,15 +135,15 @@ def read_peers(peers) -> list[dict]:
 
 def _bits(c) -> int:
     """Code bits of a choice; a float choice counts its dtype's bits (16 for float16)."""
-    return DTYPE_BITS[c.format.dtype] if isinstance(c.format, FloatFormat) else c.format.bits
+    return c.format.bits
 
 
 def _choice_label(c) -> str:
-    return c.format.dtype if isinstance(c.format, FloatFormat) else f"{c.method} {label(c.format)}"
+    return f"{c.method} {c.format.label}" if c.format.quantized else c.format.label
 
 
 def sweep(model: str | Path, budgets: str | list[str | Budget], out: str | Path,
-          config: api.CompressConfig | None = None, *, quantizers: tuple[str, ...] = ("rtn",),
+          config: compression.CompressConfig | None = None, *, quantizers: tuple[str, ...] = ("rtn",),
           uniform: list[str] | tuple[str, ...] = (), peers: list = (), text: str | Path = "wikitext2-test",
           ctx: int = 1024, stride: int | None = None, windows: int | None = None, fisher_samples: int = 8,
           cache: bool = True, measure_samples: int = MEASURE_SAMPLES, sequential: bool = False, overwrite: bool = False,
@@ -159,7 +161,7 @@ def sweep(model: str | Path, budgets: str | list[str | Budget], out: str | Path,
     t_start = time.perf_counter()
     if isinstance(model, Source):      # compress() changes a loaded model in place: each point needs a fresh load
         raise SizewiseError("sweep takes a model spec (path or built-in name), not a loaded Source")
-    config = config or api.CompressConfig()
+    config = config or compression.CompressConfig()
     out = Path(out)
     # everything that can be checked cheaply fails here, before the model loads
     artifact.check_output(out, overwrite)
@@ -182,14 +184,14 @@ def sweep(model: str | Path, budgets: str | list[str | Budget], out: str | Path,
     if config.calib.text is not None:
         data.read_text(config.calib.text)
 
-    src = api._source(model, allow_pickle)
+    src = compression._source(model, allow_pickle)
     arch = discover(src.model)
     config = replace(config, calib=config.calib.resolved(next(src.model.parameters()).device))
     if format == "gguf":
         cands = allocate.gguf_candidate_set(tuple(quantizers), float_dtype=config.float_dtype)
     else:
         cands = allocate.candidate_set(tuple(quantizers), float_dtype=config.float_dtype)
-    layout = allocate.file_layout(format, src)        # what byte budgets bound: the artifact's file, or the .gguf
+    layout = api_budget.file_layout(format, src)      # what byte budgets bound: the artifact's file, or the .gguf
     sizes = allocate.size_table(src.model, arch, cands, config.float_dtype, layout)
     for b in blist:
         allocate.check_budget(b, sizes)              # one-line error with the reachable range
@@ -205,17 +207,18 @@ def sweep(model: str | Path, budgets: str | list[str | Budget], out: str | Path,
     with staged_dir(out) as tmp:
         say(f"profiling {len(cands)} candidates on {len(linears)} linear layers (once, cached)")
         t0 = time.perf_counter()
-        prof = allocate.cached_profile(src, arch, config.calib, cands, options=config.options,
-                                       fisher_samples=fisher_samples, cache=cache, progress=progress, keep_stats=True,
-                                       tables=any(b.kind == "bytes" for b in blist), arithmetic=layout.arithmetic)
-        stats = allocate.profile_statistics(src, arch, config.calib, prof, progress)
+        prof = api_budget.cached_profile(src, arch, config.calib, cands, options=config.options,
+                                         fisher_samples=fisher_samples, cache=cache, progress=progress, keep_stats=True,
+                                         tables=any(b.kind == "bytes" for b in blist), arithmetic=layout.arithmetic)
+        stats = api_budget.profile_statistics(src, arch, config.calib, prof, progress)
         profile_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        memo: dict = {}                 # solved weights and reference log-probs, shared by all budgets
-        allocs = [allocate.choose_measured(src, arch, config.calib, prof, sizes, b, options=config.options,
-                                           samples=measure_samples, progress=progress, memo=memo) for b in blist]
-        solved = {} if sequential else allocate.solved_weights(memo)    # the chosen plans' weights, reused
-        del memo
+        solved_cache = allocate.SolvedCache()      # solved weights and reference log-probs, shared by all budgets
+        allocs = [api_budget.choose_measured(src, arch, config.calib, prof, sizes, b, options=config.options,
+                                             samples=measure_samples, progress=progress, cache=solved_cache)
+                  for b in blist]
+        solved = {} if sequential else solved_cache.solved_weights()    # the chosen plans' weights, reused
+        del solved_cache
         choose_s = time.perf_counter() - t0
         src_info = src.info
         del src, arch                                 # each compression loads a fresh copy
@@ -226,9 +229,9 @@ def sweep(model: str | Path, budgets: str | list[str | Budget], out: str | Path,
             d = budget_dir(b)
             say(f"compressing {d} ({i}/{len(blist)}): predicted KL {alloc.predicted_total:.4g}")
             t0 = time.perf_counter()
-            res = allocate.compress_allocation(model, alloc, tmp / d, config, progress=progress,
-                                               allow_pickle=allow_pickle, stats=None if sequential else stats,
-                                               solved=solved, gguf=tmp / f"{d}.gguf" if format == "gguf" else None)
+            res = api_budget.compress_allocation(model, alloc, tmp / d, config, progress=progress,
+                                                 allow_pickle=allow_pickle, stats=None if sequential else stats,
+                                                 solved=solved, gguf=tmp / f"{d}.gguf" if format == "gguf" else None)
             compress_s[d] = time.perf_counter() - t0
             points.append({"kind": "allocated", "label": d, "dir": d, "budget": b.text, "budget_kind": b.kind,
                            "budget_value": float(b.value), "predicted_kl": alloc.predicted_total,
@@ -241,9 +244,9 @@ def sweep(model: str | Path, budgets: str | list[str | Budget], out: str | Path,
             d = uniform_dir(m, f)
             say(f"compressing {d} (uniform {i}/{len(ulist)})")
             t0 = time.perf_counter()
-            api.compress(model, replace(config, method=m, format=f, plan=None, skip=()), tmp / d,
+            compression.compress(model, replace(config, method=m, format=f, plan=None, skip=()), tmp / d,
                          progress=progress, allow_pickle=allow_pickle)
-            exported = layout.write(tmp / d, tmp / f"{d}.gguf") if format == "gguf" else None
+            exported = api_budget.write_gguf(layout, tmp / d, tmp / f"{d}.gguf") if format == "gguf" else None
             compress_s[d] = time.perf_counter() - t0
             points.append({"kind": "uniform", "label": d, "dir": d, "budget": None, "method": m,
                            "format": label(f), "predicted_kl": _predicted_uniform(prof, m, f),
@@ -251,8 +254,8 @@ def sweep(model: str | Path, budgets: str | list[str | Budget], out: str | Path,
 
         say(f"evaluating {len(points)} artifacts against {model} on the same windows")
         t0 = time.perf_counter()
-        ref = api._source(model, allow_pickle)
-        res = api.compare(ref, [tmp / p["dir"] for p in points], text, ctx=ctx, stride=stride, windows=windows,
+        ref = compression._source(model, allow_pickle)
+        res = evaluation.compare(ref, [tmp / p["dir"] for p in points], text, ctx=ctx, stride=stride, windows=windows,
                           progress=progress, arithmetic=layout.arithmetic)
         del ref
         eval_s = time.perf_counter() - t0

@@ -1,1 +1,1 @@
-"""Exporters: the formats people deploy (GGUF for llama.cpp: gguf_types.py holds the block math, gguf.py the file)."""
+"""Exporters: the formats people deploy (GGUF for llama.cpp: gguf.py the file, gguf_layout.py its exact size; the block bytes are each format's own)."""

@@ -16,7 +16,7 @@ the norms, always F32 as llama.cpp's converter does). What the file adds to the 
 The file's size is known before it is written (`header_bytes` + Σ `data_bytes`): a header (the
 metadata, the whole tokenizer included, and one info per tensor, whose size does not depend on the
 tensor's type) padded to `ALIGNMENT`, then each tensor's data padded to `ALIGNMENT`. The allocator
-sizes byte budgets for GGUF output with these (`allocate.GGUFLayout`).
+sizes byte budgets for GGUF output with these (`gguf_layout.GGUFLayout`).
 
 The file is written to a temporary name beside `path` and renamed into place, so a reader never sees
 half a file.

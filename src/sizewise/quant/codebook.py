@@ -91,6 +91,10 @@ class CodebookFormat(Format):
         return self.type_name
 
     @property
+    def group_label(self) -> str:
+        return str(BLOCK)
+
+    @property
     def ggml_type(self) -> str:
         return self.type_name
 

@@ -101,6 +101,12 @@ class Format:
         raise NotImplementedError
 
     @property
+    def group_label(self) -> str:
+        """How many weights share a scale, for tables: '64', 'channel', '16/256' (sub-blocks of a
+        super-block), '-' (none)."""
+        raise NotImplementedError
+
+    @property
     def ggml_type(self) -> str | None:
         """The ggml type (GGUF) that stores this format exactly, or None if none does."""
         return None
@@ -163,6 +169,10 @@ class FloatFormat(Format):
     @property
     def label(self) -> str:
         return self.dtype
+
+    @property
+    def group_label(self) -> str:
+        return "-"
 
     @property
     def ggml_type(self) -> str:

@@ -22,7 +22,7 @@ from ..errors import SizewiseError
 from .formats import Format
 from .grid import decode, encode, fit, grouped
 from .refine import mse_clip
-from .uniform import QuantFormat, QuantizedTensor, pack_tensor
+from .uniform import QuantFormat, pack_tensor
 
 _DAMP_RETRIES = 4   # each retry multiplies the damping by 10
 

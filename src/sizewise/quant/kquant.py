@@ -120,6 +120,10 @@ class KQuantFormat(Format):
         return self.type_name
 
     @property
+    def group_label(self) -> str:
+        return f"{self.sub_size}/{SUPER}"      # sub-blocks of a 256-weight super-block
+
+    @property
     def ggml_type(self) -> str:
         return self.type_name
 

@@ -87,6 +87,10 @@ class QuantFormat(Format):
         return f"int{self.bits} {group} {kind}{scale}"
 
     @property
+    def group_label(self) -> str:
+        return "channel" if self.group_size is None else str(self.group_size)
+
+    @property
     def ggml_type(self) -> str | None:
         """An integer zero point has no exact ggml home (Q4_1 stores the offset -scale*z as a float16,
         which rounds it in general); bfloat16/float32 scales do not fit a float16 `d` either."""

@@ -6,7 +6,7 @@ for the 32-weight types, 8-bit blocks of 256 with a float32 scale (Q8_K) for the
 weight's own dtype for F16 and BF16, nothing for F32. The weights of a sizewise GGUF are exact,
 so this rounding is all that separates llama.cpp's logits from sizewise's float evaluation; on
 SmolLM2-135M it costs about 0.003 nats per token, as much as a 5-bit weight grid. The allocator
-prices it per tensor (`allocate.profile_model(rounding=...)`) and measures plans with it.
+prices it per tensor (`allocate.profile_model(arithmetic="llamacpp")`) and measures plans with it.
 
 Written by hand: the rounding lives inside ggml's C kernels; no library exposes it on tensors.
 """

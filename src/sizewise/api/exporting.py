@@ -1,0 +1,85 @@
+"""Writing an artifact (or any model) in another format, unchanged: `export` (GGUF)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .. import artifact
+from ..errors import SizewiseError
+from ..quant.formats import TORCH_DTYPES
+from .compression import _source
+
+
+def export(path: str | Path, out: str | Path, *, format: str = "gguf", overwrite: bool = False,
+           tokenizer_pre: str | None = None, float_dtype: str | None = None, name: str | None = None,
+           metadata: dict | None = None) -> dict:
+    """Write an artifact's stored weights in another format, unchanged (no re-rounding).
+
+    GGUF holds our formats exactly when they are one of ggml's block types: 32-weight groups with
+    float16 scales, symmetric (Q4_0, Q5_0, Q8_0) or with a float16 minimum (Q4_1, Q5_1), and the
+    k-quants (Q2_K .. Q6_K) and IQ4_NL, whose blocks the artifact stores as they are.
+
+    Any other model (a built-in name, a Hugging Face directory, a GGUF file) is written unquantized,
+    every tensor in `float_dtype` (default float32; 1-D tensors always F32), e.g. as the source that
+    llama.cpp's own quantizer starts from.
+
+    `name` (`general.name`) and `metadata` (keys written last) are what the file says about itself;
+    by default the model's name and `general.source.url` naming the model the artifact was compressed
+    from (`export.gguf.gguf_export_args`: the same as `compress --format gguf` writes), or for a model
+    that is not an artifact its directory's name and the model itself.
+    """
+    from collections import Counter
+
+    from transformers import AutoConfig, AutoTokenizer
+
+    from ..export.gguf import gguf_export_args, write_gguf
+    from ..lossless import is_packed_model
+
+    if format != "gguf":
+        raise SizewiseError(f"unknown export format {format!r}; available: gguf")
+    if float_dtype is not None and float_dtype not in TORCH_DTYPES:
+        raise SizewiseError(f"float dtype must be one of {sorted(TORCH_DTYPES)}, got {float_dtype!r}")
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise SizewiseError(f"output file {out} already exists (use --force to replace it)")
+    if not (Path(path).is_dir() and artifact.is_artifact(path) and not is_packed_model(path)):
+        return _export_float(path, out, float_dtype or "float32", tokenizer_pre, name, metadata)
+    if float_dtype is not None:
+        raise SizewiseError("an artifact is exported as stored; --float-dtype applies to unquantized models only")
+    stored, manifest = artifact.load_stored(path)
+    bad = [(n, t) for n, t in stored.items() if not isinstance(t, torch.Tensor) and t.fmt.ggml_type is None]
+    if bad:
+        raise SizewiseError(
+            f"{len(bad)} tensors are in formats GGUF cannot hold exactly (e.g. {bad[0][0]}: {bad[0][1].fmt.label}); "
+            "compress with --group-size 32 and --sym (Q4_0/Q5_0/Q8_0) or --zero float16 (Q4_1/Q5_1)")
+    config = AutoConfig.from_pretrained(Path(path) / artifact.DENSE)
+    tokenizer = AutoTokenizer.from_pretrained(Path(path) / artifact.DENSE)
+    described = gguf_export_args(manifest["source"])
+    written = write_gguf(out, config, stored, tokenizer, name=name or described["name"],
+                         tokenizer_pre=tokenizer_pre or described["tokenizer_pre"],
+                         metadata=described["metadata"] if metadata is None else metadata)
+    import gguf
+    types = Counter(gguf.GGMLQuantizationType(t.tensor_type).name for t in gguf.GGUFReader(written).tensors)
+    return {"path": str(written), "bytes": written.stat().st_size, "tensor_types": dict(types)}
+
+
+def _export_float(model: str | Path, out: Path, float_dtype: str, tokenizer_pre: str | None,
+                  name: str | None = None, metadata: dict | None = None) -> dict:
+    """`export` for a model that is not an artifact: its float weights, each in `float_dtype`."""
+    from collections import Counter
+
+    import gguf
+
+    from ..export.gguf import write_gguf
+
+    src = _source(model)
+    dtype = TORCH_DTYPES[float_dtype]
+    weights = {name: t.detach().to(dtype) for name, t in src.model.state_dict().items()}
+    if metadata is None:
+        metadata = {"general.source.url": f"sizewise {src.info['kind']} {src.info['spec']}"}
+    written = write_gguf(out, src.model.config, weights, src.tokenizer, name=name,
+                         tokenizer_pre=tokenizer_pre or src.info.get("tokenizer_pre"), metadata=metadata)
+    types = Counter(gguf.GGMLQuantizationType(t.tensor_type).name for t in gguf.GGUFReader(written).tensors)
+    return {"path": str(written), "bytes": written.stat().st_size, "tensor_types": dict(types)}
