@@ -34,10 +34,10 @@ GENERIC = Family(name="generic", label="generic", model_types=(), no_awq=_UNKNOW
                  known=False)
 
 
-def _index(families: tuple[Family, ...]) -> tuple[dict[str, Family], dict[str, Family]]:
+def _index(registry: tuple[Family, ...]) -> tuple[dict[str, Family], dict[str, Family]]:
     exact: dict[str, Family] = {}
     prefixes: dict[str, Family] = {}
-    for fam in families:
+    for fam in registry:
         for table, keys in ((exact, fam.model_types), (prefixes, fam.model_type_prefixes)):
             for t in keys:
                 if t in table:
