@@ -1,4 +1,7 @@
-"""Tiny random causal LMs built from configs (no downloads), one per supported family."""
+"""Tiny random causal LMs built from configs (no downloads), one per supported family.
+
+Each config is named by its family (`sizewise.families`) or by a model type that family covers;
+tests/test_families.py checks that every registered family has one here."""
 
 from __future__ import annotations
 

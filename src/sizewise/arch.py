@@ -3,7 +3,8 @@
 One generic walk instead of a table per model family: the decoder stack is the ModuleList of
 `num_hidden_layers` identical blocks, and the layers to compress are the nn.Linear (or GPT-2's
 transposed Conv1D) modules inside each block. Embeddings and the output head come from the
-standard transformers accessors.
+standard transformers accessors. What discovery cannot infer per family (AWQ folds, rotation,
+GGUF names) is data in `sizewise.families`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from . import families
 from .errors import SizewiseError
 
 
@@ -108,7 +110,7 @@ def discover(model: nn.Module) -> Architecture:
     if not stacks:
         raise SizewiseError(
             f"unsupported architecture {kind}: found no stack of {n or 'N'} identical decoder blocks "
-            "(a torch ModuleList); sizewise supports Llama-, Qwen2-, Mistral-, Gemma-, Phi-3-, GPT-2- and OPT-style models")
+            f"(a torch ModuleList); sizewise supports {families.supported_text()}")
     # The decoder is the largest such stack (vision towers etc. are smaller).
     path, layers = max(stacks, key=lambda s: sum(p.numel() for p in s[1].parameters()))
     linears = [[LinearRef(f"{path}.{i}.{sub}", m) for sub, m in block.named_modules() if _is_linear(m)]

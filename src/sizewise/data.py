@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from . import builtins
+from . import builtins, families
 from .atomic import staged_file
 from .errors import SizewiseError
 
@@ -126,11 +126,12 @@ def eval_windows(tokens: torch.Tensor, ctx: int, stride: int | None = None, coun
 
 
 def wants_bos(model, tokenizer) -> int | None:
-    """The BOS id if this model expects one at the start of every sequence (e.g. Gemma), else None."""
+    """The BOS id if this model expects one at the start of every sequence (its tokenizer adds one, or
+    its family says so: `Family.bos`, e.g. Gemma), else None."""
     bos = tokenizer.bos_token_id
     if bos is None:
         return None
-    if getattr(tokenizer, "add_bos_token", False) or model.config.model_type.startswith("gemma"):
+    if getattr(tokenizer, "add_bos_token", False) or families.of(model.config).bos:
         return bos
     return None
 

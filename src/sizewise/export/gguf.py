@@ -1,17 +1,19 @@
-"""Write a compressed Llama-family model as a GGUF file that llama.cpp runs.
+"""Write a compressed model as a GGUF file that llama.cpp runs, for the families whose
+`sizewise.families` entry has a `GGUFArch` (today Llama and Mistral, as llama.cpp's `llama`).
 
 Input is the model's state under transformers' names (`model.layers.N.self_attn.q_proj.weight`, ...),
-each tensor either quantized (our `QuantizedTensor` in a GGUF 32-weight type, or a `KQuantTensor`) or a
+each tensor either a format's stored tensor whose format has a ggml type (`Format.ggml_blocks`) or a
 float tensor stored in its own dtype (float32 -> F32, float16 -> F16, bfloat16 -> BF16; 1-D tensors,
 the norms, always F32 as llama.cpp's converter does). What the file adds to the weights:
 
-- names in llama.cpp's convention, from the gguf package's own `TensorNameMap` for the `llama` arch;
-- the rows of q_proj/k_proj (weights and biases) permuted the way llama.cpp's converter does, because
-  llama.cpp applies rope to interleaved pairs where transformers uses halves (transformers' GGUF loader
+- names in llama.cpp's convention, from the gguf package's own `TensorNameMap` for the family's arch;
+- the rows of q_proj/k_proj (weights and biases; the layout's `rope_heads`) permuted the way
+  llama.cpp's converter does, because llama.cpp applies rope to interleaved pairs where transformers uses halves (transformers' GGUF loader
   undoes it). Rows are independent in every block type, so packed rows are permuted as they are;
 - no `output.weight` when the embeddings are tied (that absence is how llama.cpp and transformers
   both know);
-- architecture metadata and a byte-level BPE ("gpt2") tokenizer.
+- architecture metadata (the layout's `add_metadata`) and a byte-level BPE tokenizer (llama.cpp's
+  tokenizer model "gpt2", named after the tokenizer, not the model family).
 
 The file's size is known before it is written (`header_bytes` + Σ `data_bytes`): a header (the
 metadata, the whole tokenizer included, and one info per tensor, whose size does not depend on the
@@ -37,22 +39,17 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType, TokenType
 
+from .. import families
 from ..errors import SizewiseError
+from ..families import GGUFArch
 
 GGML = GGMLQuantizationType
 ALIGNMENT = gguf.GGUF_DEFAULT_ALIGNMENT  # every tensor's data starts at a multiple of it
-ARCH = "llama"
-SUPPORTED_MODEL_TYPES = ("llama", "mistral")  # mistral without sliding window runs as llama in llama.cpp
 QUANTIZATION_VERSION = 2  # ggml's GGML_QNT_VERSION for the block layouts written here (always written, as
                           # llama.cpp's converter does: the header's size then does not depend on the types)
 
 _FLOAT_DTYPES = {torch.float32: GGML.F32, torch.float16: GGML.F16, torch.bfloat16: GGML.BF16}
 _TORCH_OF = {v: k for k, v in _FLOAT_DTYPES.items()}
-_LAYER_TENSORS = (
-    "input_layernorm.weight", "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
-    "self_attn.o_proj.weight", "post_attention_layernorm.weight", "mlp.gate_proj.weight",
-    "mlp.up_proj.weight", "mlp.down_proj.weight",
-)
 
 
 def gguf_export_args(source_info: dict) -> dict:
@@ -67,13 +64,15 @@ def gguf_export_args(source_info: dict) -> dict:
 # --- names and layout -------------------------------------------------------------------------
 
 
-def gguf_tensor_name(hf_name: str, n_layers: int) -> str:
-    """llama.cpp's name for a transformers Llama tensor (`model.layers.3.mlp.up_proj.weight` ->
-    `blk.3.ffn_up.weight`), from gguf's own tables; a one-line error for a tensor llama has not."""
-    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layers)
+def gguf_tensor_name(hf_name: str, n_layers: int, layout: GGUFArch | None = None) -> str:
+    """llama.cpp's name for a transformers tensor (`model.layers.3.mlp.up_proj.weight` ->
+    `blk.3.ffn_up.weight`), from gguf's own tables for the layout's arch (default: Llama's, the one
+    callers without a config mean); a one-line error for a tensor the arch has not."""
+    layout = layout or families.LLAMA.gguf
+    name_map = gguf.get_tensor_name_map(layout.model_arch, n_layers)
     found = name_map.get_type_and_name(hf_name, try_suffixes=(".weight", ".bias"))
-    if found is None or found[0] not in gguf.MODEL_TENSORS[gguf.MODEL_ARCH.LLAMA]:
-        raise SizewiseError(f"tensor {hf_name!r} has no place in a GGUF '{ARCH}' model")
+    if found is None or found[0] not in gguf.MODEL_TENSORS[layout.model_arch]:
+        raise SizewiseError(f"tensor {hf_name!r} has no place in a GGUF '{layout.arch}' model")
     return found[1]
 
 
@@ -129,51 +128,14 @@ def tensor_payload(value) -> tuple[np.ndarray, GGMLQuantizationType]:
 # --- metadata ---------------------------------------------------------------------------------
 
 
-def _rope_theta(config) -> float:
-    params = getattr(config, "rope_parameters", None) or {}
-    scaling = getattr(config, "rope_scaling", None) or {}
-    rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-    if rope_type != "default":
-        raise SizewiseError(f"GGUF export writes default RoPE only; this model uses rope_type {rope_type!r}")
-    theta = params.get("rope_theta", getattr(config, "rope_theta", None))
-    return float(10000.0 if theta is None else theta)
-
-
-def _check_config(config) -> None:
-    model_type = getattr(config, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise SizewiseError(f"GGUF export supports: {ARCH} (model_type {', '.join(SUPPORTED_MODEL_TYPES)}); "
-                            f"got {model_type!r}")
-    act = getattr(config, "hidden_act", "silu")
-    if act != "silu":
-        raise SizewiseError(f"GGUF '{ARCH}' models use a SiLU-gated MLP; this one uses {act!r}")
-    window = getattr(config, "sliding_window", None)
-    if window is not None and window < config.max_position_embeddings:
-        raise SizewiseError(f"llama.cpp's '{ARCH}' has no sliding-window attention (window {window})")
-
-
-def _head_dim(config) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-
-
-def _n_kv_heads(config) -> int:
-    return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-
-
-def _add_arch_metadata(w: gguf.GGUFWriter, config) -> None:
-    w.add_context_length(config.max_position_embeddings)
-    w.add_embedding_length(config.hidden_size)
-    w.add_block_count(config.num_hidden_layers)
-    w.add_feed_forward_length(config.intermediate_size)
-    w.add_head_count(config.num_attention_heads)
-    w.add_head_count_kv(_n_kv_heads(config))
-    w.add_rope_freq_base(_rope_theta(config))
-    w.add_rope_dimension_count(_head_dim(config))
-    w.add_layer_norm_rms_eps(float(config.rms_norm_eps))
-    w.add_vocab_size(config.vocab_size)
-    if _head_dim(config) != config.hidden_size // config.num_attention_heads:
-        w.add_key_length(_head_dim(config))
-        w.add_value_length(_head_dim(config))
+def _layout(config) -> GGUFArch:
+    """The family's GGUF layout, after its checks; a one-line error for what export cannot write."""
+    layout = families.of(config).gguf
+    if layout is None:
+        raise SizewiseError(f"GGUF export supports: {families.gguf_support()}; "
+                            f"got {getattr(config, 'model_type', None)!r}")
+    layout.check_config(config, layout)
+    return layout
 
 
 def _backend_json(tokenizer) -> dict:
@@ -264,31 +226,33 @@ def _put(w: gguf.GGUFWriter, key: str, value: Any) -> None:
 def file_names(config, names) -> dict[str, str]:
     """transformers name -> GGUF name of every tensor the file holds, in the order given (rotary
     buffers and a tied head left out). Checks the config and that the model is complete."""
-    _check_config(config)
+    layout = _layout(config)
     names = list(names)
     n_layers = config.num_hidden_layers
     tied = bool(getattr(config, "tie_word_embeddings", False))
-    expected = ["model.embed_tokens.weight", "model.norm.weight"] + [
-        f"model.layers.{i}.{t}" for i in range(n_layers) for t in _LAYER_TENSORS]
+    expected = list(layout.top_tensors) + [
+        f"{layout.layers}.{i}.{t}" for i in range(n_layers) for t in layout.layer_tensors]
     if not tied:
-        expected.append("lm_head.weight")
+        expected.append(layout.output)
     present = set(names)
     missing = [n for n in expected if n not in present]
     if missing:
         raise SizewiseError(f"GGUF export is missing {len(missing)} tensor(s), first {missing[0]!r}")
-    return {n: gguf_tensor_name(n, n_layers) for n in names
-            if not (n.endswith("rotary_emb.inv_freq") or (tied and n == "lm_head.weight"))}
+    return {n: gguf_tensor_name(n, n_layers, layout) for n in names
+            if not (n.endswith("rotary_emb.inv_freq") or (tied and n == layout.output))}
 
 
 def gguf_tensors(config, weights: Mapping[str, Any]) -> list[tuple[str, np.ndarray, GGMLQuantizationType]]:
     """(gguf name, payload, type) for every tensor of the model, in llama.cpp's layout (rope rows
     permuted, tied output left out). Checks that the model is complete."""
-    heads = {"q_proj": config.num_attention_heads, "k_proj": _n_kv_heads(config)}
+    names = file_names(config, weights)
+    heads = families.of(config).gguf.rope_heads(config)
     out = []
-    for hf_name, name in file_names(config, weights).items():
+    for hf_name, name in names.items():
         payload, ggml_type = tensor_payload(weights[hf_name])
-        proj = hf_name.split(".")[-2]
-        if proj in heads and ".self_attn." in hf_name:
+        module = hf_name.rsplit(".", 1)[0]            # the weight's or bias's module
+        proj = next((p for p in heads if module.endswith(f".{p}")), None)
+        if proj is not None:
             payload = payload[rope_row_order(payload.shape[0], heads[proj])]
         out.append((name, np.ascontiguousarray(payload), ggml_type))
     return out
@@ -299,7 +263,7 @@ def _add_metadata(w: gguf.GGUFWriter, config, tokenizer, name: str | None, token
     """Every key `write_gguf` writes, in its order (`header_bytes` sizes the same keys)."""
     default_name = Path(str(getattr(config, "_name_or_path", "") or "")).name or "sizewise model"
     w.add_name(name or default_name)
-    _add_arch_metadata(w, config)
+    families.of(config).gguf.add_metadata(w, config)
     w.add_quantization_version(QUANTIZATION_VERSION)
     if tokenizer is not None:
         for key, value in tokenizer_metadata(tokenizer, config.vocab_size).items():
@@ -318,7 +282,7 @@ def header_bytes(config, tensors, tokenizer=None, *, name: str | None = None, to
     metadata nor a tensor info's size depends on the tensors' types."""
     with tempfile.TemporaryDirectory(prefix="sizewise-gguf-") as tmp:
         path = Path(tmp) / "header.gguf"
-        writer = gguf.GGUFWriter(path, ARCH)
+        writer = gguf.GGUFWriter(path, _layout(config).arch)
         try:
             _add_metadata(writer, config, tokenizer, name, tokenizer_pre, metadata)
             for tname, shape in tensors:
@@ -337,9 +301,10 @@ def write_gguf(path: str | os.PathLike, config, weights: Mapping[str, Any], toke
                metadata: Mapping[str, Any] | None = None) -> Path:
     """Write a GGUF llama.cpp can run; returns its path.
 
-    config: the transformers config (Llama or Mistral-without-sliding-window).
-    weights: transformers name -> QuantizedTensor (Q8_0/Q4_0/Q4_1/Q5_0/Q5_1 formats), KQuantTensor,
-        or a float torch.Tensor kept in its dtype (F32/F16/BF16).
+    config: the transformers config of a family GGUF export supports (`families.gguf_support()`:
+        Llama, Mistral without sliding window).
+    weights: transformers name -> a stored tensor whose format has a `ggml_type` (written as its ggml
+        blocks), or a float torch.Tensor kept in its dtype (F32/F16/BF16).
     tokenizer: a fast byte-level BPE tokenizer (None writes no tokenizer: transformers can still load
         the weights, llama.cpp cannot run the file).
     tokenizer_pre: llama.cpp's pre-tokenizer name (e.g. "smollm", "llama-bpe"); llama.cpp falls back to
@@ -349,7 +314,7 @@ def write_gguf(path: str | os.PathLike, config, weights: Mapping[str, Any], toke
     path = Path(path)
     tensors = gguf_tensors(config, weights)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    writer = gguf.GGUFWriter(tmp, ARCH)
+    writer = gguf.GGUFWriter(tmp, families.of(config).gguf.arch)
     try:
         _add_metadata(writer, config, tokenizer, name, tokenizer_pre, metadata)
         for tname, payload, ggml_type in tensors:

@@ -20,64 +20,15 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from .. import families
+from ..errors import SizewiseError
+from ..families import Fold
 from .uniform import QuantFormat
 from .methods import round_to_nearest
 
 GRID = tuple(k / 20 for k in range(21))   # α in {0, 0.05, ..., 1}
 
-
-@dataclass(frozen=True)
-class Fold:
-    """One place a per-channel scale can be folded, by module names relative to a decoder layer.
-
-    `group` must list *every* linear that reads `prev`'s output (all must exist for the rule to apply).
-    kind "norm": `prev` is a norm; its gain (weight, or 1 + weight for Gemma) and bias are divided by s.
-    kind "linear": `prev` is a linear whose *last* output rows feed the group (all rows for v_proj and
-    up_proj; the v part of a fused qkv, the up part of a fused gate_up); those rows and biases are divided.
-    kind "none": the group has no foldable predecessor; `why` is reported.
-    `heads`: the group is an attention output projection, whose inputs repeat v's heads under GQA;
-    the scales are tied across each repeat so they fold into v's rows.
-    """
-
-    prev: str | None
-    group: tuple[str, ...]
-    kind: str = "norm"
-    heads: bool = False
-    unless: str | None = None      # rule does not apply when the layer has this submodule
-    requires: str | None = None    # rule applies only if this layer attribute is not False
-    why: str = ""
-
-
-_QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
-
-# Per-family knowledge, as data. The first rule covering a linear wins.
-FOLDS: tuple[Fold, ...] = (
-    # Llama, Qwen2, Mistral, Gemma3 (Gemma's RMSNorm multiplies by 1 + weight; found by probing)
-    Fold("input_layernorm", _QKV),
-    # Gemma's post_attention_layernorm normalizes the attention *output*; the MLP reads pre_feedforward_layernorm
-    Fold("pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
-    Fold("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), unless="pre_feedforward_layernorm"),
-    # down(act(gate) · up) is linear in up: dividing up's rows by s is exact for any activation on gate
-    Fold("mlp.up_proj", ("mlp.down_proj",), "linear"),
-    Fold("self_attn.v_proj", ("self_attn.o_proj",), "linear", heads=True, unless="self_attn.v_norm"),
-    # Phi-3: fused projections; v and up are the last rows
-    Fold("input_layernorm", ("self_attn.qkv_proj",)),
-    Fold("post_attention_layernorm", ("mlp.gate_up_proj",)),
-    Fold("mlp.gate_up_proj", ("mlp.down_proj",), "linear"),
-    Fold("self_attn.qkv_proj", ("self_attn.o_proj",), "linear", heads=True),
-    # GPT-2 (Conv1D; c_attn's rows are q, k, v)
-    Fold("ln_1", ("attn.c_attn",)),
-    Fold("ln_2", ("mlp.c_fc",)),
-    Fold("attn.c_attn", ("attn.c_proj",), "linear", heads=True),
-    Fold(None, ("mlp.c_proj",), "none", why="GELU between c_fc and c_proj is not positively homogeneous"),
-    # OPT, pre-LayerNorm variants (OPT-350m normalizes after each block instead)
-    Fold("self_attn_layer_norm", _QKV, requires="do_layer_norm_before"),
-    Fold("final_layer_norm", ("fc1",), requires="do_layer_norm_before"),
-    Fold("fc1", ("fc2",), "linear"),   # ReLU(x / s) = ReLU(x) / s for s > 0
-    Fold("self_attn.v_proj", ("self_attn.out_proj",), "linear", heads=True),
-)
-
-
+# The fold rules themselves are per-family data: `sizewise.families` (`Family.folds`).
 NO_RULE = "no foldable predecessor in sizewise's fold table"
 
 
@@ -98,13 +49,14 @@ def _has(layer: nn.Module, name: str) -> bool:
         return False
 
 
-def match_groups(layer: nn.Module, refs: list) -> tuple[list[Group], list[tuple[list, str]]]:
-    """Rules of FOLDS that apply to this layer, and the linears no foldable rule covers (with reasons)."""
+def match_groups(layer: nn.Module, refs: list, folds: Sequence[Fold]) -> tuple[list[Group], list[tuple[list, str]]]:
+    """The fold rules (a family's `folds`, first covering rule wins) that apply to this layer, and the
+    linears no foldable rule covers (with reasons)."""
     rel = {id(m): n for n, m in layer.named_modules()}
     by_rel = {rel[id(r.module)]: r for r in refs if id(r.module) in rel}
     claimed: set[str] = set()
     groups, skipped = [], []
-    for rule in FOLDS:
+    for rule in folds:
         if not all(g in by_rel for g in rule.group) or claimed & set(rule.group):
             continue
         if rule.unless and _has(layer, rule.unless):
@@ -228,9 +180,14 @@ def awq_transform(i: int, layer: nn.Module, refs: list, stats: dict,
     """Search and fold AWQ scales for decoder layer `i` in place; update `stats` to the new inputs.
 
     `fmt_for(ref)` is the QuantFormat the linear will get (None: stays float); `alphas` the search grid
-    (tests pass a single α to force a fold). Returns a JSON-able log.
+    (tests pass a single α to force a fold). Returns a JSON-able log. The fold rules are those of
+    `model_type`'s family (`sizewise.families`); a model type without any is refused.
     """
-    groups, skipped = match_groups(layer, refs)
+    family = families.for_model_type(model_type)
+    if not family.folds:
+        raise SizewiseError(f"AWQ knows the fold rules of: {', '.join(families.awq_model_types())}; "
+                            f"not {model_type} ({family.no_awq})")
+    groups, skipped = match_groups(layer, refs, family.folds)
     log = {"layer": i, "groups": [],
            "skipped": [{"linears": [r.name for r in rs], "reason": why if why != NO_RULE else f"{why} ({model_type})"}
                        for rs, why in skipped]}

@@ -11,9 +11,11 @@ become easier to quantize. The model stays a plain transformers model: norm weig
 nothing has to run at inference time (no online rotation; QuaRot's R4 on down_proj's input is not
 applied).
 
-Supported: Llama-style RMSNorm families. Gemma's post-attention/post-feedforward norms apply a
-per-channel gain to what is *added* to the residual, with no linear after them to absorb it, and
-LayerNorm (GPT-2, OPT) subtracts the mean, which a rotation does not preserve.
+Supported: Llama-style RMSNorm families, those whose `sizewise.families` entry names the residual
+writers (`Family.rotation_writers`); the others say why not (`Family.no_rotation`): e.g. Gemma's
+post-attention/post-feedforward norms apply a per-channel gain to what is *added* to the residual,
+with no linear after them to absorb it, and LayerNorm (GPT-2, OPT) subtracts the mean, which a
+rotation does not preserve.
 """
 
 from __future__ import annotations
@@ -23,18 +25,15 @@ import math
 import torch
 from torch import nn
 
+from .. import families
 from ..errors import SizewiseError
 from .awq import match_groups, norm_offset
 from .hadamard import factors, hadamard
 
-SUPPORTED = ("llama", "qwen2", "mistral", "phi3")
-# Linears whose outputs are added to the residual stream, relative to a decoder layer.
-WRITERS = ("self_attn.o_proj", "mlp.down_proj")
-
 
 def _unsupported(model_type: str, why: str = "") -> SizewiseError:
     tail = f" ({why})" if why else ""
-    return SizewiseError(f"rotation supports: {', '.join(SUPPORTED)} (pre-RMSNorm models); "
+    return SizewiseError(f"rotation supports: {', '.join(families.rotation_model_types())} (pre-RMSNorm models); "
                          f"not {model_type}{tail}")
 
 
@@ -72,20 +71,19 @@ def _final_norm(model: nn.Module, layers_path: str) -> nn.Module:
 def _plan(model: nn.Module, arch) -> list[tuple[list[tuple[nn.Module, list]], list]]:
     """Per layer: (norm, its reader linears) pairs and the writer linears; error if anything is unaccounted for."""
     mt = arch.model_type
-    if mt not in SUPPORTED:
-        why = {"gemma3": "its post-attention/feedforward norms scale the residual update per channel",
-               "gemma3_text": "its post-attention/feedforward norms scale the residual update per channel",
-               "gpt2": "LayerNorm subtracts the mean", "opt": "LayerNorm subtracts the mean"}.get(mt, "")
-        raise _unsupported(mt, why)
+    family = families.for_model_type(mt)
+    if not family.rotates:
+        raise _unsupported(mt, family.no_rotation)
+    writers = family.rotation_writers
     out = []
     for layer, refs in zip(arch.layers, arch.linears):
-        groups, _ = match_groups(layer, refs)
+        groups, _ = match_groups(layer, refs, family.folds)
         reads = [(g.prev, g.refs) for g in groups if g.rule.kind == "norm"]
         rel = {id(m): n for n, m in layer.named_modules()}
-        writes = [r for r in refs if rel.get(id(r.module)) in WRITERS]
+        writes = [r for r in refs if rel.get(id(r.module)) in writers]
         covered = {id(r.module) for _, rs in reads for r in rs} | {id(r.module) for r in writes}
         missing = [r.name for r in refs if id(r.module) not in covered]
-        if missing or len(writes) != len(WRITERS) or len(reads) != 2:
+        if missing or len(writes) != len(writers) or len(reads) != 2:
             raise _unsupported(mt, f"unexpected decoder layer structure around {missing[:1] or 'its norms'}")
         for norm, _ in reads:
             if norm_offset(norm) != 0.0 or isinstance(getattr(norm, "bias", None), torch.Tensor):

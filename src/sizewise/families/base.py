@@ -1,0 +1,89 @@
+"""What a model family is, as data: the things generic discovery (`arch.discover`) cannot infer.
+
+A `Family` names the transformers `model_type`s it covers and, for each feature that needs
+per-family knowledge, either that knowledge or the one-line reason sizewise refuses:
+
+- AWQ: `folds`, the places a per-channel scale folds into (by module names relative to a decoder layer);
+- rotation: `rotation_writers`, the linears whose outputs are added to the residual stream
+  (empty: not supported, `no_rotation` says why);
+- GGUF: `gguf`, llama.cpp's architecture, tensor names and metadata (None: not supported yet);
+- quirks the rest of the code asks about (`bos`).
+
+This module depends on nothing above `errors`, so that `quant/` and `export/` can import it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+
+@dataclass(frozen=True)
+class Fold:
+    """One place a per-channel scale can be folded, by module names relative to a decoder layer.
+
+    `group` must list *every* linear that reads `prev`'s output (all must exist for the rule to apply).
+    kind "norm": `prev` is a norm; its gain (weight, or 1 + weight for Gemma) and bias are divided by s.
+    kind "linear": `prev` is a linear whose *last* output rows feed the group (all rows for v_proj and
+    up_proj; the v part of a fused qkv, the up part of a fused gate_up); those rows and biases are divided.
+    kind "none": the group has no foldable predecessor; `why` is reported.
+    `heads`: the group is an attention output projection, whose inputs repeat v's heads under GQA;
+    the scales are tied across each repeat so they fold into v's rows.
+    """
+
+    prev: str | None
+    group: tuple[str, ...]
+    kind: str = "norm"
+    heads: bool = False
+    unless: str | None = None      # rule does not apply when the layer has this submodule
+    requires: str | None = None    # rule applies only if this layer attribute is not False
+    why: str = ""
+
+
+@dataclass(frozen=True)
+class GGUFArch:
+    """How a family's transformers checkpoint becomes a llama.cpp GGUF file.
+
+    `arch`/`model_arch`: llama.cpp's architecture (the file's `general.architecture`, gguf's tensor-name
+    tables). `top_tensors`, `layers` + `layer_tensors`, `output`: the transformers names a complete model
+    has (the output head only when untied). `check_config(config, layout)` raises a one-line
+    SizewiseError for a config llama.cpp's arch cannot run; `add_metadata(writer, config)` writes the
+    architecture keys; `rope_heads(config)` maps the projections (module name relative to a decoder
+    layer) whose rows llama.cpp's converter permutes for rope to their head counts.
+    """
+
+    arch: str
+    model_arch: Any                                   # gguf.MODEL_ARCH member
+    top_tensors: tuple[str, ...]
+    layers: str
+    layer_tensors: tuple[str, ...]
+    output: str
+    check_config: Callable[[Any, "GGUFArch"], None]
+    add_metadata: Callable[[Any, Any], None]
+    rope_heads: Callable[[Any], dict[str, int]]
+
+
+@dataclass(frozen=True)
+class Family:
+    """One model family: what sizewise knows about it beyond generic discovery."""
+
+    name: str                                  # registry key and module name, e.g. "llama"
+    label: str                                 # how user-facing text names it, e.g. "Llama"
+    model_types: tuple[str, ...]               # transformers config.model_type values it covers
+    model_type_prefixes: tuple[str, ...] = ()  # and those starting with one of these (exact names win)
+    folds: tuple[Fold, ...] = ()               # AWQ fold rules; the first rule covering a linear wins
+    no_awq: str = ""                           # why AWQ refuses, when `folds` is empty
+    rotation_writers: tuple[str, ...] = ()     # residual-stream writers; empty: rotation unsupported
+    no_rotation: str = ""                      # why rotation refuses (may be empty: no reason known)
+    gguf: GGUFArch | None = None             # None: GGUF export does not support it yet
+    bos: bool = False                          # evaluation prepends BOS even if the tokenizer adds none
+    known: bool = True                         # False only for the generic family of unknown model types
+
+    @property
+    def rotates(self) -> bool:
+        return bool(self.rotation_writers)
+
+    @property
+    def covers(self) -> tuple[str, ...]:
+        """Its model types, and its prefixes written "gemma*", for user-facing lists."""
+        return self.model_types + tuple(f"{p}*" for p in self.model_type_prefixes)
