@@ -14,7 +14,6 @@ from sizewise.errors import SizewiseError
 from sizewise.plan import Choice, Plan
 from sizewise.quant import methods
 from sizewise.quant.codebook import IQ4_NL_LEVELS, CodebookFormat, CodebookTensor, codebook_encode, codebook_fit
-from sizewise.quant.formats import label
 from sizewise.quant.registry import format_from_dict
 from sizewise.quant.uniform import QuantFormat
 from sizewise.sources import load
@@ -36,14 +35,14 @@ def _out_err(w, qt, x) -> float:
 
 
 def test_format_and_its_sizes():
-    assert format_from_dict(IQ4.to_dict()) == IQ4 and label(IQ4) == "IQ4_NL"
+    assert format_from_dict(IQ4.to_dict()) == IQ4 and IQ4.label == "IQ4_NL"
     assert IQ4.stored_bits(4, 64) == 4 * 2 * 18 * 8 and IQ4.bits_per_weight == 4.5
     assert (IQ4.block_bytes, 32) == gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.IQ4_NL][::-1]
     assert A.Candidate("gptq", IQ4).fits(576) and not A.Candidate("gptq", IQ4).fits(48)
     assert A.GGML_FORMATS["IQ4_NL"] == IQ4
     with pytest.raises(SizewiseError):
         CodebookFormat("IQ3_XX")
-    assert MXFP4.stored_bits(4, 64) == 4 * 2 * 17 * 8 and MXFP4.bits_per_weight == 4.25 and label(MXFP4) == "MXFP4"
+    assert MXFP4.stored_bits(4, 64) == 4 * 2 * 17 * 8 and MXFP4.bits_per_weight == 4.25 and MXFP4.label == "MXFP4"
     assert (MXFP4.block_bytes, 32) == gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.MXFP4][::-1]
     assert A.GGML_FORMATS["MXFP4"] == MXFP4 and format_from_dict(MXFP4.to_dict()) == MXFP4
 

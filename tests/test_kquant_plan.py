@@ -26,7 +26,7 @@ from sizewise.errors import SizewiseError
 from sizewise.export.gguf import gguf_tensor_name, rope_row_order
 from sizewise.plan import Choice, Plan
 from sizewise.quant import methods
-from sizewise.quant.formats import FloatFormat, label
+from sizewise.quant.formats import FloatFormat
 from sizewise.quant.registry import format_from_dict
 from sizewise.quant.uniform import QuantFormat
 from sizewise.quant.kquant import KQUANT_TYPES, KQuantFormat, KQuantTensor, kquant_encode, kquant_fit
@@ -57,7 +57,7 @@ def run(capsys, *args):
 def test_format_round_trips_through_dicts_plans_and_labels(type_name):
     fmt = KQuantFormat(type_name)
     assert format_from_dict(fmt.to_dict()) == fmt
-    assert label(fmt) == type_name
+    assert fmt.label == type_name
     plan = Plan([Choice("model.layers.0.mlp.down_proj.weight", "gptq", fmt)])
     assert Plan.from_json(plan.to_json()).choices == plan.choices
     assert A.Candidate.from_dict(A.Candidate("rtn", fmt).to_dict()) == A.Candidate("rtn", fmt)
@@ -233,7 +233,7 @@ def test_mixed_plan_compresses_stores_exactly_reloads_and_exports(wide, tiny_dir
     for gname, name in by_gguf.items():
         t = two[gname]
         method, fmt = MIXED[name]
-        want_type = label(fmt).upper() if isinstance(fmt, KQuantFormat) else \
+        want_type = fmt.label.upper() if isinstance(fmt, KQuantFormat) else \
             {Q4_0: "Q4_0", Q4_1: "Q4_1", Q5_0: "Q5_0", Q5_1: "Q5_1", Q8_0: "Q8_0"}.get(fmt, "F16")
         assert G(t.tensor_type).name == want_type, gname
         w = weights[name].numpy()
@@ -276,7 +276,7 @@ def test_gguf_candidates_offer_k_quants_only_where_they_fit(narrow):
     cands = A.gguf_candidate_set(("rtn",))
     sizes = A.size_table(src.model, discover(src.model), cands)
     for layer in sizes.layers:
-        offered = {label(cands[i].format) for i in layer.options}
+        offered = {cands[i].format.label for i in layer.options}
         assert ({"Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"} <= offered) == layer.name.endswith("down_proj.weight")
         for i, bits in zip(layer.options, layer.bits):
             assert bits == cands[i].format.stored_bits(*layer.shape)

@@ -45,7 +45,7 @@ from .errors import SizewiseError
 from .evaluate import environment
 from .plan import Plan
 from .quant import methods
-from .quant.formats import Format, label
+from .quant.formats import Format
 from .quant.uniform import QuantFormat
 from .sources import Source
 
@@ -173,7 +173,7 @@ def sweep(model: str | Path, budgets: str | list[str | Budget], out: str | Path,
 
         for spec, (m, f) in zip(uniform, ulist):
             if f.ggml_type is None:
-                raise SizewiseError(f"uniform point {spec} ({label(f)}) has no exact GGUF type; with --format gguf "
+                raise SizewiseError(f"uniform point {spec} ({f.label}) has no exact GGUF type; with --format gguf "
                                     f"name a llama.cpp type: {m}:Q4_0, {m}:Q4_1, {m}:Q5_0, {m}:Q5_1, {m}:Q8_0, "
                                     f"{m}:Q2_K .. {m}:Q6_K")
     names = [budget_dir(b) for b in blist] + [uniform_dir(m, f) for m, f in ulist]
@@ -249,7 +249,7 @@ def sweep(model: str | Path, budgets: str | list[str | Budget], out: str | Path,
             exported = api_budget.write_gguf(layout, tmp / d, tmp / f"{d}.gguf") if format == "gguf" else None
             compress_s[d] = time.perf_counter() - t0
             points.append({"kind": "uniform", "label": d, "dir": d, "budget": None, "method": m,
-                           "format": label(f), "predicted_kl": _predicted_uniform(prof, m, f),
+                           "format": f.label, "predicted_kl": _predicted_uniform(prof, m, f),
                            **_gguf_fields(exported, d)})
 
         say(f"evaluating {len(points)} artifacts against {model} on the same windows")

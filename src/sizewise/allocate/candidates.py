@@ -12,11 +12,9 @@ from ..arch import Architecture
 from ..errors import SizewiseError
 from ..plan import Choice
 from ..quant import methods
-from ..quant.codebook import CodebookFormat
-from ..quant.formats import TORCH_DTYPES, FloatFormat, Format, label
-from ..quant.registry import format_from_dict
+from ..quant.formats import TORCH_DTYPES, FloatFormat, Format
+from ..quant.registry import GGML_FORMATS, format_from_dict  # noqa: F401 (GGML_FORMATS: re-exported)
 from ..quant.uniform import QuantFormat
-from ..quant.kquant import KQUANT_TYPES, KQuantFormat
 
 
 @dataclass(frozen=True)
@@ -36,7 +34,7 @@ class Candidate:
 
     @property
     def label(self) -> str:
-        return self.format.dtype if self.method == "float" else f"{self.method} {label(self.format)}"
+        return self.format.label if self.method == "float" else f"{self.method} {self.format.label}"
 
     def to_dict(self) -> dict:
         return {"method": self.method, "format": self.format.to_dict()}
@@ -65,14 +63,6 @@ def candidate_set(quantizers: tuple[str, ...] = ("rtn",), bits: tuple[int, ...] 
     return tuple(cands)
 
 
-# llama.cpp's quantized block types as our formats, each held exactly (`Format.ggml_type`)
-GGML_FORMATS: dict[str, Format] = {
-    **{f"Q{b}_0": QuantFormat(b, 32, symmetric=True, scale_dtype="float16") for b in (4, 5, 8)},
-    **{f"Q{b}_1": QuantFormat(b, 32, symmetric=False, scale_dtype="float16", zero="float16") for b in (4, 5)},
-    **{t: KQuantFormat(t) for t in KQUANT_TYPES},
-    "IQ4_NL": CodebookFormat("IQ4_NL"),
-    "MXFP4": CodebookFormat("MXFP4"),
-}
 
 
 def gguf_candidate_set(quantizers: tuple[str, ...] = ("rtn",), float_dtype: str | None = "float16") -> tuple[Candidate, ...]:

@@ -44,7 +44,6 @@ def compare(reference: str | Path, candidates: list[str | Path], text: str | Pat
     """
     from .. import report
     from ..quant.registry import format_from_dict
-    from ..quant.formats import label as fmt_label
 
     if arithmetic not in (None, "float", "llamacpp"):
         raise SizewiseError(f"unknown arithmetic {arithmetic!r}; available: float, llamacpp")
@@ -71,7 +70,7 @@ def compare(reference: str | Path, candidates: list[str | Path], text: str | Pat
             method = a["method"]
             fmt = method.get("format")
             r.update(bits_per_weight=a["bits_per_weight"], file_mb=a["file_bytes"] / 1e6, method=method["name"],
-                     format=fmt_label(format_from_dict(fmt)) if fmt else "mixed (plan)",
+                     format=format_from_dict(fmt).label if fmt else "mixed (plan)",
                      compress_s=a["timing"]["wall_s"])
         results["candidates"][label] = r
     if out is not None:

@@ -33,13 +33,12 @@ def info(path: str | Path) -> dict:
 
 
 def _artifact_info(m: dict, path: str | Path) -> dict:
-    from ..quant.formats import label
     from ..quant.registry import format_from_dict
     layers = []
     for name, e in m["tensors"].items():
         fmt = e["format"]
         layers.append({"name": name, "method": e["method"], "shape": e["shape"],
-                       "format": label(format_from_dict(fmt)) if fmt["kind"] != "raw" else fmt["dtype"],
+                       "format": format_from_dict(fmt).label if fmt["kind"] != "raw" else fmt["dtype"],
                        "bits_per_weight": e["stored_bits"] / max(e["params"], 1),
                        "bytes": e["stored_bits"] / 8, "linear": e["linear"]})
     t = m["totals"]

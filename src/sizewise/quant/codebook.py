@@ -98,6 +98,10 @@ class CodebookFormat(Format):
     def ggml_type(self) -> str:
         return self.type_name
 
+    @classmethod
+    def ggml_formats(cls) -> tuple["CodebookFormat", ...]:
+        return tuple(cls(t) for t in _CODEBOOKS)
+
     def parts(self, out_features: int, in_features: int) -> tuple[Part, ...]:
         """ggml's blocks as they are, one row of them per output channel."""
         return (Part("ggml", (out_features, self.stored_bits(out_features, in_features) // 8 // out_features),

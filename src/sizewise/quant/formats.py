@@ -114,6 +114,11 @@ class Format:
     def to_dict(self) -> dict:
         return {"kind": self.kind, **asdict(self)}
 
+    @classmethod
+    def ggml_formats(cls) -> tuple["Format", ...]:
+        """This kind's formats that are llama.cpp types (quantized ones; floats are written as arrays)."""
+        return ()
+
     # --- what is stored ---------------------------------------------------------------------
 
     def parts(self, out_features: int, in_features: int) -> tuple[Part, ...]:
@@ -196,6 +201,3 @@ class FloatFormat(Format):
     def round(self, w: torch.Tensor, importance: torch.Tensor | None = None) -> torch.Tensor:
         return w.to(TORCH_DTYPES[self.dtype])
 
-
-def label(fmt: Format) -> str:
-    return fmt.label

@@ -127,6 +127,10 @@ class KQuantFormat(Format):
     def ggml_type(self) -> str:
         return self.type_name
 
+    @classmethod
+    def ggml_formats(cls) -> tuple["KQuantFormat", ...]:
+        return tuple(cls(t) for t in KQUANT_TYPES)
+
     def parts(self, out_features: int, in_features: int) -> tuple[Part, ...]:
         """ggml's blocks as they are, one row of them per output channel: exactly the stored bits,
         and a GGUF export copies them."""

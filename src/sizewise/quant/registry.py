@@ -16,6 +16,10 @@ FORMATS: dict[str, type[Format]] = {cls.kind: cls for cls in (
 )}
 
 
+# llama.cpp's quantized block types as formats, each held exactly (`Format.ggml_type`), by type name
+GGML_FORMATS: dict[str, Format] = {f.ggml_type: f for cls in FORMATS.values() for f in cls.ggml_formats()}
+
+
 def format_from_dict(d: dict) -> Format:
     """The format a manifest or plan describes; one-line error for anything else (the dict is untrusted)."""
     if not isinstance(d, dict) or d.get("kind") not in FORMATS:

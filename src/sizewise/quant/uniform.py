@@ -100,6 +100,11 @@ class QuantFormat(Format):
             return None
         return _LEGACY_TYPES.get((self.bits, self.symmetric))
 
+    @classmethod
+    def ggml_formats(cls) -> tuple["QuantFormat", ...]:
+        return (*(cls(b, QK, symmetric=True) for b in (4, 5, 8)),
+                *(cls(b, QK, symmetric=False, zero="float16") for b in (4, 5)))
+
     # --- stored tensors -----------------------------------------------------------------------
 
     def parts(self, out_features: int, in_features: int) -> tuple[Part, ...]:
