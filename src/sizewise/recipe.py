@@ -14,6 +14,7 @@ CLI builds from its flags and a notebook user passes to `api.run`.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
@@ -28,6 +29,11 @@ from .quant.registry import format_from_dict
 from .quant.uniform import QuantFormat
 
 RECIPE_VERSION = 1
+
+
+def _plain(x):
+    """A JSON value: paths (a calibration text given as a Path) as strings."""
+    return os.fspath(x) if isinstance(x, os.PathLike) else x
 OUTPUTS = ("artifact", "gguf")
 
 
@@ -142,7 +148,7 @@ class Recipe:
             elif f.name == "plan":
                 v = None if v is None else [c.to_dict() for c in v.choices]
             elif f.name == "calib":
-                v = {g.name: getattr(v, g.name) for g in fields(v)}
+                v = {g.name: _plain(getattr(v, g.name)) for g in fields(v)}
             elif f.name == "skip":
                 v = list(v)
             out[f.name] = v
