@@ -402,12 +402,12 @@ def test_measure_memo_reuses_weights_reference_and_plans(llama, profiled, monkey
     variants = A.plan_variants(prof, sizes, "3.5bpw")[:2]
     plain = A.measure_plans(model, arch, variants, samples[:4], progress=False)
     solved, forwards = [], []
-    real_solve, real_logp = candidates._dequantized, choice._log_probs
-    monkeypatch.setattr(candidates, "_dequantized", lambda *a, **k: solved.append(1) or real_solve(*a, **k))
+    real_solve, real_logp = choice._solved, choice._log_probs      # what measure_plans calls
+    monkeypatch.setattr(choice, "_solved", lambda *a, **k: solved.append(1) or real_solve(*a, **k))
     monkeypatch.setattr(choice, "_log_probs", lambda *a, **k: forwards.append(1) or real_logp(*a, **k))
     memo = A.SolvedCache()
     first = A.measure_plans(model, arch, variants, samples[:4], progress=False, cache=memo)
     n_solved, n_fwd = len(solved), len(forwards)
-    assert first == pytest.approx(plain, rel=1e-6) and n_fwd == 1 + len(variants)
+    assert first == pytest.approx(plain, rel=1e-6) and n_fwd == 1 + len(variants) and n_solved > 0
     again = A.measure_plans(model, arch, variants[::-1], samples[:4], progress=False, cache=memo)
     assert again == first[::-1] and len(solved) == n_solved and len(forwards) == n_fwd     # nothing recomputed

@@ -170,7 +170,7 @@ def profile_model(model, arch: Architecture, samples: torch.Tensor, candidates: 
 
     stats, facts = engine.statistics(model, arch, samples, batch=batch, offload=offload, progress=progress,
                                      compute_dtype=compute_dtype, measure=measure,
-                                     head=tables and _needs_head_stats(arch, candidates),
+                                     head=tables and needs_head_stats(arch, candidates),
                                      observers=(*DEFAULT_OBSERVERS, RoundingGram(
                                          tuple(sorted({k for k in rounds if k is not None})), ROUNDING_TOKENS)))
     t1 = time.perf_counter()
@@ -248,7 +248,7 @@ def has_table_costs(profile: Profile, arch: Architecture) -> bool:
     return all(profile.by_name.get(n) is not None for n in arch.tables)
 
 
-def _needs_head_stats(arch: Architecture, candidates) -> bool:
+def needs_head_stats(arch: Architecture, candidates) -> bool:
     return arch.head_table is not None and any(_table_takes(arch, arch.head_table, c) and not _data_free(c)
                                                for c in candidates)
 
@@ -262,7 +262,7 @@ def add_table_costs(profile: Profile, model, arch: Architecture, samples: torch.
     if has_table_costs(profile, arch):
         return
     t0 = time.perf_counter()
-    if _needs_head_stats(arch, profile.candidates) and arch.head_table not in (stats or {}):
+    if needs_head_stats(arch, profile.candidates) and arch.head_table not in (stats or {}):
         stats = engine.head_statistics(model, arch, samples, batch=batch, compute_dtype=compute_dtype)
         if profile.stats is not None:         # kept for solving plans: they may now quantize the head
             profile.stats.update(stats)

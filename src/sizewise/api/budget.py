@@ -33,9 +33,10 @@ from ..allocate import (PROFILE_VERSION, Allocation, Budget, Candidate, Profile,
                         add_table_costs, allocate, candidate_set, check_budget, gguf_candidate_set,
                         has_table_costs, measure_plans, parse_budget, plan_variants, profile_model, size_table)
 from ..allocate import file_layout as _allocator_layout
-from ..allocate.profile import _needs_head_stats
+from ..allocate.profile import needs_head_stats
 from ..arch import Architecture, discover
 from ..defaults import MEASURE_SAMPLES
+from ..atomic import write_text
 from ..errors import SizewiseError
 from ..quant import methods
 from ..quant.formats import TORCH_DTYPES
@@ -100,10 +101,7 @@ def cached_profile(src, arch: Architecture, calib, candidates: tuple[Candidate, 
         prof.protocol.update(model=src.info.get("spec"), model_sha256=src.info.get("sha256"),
                              calibration=calib_proto)
     if cache and src.info.get("sha256"):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(prof.to_json())
-        tmp.replace(path)
+        write_text(path, prof.to_json())
     return prof
 
 
@@ -120,7 +118,7 @@ def profile_statistics(src, arch: Architecture, calib, profile: Profile, progres
         profile.stats, _ = engine.statistics(src.model, arch, samples, batch=calib.batch,
                                              offload=Path(calib.offload) if calib.offload else None,
                                              progress=progress, compute_dtype=TORCH_DTYPES[calib.dtype],
-                                             head=_needs_head_stats(arch, profile.candidates))
+                                             head=needs_head_stats(arch, profile.candidates))
     return profile.stats
 
 
@@ -229,10 +227,7 @@ def compress_allocation(model, alloc: Allocation, out: str | Path | None = None,
         if t["linear_stored_bits"] != alloc.linear_bits or (not is_gguf and t["file_bytes"] > alloc.file_bytes):
             raise SizewiseError(f"internal error: the artifact's size ({t['linear_stored_bits']} bits, "
                                 f"{t['file_bytes']} bytes) differs from the allocation's; please report this")
-        path = Path(out) / artifact.MANIFEST
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(res.manifest, indent=1))
-        tmp.replace(path)
+        write_text(Path(out) / artifact.MANIFEST, json.dumps(res.manifest, indent=1))
     if gguf is not None:
         res.exported = write_gguf(alloc.layout, out, gguf, overwrite=overwrite)
         size = res.exported["bytes"]

@@ -40,6 +40,7 @@ import torch
 from gguf import GGMLQuantizationType, TokenType
 
 from .. import families
+from ..atomic import staged_file
 from ..errors import SizewiseError
 from ..families import GGUFArch
 
@@ -313,21 +314,17 @@ def write_gguf(path: str | os.PathLike, config, weights: Mapping[str, Any], toke
     """
     path = Path(path)
     tensors = gguf_tensors(config, weights)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    writer = gguf.GGUFWriter(tmp, families.of(config).gguf.arch)
-    try:
-        _add_metadata(writer, config, tokenizer, name, tokenizer_pre, metadata)
-        for tname, payload, ggml_type in tensors:
-            # quantized payloads are uint8 blocks: gguf derives the logical shape from the byte shape
-            raw = ggml_type if payload.dtype == np.uint8 else None
-            writer.add_tensor(tname, payload, raw_dtype=raw)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        os.replace(tmp, path)
-    except BaseException:
-        writer.close()
-        tmp.unlink(missing_ok=True)
-        raise
+    with staged_file(path) as tmp:
+        writer = gguf.GGUFWriter(tmp, families.of(config).gguf.arch)
+        try:
+            _add_metadata(writer, config, tokenizer, name, tokenizer_pre, metadata)
+            for tname, payload, ggml_type in tensors:
+                # quantized payloads are uint8 blocks: gguf derives the logical shape from the byte shape
+                raw = ggml_type if payload.dtype == np.uint8 else None
+                writer.add_tensor(tname, payload, raw_dtype=raw)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+        finally:
+            writer.close()
     return path
