@@ -1,6 +1,7 @@
 """Same behaviour across a refactor: compress SmolLM2 four ways and hash what came out.
 
     .venv/bin/python bench/same_behaviour.py --label after            # this checkout
+    .venv/bin/python bench/same_behaviour.py --label after --reuse    # hash what an interrupted run wrote
     PYTHONPATH=OTHER/src .venv/bin/python bench/same_behaviour.py --label before   # another checkout
 
 Each run writes bench/results/same_behaviour-LABEL.json: per configuration the SHA-256 of the
@@ -58,7 +59,7 @@ def hashes(out: Path) -> dict:
             "bits_per_weight": manifest["totals"]["bits_per_weight"]}
 
 
-def run(label: str, model: str, only: list[str] | None) -> Path:
+def run(label: str, model: str, only: list[str] | None, reuse: bool = False) -> Path:
     work = ROOT / "out" / "bench" / f"same_behaviour-{label}"
     res = {"label": label, "model": model, "python_path": sys.path[:3], "results": {}}
     for name, args in CONFIGS.items():
@@ -66,11 +67,13 @@ def run(label: str, model: str, only: list[str] | None) -> Path:
             continue
         out = work / (f"{name}.gguf" if "gguf" in args else name)
         cmd = [sys.executable, "-m", "sizewise.cli", "compress", model, "-o", str(out), "--force", "--quiet", *args]
-        print("$", shlex.join(cmd[2:]), file=sys.stderr, flush=True)
-        t0 = time.perf_counter()
-        subprocess.run(cmd, check=True)
-        res["results"][name] = {"command": "sizewise " + shlex.join(cmd[3:]), "wall_s": time.perf_counter() - t0,
-                                **hashes(out)}
+        wall = None
+        if not (reuse and (out / "manifest.json" if out.is_dir() else out).exists()):
+            print("$", shlex.join(cmd[2:]), file=sys.stderr, flush=True)
+            t0 = time.perf_counter()
+            subprocess.run(cmd, check=True)
+            wall = time.perf_counter() - t0
+        res["results"][name] = {"command": "sizewise " + shlex.join(cmd[3:]), "wall_s": wall, **hashes(out)}
     import sizewise
     res["sizewise"] = str(Path(sizewise.__file__).parent)
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -98,10 +101,12 @@ def main() -> int:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--only", nargs="*", help="run only these configurations")
     ap.add_argument("--compare", nargs=2, metavar=("A", "B"))
+    ap.add_argument("--reuse", action="store_true", help="hash outputs already written under this label instead of "
+                    "compressing again (wall_s is then null)")
     args = ap.parse_args()
     if args.compare:
         return compare(*args.compare)
-    run(args.label, args.model, args.only)
+    run(args.label, args.model, args.only, args.reuse)
     return 0
 
 
