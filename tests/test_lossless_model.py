@@ -233,6 +233,27 @@ def test_tampered_manifest_hash_is_caught(half_dirs, tmp_path):
     assert not (tmp_path / "u").exists()
 
 
+@pytest.mark.parametrize("where", ["files", "tensor-file", "shards"])
+@pytest.mark.parametrize("name", ["../escaped.json", "/tmp/sizewise-escaped.json", "a/../../escaped.json",
+                                  "..\\escaped.json", ""])
+def test_manifest_names_stay_inside_their_directory(half_dirs, tmp_path, where, name):
+    """A manifest naming a file outside the packed directory is refused before anything is read or written."""
+    out, manifest = _packed(half_dirs, tmp_path)
+    if where == "files":
+        manifest["files"] = [*manifest["files"], name]
+    elif where == "tensor-file":
+        manifest["tensors"][next(iter(manifest["tensors"]))]["file"] = name
+    else:
+        manifest["shards"] = {name: {}}
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    before = sorted(p.name for p in tmp_path.parent.iterdir())
+    for call in (lambda: lm.unpack_model(out, tmp_path / "u"), lambda: lm.load_packed_model(out)):
+        with pytest.raises(SizewiseError) as e:
+            call()
+        assert "\n" not in str(e.value)
+    assert not (tmp_path / "u").exists() and sorted(p.name for p in tmp_path.parent.iterdir()) == before
+
+
 def test_truncated_or_extended_file_is_an_error(half_dirs, tmp_path):
     out, _ = _packed(half_dirs, tmp_path)
     path = out / lm.WEIGHTS

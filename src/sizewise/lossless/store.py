@@ -37,6 +37,7 @@ import torch
 from sizewise import artifact
 from sizewise.atomic import staged_dir
 from sizewise.errors import SizewiseError
+from sizewise.paths import inside
 from sizewise.lossless import codec
 from sizewise.lossless.codec import coded_stats, encode_codes, encode_float
 from sizewise.lossless.coder import CorruptData, backend
@@ -150,6 +151,9 @@ def read_manifest(path: str | Path) -> Manifest:
         manifest = Manifest.from_dict(m)
     except (KeyError, TypeError) as e:
         raise CorruptData(f"{path / MANIFEST} is corrupt: {type(e).__name__}: {e}") from None
+    # Every file name it holds is joined to this directory (reading) and to an output (unpacking).
+    for name in [*manifest.files, *manifest.shards, *{e.file for e in manifest.tensors.values() if e.file is not None}]:
+        inside(path, name, f"{path / MANIFEST}")
     # The index must tile the file exactly: a gap or overlap means a tampered or mismatched manifest.
     at = 0
     for name, e in manifest.tensors.items():
