@@ -201,11 +201,15 @@ def load(path: str | Path):
 
     path = Path(path)
     manifest = read_manifest(path)
-    config = AutoConfig.from_pretrained(path / DENSE)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    try:        # the config is data from a stranger: a model only its own code could build is refused
+        config = AutoConfig.from_pretrained(path / DENSE, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=False)
+    except (OSError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SizewiseError(f"cannot build the model of {path} from {DENSE}/config.json: {first}") from None
     state = load_weights(path)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or missing:
         raise SizewiseError(f"{path} does not match its model config (missing {missing[:2]}, unexpected {unexpected[:2]})")
-    tokenizer = AutoTokenizer.from_pretrained(path / DENSE)
+    tokenizer = AutoTokenizer.from_pretrained(path / DENSE, trust_remote_code=False)
     return model.eval(), tokenizer, manifest

@@ -54,8 +54,8 @@ def export(path: str | Path, out: str | Path, *, format: str = "gguf", overwrite
         raise SizewiseError(
             f"{len(bad)} tensors are in formats GGUF cannot hold exactly (e.g. {bad[0][0]}: {bad[0][1].fmt.label}); "
             "compress with --group-size 32 and --sym (Q4_0/Q5_0/Q8_0) or --zero float16 (Q4_1/Q5_1)")
-    config = AutoConfig.from_pretrained(Path(path) / artifact.DENSE)
-    tokenizer = AutoTokenizer.from_pretrained(Path(path) / artifact.DENSE)
+    config = AutoConfig.from_pretrained(Path(path) / artifact.DENSE, trust_remote_code=False)
+    tokenizer = AutoTokenizer.from_pretrained(Path(path) / artifact.DENSE, trust_remote_code=False)
     described = gguf_export_args(manifest["source"])
     written = write_gguf(out, config, stored, tokenizer, name=name or described["name"],
                          tokenizer_pre=tokenizer_pre or described["tokenizer_pre"],

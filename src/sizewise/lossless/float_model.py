@@ -235,7 +235,7 @@ def _build_model(config, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM
 
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
     model.tie_weights()   # skipped for meta parameters at construction; _slots needs the ties in place
     return model
 
@@ -365,8 +365,8 @@ def unpack_model(packed_dir, out, overwrite: bool = False, *, threads: int | Non
 def _load_artifact_model(path: Path, threads: int):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(path / HF)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    config = AutoConfig.from_pretrained(path / HF, trust_remote_code=False)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=False)
     missing, unexpected = model.load_state_dict(load_packed_artifact(path, threads=threads), strict=False)
     if missing or unexpected:
         raise SizewiseError(f"{path} does not match its model config (missing {missing[:2]}, unexpected {unexpected[:2]})")
