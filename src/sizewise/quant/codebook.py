@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from ..errors import SizewiseError
-from .formats import FixedGrid, Format, Part
+from .formats import FixedGrid, GGMLBlocks, StoredTensor
 from .ggml_layout import QK, codebook_blocks, codebook_unblocks, f16_bytes
 
 BLOCK = QK
@@ -42,7 +42,7 @@ E8M0_BIAS = 128          # ggml_e8m0_to_fp32_half: byte e is worth 2^(e - 128)
 
 
 @dataclass(frozen=True)
-class CodebookFormat(Format):
+class CodebookFormat(GGMLBlocks):
     """One ggml block per 32 weights of a row: the scale (float16 d, or MXFP4's E8M0 byte) | qs[16]:
     low nibble c[i], high nibble c[i+16] (Q4_0's layout), 18 or 17 bytes; code c is worth d * levels[c]."""
 
@@ -102,17 +102,6 @@ class CodebookFormat(Format):
     def ggml_formats(cls) -> tuple["CodebookFormat", ...]:
         return tuple(cls(t) for t in _CODEBOOKS)
 
-    def parts(self, out_features: int, in_features: int) -> tuple[Part, ...]:
-        """ggml's blocks as they are, one row of them per output channel."""
-        return (Part("ggml", (out_features, self.stored_bits(out_features, in_features) // 8 // out_features),
-                     "uint8"),)
-
-    def to_parts(self, ct: "CodebookTensor") -> dict[str, torch.Tensor]:
-        return {"ggml": torch.from_numpy(self.ggml_blocks(ct))}
-
-    def from_parts(self, tensors: dict[str, torch.Tensor], shape: tuple[int, int]) -> "CodebookTensor":
-        return self.from_ggml_blocks(tensors["ggml"].numpy(), shape)
-
     def ggml_blocks(self, ct: "CodebookTensor") -> np.ndarray:
         """IQ4_NL / MXFP4 blocks of an [out, in] weight: d f16 (MXFP4: one E8M0 byte) | 16 bytes of
         nibbles (c[i], c[i+16]), as Q4_0; codes become ggml's nibbles (`ggml_codes`)."""
@@ -171,20 +160,13 @@ class CodebookFormat(Format):
 
 
 @dataclass
-class CodebookTensor:
+class CodebookTensor(StoredTensor):
     """An [out, in] weight: d [out, in/32] (float16; MXFP4: float32 powers of two) and uint8 codes
     [out, in], indices into the format's levels."""
 
     fmt: CodebookFormat
     d: torch.Tensor
     codes: torch.Tensor
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return tuple(self.codes.shape)
-
-    def stored_bits(self) -> int:
-        return self.fmt.stored_bits(*self.shape)
 
     def per_weight(self) -> torch.Tensor:
         """The scale of every weight, float32 [out, in]."""

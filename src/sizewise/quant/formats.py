@@ -155,6 +155,32 @@ class Format:
         return None
 
 
+class GGMLBlocks(Format):
+    """A format stored as ggml's own blocks (k-quants, codebooks): one part, one row of blocks per output
+    channel, exactly the stored bits; a GGUF export copies them."""
+
+    def parts(self, out_features: int, in_features: int) -> tuple[Part, ...]:
+        return (Part("ggml", (out_features, self.stored_bits(out_features, in_features) // 8 // out_features),
+                     "uint8"),)
+
+    def to_parts(self, stored) -> dict[str, torch.Tensor]:
+        return {"ggml": torch.from_numpy(self.ggml_blocks(stored))}
+
+    def from_parts(self, tensors: dict[str, torch.Tensor], shape: tuple[int, int]):
+        return self.from_ggml_blocks(tensors["ggml"].numpy(), shape)
+
+
+class StoredTensor:
+    """What the stored tensors share: an [out, in] weight whose codes give its shape."""
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.codes.shape)
+
+    def stored_bits(self) -> int:
+        return self.fmt.stored_bits(*self.shape)
+
+
 @dataclass(frozen=True)
 class FloatFormat(Format):
     """A weight kept in floating point (not quantized); its stored tensor is the float tensor itself."""

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ..errors import SizewiseError
-from .formats import FixedGrid, Format, Part
+from .formats import FixedGrid, GGMLBlocks, StoredTensor
 from .ggml_layout import SUPER, kquant_blocks, kquant_unblocks
 from .grid import decode, encode
 from .kquant_fit import _fit_blocks
@@ -47,7 +47,7 @@ KQUANT_TYPES = tuple(_KSPECS)
 
 
 @dataclass(frozen=True)
-class KQuantFormat(Format):
+class KQuantFormat(GGMLBlocks):
     """A llama.cpp k-quant. One 256-weight super-block (ggml's block_qN_K, little-endian):
 
       Q2_K  84 B: scales[16]: low nibble ls, high nibble lm | qs[64]: 2-bit codes | d f16 | dmin f16
@@ -130,18 +130,6 @@ class KQuantFormat(Format):
     @classmethod
     def ggml_formats(cls) -> tuple["KQuantFormat", ...]:
         return tuple(cls(t) for t in KQUANT_TYPES)
-
-    def parts(self, out_features: int, in_features: int) -> tuple[Part, ...]:
-        """ggml's blocks as they are, one row of them per output channel: exactly the stored bits,
-        and a GGUF export copies them."""
-        return (Part("ggml", (out_features, self.stored_bits(out_features, in_features) // 8 // out_features),
-                     "uint8"),)
-
-    def to_parts(self, kt: "KQuantTensor") -> dict[str, torch.Tensor]:
-        return {"ggml": torch.from_numpy(self.ggml_blocks(kt))}
-
-    def from_parts(self, tensors: dict[str, torch.Tensor], shape: tuple[int, int]) -> "KQuantTensor":
-        return self.from_ggml_blocks(tensors["ggml"].numpy(), shape)
 
     def ggml_blocks(self, kt: "KQuantTensor") -> np.ndarray:
         """The ggml blocks of a k-quant weight: uint8 [out, in/256 * block bytes]."""
@@ -249,7 +237,7 @@ class KQuantGrid:
 
 
 @dataclass
-class KQuantTensor:
+class KQuantTensor(StoredTensor):
     """A k-quant weight: its grid and uint8 codes [out, in] in [0, 2^bits), original column order."""
 
     grid: KQuantGrid
@@ -258,13 +246,6 @@ class KQuantTensor:
     @property
     def fmt(self) -> KQuantFormat:
         return self.grid.fmt
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return tuple(self.codes.shape)
-
-    def stored_bits(self) -> int:
-        return self.fmt.stored_bits(*self.shape)
 
     def dequantize(self) -> torch.Tensor:
         return kquant_decode(self.codes, self.grid)

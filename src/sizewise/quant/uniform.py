@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ..errors import SizewiseError
-from .formats import DTYPE_BITS, MAX_BITS, MIN_BITS, TORCH_DTYPES, Format, Part
+from .formats import DTYPE_BITS, MAX_BITS, MIN_BITS, TORCH_DTYPES, Format, Part, StoredTensor
 from .ggml_layout import QK, legacy_blocks
 from .grid import _TINY, decode, encode, fit, grouped
 from .refine import lsq_refit, mse_clip
@@ -152,20 +152,13 @@ class QuantFormat(Format):
 
 
 @dataclass
-class QuantizedTensor:
+class QuantizedTensor(StoredTensor):
     """A quantized [out, in] weight: codes in original column order, per-group scales and zeros."""
 
     fmt: QuantFormat
     codes: torch.Tensor            # uint8 [out, in]
     scales: torch.Tensor           # fmt.scale_dtype [out, groups]
     zeros: torch.Tensor | None     # uint8 (int zero) or float16 [out, groups]; None if symmetric
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return tuple(self.codes.shape)
-
-    def stored_bits(self) -> int:
-        return self.fmt.stored_bits(*self.shape)
 
     def dequantize(self) -> torch.Tensor:
         g = self.fmt.group_len(self.shape[1])
