@@ -50,8 +50,8 @@ def _load_hf(directory: Path, allow_pickle: bool):
         raise SizewiseError(f"{directory} holds no model weights (*.safetensors)")
     try:
         config = AutoConfig.from_pretrained(directory, trust_remote_code=False)
-        model = AutoModelForCausalLM.from_pretrained(
-            directory, dtype=torch.float32, trust_remote_code=False, use_safetensors=has_safetensors or None)
+        model = AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=False,
+                                                     dtype=torch.float32, use_safetensors=has_safetensors or None)
         tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=False)
     except (OSError, ValueError, KeyError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
