@@ -19,16 +19,18 @@ import subprocess
 import sys
 import time
 
-from common import RESULTS, ROOT, SIZEWISE, save
+from common import RESULTS, ROOT, SIZEWISE, per_model, save
 
 
-def uniform_points(calib_dtypes: set[str]) -> list[dict]:
-    """Uniform configurations measured by bench/quantizers.py on the same protocol (best run per label)."""
+def uniform_points(model: str, calib_dtypes: set[str]) -> list[dict]:
+    """Uniform configurations measured by bench/quantizers.py on the same model and protocol (best run per label)."""
     best: dict[str, dict] = {}
     for path in sorted(RESULTS.glob("quantizers*.json")) + [RESULTS / "rtn.json"]:
         if not path.is_file():
             continue
         res = json.loads(path.read_text())
+        if res.get("model", "smollm2-135m") != model:
+            continue
         for r in res["results"]:
             dtype = r.get("calib_dtype") or (res.get("calibration") or {}).get("dtype", "float32")
             if r["label"].startswith("rtn-") or dtype in calib_dtypes:
@@ -52,9 +54,9 @@ def main() -> None:
                     help="uniform points the sweep compresses (GPTQ, sequential) and evaluates with the budgets")
     args = ap.parse_args()
 
-    out = ROOT / "out" / "bench" / "budget"
+    out = ROOT / "out" / "bench" / per_model("budget", args.model)
     out.mkdir(parents=True, exist_ok=True)
-    uniform = uniform_points({args.calib_dtype, "float32"})
+    uniform = uniform_points(args.model, {args.calib_dtype, "float32"})
     peers = out / "uniform_points.json"
     peers.write_text(json.dumps([{"label": f"uniform {u['label']}", "bits_per_weight": u["bits_per_weight"],
                                   "perplexity": u["perplexity"]} for u in uniform]))
@@ -112,7 +114,7 @@ def main() -> None:
     print(f"sweep after profiling: {after_profile:.0f} s (choosing {t.get('choose_s', 0):.0f} s + compressing); "
           f"one GPTQ run: {one_gptq and round(one_gptq)} s; profile {sweep['profile'].get('profile_s', 0):.0f} s; "
           f"evaluation {t['eval_s']:.0f} s")
-    save("budget", {
+    save(per_model("budget", args.model), {
         "benchmark": "budget", "model": args.model, "command": "sizewise " + shlex.join(cmd[3:]),
         "reference_perplexity": ref, "evaluation": sweep["evaluation"], "profile": sweep["profile"],
         "solved": sweep.get("solved"), "results": rows, "table": table,

@@ -40,6 +40,13 @@ def summary(manifest: dict) -> dict:
             "load_avg": manifest.get("load_avg")}
 
 
+def per_model(name: str, model: str) -> str:
+    """Results and output names per model: the default model keeps the bare name (older results)."""
+    if model == "smollm2-135m":
+        return name
+    return f"{name}-{Path(model).stem if model.endswith('.gguf') else Path(model).name}"
+
+
 def save(name: str, payload: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"

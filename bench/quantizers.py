@@ -1,4 +1,4 @@
-"""Quantizers side by side on SmolLM2-135M: RTN, RTN+MSE clipping, GPTQ, AWQ and rotations.
+"""Quantizers side by side on one model (default SmolLM2-135M): RTN, RTN+MSE clipping, GPTQ, AWQ and rotations.
 
     .venv/bin/python bench/quantizers.py [--windows 64] [--only gptq-w4-g64,rtn-w4-g64] [--calib-dtype float32]
 
@@ -6,7 +6,7 @@ Calibration: 128 x 512 tokens of enwiki-sample (= ../shared/data/wiki-calib); ev
 N windows of 1024 tokens of wiki.test.txt. Every configuration is compressed in its own process
 (its wall time, peak memory and the machine's load average are recorded) and all are evaluated
 together against the float model on the same windows. Results accumulate in
-bench/results/quantizers.json (a run replaces rows of the same label and calibration dtype);
+bench/results/quantizers[-MODEL].json (a run replaces rows of the same label and calibration dtype);
 reports go under out/bench/quantizers.
 """
 
@@ -16,7 +16,7 @@ import argparse
 import json
 import sys
 
-from common import RESULTS, ROOT, compress, save, summary, table
+from common import RESULTS, ROOT, compress, per_model, save, summary, table
 
 import sizewise
 
@@ -62,7 +62,7 @@ def main() -> None:
     args = ap.parse_args()
 
     wanted = set(filter(None, args.only.split(",")))
-    out = ROOT / "out" / "bench" / "quantizers"
+    out = ROOT / "out" / "bench" / per_model("quantizers", args.model)
     calib = ["--calib", args.calib, "--calib-samples", args.calib_samples, "--calib-len", args.calib_len,
              "--calib-dtype", args.calib_dtype]
     manifests = {}
@@ -84,13 +84,13 @@ def main() -> None:
             for k, m in manifests.items()]
     print(f"float perplexity {ref_ppl:.3f}\n" + table(rows, ref_ppl))
     # runs of subsets accumulate in one file: rows of the same label and calibration dtype are replaced
-    path = RESULTS / "quantizers.json"
+    path = RESULTS / f"{per_model('quantizers', args.model)}.json"
     old = json.loads(path.read_text()) if path.is_file() else {}
     same = old.get("protocol", {}).get("windows") == res["protocol"].get("windows") and \
         old.get("model") == args.model and old.get("reference_perplexity") == ref_ppl
     new_keys = {(r["label"], r["calib_dtype"]) for r in rows}
     kept = [r for r in old.get("results", []) if same and (r["label"], r.get("calib_dtype")) not in new_keys]
-    save("quantizers", {"benchmark": "quantizers", "model": args.model, "reference_perplexity": ref_ppl,
+    save(per_model("quantizers", args.model), {"benchmark": "quantizers", "model": args.model, "reference_perplexity": ref_ppl,
                         "protocol": res["protocol"], "calibration": manifests[next(iter(manifests))].get("calibration"),
                         "results": kept + rows, "reports": sorted(set(old.get("reports", []) if same else []) | {res["report"]})})
 
