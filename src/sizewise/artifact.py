@@ -18,7 +18,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .atomic import staged_dir
+from .atomic import check_target, staged_dir
 from .errors import SizewiseError
 from .quant.formats import TORCH_DTYPES, FloatFormat, Format, Part
 from .quant.pack import pack_bits, unpack_bits
@@ -33,9 +33,8 @@ def is_artifact(path: str | Path) -> bool:
 
 
 def check_output(out: Path, overwrite: bool) -> None:
-    """Fail before any work if `out` already holds something (unless overwriting)."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise SizewiseError(f"output path {out} already exists and is not empty (use --force to replace it)")
+    """Fail before any work if `out` already holds something (unless overwriting) or cannot be written."""
+    check_target(out, overwrite=overwrite)
 
 
 def part_tensor(part: Part, t: torch.Tensor) -> torch.Tensor:
@@ -96,7 +95,7 @@ def write(out: Path, *, model, tokenizer, quantized: dict,
     """
     out = Path(out)
     check_output(out, overwrite)
-    with staged_dir(out) as tmp:
+    with staged_dir(out, overwrite=overwrite) as tmp:
         state, aliases = unique_state(model)
         tensors, table = {}, {}
         for name, t in state.items():

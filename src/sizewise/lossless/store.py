@@ -262,7 +262,7 @@ def totals(entries: dict[str, TensorEntry], weights_nbytes: int) -> dict:
 def staged_output(out: str | Path, overwrite: bool):
     """The staged directory that replaces `out` only when everything is written."""
     artifact.check_output(Path(out), overwrite)
-    return staged_dir(out)
+    return staged_dir(out, overwrite=overwrite)
 
 
 def write_manifest(tmp: Path, manifest: Manifest) -> dict:
