@@ -103,10 +103,15 @@ class Windows:
 
 
 def eval_windows(tokens: torch.Tensor, ctx: int, stride: int | None = None, count: int | None = None,
-                 bos: int | None = None) -> Windows:
-    stride = stride or ctx
+                 bos: int | None = None, max_positions: int | None = None) -> Windows:
+    """`count` windows of `ctx` tokens every `stride` (None: ctx); `max_positions`: the model's limit,
+    which a window (with its BOS) must not exceed."""
+    stride = ctx if stride is None else stride
     if ctx < 2 or not 1 <= stride <= ctx:
         raise SizewiseError(f"need ctx >= 2 and 1 <= stride <= ctx, got ctx={ctx}, stride={stride}")
+    if max_positions is not None and ctx + (bos is not None) > max_positions:
+        raise SizewiseError(f"ctx {ctx}{' plus BOS' if bos is not None else ''} exceeds the model's "
+                            f"{max_positions} positions; use --ctx {max_positions - (bos is not None)} or less")
     if tokens.numel() < ctx:
         raise SizewiseError(f"text has {tokens.numel()} tokens, shorter than one window of {ctx}")
     available = (tokens.numel() - ctx) // stride + 1
@@ -123,6 +128,13 @@ def eval_windows(tokens: torch.Tensor, ctx: int, stride: int | None = None, coun
         inputs.append(x[None])
         score_from.append(max(first, 0))
     return Windows(inputs, score_from, ctx, stride, bos)
+
+
+def max_positions(model) -> int | None:
+    """The longest sequence the model's config allows (None when it names no limit)."""
+    c = model.config
+    n = getattr(c, "max_position_embeddings", None) or getattr(c, "n_positions", None)
+    return n if isinstance(n, int) and n > 0 else None
 
 
 def wants_bos(model, tokenizer) -> int | None:

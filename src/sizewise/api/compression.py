@@ -70,6 +70,7 @@ def compress(model: str | Path | Source, config: CompressConfig | None = None, o
         artifact.check_output(Path(out), overwrite)
     if config.float_dtype not in TORCH_DTYPES:
         raise SizewiseError(f"float dtype must be one of {sorted(TORCH_DTYPES)}, got {config.float_dtype!r}")
+    config.calib.check()
     methods.parse(config.method)
     for name in (config.plan.methods() if config.plan else ()):
         methods.get(name)
