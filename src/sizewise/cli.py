@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
 
 import click
@@ -119,7 +119,7 @@ def cli():
 @click.argument("model")
 @click.option("-o", "--output", required=True, type=click.Path(), help="Artifact directory to write (must not exist or be empty).")
 @click.option("--method", default="rtn", show_default=True, help="rtn, rtn-mse or gptq (see `sizewise methods`).")
-@click.option("--bits", default=4, show_default=True, type=click.IntRange(2, 8), help="Bits per weight code, 2 to 8.")
+@click.option("--bits", default=4, show_default=True, type=int, help="Bits per weight code, 2 to 8.")
 @click.option("--group-size", default="64", show_default=True, help="Weights sharing one scale, dividing each layer's input size; 'channel' for one per row.")
 @click.option("--sym/--asym", default=False, show_default=True, help="Symmetric grid (no zero stored) or asymmetric.")
 @click.option("--zero", type=click.Choice(["int", "float16"]), default="int", show_default=True, help="Asymmetric zero point: a b-bit integer, or a float16 minimum (ggml Q4_1 style).")

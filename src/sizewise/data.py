@@ -37,6 +37,16 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def tensor_bytes(t: torch.Tensor):
+    """The tensor's bytes as a flat uint8 array (no copy when it is contiguous)."""
+    return t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+
+
+def tensor_sha256(t: torch.Tensor) -> str:
+    """sha256 of the raw tensor bytes (little-endian, row-major): equal hash = bit-exact."""
+    return hashlib.sha256(tensor_bytes(t)).hexdigest()
+
+
 def files_sha256(files) -> str:
     """One digest over several files: name and content hash of each, in name order."""
     h = hashlib.sha256()
@@ -109,11 +119,11 @@ def eval_windows(tokens: torch.Tensor, ctx: int, stride: int | None = None, coun
     stride = ctx if stride is None else stride
     if ctx < 2 or not 1 <= stride <= ctx:
         raise SizewiseError(f"need ctx >= 2 and 1 <= stride <= ctx, got ctx={ctx}, stride={stride}")
+    if tokens.numel() < ctx:
+        raise SizewiseError(f"text has {tokens.numel()} tokens, shorter than one window of {ctx}")
     if max_positions is not None and ctx + (bos is not None) > max_positions:
         raise SizewiseError(f"ctx {ctx}{' plus BOS' if bos is not None else ''} exceeds the model's "
                             f"{max_positions} positions; use --ctx {max_positions - (bos is not None)} or less")
-    if tokens.numel() < ctx:
-        raise SizewiseError(f"text has {tokens.numel()} tokens, shorter than one window of {ctx}")
     available = (tokens.numel() - ctx) // stride + 1
     count = available if count is None else count
     if count < 1 or count > available:

@@ -51,8 +51,11 @@ def _load_hf(directory: Path, allow_pickle: bool):
             raise SizewiseError(f"{directory} holds only pickled PyTorch weights; convert them to safetensors "
                                 "or pass --allow-pickle if you trust the files")
         raise SizewiseError(f"{directory} holds no model weights (*.safetensors)")
-    for f in directory.glob("*.safetensors"):
-        check_safetensors(f)    # a truncated or corrupt header is one line, not the loader's traceback
+    try:
+        for f in directory.glob("*.safetensors"):
+            check_safetensors(f)    # a truncated or corrupt header is one line, not the loader's traceback
+    except SizewiseError as e:
+        raise SizewiseError(f"cannot load a causal LM from {directory}: {e}") from None
     try:
         config = AutoConfig.from_pretrained(directory, trust_remote_code=False)
         model = AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=False,
