@@ -257,7 +257,10 @@ def load(path: str | Path):
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise SizewiseError(f"cannot build the model of {path} from {DENSE}/config.json: {first}") from None
     state = load_weights(path)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:     # a shape the config does not have, e.g. an edited alias
+        raise SizewiseError(f"{path} does not match its model config: {str(e).strip().splitlines()[-1].strip()}") from None
     if unexpected or missing:
         raise SizewiseError(f"{path} does not match its model config (missing {missing[:2]}, unexpected {unexpected[:2]})")
     tokenizer = AutoTokenizer.from_pretrained(path / DENSE, trust_remote_code=False)
