@@ -32,17 +32,22 @@ _critical = {"depth": 0, "pending": None}
 # --- signals ------------------------------------------------------------------------------------
 
 
-def handle_signals() -> None:
+def handle_signals() -> dict:
     """SIGINT and SIGTERM raise `Interrupted`, so that every staging area is cleaned up on the way
-    out; inside a critical section (a rename into place, a cleanup) they wait for its end."""
+    out; inside a critical section (a rename into place, a cleanup) they wait for its end.
+    Returns the handlers replaced (signal -> handler), for `restore_signals`."""
     def on_signal(signum, frame):
         if _critical["depth"]:
             _critical["pending"] = signum
         else:
             raise Interrupted(signum)
 
-    for s in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(s, on_signal)
+    return {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+
+
+def restore_signals(previous: dict) -> None:
+    for s, handler in previous.items():
+        signal.signal(s, handler)
 
 
 @contextmanager

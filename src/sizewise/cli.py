@@ -432,9 +432,9 @@ def main(argv=None) -> int:
     import signal
     import warnings
 
-    from .atomic import handle_signals
+    from .atomic import handle_signals, restore_signals
 
-    handle_signals()
+    previous = handle_signals()
     # torch's weights-only unpickler warns about pickle protocols before refusing a file: noise here
     warnings.filterwarnings("ignore", module="torch._weights_only_unpickler")
     try:
@@ -465,6 +465,8 @@ def main(argv=None) -> int:
                  "(please report it; SIZEWISE_TRACEBACK=1 shows where)")
     except (KeyboardInterrupt, Interrupted) as e:   # a second signal while reporting the first
         return 128 + getattr(e, "signum", signal.SIGINT)
+    finally:
+        restore_signals(previous)   # main() called in-process (tests, scripts) leaves no handlers behind
     return EXIT_ERROR
 
 
