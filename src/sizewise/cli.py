@@ -99,7 +99,24 @@ def _emit(obj: dict, as_json: bool, output: str | None, human, force: bool = Fal
         human(obj)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class _Commands(click.Group):
+    """`pack` and `unpack` (sizewise.lossless.cli) load when named: importing the lossless package
+    loads torch, and `import sizewise.cli` stays light so that `main` handles signals first."""
+
+    LAZY = ("pack", "unpack")
+
+    def list_commands(self, ctx):
+        return sorted({*super().list_commands(ctx), *self.LAZY})
+
+    def get_command(self, ctx, name):
+        if name in self.LAZY:
+            from .lossless import cli as lossless_cli
+
+            return getattr(lossless_cli, name)
+        return super().get_command(ctx, name)
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="sizewise")
 def cli():
     """Compress a causal language model to the size you choose, and measure what it cost.
@@ -411,10 +428,6 @@ def fetch(name):
         raise SizewiseError(f"unknown built-in {name!r}; models: {', '.join(builtins.MODELS)}; texts: {', '.join(builtins.TEXTS)}")
 
 
-from .lossless.cli import pack, unpack  # noqa: E402
-
-cli.add_command(pack)
-cli.add_command(unpack)
 
 
 def _quiet_libraries() -> None:

@@ -1,6 +1,6 @@
 """`sizewise pack` and `sizewise unpack`: lossless packing of whole models and artifacts.
 
-These are plain click commands; the main CLI registers them (cli.add_command) and prints any
+These are plain click commands; the main CLI loads them when named and prints any
 SizewiseError on one line.
 """
 
