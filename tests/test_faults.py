@@ -23,9 +23,9 @@ SRC = Path(__file__).resolve().parent.parent / "src"
 
 
 def snapshot(root: Path) -> dict[str, str]:
-    """Every file under `root` (hidden ones too) -> sha256 of its bytes."""
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    """Every file under `root` (hidden ones too) -> sha256 of its bytes; every directory -> "dir"."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in sorted(root.rglob("*"))}
 
 
 def one_error(capsys, *args, contains: str = "") -> str:

@@ -48,6 +48,8 @@ EVAL = ["--text", "{room}/text.txt", "--ctx", "32", "--windows", "1", "--quiet"]
     (["compress", "{room}/model", "-o", "{room}/model/sub", "--quiet"], "is the input"),
     (["compress", "{room}/model", "-o", "{room}", "--force", "--quiet"], "inside the output"),
     (["compress", "{room}/model", "-o", "{room}/text.txt/x", "--quiet"], "not a directory"),
+    (["compress", "{room}/model", "-o", "{room}/new/deeper/a", "--bits", "1", "--quiet"], "bits must be"),
+    (["compress", "{room}/nothing", "-o", "{room}/new/deeper/a", "--quiet"], "no model at"),
     (["eval", "{room}/model", *EVAL, "--against", "{room}/full", "-o", "{room}/full/x.json"], "is the input"),
     (["eval", "{room}/model", *EVAL, "-o", "{room}/file.json"], "already exists"),
     (["eval", "{room}/model", *EVAL, "-o", "{room}/full"], "is a directory"),

@@ -190,6 +190,7 @@ def claim(out: str | Path, *, overwrite: bool = False, kind: str = "dir", inputs
             c["depth"] -= 1
         return
     check_target(out, overwrite=overwrite, kind=kind, inputs=inputs)
+    made = [p for p in [out.parent, *out.parent.parents] if not p.exists()]   # removed again if nothing is written
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         area = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-{os.getpid()}-"))
@@ -212,6 +213,11 @@ def claim(out: str | Path, *, overwrite: bool = False, kind: str = "dir", inputs
             shutil.rmtree(area, ignore_errors=True)
             if fd is not None:
                 os.close(fd)
+            for d in made if not os.path.lexists(out) else ():
+                try:
+                    d.rmdir()
+                except OSError:
+                    break
 
 
 def _place(tmp: Path, out: Path, area: Path, overwrite: bool) -> None:
