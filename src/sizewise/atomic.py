@@ -79,11 +79,17 @@ def _occupied(p: Path) -> bool:
     return p.is_symlink() or not p.is_dir() or any(p.iterdir())
 
 
+def _output_path(out: str | Path) -> Path:
+    if not os.fspath(out):      # Path("") would be the current directory
+        raise SizewiseError("the output path is empty")
+    return Path(out)
+
+
 def check_target(out: str | Path, *, overwrite: bool, kind: str = "dir", inputs=()) -> None:
     """One line, before any work, unless `out` may be written: nothing there (or an empty directory,
     or `overwrite`), a directory where a file is wanted never replaced, not one of `inputs` nor
     inside one, no input inside it, and its nearest existing ancestor a writable directory."""
-    out = Path(out)
+    out = _output_path(out)
     key = _key(out)
     for given in inputs:
         if given is None or not os.path.lexists(given):
@@ -179,7 +185,7 @@ def claim(out: str | Path, *, overwrite: bool = False, kind: str = "dir", inputs
     """Check `out` (`check_target`) and hold a locked staging area beside it until the block ends;
     yields the area, scratch space on the output's filesystem. Reentrant: a claim this process
     already holds is reused, with its `overwrite`."""
-    out = Path(out)
+    out = _output_path(out)
     key = str(_key(out))
     if key in _claims:
         c = _claims[key]

@@ -57,6 +57,8 @@ class CalibConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < least:
                 raise SizewiseError(f"calibration {name} must be an integer >= {least}, got {v!r}")
+        if self.offload is not None and os.path.exists(self.offload) and not os.path.isdir(self.offload):
+            raise SizewiseError(f"--offload {self.offload} is not a directory")
         return self
 
     def resolved(self, device) -> "CalibConfig":
