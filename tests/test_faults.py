@@ -87,6 +87,10 @@ HOSTILE_GGUF = {
     "metadata-bigger-than-tensors": (_gguf([ARCH, _kv_u32("llama.block_count", 32), _kv_u32("llama.embedding_length", 4096),
                                             _kv_u32("llama.feed_forward_length", 11008)],
                                            [_tensor("w", [8, 8])], data=b"\0" * 256), "describes a model"),
+    # consistent sizes, but no vocabulary: transformers would build its default 32000-token embedding
+    "default-vocabulary": (_gguf([ARCH, _kv_u32("llama.block_count", 1), _kv_u32("llama.embedding_length", 64),
+                                  _kv_u32("llama.feed_forward_length", 1)],
+                                 [_tensor("w", [64, 64])], data=b"\0" * 64 * 64 * 4), "describes a model"),
     "missing-block-count": (_gguf([ARCH], [_tensor("w", [8, 8])], data=b"\0" * 256), "block_count"),
 }
 
@@ -123,7 +127,8 @@ def test_a_valid_gguf_still_passes_the_check(tmp_path):
     w.add_block_count(1)
     w.add_embedding_length(8)
     w.add_feed_forward_length(8)
-    w.add_tensor("a", np.zeros((8, 16), np.float32))
+    w.add_vocab_size(4)
+    w.add_tensor("a", np.zeros((8, 48), np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

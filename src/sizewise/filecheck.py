@@ -149,8 +149,13 @@ def check_gguf(path: str | Path) -> dict:
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise SizewiseError(f"{path}: GGUF metadata lacks a positive {arch}.{key} (got {v!r})")
         dims[key] = v
-    # every decoder layer holds at least an up and a down projection (hidden x feed-forward each)
-    described = dims["block_count"] * 2 * dims["embedding_length"] * dims["feed_forward_length"]
+    # a lower bound of what transformers would allocate: per layer at least the query and output
+    # projections (hidden²) and an up and a down one (hidden x feed-forward), plus the embedding
+    # (its default vocabulary, 32000, when the file names none)
+    hidden, vocab = dims["embedding_length"], meta.get(f"{arch}.vocab_size", meta.get("tokenizer.ggml.tokens", 32000))
+    if not isinstance(vocab, int) or vocab < 1:
+        raise SizewiseError(f"{path}: GGUF metadata has vocabulary size {vocab!r}")
+    described = dims["block_count"] * 2 * hidden * (hidden + dims["feed_forward_length"]) + vocab * hidden
     held = sum(math.prod(d) for _, d, _, _ in tensors)
     if described > held:
         raise SizewiseError(f"{path}: its metadata describes a model of at least {described:,} weights, "
