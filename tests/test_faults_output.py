@@ -61,6 +61,7 @@ EVAL = ["--text", "{room}/text.txt", "--ctx", "32", "--windows", "1", "--quiet"]
     (["compare", "{room}/model", "{room}/model", *EVAL, "-o", "{room}/model", "--force"], "is the input"),
     (["export", "{room}/model", "-o", "{room}/file.json"], "already exists"),
     (["compress", "{room}/model", "-o", "", "--quiet"], "output path is empty"),
+    (["compress", "{room}/model", "-o", "/proc/sizewise-fault-test", "--quiet"], "cannot write"),   # unwritable, even as root
     (["compress", "{room}/model", "-o", "{room}/a", "--offload", "{room}/file.json", "--quiet"], "not a directory"),
     (["pack", "{room}/model", "--lossless", "-o", "{room}/full"], "already exists"),
     (["unpack", "{room}/model", "-o", "{room}/full"], "lossless-packed"),

@@ -149,7 +149,7 @@ def _pid_alive(pid: int) -> bool:
 def _other_writers(out: Path, own: Path | None = None) -> list[Path]:
     """Staging areas beside `out` of live processes; those of dead ones are removed on the way."""
     live = []
-    for p in out.parent.glob(f".{glob_escape(out.name)}.partial-*"):
+    for p in out.parent.glob(f".{_glob_escape(out.name)}.partial-*"):
         if p == own:
             continue
         held = _held(p / LOCK) if p.is_dir() else None
@@ -166,7 +166,7 @@ def _other_writers(out: Path, own: Path | None = None) -> list[Path]:
     return live
 
 
-def glob_escape(name: str) -> str:
+def _glob_escape(name: str) -> str:
     return re.sub(r"([*?\[])", r"[\1]", name)
 
 
