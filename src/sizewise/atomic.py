@@ -42,7 +42,10 @@ def handle_signals() -> dict:
         else:
             raise Interrupted(signum)
 
-    return {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:      # not the main thread (main() called from a worker): signals stay as they are
+        return {}
 
 
 def restore_signals(previous: dict) -> None:
