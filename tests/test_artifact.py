@@ -97,11 +97,11 @@ def test_staged_dir_replaces_whole_or_not_at_all(tmp_path):
     out.mkdir()
     (out / "old.txt").write_text("old")
     with pytest.raises(RuntimeError):
-        with staged_dir(out) as tmp:
+        with staged_dir(out, overwrite=True) as tmp:
             (tmp / "new.txt").write_text("half")
             raise RuntimeError("interrupted")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o"] and (out / "old.txt").read_text() == "old"
-    with staged_dir(out) as tmp:
+    with staged_dir(out, overwrite=True) as tmp:
         (tmp / "new.txt").write_text("new")
         assert not (out / "new.txt").exists()            # invisible until the block completes
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o"] and [p.name for p in out.iterdir()] == ["new.txt"]

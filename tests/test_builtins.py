@@ -174,7 +174,7 @@ def test_checksum_mismatch_is_refused(tmp_path, monkeypatch):
 def test_atomic_dir_failure_leaves_nothing(tmp_path):
     final = tmp_path / "entry"
     with pytest.raises(RuntimeError):
-        with staged_dir(final, replace=False) as build:
+        with staged_dir(final, cache=True) as build:
             (build / "half.bin").write_bytes(b"x")
             raise RuntimeError("interrupted")
     assert list(tmp_path.iterdir()) == []

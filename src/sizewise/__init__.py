@@ -2,11 +2,28 @@
 
 __version__ = "0.1.0"
 
-from .api import CalibConfig, CompressConfig, Recipe, Result, compress, evaluate, info, run  # noqa: E402
-from .errors import SizewiseError  # noqa: E402
-from .plan import Plan  # noqa: E402
-from .quant.formats import FloatFormat  # noqa: E402
-from .quant.uniform import QuantFormat  # noqa: E402
+# The public names load on first use (PEP 562): `import sizewise.cli` stays light, so the CLI's
+# signal handling is in place before torch and transformers load (a Ctrl-C during those imports
+# is then one line, not a traceback).
+_EXPORTS = {
+    "compress": "api", "run": "api", "evaluate": "api", "info": "api", "Recipe": "api", "CompressConfig": "api",
+    "CalibConfig": "api", "Result": "api", "Plan": "plan", "QuantFormat": "quant.uniform",
+    "FloatFormat": "quant.formats", "SizewiseError": "errors",
+}
 
 __all__ = ["compress", "run", "evaluate", "info", "Recipe", "CompressConfig", "CalibConfig", "Result", "Plan",
            "QuantFormat", "FloatFormat", "SizewiseError", "__version__"]
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'sizewise' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

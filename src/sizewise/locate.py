@@ -10,6 +10,7 @@ from pathlib import Path
 
 from . import builtins
 from .data import sha256_file
+from .filecheck import check_gguf
 
 
 def model_dir(spec: str | Path) -> tuple[Path, dict] | None:
@@ -23,6 +24,7 @@ def model_dir(spec: str | Path) -> tuple[Path, dict] | None:
     if path.is_dir() and (path / "config.json").is_file():
         return path, {"kind": "hf", "path": str(path.resolve())}
     if path.is_file() and path.suffix.lower() == ".gguf":
+        check_gguf(path)    # even with a cached conversion: its tokenizer metadata is read again
         digest = sha256_file(path)
         converted = builtins.cache_dir() / "gguf" / digest[:32]
         if not (converted / "config.json").is_file():

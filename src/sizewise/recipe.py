@@ -51,6 +51,16 @@ class CalibConfig:
     # than float32 at equal perplexity, bench/results/budget.json), "float32" or "bfloat16"
     dtype: str = "auto"
 
+    def check(self) -> "CalibConfig":
+        """Counts are positive (a zero batch would loop forever or divide by zero); one line otherwise."""
+        for name, least in (("samples", 1), ("length", 2), ("batch", 1)):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < least:
+                raise SizewiseError(f"calibration {name} must be an integer >= {least}, got {v!r}")
+        if self.offload is not None and os.path.exists(self.offload) and not os.path.isdir(self.offload):
+            raise SizewiseError(f"--offload {self.offload} is not a directory")
+        return self
+
     def resolved(self, device) -> "CalibConfig":
         """This config with "auto" replaced by the dtype chosen for `device` (see `auto_calib_dtype`)."""
         return self if self.dtype != "auto" else replace(self, dtype=auto_calib_dtype(device))
@@ -112,6 +122,11 @@ class Recipe:
             raise SizewiseError(f"float dtype must be one of {sorted(TORCH_DTYPES)}, got {self.float_dtype!r}")
         if self.output not in OUTPUTS:
             raise SizewiseError(f"unknown output {self.output!r}; available: {', '.join(OUTPUTS)}")
+        self.calib.check()
+        for name, least in (("fisher_samples", 1), ("measure_samples", 0)):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < least:
+                raise SizewiseError(f"{name} must be an integer >= {least}, got {v!r}")
         if self.budget is not None and (self.plan is not None or self.skip):
             raise SizewiseError("--budget chooses every layer's format itself; drop --plan and --skip")
         quantizers = self.budget_methods()[1] if self.budget is not None else (self.pipeline.quantizer,)

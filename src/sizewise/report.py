@@ -66,10 +66,11 @@ def markdown(results: dict, rows: list[dict], plot_name: str) -> str:
     return "\n".join(lines)
 
 
-def write(results: dict, out: str | Path) -> Path:
-    """Write results.json, report.md and a plot into `out` (atomically, as a directory)."""
+def write(results: dict, out: str | Path, overwrite: bool = False) -> Path:
+    """Write results.json, report.md and a plot into `out` (atomically, as a directory; an existing
+    non-empty `out` only with `overwrite`)."""
     out = Path(out)
-    with staged_dir(out) as tmp:
+    with staged_dir(out, overwrite=overwrite) as tmp:
         rows = _rows(results)
         plot(rows, tmp / "ppl_vs_bits.png")
         (tmp / "results.json").write_text(json.dumps(results, indent=1))

@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from . import artifact, builtins, locate
 from .data import files_sha256
 from .errors import SizewiseError
+from .filecheck import check_safetensors
 from .lossless import is_packed_model, load_packed_model
 
 
@@ -49,11 +52,19 @@ def _load_hf(directory: Path, allow_pickle: bool):
                                 "or pass --allow-pickle if you trust the files")
         raise SizewiseError(f"{directory} holds no model weights (*.safetensors)")
     try:
+        for f in directory.glob("*.safetensors"):
+            check_safetensors(f)    # a truncated or corrupt header is one line, not the loader's traceback
+    except SizewiseError as e:
+        raise SizewiseError(f"cannot load a causal LM from {directory}: {e}") from None
+    try:
         config = AutoConfig.from_pretrained(directory, trust_remote_code=False)
         model = AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=False,
                                                      dtype=torch.float32, use_safetensors=has_safetensors or None)
         tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=False)
-    except (OSError, ValueError, KeyError) as e:
+    except pickle.UnpicklingError:     # torch.load(weights_only=True) met a pickle that is more than tensors
+        raise SizewiseError(f"{directory}: weights-only loading refused its pickled weights (they hold more than "
+                            "tensors, e.g. code to run); sizewise never unpickles arbitrary objects") from None
+    except (OSError, ValueError, KeyError, SafetensorError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise SizewiseError(f"cannot load a causal LM from {directory}: {first}") from None
     return model.eval(), tokenizer, config

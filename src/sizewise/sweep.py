@@ -204,7 +204,7 @@ def sweep(model: str | Path, budgets: str | list[str | Budget], out: str | Path,
         if progress:
             print(f"sweep: {msg}", file=sys.stderr, flush=True)
 
-    with staged_dir(out) as tmp:
+    with staged_dir(out, overwrite=overwrite) as tmp:
         say(f"profiling {len(cands)} candidates on {len(linears)} linear layers (once, cached)")
         t0 = time.perf_counter()
         prof = api_budget.cached_profile(src, arch, config.calib, cands, options=config.options,

@@ -17,7 +17,7 @@ from ..errors import SizewiseError
 from ..evaluate import environment
 from ..plan import Plan
 from ..quant import methods
-from ..quant.formats import TORCH_DTYPES
+from ..quant.formats import TORCH_DTYPES, check_storable
 from ..recipe import CalibConfig, Recipe, auto_calib_dtype  # noqa: F401 (re-exported by the API)
 from ..sources import Source, load
 
@@ -70,6 +70,7 @@ def compress(model: str | Path | Source, config: CompressConfig | None = None, o
         artifact.check_output(Path(out), overwrite)
     if config.float_dtype not in TORCH_DTYPES:
         raise SizewiseError(f"float dtype must be one of {sorted(TORCH_DTYPES)}, got {config.float_dtype!r}")
+    config.calib.check()
     methods.parse(config.method)
     for name in (config.plan.methods() if config.plan else ()):
         methods.get(name)
@@ -77,6 +78,9 @@ def compress(model: str | Path | Source, config: CompressConfig | None = None, o
     pipeline = methods.parse(config.method)
     src = _source(model, allow_pickle)
     m, arch = src.model, discover(src.model)
+    linear_names = {r.weight_name: r.transposed for r in arch.all_linears()}
+    for name, p in m.named_parameters():      # before any work: what the artifact could not store faithfully
+        check_storable(name, p.detach(), None if name in linear_names else config.float_dtype)
     config = replace(config, calib=config.calib.resolved(next(m.parameters()).device))
     transforms = {}
     if pipeline.rotate:
@@ -104,12 +108,17 @@ def compress(model: str | Path | Source, config: CompressConfig | None = None, o
     def solve(ref, w, stats):
         choice = plan.by_name[ref.weight_name]
         if choice.method == "float":
+            check_storable(ref.weight_name, w, choice.format.dtype)
             return w.to(TORCH_DTYPES[choice.format.dtype]).float()
         qt = (solved or {}).get((ref.weight_name, choice.method, choice.format)) if stats is not None else None
         if qt is None:
             qt = methods.solve(choice.method, w, stats, choice.format, config.options)
         quantized[ref.weight_name] = qt
-        return qt.dequantize()
+        w_hat = qt.dequantize()
+        if not torch.isfinite(w_hat).all():   # e.g. scales beyond float16's range
+            raise SizewiseError(f"weight {ref.weight_name} quantized to {choice.format.label} holds inf or NaN; "
+                                "its scales overflow their dtype (try --scale-dtype float32)")
+        return w_hat
 
     layer_transform = None
     if pipeline.awq:
@@ -150,7 +159,6 @@ def compress(model: str | Path | Source, config: CompressConfig | None = None, o
             quantized[c.name] = qt
             params[c.name].copy_(qt.dequantize())      # a tied head follows: it is the same tensor
     # Everything not quantized is stored in a float dtype; make the model hold exactly that.
-    linear_names = {r.weight_name: r.transposed for r in arch.all_linears()}
     with torch.no_grad():
         for name, p in m.named_parameters():
             if name not in linear_names and name not in quantized:

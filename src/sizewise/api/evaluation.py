@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .. import artifact, data
+from ..atomic import check_target
 from ..arch import discover
 from ..errors import SizewiseError
 from ..evaluate import evaluate as _evaluate
@@ -25,7 +26,8 @@ def evaluate(model: str | Path | Source, text: str | Path = "wikitext2-test", *,
     if ref is not None and ref.model.config.vocab_size != src.model.config.vocab_size:
         raise SizewiseError("the two models have different vocabularies; KL divergence needs the same tokenizer")
     tokens = data.tokenize(src.tokenizer, txt)
-    wins = data.eval_windows(tokens, ctx, stride, windows, data.wants_bos(src.model, src.tokenizer))
+    wins = data.eval_windows(tokens, ctx, stride, windows, data.wants_bos(src.model, src.tokenizer),
+                             data.max_positions(src.model))
     result = _evaluate(src.model, wins, txt, reference=ref.model if ref else None, progress=progress)
     result["model"] = src.info
     if ref is not None:
@@ -36,7 +38,8 @@ def evaluate(model: str | Path | Source, text: str | Path = "wikitext2-test", *,
 
 def compare(reference: str | Path, candidates: list[str | Path], text: str | Path = "wikitext2-test", *,
             ctx: int = 1024, stride: int | None = None, windows: int | None = None,
-            out: str | Path | None = None, progress: bool = True, arithmetic: str | None = None) -> dict:
+            out: str | Path | None = None, progress: bool = True, arithmetic: str | None = None,
+            overwrite: bool = False) -> dict:
     """Evaluate artifacts side by side against their reference on the same windows; optionally write a report.
 
     `arithmetic="llamacpp"`: each artifact's matmul inputs are rounded as llama.cpp rounds them for
@@ -47,6 +50,8 @@ def compare(reference: str | Path, candidates: list[str | Path], text: str | Pat
 
     if arithmetic not in (None, "float", "llamacpp"):
         raise SizewiseError(f"unknown arithmetic {arithmetic!r}; available: float, llamacpp")
+    if out is not None:
+        check_target(out, overwrite=overwrite)      # before any work: an existing report is kept
     txt = data.read_text(text)
     ref = _source(reference)
     cands = {}
@@ -57,7 +62,8 @@ def compare(reference: str | Path, candidates: list[str | Path], text: str | Pat
             raise SizewiseError(f"two candidates are named {label}; give them different directory names")
         cands[label] = src
     tokens = data.tokenize(ref.tokenizer, txt)
-    wins = data.eval_windows(tokens, ctx, stride, windows, data.wants_bos(ref.model, ref.tokenizer))
+    wins = data.eval_windows(tokens, ctx, stride, windows, data.wants_bos(ref.model, ref.tokenizer),
+                             min(filter(None, [data.max_positions(m.model) for m in (ref, *cands.values())]), default=None))
     roundings = {k: _llamacpp_roundings(v) for k, v in cands.items()} if arithmetic == "llamacpp" else None
     res = evaluate_many({k: v.model for k, v in cands.items()}, wins, txt, reference=ref.model, progress=progress,
                         roundings=roundings)
@@ -74,7 +80,7 @@ def compare(reference: str | Path, candidates: list[str | Path], text: str | Pat
                      compress_s=a["timing"]["wall_s"])
         results["candidates"][label] = r
     if out is not None:
-        results["report"] = str(report.write(results, out))
+        results["report"] = str(report.write(results, out, overwrite=overwrite))
     return results
 
 

@@ -8,7 +8,7 @@ import torch
 
 from .. import artifact
 from ..errors import SizewiseError
-from ..quant.formats import TORCH_DTYPES
+from ..quant.formats import TORCH_DTYPES, check_storable
 from .compression import _source
 
 
@@ -76,6 +76,8 @@ def _export_float(model: str | Path, out: Path, float_dtype: str, tokenizer_pre:
 
     src = _source(model)
     dtype = TORCH_DTYPES[float_dtype]
+    for name, t in src.model.state_dict().items():
+        check_storable(name, t, float_dtype)
     weights = {name: t.detach().to(dtype) for name, t in src.model.state_dict().items()}
     if metadata is None:
         metadata = {"general.source.url": f"sizewise {src.info['kind']} {src.info['spec']}"}

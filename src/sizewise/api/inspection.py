@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .. import artifact
+from ..errors import SizewiseError
 
 
 def info(path: str | Path) -> dict:
@@ -14,6 +15,9 @@ def info(path: str | Path) -> dict:
     from ..lossless import is_packed_model
     from ..lossless import read_manifest as read_packed
 
+    if not Path(path).is_dir():
+        what = "no such directory" if not Path(path).exists() else "a file, not a directory"
+        raise SizewiseError(f"{path}: {what}; info describes a sizewise artifact or a lossless-packed directory")
     if is_packed_model(path):
         pm = read_packed(path)
         if pm.kind == "artifact":

@@ -3,10 +3,10 @@ the artifact or the GGUF file. The CLI's `compress` only builds the recipe from 
 
 from __future__ import annotations
 
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 
+from ..atomic import check_target, claim
 from ..errors import SizewiseError
 from ..recipe import Recipe
 from ..sources import Source
@@ -43,17 +43,15 @@ def _run_gguf(model, recipe: Recipe, out: Path, overwrite: bool, progress: bool,
     """The artifact is built in a temporary directory beside the output, exported, dropped."""
     if out.suffix != ".gguf":
         raise SizewiseError(f"with --format gguf, -o names the file to write (model.gguf), got {out}")
-    if out.exists() and not overwrite:
-        raise SizewiseError(f"output file {out} already exists (use --force to replace it)")
+    check_target(out, overwrite=overwrite, kind="file")
     if recipe.budget is None:          # fail before any work if the file could not hold the formats exactly
         fmts = [c.format for c in recipe.plan.choices] if recipe.plan else [recipe.format]
         bad = [f for f in fmts if f.ggml_type is None]
         if bad:
             raise SizewiseError(f"GGUF cannot hold {bad[0].label} exactly; use --group-size 32 with --sym "
                                 "(Q4_0/Q5_0/Q8_0) or --zero float16 (Q4_1/Q5_1)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
-        art = Path(tmp) / "artifact"
+    with claim(out, overwrite=overwrite, kind="file") as area:   # the artifact lives in the staging area
+        art = area / "artifact"
         if recipe.budget is not None:   # a byte budget bounds the .gguf file itself (checked after writing)
             res, alloc = _to_budget(model, recipe, art, progress=progress, allow_pickle=allow_pickle, gguf=out,
                                     overwrite=overwrite)

@@ -1,6 +1,6 @@
 """`sizewise pack` and `sizewise unpack`: lossless packing of whole models and artifacts.
 
-These are plain click commands; the main CLI registers them (cli.add_command) and prints any
+These are plain click commands; the main CLI loads them when named and prints any
 SizewiseError on one line.
 """
 
@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 
+from sizewise.atomic import claim
 from sizewise.errors import SizewiseError
 
 
@@ -47,12 +48,13 @@ def pack(model, lossless, output, dtype, allow_lossy, force, threads):
     if allow_lossy and dtype is None:
         raise SizewiseError("--allow-lossy only applies with --dtype (the rounding it allows)")
     path = Path(model)
-    if path.is_dir() and artifact.is_artifact(path) and not is_packed_model(path):
-        if dtype is not None:
-            raise SizewiseError("--dtype does not apply to a sizewise artifact (its stored tensors are packed as they are)")
-        res = pack_artifact(path, output, overwrite=force, threads=threads)
-    else:
-        res = pack_model(model, output, dtype=dtype, allow_lossy=allow_lossy, overwrite=force, threads=threads)
+    with claim(output, overwrite=force, inputs=[model]):
+        if path.is_dir() and artifact.is_artifact(path) and not is_packed_model(path):
+            if dtype is not None:
+                raise SizewiseError("--dtype does not apply to a sizewise artifact (its stored tensors are packed as they are)")
+            res = pack_artifact(path, output, overwrite=force, threads=threads)
+        else:
+            res = pack_model(model, output, dtype=dtype, allow_lossy=allow_lossy, overwrite=force, threads=threads)
     t = res["totals"]
     line = (f"wrote {output}: {_mb(t['file_bytes'])} from {_mb(t['raw_bytes'])} stored "
             f"({100 * t['ratio']:.1f}%, entropy bound {100 * t['bound_ratio']:.1f}%), {t['tensors']} tensors")
@@ -81,7 +83,8 @@ def unpack(packed, output, force, threads):
 
     if not is_packed_model(packed):
         raise SizewiseError(f"{packed} is not a lossless-packed directory (written by `sizewise pack --lossless`)")
-    res = unpack_model(packed, output, overwrite=force, threads=threads)
+    with claim(output, overwrite=force, inputs=[packed]):
+        res = unpack_model(packed, output, overwrite=force, threads=threads)
     if res["kind"] == KIND_ARTIFACT:
         click.echo(f"wrote {output}: the artifact's dense float32 model ({res['tensors']} stored tensors decoded)")
     else:

@@ -23,7 +23,6 @@ artifacts.py packs artifacts.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections import deque
@@ -36,6 +35,7 @@ import torch
 
 from sizewise import artifact
 from sizewise.atomic import staged_dir
+from sizewise.data import tensor_bytes, tensor_sha256
 from sizewise.errors import SizewiseError
 from sizewise.paths import inside
 from sizewise.lossless import codec
@@ -168,13 +168,7 @@ def read_manifest(path: str | Path) -> Manifest:
 # ---------------------------------------------------------------- bytes and hashes
 
 
-def _byte_view(t: torch.Tensor) -> np.ndarray:
-    """The tensor's bytes as a flat uint8 array (no copy when it is contiguous)."""
-    return t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
-
-
-def _sha256(t: torch.Tensor) -> str:
-    return hashlib.sha256(_byte_view(t)).hexdigest()
+_byte_view, _sha256 = tensor_bytes, tensor_sha256
 
 
 def _encode(t: torch.Tensor, encoding: str, bits: int | None = None) -> tuple[bytes, float, str]:
@@ -262,7 +256,7 @@ def totals(entries: dict[str, TensorEntry], weights_nbytes: int) -> dict:
 def staged_output(out: str | Path, overwrite: bool):
     """The staged directory that replaces `out` only when everything is written."""
     artifact.check_output(Path(out), overwrite)
-    return staged_dir(out)
+    return staged_dir(out, overwrite=overwrite)
 
 
 def write_manifest(tmp: Path, manifest: Manifest) -> dict:

@@ -227,3 +227,20 @@ class FloatFormat(Format):
     def round(self, w: torch.Tensor, importance: torch.Tensor | None = None) -> torch.Tensor:
         return w.to(TORCH_DTYPES[self.dtype])
 
+
+
+def check_storable(name: str, t: torch.Tensor, dtype: str | None = None) -> None:
+    """Refuse a weight holding NaN or inf, or (with `dtype`) finite values beyond that float dtype's
+    range, which it would store as inf, with one line naming the tensor. Refused rather than kept in
+    float32: every size and plan counts the chosen dtype's bits, and such a model is broken or needs
+    another --float-dtype, which the user should choose knowingly."""
+    if not t.is_floating_point():
+        return
+    if not torch.isfinite(t).all():
+        raise SizewiseError(f"weight {name} holds NaN or infinite values; refusing to compress a broken model")
+    if dtype is not None and TORCH_DTYPES[dtype].itemsize < 4:
+        big = float(t.abs().max()) if t.numel() else 0.0
+        limit = torch.finfo(TORCH_DTYPES[dtype]).max
+        if big > limit:
+            raise SizewiseError(f"weight {name} holds {big:.4g}, beyond {dtype}'s range ({limit:.4g}); "
+                                "use --float-dtype float32 (or bfloat16)")
