@@ -341,22 +341,37 @@ def compare(reference, candidates, text, ctx, stride, windows, output, arithmeti
 
 @cli.command(name="export")
 @click.argument("artifact_dir", metavar="ARTIFACT")
-@click.option("--format", "fmt", type=click.Choice(["gguf"]), default="gguf", show_default=True)
-@click.option("-o", "--output", required=True, type=click.Path(), help="File to write.")
-@click.option("--tokenizer-pre", default=None, help="llama.cpp pre-tokenizer name (default: the source GGUF's).")
-@click.option("--float-dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
-              help="For a model that is not an artifact: dtype of its tensors (default float32).")
-@click.option("--force", is_flag=True, help="Replace the output file if it exists.")
+@click.option("--format", "fmt", type=click.Choice(["gguf", "compressed-tensors", "hf"]), default="gguf", show_default=True,
+              help="gguf: a file for llama.cpp; compressed-tensors: a quantized checkpoint directory that transformers "
+              "and vLLM load; hf: a dense Hugging Face directory.")
+@click.option("-o", "--output", required=True, type=click.Path(), help="File (gguf) or directory to write.")
+@click.option("--tokenizer-pre", default=None, help="gguf: llama.cpp pre-tokenizer name (default: the source GGUF's).")
+@click.option("--dtype", "--float-dtype", "float_dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
+              help="Dtype of dense tensors: hf (default bfloat16), compressed-tensors (default float16: also its "
+              "scales' dtype), gguf for a model that is not an artifact (default float32).")
+@click.option("--force", is_flag=True, help="Replace the output if it exists.")
 def export_cmd(artifact_dir, fmt, output, tokenizer_pre, float_dtype, force):
-    """Write an artifact's stored weights as GGUF (llama.cpp), exactly as evaluated.
+    """Write an artifact's stored weights as GGUF (llama.cpp) or compressed-tensors, exactly as
+    evaluated, or any model as a dense Hugging Face directory.
 
-    ARTIFACT may also be any model (built-in name, HF directory, GGUF): written unquantized."""
+    ARTIFACT may also be any model (built-in name, HF directory, GGUF) for gguf and hf: written unquantized."""
     from . import api
 
+    if tokenizer_pre is not None and fmt != "gguf":
+        raise SizewiseError("--tokenizer-pre applies to --format gguf only")
     res = api.export(artifact_dir, output, format=fmt, overwrite=force, tokenizer_pre=tokenizer_pre,
                      float_dtype=float_dtype)
-    types = ", ".join(f"{k} x{v}" for k, v in sorted(res["tensor_types"].items()))
-    click.echo(f"wrote {res['path']}: {res['bytes'] / 1e6:.1f} MB ({types})")
+    if fmt == "gguf":
+        types = ", ".join(f"{k} x{v}" for k, v in sorted(res["tensor_types"].items()))
+        click.echo(f"wrote {res['path']}: {res['bytes'] / 1e6:.1f} MB ({types})")
+    elif fmt == "hf":
+        click.echo(f"wrote {res['path']}: {res['bytes'] / 1e6:.1f} MB dense {res['dtype']}")
+    else:
+        layers = sum(len(m) for m in res["groups"].values())
+        click.echo(f"wrote {res['path']}: {res['bytes'] / 1e6:.1f} MB, {layers} layers quantized in "
+                   f"{len(res['groups'])} config groups, {len(res['dense'])} kept dense")
+        for layer, why in res["dense"].items():
+            click.echo(f"  dense: {layer} ({why})")
 
 
 @cli.command(name="methods")

@@ -28,8 +28,14 @@ def info(path: str | Path) -> dict:
                    "timing": {}, "layers": layers, "lossy": pm.lossy}
         res["file_bytes"] = pm.totals["file_bytes"]
         res["lossless"] = pm.totals
-        return res
-    return _artifact_info(artifact.read_manifest(path), path)
+        return {**res, "kind": "packed", "disk_bytes": disk_bytes(path)}
+    return {**_artifact_info(artifact.read_manifest(path), path), "kind": "artifact", "disk_bytes": disk_bytes(path)}
+
+
+def disk_bytes(path: str | Path) -> int:
+    """Bytes of every file under `path` (or of the file itself)."""
+    path = Path(path)
+    return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
 def _artifact_info(m: dict, path: str | Path) -> dict:
