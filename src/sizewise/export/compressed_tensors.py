@@ -34,7 +34,7 @@ def _require():
         import compressed_tensors  # noqa: F401
     except ImportError:
         raise SizewiseError("compressed-tensors export needs the compressed-tensors package: "
-                            "pip install 'sizewise[deploy]'") from None
+                            "pip install 'sizewise[deploy]' (or compressed-tensors)") from None
 
 
 def _scheme(key: tuple[int, int | None], dtype: torch.dtype, targets: list[str]):
