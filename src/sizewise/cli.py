@@ -289,26 +289,34 @@ def eval_cmd(model, text, ctx, stride, windows, against, as_json, output, allow_
 
 
 @cli.command()
-@click.argument("artifact_dir", metavar="ARTIFACT")
+@click.argument("model")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def info(artifact_dir, as_json):
-    """Per-layer formats, bits per weight and sizes of an artifact or a lossless-packed directory."""
+def info(model, as_json):
+    """Per-tensor formats, bits per weight and sizes of MODEL: an artifact, a lossless-packed directory,
+    a .gguf file, a Hugging Face directory or a built-in name (headers only: no weights are loaded)."""
     from . import api
 
-    res = api.info(artifact_dir)
+    res = api.info(model)
 
     def human(r):
         src = r["source"]
-        click.echo(f"{r['path']}: from {src.get('spec')} ({src.get('model_type')}, {src.get('parameters', 0) / 1e6:.1f}M params), "
-                   f"method {r['method']['name']}")
+        if r["kind"] in ("artifact", "packed"):
+            click.echo(f"{r['path']}: {r['kind']}, from {src.get('spec')} ({src.get('model_type')}, "
+                       f"{src.get('parameters', 0) / 1e6:.1f}M params), method {r['method']['name']}")
+        else:
+            quant = f", quantized ({r['quantization']})" if r.get("quantization") else ""
+            click.echo(f"{r['path']}: {r['kind']} model, architecture {r['architecture']}, "
+                       f"{r['model_params'] / 1e6:.1f}M params{quant}")
         click.echo(f"{'tensor':58} {'method':8} {'format':22} {'bits/w':>7} {'KB':>9}")
         for row in r["layers"]:
             click.echo(f"{row['name'][:58]:58} {row['method']:8} {row['format']:22} {row['bits_per_weight']:7.3f} {row['bytes'] / 1024:9.1f}")
         if r["bits_per_weight"] is not None:
             click.echo(f"linear layers: {r['bits_per_weight']:.4f} bits/weight over {r['linear_params'] / 1e6:.2f}M weights")
-        click.echo(f"whole model: {r['bits_per_weight_model']:.3f} bits/param stored, file {r['file_bytes'] / 1e6:.2f} MB"
+        bpp = "" if r["bits_per_weight_model"] is None else f"{r['bits_per_weight_model']:.3f} bits/param stored, "
+        click.echo(f"whole model: {bpp}weights {r['file_bytes'] / 1e6:.2f} MB"
                    + (f" (lossless-packed: {100 * r['lossless']['ratio']:.1f}% of the coded tensors' raw bytes)"
-                      if "lossless" in r else ""))
+                      if "lossless" in r else "")
+                   + f"; on disk {r['disk_bytes'] / 1e6:.2f} MB")
     _emit(res, as_json, None, human)
 
 
