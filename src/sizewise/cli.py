@@ -139,7 +139,7 @@ def cli():
 def compress(ctx, model, output, method, bits, group_size, sym, zero, scale_dtype, float_dtype, skip, plan_path, calib,
              calib_samples, calib_len, calib_dtype, batch, seed, offload, no_act_order, no_clip_search, damp, budget,
              fisher_samples, measure_samples, out_format, force, allow_pickle, quiet, recipe_path):
-    """Compress MODEL and write an artifact (manifest, packed tensors, dense HF copy) to -o DIR,
+    """Compress MODEL and write an artifact (manifest, packed tensors, config and tokenizer) to -o DIR,
     or with --format gguf a GGUF file for llama.cpp."""
     from . import api
     from .plan import Plan
