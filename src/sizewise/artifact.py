@@ -121,6 +121,10 @@ def write(out: Path, *, model, tokenizer, quantized: dict,
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp / MODEL_FILES)
         tokenizer.save_pretrained(tmp / MODEL_FILES)
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is not None and (tmp / MODEL_FILES / "tokenizer.json").is_file():
+            # the same tokenizer without the pretty-printing: 1.6 MB instead of 3.5 (SmolLM2's packed tensors: 114 MB)
+            backend.save(str(tmp / MODEL_FILES / "tokenizer.json"), pretty=False)
         manifest = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **manifest,
                     "float_dtype": float_dtype, "aliases": aliases, "tensors": table}
         manifest["totals"] = totals(manifest, (tmp / PACKED).stat().st_size)
