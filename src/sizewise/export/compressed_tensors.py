@@ -10,7 +10,8 @@ b-bit grid with integer zero points is written as the (b+1)-bit symmetric grid o
 which holds it exactly (|q - z| < 2^b) and stores no zero points. What the format cannot hold is
 written dense in the export dtype and listed: k-quants, codebooks, float minimums (Q4_1 style
 zeros), 8-bit grids with zero points, scales in a dtype other than the export dtype (the loader
-casts scales to the model's dtype, which would change them), GPT-2's Conv1D layers (not a Linear).
+casts scales to the model's dtype, which would change them), GPT-2's Conv1D layers (not a Linear), token
+tables (embeddings, an untied head).
 """
 
 from __future__ import annotations
@@ -59,6 +60,8 @@ def _symmetric(grid) -> tuple[int, torch.Tensor]:
 
 def _why_dense(entry: dict, stored, grid, dtype: torch.dtype) -> str | None:
     """Why a quantized linear weight cannot be a config group here (None: it can)."""
+    if not entry["linear"]:
+        return "a token table, not a decoder linear layer"
     if entry["transposed"]:
         return "Conv1D layer (compressed-tensors quantizes Linear layers)"
     if grid is None:
@@ -103,7 +106,7 @@ def write_compressed_tensors(art: str | Path, out: str | Path, *, dtype: str = "
             tensors[name] = t.to(tdtype) if t.is_floating_point() else t
             continue
         grid = t.fmt.int_grid(t)
-        why = _why_dense(entry, t, grid, tdtype) if name.endswith(".weight") else "not a layer weight"
+        why = _why_dense(entry, t, grid, tdtype)
         if why is not None:
             w = t.dequantize()
             tensors[name] = (w.t() if entry["transposed"] else w).to(tdtype).contiguous()
