@@ -37,7 +37,7 @@ demo-run:
 	$(SW) compress smollm2-135m --method rtn --bits 4 --group-size 64 --force -o $(DEMO)/uniform-rtn-w4g64
 	$(SW) compare smollm2-135m $(DEMO)/uniform-rtn-w4g64 $(DEMO)/budget-3.5bpw --text wikitext2-test --windows 16 \
 	    -o $(DEMO)/report
-	$(SW) info $(DEMO)/budget-3.5bpw | tail -2
+	$(SW) info $(DEMO)/budget-3.5bpw > $(DEMO)/budget-3.5bpw.info.txt && tail -2 $(DEMO)/budget-3.5bpw.info.txt
 	@echo "report: $(DEMO)/report/report.md"
 
 clean:
