@@ -1,19 +1,23 @@
-# make demo: install into .venv, fetch the default model, compress, evaluate, write a report.
+# make demo: install into .venv, fetch the default model, compress it to a budget and uniformly,
+#            evaluate both side by side, write a report with a plot.
 # make test: install into .venv and run the fast test suite.
+# make demo-run SW="..." runs the demo's commands with another sizewise (e.g. an existing venv).
 PYTHON ?= python3
-VENV := .venv
+VENV ?= .venv
 PY := $(VENV)/bin/python
-SW := $(VENV)/bin/sizewise
+SW ?= $(VENV)/bin/sizewise
 DEMO := out/demo
+# a small calibration set keeps the demo's profiling to minutes on 2 cores
+DEMO_CALIB := --calib enwiki-sample --calib-samples 32 --calib-len 256 --fisher-samples 4 --measure-samples 4
 
-.PHONY: install test test-slow demo bench clean
+.PHONY: install test test-slow demo demo-run bench clean
 
 # torch first and pinned: an unpinned torch would pull several GB of CUDA packages.
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[test,deploy]'
 	touch $@
 
 install: $(VENV)/.installed
@@ -25,12 +29,15 @@ test-slow: install
 	$(PY) -m pytest -q -m slow
 
 demo: install
+	$(MAKE) --no-print-directory demo-run
+
+demo-run:
 	$(SW) fetch smollm2-135m
-	$(SW) compress smollm2-135m --method gptq --bits 4 --group-size 64 --calib enwiki-sample \
-	    --calib-samples 64 --calib-len 512 --force -o $(DEMO)/w4g64-gptq
-	$(SW) compress smollm2-135m --method rtn --bits 4 --group-size 64 --force -o $(DEMO)/w4g64-rtn
-	$(SW) compare smollm2-135m $(DEMO)/w4g64-rtn $(DEMO)/w4g64-gptq --text wikitext2-test --windows 16 \
+	$(SW) compress smollm2-135m --budget 3.5bpw --method rtn,gptq $(DEMO_CALIB) --force -o $(DEMO)/budget-3.5bpw
+	$(SW) compress smollm2-135m --method rtn --bits 4 --group-size 64 --force -o $(DEMO)/uniform-rtn-w4g64
+	$(SW) compare smollm2-135m $(DEMO)/uniform-rtn-w4g64 $(DEMO)/budget-3.5bpw --text wikitext2-test --windows 16 \
 	    -o $(DEMO)/report
+	$(SW) info $(DEMO)/budget-3.5bpw > $(DEMO)/budget-3.5bpw.info.txt && tail -2 $(DEMO)/budget-3.5bpw.info.txt
 	@echo "report: $(DEMO)/report/report.md"
 
 clean:

@@ -111,31 +111,28 @@ def test_unknown_names_raise():
     assert "enwiki-sample" in one_line_error(e)
 
 
-def test_wikitext_missing_says_where_to_put_it(tmp_path, monkeypatch):
-    monkeypatch.setenv("SIZEWISE_DATA", str(tmp_path))
-    with pytest.raises(SizewiseError) as e:
-        bt.fetch_text("wikitext2-test")
-    message = one_line_error(e)
-    assert str(tmp_path / "wikitext-2-raw" / "wiki.test.txt") in message and "SIZEWISE_DATA" in message
+def test_wikitext_ships_with_the_package(tmp_path, monkeypatch):
+    monkeypatch.setenv("SIZEWISE_DATA", str(tmp_path / "nonexistent"))
+    path = bt.fetch_text("wikitext2-test")
+    assert path.parent.name == "texts" and bt.sha256_file(path) == bt.TEXTS["wikitext2-test"].sha256
+    assert "Merity" in (path.parent / "README.md").read_text()
 
 
-def test_wikitext_checksum(tmp_path, monkeypatch):
-    monkeypatch.setenv("SIZEWISE_DATA", str(tmp_path))
-    path = tmp_path / "wikitext-2-raw" / "wiki.test.txt"
-    path.parent.mkdir()
-    path.write_text(" = Robert Boulter = \n")
+def test_wikitext_checksum(monkeypatch):
+    monkeypatch.setitem(bt.TEXTS, "wikitext2-test", replace(bt.TEXTS["wikitext2-test"], sha256="0" * 64))
     with pytest.raises(SizewiseError) as e:
         bt.fetch_text("wikitext2-test")
     assert "SHA-256" in one_line_error(e)
-    monkeypatch.setitem(bt.TEXTS, "wikitext2-test", replace(bt.TEXTS["wikitext2-test"], sha256=bt.sha256_file(path)))
-    assert bt.fetch_text("wikitext2-test") == path.resolve()
+    monkeypatch.setitem(bt.TEXTS, "wikitext2-test", replace(bt.TEXTS["wikitext2-test"], member="gone.txt"))
+    with pytest.raises(SizewiseError, match="missing"):
+        bt.fetch_text("wikitext2-test")
 
 
-def test_wikitext_from_shared_data_if_present():
+def test_shared_data_copy_is_the_same_text():
     root = bt.data_dir()
     if root is None or not (root / "wikitext-2-raw" / "wiki.test.txt").is_file():
         pytest.skip("no shared data here")
-    assert bt.fetch_text("wikitext2-test") == root / "wikitext-2-raw" / "wiki.test.txt"
+    assert bt.fetch_text("wikitext2-test").read_bytes() == (root / "wikitext-2-raw" / "wiki.test.txt").read_bytes()
 
 
 def fake_pip(returncode: int, stderr: str = "", wheel_bytes: bytes | None = None):

@@ -66,7 +66,9 @@ def test_help_is_available(capsys):
     (["compress", "{llama}", "-o", "{out}", "--plan", "{text}"], "not a sizewise plan"),
     (["eval", "{llama}", "--text", "{short}", "--ctx", "1024"], "shorter than one window of 1024"),
     (["eval", "{llama}", "--text", "{missing}"], "no text file"),
-    (["info", "{llama}"], "not a sizewise artifact"),
+    (["info", "{text}"], "is not a model"),
+    (["info", "{missing}"], "no model at"),
+    (["info", "{corrupt}"], "not readable JSON"),
     (["compress", "{llama}"], "Missing option '-o'"),
     (["frobnicate"], "No such command"),
 ])

@@ -1,10 +1,13 @@
-"""The sizewise artifact: a manifest, packed tensors, and a dense Hugging Face copy.
+"""The sizewise artifact: a manifest and packed tensors, plus the files that rebuild the model.
 
     DIR/manifest.json        what was done and what is stored (formats, bits, protocol, sizes)
     DIR/packed.safetensors   every weight as stored: bit-packed codes + scales + zeros for quantized
                              weights, ggml's own blocks for k-quants, the rest in its float storage
                              dtype; this is the compressed model
-    DIR/hf/                  the same weights dense (float32), loadable by transformers alone
+    DIR/hf/                  config and tokenizer files only (no weights): the model is rebuilt from
+                             the config and the dequantized packed tensors. A dense copy is written on
+                             request (`sizewise export ART --format hf`). Older artifacts also hold
+                             dense float32 weights here; nothing reads them.
 
 Written to a temporary directory beside DIR and renamed into place, so a DIR that exists is complete.
 """
@@ -26,7 +29,7 @@ from .quant.formats import TORCH_DTYPES, FloatFormat, Format, Part
 from .quant.pack import pack_bits, unpack_bits
 from .quant.registry import format_from_dict
 
-MANIFEST, PACKED, DENSE = "manifest.json", "packed.safetensors", "hf"
+MANIFEST, PACKED, MODEL_FILES = "manifest.json", "packed.safetensors", "hf"
 FORMAT_NAME, FORMAT_VERSION = "sizewise-artifact", 1
 
 
@@ -117,8 +120,14 @@ def write(out: Path, *, model, tokenizer, quantized: dict,
                            "linear": name in linears, "params": t.numel(),
                            "sha256": entries_sha256(entries)}
         save_file(tensors, str(tmp / PACKED), metadata={"format": FORMAT_NAME})
-        model.save_pretrained(tmp / DENSE, safe_serialization=True)
-        tokenizer.save_pretrained(tmp / DENSE)
+        model.config.save_pretrained(tmp / MODEL_FILES)      # what rebuilds the model; the weights are packed
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp / MODEL_FILES)
+        tokenizer.save_pretrained(tmp / MODEL_FILES)
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is not None and (tmp / MODEL_FILES / "tokenizer.json").is_file():
+            # the same tokenizer without the pretty-printing: 1.6 MB instead of 3.5 (SmolLM2's packed tensors: 114 MB)
+            backend.save(str(tmp / MODEL_FILES / "tokenizer.json"), pretty=False)
         manifest = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **manifest,
                     "float_dtype": float_dtype, "aliases": aliases, "tensors": table}
         manifest["totals"] = totals(manifest, (tmp / PACKED).stat().st_size)
@@ -251,11 +260,11 @@ def load(path: str | Path):
     path = Path(path)
     manifest = read_manifest(path)
     try:        # the config is data from a stranger: a model only its own code could build is refused
-        config = AutoConfig.from_pretrained(path / DENSE, trust_remote_code=False)
+        config = AutoConfig.from_pretrained(path / MODEL_FILES, trust_remote_code=False)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=False)
     except (OSError, ValueError, KeyError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise SizewiseError(f"cannot build the model of {path} from {DENSE}/config.json: {first}") from None
+        raise SizewiseError(f"cannot build the model of {path} from {MODEL_FILES}/config.json: {first}") from None
     state = load_weights(path)
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
@@ -263,5 +272,5 @@ def load(path: str | Path):
         raise SizewiseError(f"{path} does not match its model config: {str(e).strip().splitlines()[-1].strip()}") from None
     if unexpected or missing:
         raise SizewiseError(f"{path} does not match its model config (missing {missing[:2]}, unexpected {unexpected[:2]})")
-    tokenizer = AutoTokenizer.from_pretrained(path / DENSE, trust_remote_code=False)
+    tokenizer = AutoTokenizer.from_pretrained(path / MODEL_FILES, trust_remote_code=False)
     return model.eval(), tokenizer, manifest

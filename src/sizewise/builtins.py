@@ -70,10 +70,10 @@ class WikiDumpSample:
 
 
 @dataclass(frozen=True)
-class DataFile:
-    """A text file that cannot be downloaded here; the user puts it under data_dir()."""
+class ShippedText:
+    """A text shipped inside the package (`sizewise/texts/`, licences in its README.md)."""
 
-    data_relpath: str
+    member: str
     sha256: str
     description: str
 
@@ -105,7 +105,7 @@ MODELS: dict[str, GGUFWheel] = {
     ),
 }
 
-TEXTS: dict[str, WikiDumpSample | DataFile] = {
+TEXTS: dict[str, WikiDumpSample | ShippedText] = {
     "enwiki-sample": WikiDumpSample(
         package="gensim",
         version="4.4.0",
@@ -121,8 +121,8 @@ TEXTS: dict[str, WikiDumpSample | DataFile] = {
         data_relpath="wiki-calib/enwiki-sample.txt",
         description="105 English Wikipedia articles (3.1 MB), for calibration only",
     ),
-    "wikitext2-test": DataFile(
-        data_relpath="wikitext-2-raw/wiki.test.txt",
+    "wikitext2-test": ShippedText(
+        member="wikitext2-test.txt",
         sha256="4e1fce0451434081dfce26182c4fc7235f295c4133507ef9ae8e573952a5a148",
         description="the WikiText-2 raw test split, paragraphs separated by a blank line",
     ),
@@ -271,23 +271,17 @@ def fetch_text(name: str) -> Path:
     if name not in TEXTS:
         raise SizewiseError(f"unknown built-in text {name!r}; built-in texts: {', '.join(TEXTS)}")
     spec = TEXTS[name]
-    if isinstance(spec, DataFile):
-        return _data_file(name, spec)
+    if isinstance(spec, ShippedText):
+        return _shipped_text(spec)
     return _wiki_sample(name, spec)
 
 
-def _data_file(name: str, spec: DataFile) -> Path:
-    root = data_dir()
-    # where to tell the user to put it: the folder we would have read, had it existed
-    expected = root or Path(os.environ.get("SIZEWISE_DATA") or Path.cwd().parent / "shared" / "data")
-    path = expected.expanduser() / spec.data_relpath
-    if root is None or not path.is_file():
-        raise SizewiseError(
-            f"{name} is not available offline: put {Path(spec.data_relpath).name} ({spec.description}) "
-            f"at {path}, or set SIZEWISE_DATA to a folder that holds {spec.data_relpath}"
-        )
+def _shipped_text(spec: ShippedText) -> Path:
+    path = Path(__file__).resolve().parent / "texts" / spec.member
+    if not path.is_file():
+        raise SizewiseError(f"{path} is missing from this installation of sizewise; reinstall it")
     if (got := sha256_file(path)) != spec.sha256:
-        raise SizewiseError(f"{path} has SHA-256 {got}, expected {spec.sha256}; replace it with the original file")
+        raise SizewiseError(f"{path} has SHA-256 {got}, expected {spec.sha256}; reinstall sizewise")
     return path
 
 

@@ -173,7 +173,7 @@ def cli():
 def compress(ctx, model, output, method, bits, group_size, sym, zero, scale_dtype, float_dtype, skip, plan_path, calib,
              calib_samples, calib_len, calib_dtype, batch, seed, offload, no_act_order, no_clip_search, damp, budget,
              fisher_samples, measure_samples, out_format, force, allow_pickle, quiet, recipe_path):
-    """Compress MODEL and write an artifact (manifest, packed tensors, dense HF copy) to -o DIR,
+    """Compress MODEL and write an artifact (manifest, packed tensors, config and tokenizer) to -o DIR,
     or with --format gguf a GGUF file for llama.cpp."""
     from . import api
     from .plan import Plan
@@ -332,26 +332,34 @@ def _eval_human(r: dict) -> None:
 
 
 @cli.command()
-@click.argument("artifact_dir", metavar="ARTIFACT")
+@click.argument("model")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def info(artifact_dir, as_json):
-    """Per-layer formats, bits per weight and sizes of an artifact or a lossless-packed directory."""
+def info(model, as_json):
+    """Per-tensor formats, bits per weight and sizes of MODEL: an artifact, a lossless-packed directory,
+    a .gguf file, a Hugging Face directory or a built-in name (headers only: no weights are loaded)."""
     from . import api
 
-    res = api.info(artifact_dir)
+    res = api.info(model)
 
     def human(r):
         src = r["source"]
-        click.echo(f"{r['path']}: from {src.get('spec')} ({src.get('model_type')}, {src.get('parameters', 0) / 1e6:.1f}M params), "
-                   f"method {r['method']['name']}")
+        if r["kind"] in ("artifact", "packed"):
+            click.echo(f"{r['path']}: {r['kind']}, from {src.get('spec')} ({src.get('model_type')}, "
+                       f"{src.get('parameters', 0) / 1e6:.1f}M params), method {r['method']['name']}")
+        else:
+            quant = f", quantized ({r['quantization']})" if r.get("quantization") else ""
+            click.echo(f"{r['path']}: {r['kind']} model, architecture {r['architecture']}, "
+                       f"{r['model_params'] / 1e6:.1f}M params{quant}")
         click.echo(f"{'tensor':58} {'method':8} {'format':22} {'bits/w':>7} {'KB':>9}")
         for row in r["layers"]:
             click.echo(f"{row['name'][:58]:58} {row['method']:8} {row['format']:22} {row['bits_per_weight']:7.3f} {row['bytes'] / 1024:9.1f}")
         if r["bits_per_weight"] is not None:
             click.echo(f"linear layers: {r['bits_per_weight']:.4f} bits/weight over {r['linear_params'] / 1e6:.2f}M weights")
-        click.echo(f"whole model: {r['bits_per_weight_model']:.3f} bits/param stored, file {r['file_bytes'] / 1e6:.2f} MB"
+        bpp = "" if r["bits_per_weight_model"] is None else f"{r['bits_per_weight_model']:.3f} bits/param stored, "
+        click.echo(f"whole model: {bpp}weights {r['file_bytes'] / 1e6:.2f} MB"
                    + (f" (lossless-packed: {100 * r['lossless']['ratio']:.1f}% of the coded tensors' raw bytes)"
-                      if "lossless" in r else ""))
+                      if "lossless" in r else "")
+                   + f"; on disk {r['disk_bytes'] / 1e6:.2f} MB")
     _emit(res, as_json, None, human)
 
 
@@ -386,23 +394,38 @@ def compare(reference, candidates, text, ctx, stride, windows, output, arithmeti
 
 @cli.command(name="export")
 @click.argument("artifact_dir", metavar="ARTIFACT")
-@click.option("--format", "fmt", type=click.Choice(["gguf"]), default="gguf", show_default=True)
-@click.option("-o", "--output", required=True, type=click.Path(), help="File to write.")
-@click.option("--tokenizer-pre", default=None, help="llama.cpp pre-tokenizer name (default: the source GGUF's).")
-@click.option("--float-dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
-              help="For a model that is not an artifact: dtype of its tensors (default float32).")
-@click.option("--force", is_flag=True, help="Replace the output file if it exists.")
+@click.option("--format", "fmt", type=click.Choice(["gguf", "compressed-tensors", "hf"]), default="gguf", show_default=True,
+              help="gguf: a file for llama.cpp; compressed-tensors: a quantized checkpoint directory that transformers "
+              "and vLLM load; hf: a dense Hugging Face directory.")
+@click.option("-o", "--output", required=True, type=click.Path(), help="File (gguf) or directory to write.")
+@click.option("--tokenizer-pre", default=None, help="gguf: llama.cpp pre-tokenizer name (default: the source GGUF's).")
+@click.option("--dtype", "--float-dtype", "float_dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
+              help="Dtype of dense tensors: hf (default bfloat16), compressed-tensors (default float16: also its "
+              "scales' dtype), gguf for a model that is not an artifact (default float32).")
+@click.option("--force", is_flag=True, help="Replace the output if it exists.")
 def export_cmd(artifact_dir, fmt, output, tokenizer_pre, float_dtype, force):
-    """Write an artifact's stored weights as GGUF (llama.cpp), exactly as evaluated.
+    """Write an artifact's stored weights as GGUF (llama.cpp) or compressed-tensors, exactly as
+    evaluated, or any model as a dense Hugging Face directory.
 
-    ARTIFACT may also be any model (built-in name, HF directory, GGUF): written unquantized."""
+    ARTIFACT may also be any model (built-in name, HF directory, GGUF) for gguf and hf: written unquantized."""
     from . import api
 
-    with _claimed(output, force, "file", artifact_dir):
+    if tokenizer_pre is not None and fmt != "gguf":
+        raise SizewiseError("--tokenizer-pre applies to --format gguf only")
+    with _claimed(output, force, "file" if fmt == "gguf" else "dir", artifact_dir):
         res = api.export(artifact_dir, output, format=fmt, overwrite=force, tokenizer_pre=tokenizer_pre,
                          float_dtype=float_dtype)
-    types = ", ".join(f"{k} x{v}" for k, v in sorted(res["tensor_types"].items()))
-    click.echo(f"wrote {res['path']}: {res['bytes'] / 1e6:.1f} MB ({types})")
+    if fmt == "gguf":
+        types = ", ".join(f"{k} x{v}" for k, v in sorted(res["tensor_types"].items()))
+        click.echo(f"wrote {res['path']}: {res['bytes'] / 1e6:.1f} MB ({types})")
+    elif fmt == "hf":
+        click.echo(f"wrote {res['path']}: {res['bytes'] / 1e6:.1f} MB dense {res['dtype']}")
+    else:
+        layers = sum(len(m) for m in res["groups"].values())
+        click.echo(f"wrote {res['path']}: {res['bytes'] / 1e6:.1f} MB, {layers} layers quantized in "
+                   f"{len(res['groups'])} config groups, {len(res['dense'])} kept dense")
+        for layer, why in res["dense"].items():
+            click.echo(f"  dense: {layer} ({why})")
 
 
 @cli.command(name="methods")

@@ -1,4 +1,4 @@
-"""Writing an artifact (or any model) in another format, unchanged: `export` (GGUF)."""
+"""Writing an artifact (or any model) in another format: `export` (GGUF, compressed-tensors, a dense HF copy)."""
 
 from __future__ import annotations
 
@@ -12,10 +12,18 @@ from ..quant.formats import TORCH_DTYPES, check_storable
 from .compression import _source
 
 
+EXPORT_FORMATS = ("gguf", "compressed-tensors", "hf")
+
+
 def export(path: str | Path, out: str | Path, *, format: str = "gguf", overwrite: bool = False,
            tokenizer_pre: str | None = None, float_dtype: str | None = None, name: str | None = None,
            metadata: dict | None = None) -> dict:
     """Write an artifact's stored weights in another format, unchanged (no re-rounding).
+
+    format="hf": a dense Hugging Face directory of any model (an artifact's dequantized weights), every
+    tensor in `float_dtype` (default bfloat16). format="compressed-tensors": an artifact as a quantized
+    checkpoint that transformers and vLLM load (`export.compressed_tensors`; default float16, the
+    dtype of sizewise's default scales). Both return {"path", "bytes", ...}.
 
     GGUF holds our formats exactly when they are one of ggml's block types: 32-weight groups with
     float16 scales, symmetric (Q4_0, Q5_0, Q8_0) or with a float16 minimum (Q4_1, Q5_1), and the
@@ -37,10 +45,23 @@ def export(path: str | Path, out: str | Path, *, format: str = "gguf", overwrite
     from ..export.gguf import gguf_export_args, write_gguf
     from ..lossless import is_packed_model
 
-    if format != "gguf":
-        raise SizewiseError(f"unknown export format {format!r}; available: gguf")
+    if format not in EXPORT_FORMATS:
+        raise SizewiseError(f"unknown export format {format!r}; available: {', '.join(EXPORT_FORMATS)}")
     if float_dtype is not None and float_dtype not in TORCH_DTYPES:
         raise SizewiseError(f"float dtype must be one of {sorted(TORCH_DTYPES)}, got {float_dtype!r}")
+    if format == "hf":
+        from ..export.hf import write_dense
+
+        artifact.check_output(Path(out), overwrite)
+        src = _source(path)
+        return write_dense(src.model, src.tokenizer, out, dtype=float_dtype or "bfloat16", overwrite=overwrite)
+    if format == "compressed-tensors":
+        from ..export.compressed_tensors import write_compressed_tensors
+
+        if not (Path(path).is_dir() and artifact.is_artifact(path) and not is_packed_model(path)):
+            raise SizewiseError(f"{path} is not a sizewise artifact: compressed-tensors export writes an artifact's "
+                                "quantized weights (compress the model first)")
+        return write_compressed_tensors(path, out, dtype=float_dtype or "float16", overwrite=overwrite)
     out = Path(out)
     if out.exists() and not overwrite:
         raise SizewiseError(f"output file {out} already exists (use --force to replace it)")
@@ -54,8 +75,8 @@ def export(path: str | Path, out: str | Path, *, format: str = "gguf", overwrite
         raise SizewiseError(
             f"{len(bad)} tensors are in formats GGUF cannot hold exactly (e.g. {bad[0][0]}: {bad[0][1].fmt.label}); "
             "compress with --group-size 32 and --sym (Q4_0/Q5_0/Q8_0) or --zero float16 (Q4_1/Q5_1)")
-    config = AutoConfig.from_pretrained(Path(path) / artifact.DENSE, trust_remote_code=False)
-    tokenizer = AutoTokenizer.from_pretrained(Path(path) / artifact.DENSE, trust_remote_code=False)
+    config = AutoConfig.from_pretrained(Path(path) / artifact.MODEL_FILES, trust_remote_code=False)
+    tokenizer = AutoTokenizer.from_pretrained(Path(path) / artifact.MODEL_FILES, trust_remote_code=False)
     described = gguf_export_args(manifest["source"])
     written = write_gguf(out, config, stored, tokenizer, name=name or described["name"],
                          tokenizer_pre=tokenizer_pre or described["tokenizer_pre"],

@@ -133,7 +133,7 @@ def code_artifact_stats(artifact_dir, *, threads: int | None = None) -> dict:
 
 def pack_artifact(artifact_dir, out, *, overwrite: bool = False, threads: int | None = None) -> dict:
     """A sizewise artifact with its integer codes (and integer zeros) entropy-coded, bf16/fp16 scales
-    and float tensors coded as floats, the rest raw; the dense hf/ copy is dropped (it is rebuilt)."""
+    and float tensors coded as floats, the rest raw; the config and tokenizer files in hf/ are copied."""
     artifact_dir = Path(artifact_dir)
     threads = check_threads(threads)
     stored, amanifest = artifact.load_stored(artifact_dir)
@@ -146,7 +146,7 @@ def pack_artifact(artifact_dir, out, *, overwrite: bool = False, threads: int | 
         finally:
             entries = writer.close()
         copied = []
-        dense = artifact_dir / artifact.DENSE
+        dense = artifact_dir / artifact.MODEL_FILES
         if dense.is_dir():
             (tmp / HF).mkdir()
             for p in side_files(dense):

@@ -81,6 +81,19 @@ class FixedGrid:
     wrap: Callable[[torch.Tensor], Any]
 
 
+@dataclass
+class IntGrid:
+    """A stored weight as a signed integer grid, the way compressed-tensors (llm-compressor) stores
+    one: weight = scales * (codes - zero_points) per group of `group_size` input columns (None: one
+    group per row); codes and zero points int8 in [-2^(b-1), 2^(b-1)); no zero points if symmetric."""
+
+    bits: int
+    group_size: int | None
+    codes: torch.Tensor                  # int8 [out, in]
+    scales: torch.Tensor                 # [out, groups], in the format's scale dtype
+    zero_points: torch.Tensor | None     # int8 [out, groups]
+
+
 class Format:
     """The protocol every stored format implements (see the module docstring)."""
 
@@ -138,6 +151,11 @@ class Format:
 
     def from_ggml_blocks(self, data: np.ndarray, shape: tuple[int, int]):
         raise SizewiseError(f"{self.label} has no exact GGUF type")
+
+    def int_grid(self, stored) -> IntGrid | None:
+        """The weight as a signed integer grid with group scales (and integer zero points), or None
+        where this format is not one (k-quants, codebooks, float minimums)."""
+        return None
 
     # --- what quantizers call -----------------------------------------------------------------
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ..errors import SizewiseError
-from .formats import DTYPE_BITS, MAX_BITS, MIN_BITS, TORCH_DTYPES, Format, Part, StoredTensor
+from .formats import DTYPE_BITS, MAX_BITS, MIN_BITS, TORCH_DTYPES, Format, IntGrid, Part, StoredTensor
 from .ggml_layout import QK, legacy_blocks
 from .grid import _TINY, decode, encode, fit, grouped
 from .refine import lsq_refit, mse_clip
@@ -141,6 +141,16 @@ class QuantFormat(Format):
         out, _ = qt.shape
         codes = qt.codes.detach().cpu().numpy()
         return legacy_blocks(codes, qt.scales, None if self.symmetric else qt.zeros, self.bits).reshape(out, -1)
+
+    def int_grid(self, qt: "QuantizedTensor") -> IntGrid | None:
+        """Codes and integer zeros shifted by 2^(b-1) to signed int8 (the difference, hence the weight,
+        is unchanged); a float16 minimum (Q4_1 style) is no integer zero point."""
+        if not self.symmetric and self.zero != "int":
+            return None
+        mid = 1 << (self.bits - 1)
+        codes = (qt.codes.to(torch.int16) - mid).to(torch.int8)
+        zeros = None if self.symmetric else (qt.zeros.to(torch.int16) - mid).to(torch.int8)
+        return IntGrid(self.bits, self.group_size, codes, qt.scales, zeros)
 
     # --- quantizers ---------------------------------------------------------------------------
 
