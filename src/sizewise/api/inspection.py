@@ -94,6 +94,9 @@ def _plain(path: Path, kind: str, spec: str, architecture: str | None, layers: l
 def _gguf_info(path: Path) -> dict:
     import gguf
 
+    from ..filecheck import check_gguf
+
+    check_gguf(path)   # header and tensor table against the file size, before gguf's reader maps it
     try:
         reader = gguf.GGUFReader(path)
         field = reader.get_field("general.architecture")
@@ -113,6 +116,8 @@ def _gguf_info(path: Path) -> dict:
 def _hf_info(directory: Path, kind: str, spec: str) -> dict:
     from safetensors import SafetensorError, safe_open
 
+    from ..filecheck import check_safetensors
+
     try:
         config = json.loads((directory / "config.json").read_text())
     except (OSError, ValueError) as e:
@@ -120,6 +125,8 @@ def _hf_info(directory: Path, kind: str, spec: str) -> dict:
     if not isinstance(config, dict):
         raise SizewiseError(f"{directory / 'config.json'} is not a model config")
     files = sorted(directory.glob("*.safetensors"))
+    for f in files:
+        check_safetensors(f)
     if not files:
         pickled = any(directory.glob("*.bin")) or any(directory.glob("*.pt"))
         raise SizewiseError(f"{directory} holds " + ("only pickled PyTorch weights, which info does not read"
