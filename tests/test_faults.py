@@ -349,3 +349,32 @@ print(max(codes), min(codes), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     top, low, rss_kb = map(int, r.stdout.split())
     assert top == low == 2
     assert rss_kb < 1 << 20, f"peak RSS {rss_kb / 1024:.0f} MB"
+
+
+# --- traversal: names from a packed directory's manifest, through the CLI ----------------------------
+
+
+@pytest.mark.parametrize("where", ["files", "tensor-file"])
+@pytest.mark.parametrize("name", ["../escaped.json", "/tmp/sizewise-escaped.json", "a/../../escaped.json"])
+def test_traversal_manifest_is_one_line_and_writes_nothing_outside(where, name, tmp_path, capsys):
+    import torch
+
+    from sizewise.lossless import pack_model
+    from tiny import tiny_model, tiny_tokenizer
+
+    src = tmp_path / "src"
+    tiny_model("llama").to(torch.bfloat16).save_pretrained(src, safe_serialization=True)
+    tiny_tokenizer().save_pretrained(src)
+    packed = tmp_path / "work" / "p"
+    pack_model(src, packed)
+    m = json.loads((packed / "manifest.json").read_text())
+    if where == "files":
+        m["files"] = [*m["files"], name]
+    else:
+        m["tensors"][next(iter(m["tensors"]))]["file"] = name
+    (packed / "manifest.json").write_text(json.dumps(m))
+    before = snapshot(tmp_path)
+    capsys.readouterr()                       # the setup's own progress output
+    one_error(capsys, "unpack", packed, "-o", tmp_path / "work" / "u")
+    one_error(capsys, "eval", packed, "--text", packed / "manifest.json", "--ctx", 32, "--quiet")
+    assert snapshot(tmp_path) == before and not Path("/tmp/sizewise-escaped.json").exists()
