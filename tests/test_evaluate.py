@@ -69,3 +69,18 @@ def test_softcapping_is_applied():
     model.config.final_logit_softcapping = None
     uncapped = evaluate_many({"m": model}, windows, TEXT, progress=False)["m"]
     assert res["nll_per_token"] != pytest.approx(uncapped["nll_per_token"], rel=1e-3)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3", "gpt2", "opt"])
+@torch.no_grad()
+def test_bfloat16_model_evaluates_as_its_float32_copy(family):
+    """A model kept in bf16 computes in float32 a layer at a time: the numbers of its float32 copy."""
+    stored, reference = tiny_model(family, 0).to(torch.bfloat16), tiny_model(family, 1)
+    upcast = tiny_model(family, 0).to(torch.bfloat16).float()
+    tokens = torch.randint(0, VOCAB, (200,), generator=torch.Generator().manual_seed(0))
+    windows = eval_windows(tokens, 64, None, 2)
+    got = evaluate_many({"m": stored}, windows, TEXT, reference=reference, progress=False, chunk_elements=VOCAB * 9)
+    want = evaluate_many({"m": upcast}, windows, TEXT, reference=reference, progress=False)
+    assert got["m"]["nll_per_token"] == pytest.approx(want["m"]["nll_per_token"], rel=1e-6)
+    assert got["m"]["kl"] == pytest.approx(want["m"]["kl"], rel=1e-5)
+    assert all(p.dtype == torch.bfloat16 for p in stored.parameters())      # and it is still stored in bf16

@@ -13,7 +13,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .arch import discover
 from .data import Text, Windows
+from .precision import float32_execution
 
 
 def environment() -> dict:
@@ -104,38 +106,21 @@ def evaluate_many(models: dict, windows: Windows, text: Text, *, reference=None,
     scored positions, with per-window values so that comparisons can be paired. `roundings`
     ({label: {module: kind}}) rounds those models' matmul inputs as llama.cpp does (`runtime.llamacpp`).
     Each model's decoder runs once per window; its logits are computed `chunk_elements` at a time.
+    Models kept in bf16/fp16 compute as their float32 copies would, one layer at a time (`precision`).
     """
-    from .runtime.llamacpp import rounded_inputs
-
     roundings = roundings or {}
     t0 = time.perf_counter()
     tallies = {label: _Tally() for label in models}
     ref_tally = _Tally() if reference is not None else None
     some_model = next(iter(models.values())) if models else reference
     step = chunk_positions(some_model.config.get_text_config().vocab_size, chunk_elements)
-    for x, first in tqdm(list(zip(windows.inputs, windows.score_from)), desc="eval windows", unit="win",
-                         disable=not progress, file=sys.stderr):
-        x = x.to(next(some_model.parameters()).device)
-        scored = torch.arange(first, x.shape[1] - 1, device=x.device)   # positions whose next token is scored
-        with ExitStack() as stack:
-            if reference is not None:
-                stack.enter_context(_decoder_output(reference, x))
-                ref_tally.start_window(False)
-            for label, model in models.items():
-                with rounded_inputs(roundings.get(label, {})):
-                    stack.enter_context(_decoder_output(model, x))
-                tallies[label].start_window(reference is not None)
-            for s in range(0, len(scored), step):
-                pos = scored[s:s + step]
-                targets = x[0, pos + 1].cpu()
-                ref_logp = None
-                if reference is not None:
-                    ref_logp = _chunk_log_probs(reference, x, pos)
-                    ref_tally.add(ref_logp, targets, None)
-                for label, model in models.items():
-                    with rounded_inputs(roundings.get(label, {})):
-                        logp = _chunk_log_probs(model, x, pos)
-                    tallies[label].add(logp, targets, ref_logp)
+    with ExitStack() as computing:
+        for model in (*models.values(), *(() if reference is None else (reference,))):
+            computing.enter_context(float32_execution(model, discover(model).layers))
+        for x, first in tqdm(list(zip(windows.inputs, windows.score_from)), desc="eval windows", unit="win",
+                             disable=not progress, file=sys.stderr):
+            _score_window(x.to(next(some_model.parameters()).device), first, models, reference, tallies,
+                          ref_tally, roundings, step)
     elapsed = time.perf_counter() - t0
     protocol = {**text.protocol(), **windows.protocol(), "dtype": str(next(some_model.parameters()).dtype),
                 **environment()}
@@ -145,6 +130,32 @@ def evaluate_many(models: dict, windows: Windows, text: Text, *, reference=None,
     if ref_tally is not None:
         results["reference"] = {**ref_tally.result(False), "protocol": protocol, "eval_s": elapsed}
     return results
+
+
+def _score_window(x, first, models, reference, tallies, ref_tally, roundings, step) -> None:
+    """One window: each decoder once, then the scored positions' log-probabilities `step` at a time."""
+    from .runtime.llamacpp import rounded_inputs
+
+    scored = torch.arange(first, x.shape[1] - 1, device=x.device)   # positions whose next token is scored
+    with ExitStack() as stack:
+        if reference is not None:
+            stack.enter_context(_decoder_output(reference, x))
+            ref_tally.start_window(False)
+        for label, model in models.items():
+            with rounded_inputs(roundings.get(label, {})):
+                stack.enter_context(_decoder_output(model, x))
+            tallies[label].start_window(reference is not None)
+        for s in range(0, len(scored), step):
+            pos = scored[s:s + step]
+            targets = x[0, pos + 1].cpu()
+            ref_logp = None
+            if reference is not None:
+                ref_logp = _chunk_log_probs(reference, x, pos)
+                ref_tally.add(ref_logp, targets, None)
+            for label, model in models.items():
+                with rounded_inputs(roundings.get(label, {})):
+                    logp = _chunk_log_probs(model, x, pos)
+                tallies[label].add(logp, targets, ref_logp)
 
 
 def evaluate(model, windows: Windows, text: Text, *, reference=None, progress: bool = True) -> dict:
