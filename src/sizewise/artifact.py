@@ -4,7 +4,9 @@
     DIR/packed.safetensors   every weight as stored: bit-packed codes + scales + zeros for quantized
                              weights, ggml's own blocks for k-quants, the rest in its float storage
                              dtype; this is the compressed model
-    DIR/hf/                  the same weights dense (float32), loadable by transformers alone
+    DIR/hf/                  the same weights dense (float32), loadable by transformers alone; written
+                             a shard at a time from the stored tensors (exact whatever dtype the model
+                             computed in); may hold only config and tokenizer (`dense_weights=False`)
 
 Written to a temporary directory beside DIR and renamed into place, so a DIR that exists is complete.
 """
@@ -86,13 +88,44 @@ def unique_state(model) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     return state, aliases
 
 
+# Dense float32 shards of the hf/ copy: each is materialized alone (with its serialized bytes).
+DENSE_SHARD_BYTES = 1 << 30
+
+
+def _write_dense(out: Path, model, state: dict, exact) -> None:
+    """hf/: config, generation config and float32 safetensors shards, one shard in memory at a time;
+    `exact(name, tensor)` gives each tensor's float32 value."""
+    import copy
+
+    from huggingface_hub import split_state_dict_into_shards_factory
+
+    sizes = {name: t.numel() * 4 if t.is_floating_point() else t.numel() * t.element_size()
+             for name, t in state.items()}
+    split = split_state_dict_into_shards_factory(sizes, get_storage_size=lambda n: n,
+                                                 filename_pattern="model{suffix}.safetensors",
+                                                 max_shard_size=DENSE_SHARD_BYTES)
+    out.mkdir()
+    for filename, names in split.filename_to_tensors.items():
+        save_file({n: exact(n, state[n]).contiguous() for n in names}, str(out / filename), metadata={"format": "pt"})
+    if split.is_sharded:
+        index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": split.tensor_to_filename}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    config = copy.deepcopy(model.config)
+    config.dtype = torch.float32
+    config.save_pretrained(out)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(out)
+
+
 def write(out: Path, *, model, tokenizer, quantized: dict,
           linears: dict[str, bool], methods: dict[str, str], float_dtype: str, manifest: dict,
-          overwrite: bool = False) -> dict:
-    """Write the artifact for `model` (whose weights already equal the dequantized ones).
+          overwrite: bool = False, dense_weights: bool = True) -> dict:
+    """Write the artifact for `model`, whose weights equal the dequantized ones up to its storage
+    dtype: quantized weights come from their stored tensors, not from the model.
 
     `quantized` maps weight names to their formats' stored tensors; `linears` maps each decoder linear
-    weight name to whether it is stored transposed (GPT-2 Conv1D).
+    weight name to whether it is stored transposed (GPT-2 Conv1D). `dense_weights=False` leaves the
+    float32 weights out of hf/ (e.g. an artifact that is only a step towards a GGUF file).
     """
     out = Path(out)
     check_output(out, overwrite)
@@ -114,7 +147,14 @@ def write(out: Path, *, model, tokenizer, quantized: dict,
                            "stored_bits": bits, "transposed": linears.get(name, False),
                            "linear": name in linears, "params": t.numel()}
         save_file(tensors, str(tmp / PACKED), metadata={"format": FORMAT_NAME})
-        model.save_pretrained(tmp / DENSE, safe_serialization=True)
+        del tensors
+
+        def exact(name, t):
+            if name not in quantized:
+                return t.detach().to(TORCH_DTYPES[float_dtype]).float() if t.is_floating_point() else t.detach()
+            w = quantized[name].dequantize()
+            return w.t() if linears.get(name, False) else w
+        _write_dense(tmp / DENSE, model, state if dense_weights else {}, exact)
         tokenizer.save_pretrained(tmp / DENSE)
         manifest = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **manifest,
                     "float_dtype": float_dtype, "aliases": aliases, "tensors": table}

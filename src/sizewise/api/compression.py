@@ -56,7 +56,7 @@ def _calibration(src: Source, calib: CalibConfig, progress: bool) -> tuple[torch
 
 def compress(model: str | Path | Source, config: CompressConfig | None = None, out: str | Path | None = None, *,
              overwrite: bool = False, progress: bool = True, allow_pickle: bool = False,
-             stats: dict | None = None, solved: dict | None = None) -> Result:
+             stats: dict | None = None, solved: dict | None = None, dense_weights: bool = True) -> Result:
     """Compress every decoder linear per the plan (or the uniform method/format); write `out` if given.
 
     `stats` (linear name -> `engine.LinearStats` of the float model on `config.calib`, as a
@@ -64,6 +64,9 @@ def compress(model: str | Path | Source, config: CompressConfig | None = None, o
     at once, without propagating compressed outputs. A sweep uses it to observe the model once.
     `solved` ((weight name, method, format) -> QuantizedTensor solved from those same `stats`, as
     a sweep's plan measurement keeps them) skips solving again what is already solved.
+    `dense_weights=False`: the artifact's hf/ holds no float32 copy of the weights (a step to a GGUF).
+    The returned model keeps the source's storage dtype (compressed weights rounded to it); the
+    artifact holds the exact stored tensors.
     """
     config = config or CompressConfig()
     if out is not None:
@@ -149,12 +152,17 @@ def compress(model: str | Path | Source, config: CompressConfig | None = None, o
                                    config.options)
             quantized[c.name] = qt
             params[c.name].copy_(qt.dequantize())      # a tied head follows: it is the same tensor
-    # Everything not quantized is stored in a float dtype; make the model hold exactly that.
+    # Everything not quantized is stored in a float dtype; make the model hold exactly that (a model
+    # kept in another dtype than float32 holds it in that float dtype).
     linear_names = {r.weight_name: r.transposed for r in arch.all_linears()}
     with torch.no_grad():
         for name, p in m.named_parameters():
             if name not in linear_names and name not in quantized:
-                p.copy_(p.to(TORCH_DTYPES[config.float_dtype]).float())
+                stored = p.to(TORCH_DTYPES[config.float_dtype])
+                if p.dtype == torch.float32:
+                    p.copy_(stored.float())
+                elif stored.dtype != p.dtype:
+                    p.data = stored
     manifest = {
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "source": src.info,
@@ -173,5 +181,6 @@ def compress(model: str | Path | Source, config: CompressConfig | None = None, o
     if out is not None:
         manifest = artifact.write(Path(out), model=m, tokenizer=src.tokenizer, quantized=quantized,
                                   linears=linear_names, methods={c.name: c.method for c in plan.choices},
-                                  float_dtype=config.float_dtype, manifest=manifest, overwrite=overwrite)
+                                  float_dtype=config.float_dtype, manifest=manifest, overwrite=overwrite,
+                                  dense_weights=dense_weights)
     return Result(m, src.tokenizer, manifest)

@@ -58,6 +58,7 @@ def _run_gguf(model, recipe: Recipe, out: Path, overwrite: bool, progress: bool,
             res, alloc = _to_budget(model, recipe, art, progress=progress, allow_pickle=allow_pickle, gguf=out,
                                     overwrite=overwrite)
         else:
-            res, alloc = compress(model, recipe, art, progress=progress, allow_pickle=allow_pickle), None
+            res, alloc = compress(model, recipe, art, progress=progress, allow_pickle=allow_pickle,
+                                  dense_weights=False), None
             res.exported = export(art, out, format="gguf", overwrite=overwrite)
     return res, alloc
