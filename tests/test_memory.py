@@ -89,3 +89,54 @@ def test_bf16_model_compresses_as_its_float32_copy(bf16_dir, tmp_path, method):
         hf16.update(load_file(str(f)))
     for name, t in hf16.items():
         assert t.dtype == torch.float32 and torch.equal(t, dense16[name]), name
+
+
+def _qwen_like(hidden, layers, vocab=151936):
+    import transformers as tf
+    return tf.Qwen2Config(hidden_size=hidden, intermediate_size=hidden * 5, num_hidden_layers=layers,
+                          num_attention_heads=hidden // 128, num_key_value_heads=2, vocab_size=vocab,
+                          dtype="bfloat16")
+
+
+def test_peak_estimate_grows_with_the_model_and_the_run():
+    from sizewise.memory import meta_model, peak_memory
+
+    small, large = meta_model(_qwen_like(896, 24)), meta_model(_qwen_like(1536, 28))
+    assert next(small.parameters()).dtype == torch.bfloat16 and next(small.parameters()).is_meta
+    for task, kw in [("compress", {}), ("compress", {"calibrated": True, "samples": 16, "length": 512}),
+                     ("plan", {"calibrated": True, "samples": 16, "length": 512, "kept_statistics": True}),
+                     ("eval", {"ctx": 1024})]:
+        assert peak_memory(small, task=task, **kw).total < peak_memory(large, task=task, **kw).total, task
+    gptq = dict(task="compress", calibrated=True, length=512)
+    assert peak_memory(small, samples=16, **gptq).total < peak_memory(small, samples=128, **gptq).total
+    assert peak_memory(small, task="compress").total < peak_memory(small, samples=16, **gptq).total
+    assert peak_memory(small, task="eval", ctx=512).total < peak_memory(small, task="eval", ctx=2048).total
+    # the vocabulary costs a bounded chunk of logits, not a window's worth
+    wide = meta_model(_qwen_like(896, 24, vocab=262144))
+    grow = peak_memory(wide, task="eval", ctx=1024).parts["logit chunks"]
+    assert grow <= peak_memory(small, task="eval", ctx=1024).parts["logit chunks"] * 1.01
+    # 1.5B shapes stored in bf16: about 3 GB of weights, a few GB at the peak
+    total = peak_memory(large, task="compress", calibrated=True, samples=16, length=512).total
+    assert 3e9 < total < 8e9
+
+
+def test_a_run_that_cannot_fit_is_refused_in_one_line(monkeypatch, capsys):
+    from sizewise.errors import SizewiseError
+    from sizewise.memory import OVERRIDE_ENV, meta_model, peak_memory, require
+
+    absurd = meta_model(_qwen_like(16384, 100))          # ~460B parameters, on the meta device
+    peak = peak_memory(absurd, task="compress")
+    monkeypatch.delenv(OVERRIDE_ENV, raising=False)
+    with pytest.raises(SizewiseError) as e:
+        require(peak)
+    assert "\n" not in str(e.value) and "GB" in str(e.value) and OVERRIDE_ENV in str(e.value)
+    assert "peak memory ≈" in capsys.readouterr().err
+    require(peak_memory(meta_model(_qwen_like(896, 2)), task="compress"))     # a small one fits
+    monkeypatch.setenv(OVERRIDE_ENV, "1")
+    require(peak)                                                              # warned, not refused
+    assert "warning:" in capsys.readouterr().err
+
+
+def test_eval_prints_its_peak_memory(tiny_dirs, capsys):
+    sizewise.evaluate(str(tiny_dirs["llama"]), str(tiny_dirs["text"]), ctx=32, windows=1, progress=False)
+    assert "peak memory ≈" in capsys.readouterr().err

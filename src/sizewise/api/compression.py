@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .. import artifact, data, engine
+from .. import artifact, data, engine, memory
 from ..arch import discover
 from ..errors import SizewiseError
 from ..evaluate import environment
@@ -102,6 +102,11 @@ def compress(model: str | Path | Source, config: CompressConfig | None = None, o
         samples, calib_proto = _calibration(src, config.calib, progress) if needs_calib else (None, None)
         stats = None
 
+    c = config.calib
+    quantized_share = sum(ch.method != "float" for ch in plan.choices) / max(1, len(plan.choices))
+    memory.require(memory.peak_memory(m, task="compress", calibrated=samples is not None,
+                                      samples=0 if c.offload else c.samples, length=c.length, batch=c.batch,
+                                      quantized_fraction=quantized_share, kept_statistics=stats is not None))
     quantized = {}
 
     def solve(ref, w, stats):
