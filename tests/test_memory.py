@@ -140,3 +140,25 @@ def test_a_run_that_cannot_fit_is_refused_in_one_line(monkeypatch, capsys):
 def test_eval_prints_its_peak_memory(tiny_dirs, capsys):
     sizewise.evaluate(str(tiny_dirs["llama"]), str(tiny_dirs["text"]), ctx=32, windows=1, progress=False)
     assert "peak memory ≈" in capsys.readouterr().err
+
+
+def test_gguf_converts_a_shard_at_a_time(tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from sizewise import builtins, gguf_convert
+    from test_builtins import write_tiny_llama_gguf
+
+    original = write_tiny_llama_gguf(tmp_path / "t.gguf")
+    monkeypatch.setattr(gguf_convert, "SHARD_BYTES", 20_000)
+    written = []
+    import safetensors.torch as st          # convert() imports save_file when it runs: patched here
+    real = st.save_file
+    monkeypatch.setattr(st, "save_file", lambda tensors, *a, **k: (written.append(tensors), real(tensors, *a, **k)))
+    builtins.gguf_to_hf(tmp_path / "t.gguf", tmp_path / "hf")
+    assert len(written) > 2
+    for shard in written:       # never more than a shard (or one tensor larger than a shard) at once
+        assert len(shard) == 1 or sum(t.numel() * 4 for t in shard.values()) <= 20_000
+    converted = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    want, got = original.state_dict(), converted.state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()
