@@ -24,9 +24,9 @@ def evaluate(model: str | Path | Source, text: str | Path = "wikitext2-test", *,
     ref = _source(against, allow_pickle) if against is not None else None
     if ref is not None and ref.model.config.vocab_size != src.model.config.vocab_size:
         raise SizewiseError("the two models have different vocabularies; KL divergence needs the same tokenizer")
-    memory.require(memory.peak_memory(src.model, task="eval", ctx=ctx, models=(ref.model,) if ref else ()))
     tokens = data.tokenize(src.tokenizer, txt)
     wins = data.eval_windows(tokens, ctx, stride, windows, data.wants_bos(src.model, src.tokenizer))
+    memory.require(memory.peak_memory(src.model, task="eval", ctx=ctx, models=(ref.model,) if ref else ()))
     result = _evaluate(src.model, wins, txt, reference=ref.model if ref else None, progress=progress)
     result["model"] = src.info
     if ref is not None:
@@ -57,9 +57,9 @@ def compare(reference: str | Path, candidates: list[str | Path], text: str | Pat
         if label in cands:
             raise SizewiseError(f"two candidates are named {label}; give them different directory names")
         cands[label] = src
-    memory.require(memory.peak_memory(ref.model, task="eval", ctx=ctx, models=tuple(v.model for v in cands.values())))
     tokens = data.tokenize(ref.tokenizer, txt)
     wins = data.eval_windows(tokens, ctx, stride, windows, data.wants_bos(ref.model, ref.tokenizer))
+    memory.require(memory.peak_memory(ref.model, task="eval", ctx=ctx, models=tuple(v.model for v in cands.values())))
     roundings = {k: _llamacpp_roundings(v) for k, v in cands.items()} if arithmetic == "llamacpp" else None
     res = evaluate_many({k: v.model for k, v in cands.items()}, wins, txt, reference=ref.model, progress=progress,
                         roundings=roundings)
