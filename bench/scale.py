@@ -56,17 +56,17 @@ RUNS = {   # run -> shapes it is measured on, and the issue's target (bytes) whe
 }
 
 
-def _config(shape: str):
+def _config(shape: str, as_llama: bool = False):
     import torch
     import transformers as tf
 
     _, model_type, kw = SHAPES[shape]
-    config = tf.AutoConfig.for_model(model_type, **kw)
+    config = tf.AutoConfig.for_model("llama" if as_llama else model_type, **kw)
     config.dtype = torch.bfloat16
     return config
 
 
-def write_model(shape: str, out: Path, seed: int = 0) -> dict:
+def write_model(shape: str, out: Path, seed: int = 0, as_llama: bool = False) -> dict:
     """A random-weight bf16 model of `shape` at `out`, one tensor and one shard at a time."""
     import torch
     from huggingface_hub import split_state_dict_into_shards_factory
@@ -74,16 +74,12 @@ def write_model(shape: str, out: Path, seed: int = 0) -> dict:
 
     if (out / "config.json").is_file():
         return json.loads((out / "scale_model.json").read_text())
-    config = _config(shape)
+    config = _config(shape, as_llama)
     with torch.device("meta"):                        # names and shapes only
         import transformers as tf
         meta = tf.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    seen, shapes = set(), {}
-    for name, t in meta.state_dict().items():         # tied tensors once, as save_pretrained writes them
-        if id(t) in seen or not t.is_floating_point():
-            continue
-        seen.add(id(t))
-        shapes[name] = tuple(t.shape)
+    # tied tensors once (the head shares the embedding's parameter), as save_pretrained writes them
+    shapes = {name: tuple(t.shape) for name, t in meta.named_parameters()}
     split = split_state_dict_into_shards_factory({n: 2 * _numel(s) for n, s in shapes.items()},
                                                  get_storage_size=lambda n: n, max_shard_size=SHARD_BYTES,
                                                  filename_pattern="model{suffix}.safetensors")
@@ -100,7 +96,7 @@ def write_model(shape: str, out: Path, seed: int = 0) -> dict:
     config.save_pretrained(tmp)
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy2(TOKENIZER_DIR / f, tmp / f)
-    info = {"shape": shape, "like": SHAPES[shape][0], "parameters": sum(_numel(s) for s in shapes.values()),
+    info = {"shape": shape, "like": SHAPES[shape][0], "model_type": config.model_type, "parameters": sum(_numel(s) for s in shapes.values()),
             "bytes": sum(f.stat().st_size for f in tmp.glob("*.safetensors")), "shards": len(split.filename_to_tensors)}
     (tmp / "scale_model.json").write_text(json.dumps(info))
     tmp.rename(out)
@@ -131,7 +127,7 @@ def _random(shape, name: str, gen):
 def measure(cmd: list[str]) -> dict:
     """Run one sizewise command; its peak RSS (kernel's ru_maxrss of that child), wall time, estimate."""
     print("$", shlex.join(cmd[2:]), file=sys.stderr, flush=True)
-    t0 = time.perf_counter()
+    t0, load0 = time.perf_counter(), os.getloadavg()[0]
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as errf:
         proc = subprocess.Popen(cmd, stdout=out, stderr=errf,
                                 env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent / "src")})
@@ -142,7 +138,8 @@ def measure(cmd: list[str]) -> dict:
         err = errf.read()
     estimate = re.search(r"peak memory ≈ ([0-9.]+) GB", err)
     row = {"command": "sizewise " + shlex.join(cmd[3:]), "exit": code, "wall_s": round(wall, 1),
-           "peak_rss_mb": round(usage.ru_maxrss / 1024), "estimate_gb": float(estimate.group(1)) if estimate else None}
+           "peak_rss_mb": round(usage.ru_maxrss / 1024), "estimate_gb": float(estimate.group(1)) if estimate else None,
+           "load_avg": [round(load0, 2), round(os.getloadavg()[0], 2)]}     # wall times need a quiet machine
     if code != 0:
         row["error"] = (err.strip().splitlines() or [""])[-1]
     print(json.dumps(row), file=sys.stderr, flush=True)
@@ -198,22 +195,27 @@ def main() -> None:
     ap.add_argument("--runs", default=",".join(RUNS))
     ap.add_argument("--dir", type=Path, default=Path("/tmp/sizewise-scale"), help="models and outputs (8B: ~16 GB)")
     ap.add_argument("--keep", action="store_true", help="keep the written models for another run")
+    ap.add_argument("--as-llama", action="store_true",
+                    help="write every shape as a Llama (Qwen2.5's shapes without its q/k/v biases), for a GGUF "
+                         "export that does not take qwen2 yet")
     args = ap.parse_args()
     shapes, runs = args.shapes.split(","), args.runs.split(",")
     previous = RESULTS / "scale.json"
+    model_type = (lambda shape: "llama") if args.as_llama else (lambda shape: SHAPES[shape][1])
     rows = [r for r in (json.loads(previous.read_text())["rows"] if previous.is_file() else [])
-            if not (r["shape"] in shapes and r["run"] in runs)]        # rows of other shapes/runs are kept
+            if not (r["shape"] in shapes and r["run"] in runs and r.get("model_type") == model_type(r["shape"]))]
     for shape in shapes:
-        model = args.dir / f"random-{shape}"
+        model = args.dir / f"random-{shape}{'-llama' if args.as_llama else ''}"
         t0 = time.perf_counter()
-        info = write_model(shape, model)
+        info = write_model(shape, model, as_llama=args.as_llama)
         print(f"{shape}: {info['parameters'] / 1e9:.2f}B parameters, {info['bytes'] / 1e9:.2f} GB in "
               f"{info['shards']} shards ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
         for run in runs:
             on, targets = RUNS[run]
             if shape not in on:
                 continue
-            row = {"shape": shape, "like": info["like"], "parameters": info["parameters"], "run": run,
+            row = {"shape": shape, "like": info["like"], "model_type": info.get("model_type"),
+                   "parameters": info["parameters"], "run": run,
                    **measure(commands(run, model, args.dir))}
             if shape in targets:
                 row["target_mb"] = targets[shape] / 1e6
