@@ -69,7 +69,7 @@ def test_sharded_bf16_model_holds_at_most_one_layer_in_float32(bf16_dir, tmp_pat
     assert all(p.dtype != torch.float32 for p in model.parameters())     # nothing left converted
 
 
-@pytest.mark.parametrize("method", ["rtn", "gptq"])
+@pytest.mark.parametrize("method", ["rtn", "gptq", "awq+gptq", "rotate+rtn"])
 def test_bf16_model_compresses_as_its_float32_copy(bf16_dir, tmp_path, method):
     """Same packed tensors and the same exact dense copy as from the float32 upcast of the same weights."""
     f32 = _save(tiny_model("llama", 3).to(torch.bfloat16).float(), tmp_path / "f32", shard="10MB")

@@ -25,19 +25,12 @@ def _floating(module: nn.Module, recurse: bool = True):
             if t.is_floating_point()]
 
 
-def storage_dtype(model: nn.Module) -> torch.dtype:
-    """The dtype most of the model's parameters are stored in."""
-    counts: dict[torch.dtype, int] = {}
-    for p in model.parameters():
-        counts[p.dtype] = counts.get(p.dtype, 0) + p.numel()
-    return max(counts, key=counts.get)
-
-
 @contextmanager
 def weights_in(module: nn.Module, dtype: torch.dtype, *, keep: bool = False, tensors=None):
     """Inside the block, `module`'s floating parameters and buffers (or just `tensors`) are copies in
     `dtype`. On leaving, the original tensors come back unchanged, or with `keep` (and no error) the
-    copies' values in the original dtypes, for the tensors the block changed."""
+    block's changes: matrices in their original dtype (a solved weight's exact values are its stored
+    tensor's), vectors (norm gains, biases an AWQ scale was folded into; small) as they are."""
     swapped = []
     for t in (_floating(module) if tensors is None else tensors):
         if t.dtype != dtype:
@@ -51,7 +44,10 @@ def weights_in(module: nn.Module, dtype: torch.dtype, *, keep: bool = False, ten
         for t, original in swapped:
             if keep and ok:
                 new = t.data.to(original.dtype)
-                t.data = original if torch.equal(new, original) else new
+                if torch.equal(new, original):
+                    t.data = original
+                elif t.dim() > 1:
+                    t.data = new
             else:
                 t.data = original
 

@@ -84,6 +84,9 @@ def compress(model: str | Path | Source, config: CompressConfig | None = None, o
     transforms = {}
     if pipeline.rotate:
         from ..quant.rotate import rotate_model
+
+        if next(m.parameters()).dtype != torch.float32:    # a rotated weight rounded to bf16 would not be
+            m.float()                                       # the same function: the whole model in float32
         transforms["rotate"] = rotate_model(m, arch, seed=config.calib.seed)
         arch = discover(m)
     plan = config.plan or Plan.uniform(arch, pipeline.quantizer, config.format, skip=config.skip,
