@@ -93,7 +93,8 @@ def unique_state(model) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 def write(out: Path, *, model, tokenizer, quantized: dict,
           linears: dict[str, bool], methods: dict[str, str], float_dtype: str, manifest: dict,
           overwrite: bool = False) -> dict:
-    """Write the artifact for `model` (whose weights already equal the dequantized ones).
+    """Write the artifact for `model`, whose weights equal the dequantized ones up to its storage
+    dtype: quantized weights come from their stored tensors, not from the model.
 
     `quantized` maps weight names to their formats' stored tensors; `linears` maps each decoder linear
     weight name to whether it is stored transposed (GPT-2 Conv1D).

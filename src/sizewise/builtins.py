@@ -224,28 +224,14 @@ def gguf_to_hf(gguf_path: Path, out_dir: Path) -> None:
 
 
 def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
-    import torch  # heavy imports only when a conversion actually runs
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from .gguf_convert import convert   # heavy imports only when a conversion actually runs
 
     check_gguf(gguf_path)   # header and tensor table against the file size, before transformers allocates
     _status(f"converting GGUF to float safetensors: {gguf_path.name} ...")
-    where, name = gguf_path.parent, gguf_path.name
     try:
-        loaded = AutoModelForCausalLM.from_pretrained(where, gguf_file=name, dtype=torch.float32, trust_remote_code=False)
-        tokenizer = AutoTokenizer.from_pretrained(where, gguf_file=name, trust_remote_code=False)
-    except (OSError, ValueError) as e:  # transformers' way of saying "not a model it can read"
+        convert(gguf_path, out_dir)    # one tensor at a time: never the whole float32 model
+    except (OSError, ValueError, KeyError) as e:  # transformers' way of saying "not a model it can read"
         raise SizewiseError(f"cannot load {gguf_path} as a causal LM: {_first_line(e)}") from e
-
-    # The GGUF-loaded model carries a quantization_config that save_pretrained refuses, so the
-    # weights move into a plain model built from the same config. Ties (lm_head = embedding) are
-    # part of the config, so the fresh model shares them again and saves the tensor once.
-    config = loaded.config
-    del config.quantization_config
-    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=False)
-    fresh.load_state_dict(loaded.state_dict())
-    fresh.generation_config = loaded.generation_config
-    fresh.save_pretrained(out_dir)  # safetensors: the default since 4.35, the only format in 5.x
-    tokenizer.save_pretrained(out_dir)
 
 
 def _is_complete_model(path: Path) -> bool:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -24,6 +23,7 @@ from .arch import Architecture, LinearRef
 from .defaults import HEAD_SAMPLES
 from .errors import SizewiseError
 from .observers import DEFAULT_OBSERVERS, LinearStats, Observer
+from .precision import float32_execution, weights_in
 
 
 # solve(ref, weight [out, in] float32, stats or None) -> the new [out, in] weight the model will use
@@ -72,8 +72,9 @@ def _hidden_size(model) -> int:
     return cfg.hidden_size
 
 
-def _run_with_capture(model, layer0, samples: torch.Tensor, buffer: ActivationBuffer, batch: int) -> dict:
-    """Fill `buffer` with layer 0's inputs; return the other layer arguments by batch size."""
+def _run_with_capture(model, layers, samples: torch.Tensor, buffer: ActivationBuffer, batch: int) -> dict:
+    """Fill `buffer` with layer 0's inputs (computed in float32); return the other layer arguments by
+    batch size."""
     extra: dict[int, tuple] = {}
     start = 0
 
@@ -85,33 +86,19 @@ def _run_with_capture(model, layer0, samples: torch.Tensor, buffer: ActivationBu
         extra.setdefault(b, (args[1:], rest_kwargs))
         raise _Stop
 
-    handle = layer0.register_forward_pre_hook(hook, with_kwargs=True)
+    # registered before float32_execution's hooks: layer 0 stops the pass before it is converted
+    handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        for start in range(0, samples.shape[0], batch):
-            ids = samples[start:start + batch].to(model.device)
-            try:
-                model(input_ids=ids, use_cache=False)
-            except _Stop:
-                pass
+        with float32_execution(model, layers):
+            for start in range(0, samples.shape[0], batch):
+                ids = samples[start:start + batch].to(model.device)
+                try:
+                    model(input_ids=ids, use_cache=False)
+                except _Stop:
+                    pass
     finally:
         handle.remove()
     return extra
-
-
-@contextmanager
-def _computing_in(layer, dtype):
-    """Run `layer` in `dtype` for a while, then restore its exact original weights (not a round trip)."""
-    original = next(layer.parameters()).dtype
-    if dtype == original:
-        yield
-        return
-    saved = {k: v.clone() for k, v in layer.state_dict().items()}
-    layer.to(dtype)
-    try:
-        yield
-    finally:
-        layer.to(original)
-        layer.load_state_dict(saved)
 
 
 def _cast(x, dtype):
@@ -167,6 +154,28 @@ def _observe(layer, refs: list[LinearRef], buffer: ActivationBuffer, batch: int,
     return stats
 
 
+def _process_layer(i: int, layer, refs: list[LinearRef], solve: Solver, transform: Transform | None,
+                   buffer: ActivationBuffer, batch: int, extra, device, compute_dtype,
+                   observers: tuple[Observer, ...]) -> None:
+    """Observe, transform, solve and propagate decoder layer `i`; its weights are float32 only meanwhile.
+
+    The solved weights are exact in float32 while the compressed layer propagates; afterwards the
+    layer goes back to its storage dtype (the solver's stored tensors are the exact result), and the
+    tensors nothing changed are the very originals again (still memory-mapped)."""
+    with weights_in(layer, torch.float32, keep=True):
+        with weights_in(layer, compute_dtype):
+            stats = _observe(layer, refs, buffer, batch, extra, device, compute_dtype, observers)
+        if transform is not None:
+            transform(i, layer, refs, stats)
+        for ref in refs:
+            ref.set_weight(solve(ref, ref.weight(), stats[ref.name]))
+        del stats
+        with weights_in(layer, compute_dtype):
+            for s in range(0, buffer.n, batch):       # propagate through the compressed layer
+                out = _layer_forward(layer, buffer.data[s:s + batch].to(device, compute_dtype), extra)
+                buffer.data[s:s + batch] = out.float().cpu()
+
+
 def run(model, arch: Architecture, solve: Solver, samples: torch.Tensor | None, *,
         batch: int = 8, offload: Path | None = None, progress: bool = True,
         compute_dtype: torch.dtype = torch.float32, transform: Transform | None = None,
@@ -201,20 +210,10 @@ def run(model, arch: Architecture, solve: Solver, samples: torch.Tensor | None, 
     print(f"calibration activations: {n} x {length} x {hidden} float32 = "
           f"{ActivationBuffer.nbytes(n, length, hidden) / 2**20:.0f} MiB {where}", file=sys.stderr)
     with torch.no_grad():
-        extra = _run_with_capture(model, arch.layers[0], samples, buffer, batch)
+        extra = _run_with_capture(model, arch.layers, samples, buffer, batch)
         for i, layer in enumerate(arch.layers):
-            refs = arch.linears[i]
-            with _computing_in(layer, compute_dtype):
-                stats = _observe(layer, refs, buffer, batch, extra, device, compute_dtype, observers)
-            if transform is not None:
-                transform(i, layer, refs, stats)
-            for ref in refs:                          # solve
-                ref.set_weight(solve(ref, ref.weight(), stats[ref.name]))
-            del stats
-            with _computing_in(layer, compute_dtype):
-                for s in range(0, n, batch):          # propagate through the compressed layer
-                    out = _layer_forward(layer, buffer.data[s:s + batch].to(device, compute_dtype), extra)
-                    buffer.data[s:s + batch] = out.float().cpu()
+            _process_layer(i, layer, arch.linears[i], solve, transform, buffer, batch, extra, device,
+                           compute_dtype, observers)
             bar.update()
     bar.close()
     return {"engine_s": time.perf_counter() - t0,
@@ -246,7 +245,7 @@ def head_statistics(model, arch: Architecture, samples: torch.Tensor, *, batch: 
     handle = head.register_forward_pre_hook(hook)
     autocast = torch.autocast(device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32)
     try:
-        with torch.no_grad(), autocast:
+        with torch.no_grad(), autocast, float32_execution(model, arch.layers):
             for s in range(0, len(samples), batch):
                 try:
                     model(input_ids=samples[s:s + batch].to(device), use_cache=False)
@@ -276,7 +275,7 @@ def statistics(model, arch: Architecture, samples: torch.Tensor, *, batch: int =
         return w                                    # the float model propagates
 
     facts = run(model, arch, keep, samples, batch=batch, offload=offload, progress=progress,
-                compute_dtype=compute_dtype, observers=observers)        # exact weights restored after bf16 passes (_computing_in)
+                compute_dtype=compute_dtype, observers=observers)        # exact weights restored after bf16 passes (weights_in)
     if head:
         t0 = time.perf_counter()
         kept.update(head_statistics(model, arch, samples, batch=batch, compute_dtype=compute_dtype))
@@ -293,8 +292,9 @@ def capture_final_hidden(model, arch: Architecture, samples: torch.Tensor, batch
     hidden = _hidden_size(model)
     buffer = ActivationBuffer(n, length, hidden)
     with torch.no_grad():
-        extra = _run_with_capture(model, arch.layers[0], samples, buffer, batch)
+        extra = _run_with_capture(model, arch.layers, samples, buffer, batch)
         for layer in arch.layers:
-            for s in range(0, n, batch):
-                buffer.data[s:s + batch] = _layer_forward(layer, buffer.data[s:s + batch], extra)
+            with weights_in(layer, torch.float32):
+                for s in range(0, n, batch):
+                    buffer.data[s:s + batch] = _layer_forward(layer, buffer.data[s:s + batch], extra)
     return buffer.data

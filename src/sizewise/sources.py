@@ -1,7 +1,10 @@
 """Model sources: a sizewise artifact, a Hugging Face directory, a GGUF file, or a built-in name.
 
-Every source ends as (model in float32 on CPU, tokenizer, provenance). Weights load from
-safetensors only unless the caller explicitly allows pickle; remote code is never run.
+Every source ends as (model on CPU, tokenizer, provenance). A Hugging Face directory's model keeps
+its weights' storage dtype (bf16/fp16 as stored; transformers memory-maps safetensors whose dtype it
+keeps), so the whole model never exists in float32: the engine and the evaluator bring one decoder
+layer at a time to float32 (`precision`). Weights load from safetensors only unless the caller
+explicitly allows pickle; remote code is never run.
 """
 
 from __future__ import annotations
@@ -42,6 +45,14 @@ def _gguf_tokenizer_pre(path: Path) -> str | None:
     return None if field is None else field.contents()
 
 
+def _storage_dtype(config) -> torch.dtype:
+    """The dtype the checkpoint says its weights are stored in, if it is a float dtype we compute from."""
+    dtype = getattr(config.get_text_config(), "dtype", None) or getattr(config, "dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
+
+
 def _load_hf(directory: Path, allow_pickle: bool):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -59,7 +70,7 @@ def _load_hf(directory: Path, allow_pickle: bool):
     try:
         config = AutoConfig.from_pretrained(directory, trust_remote_code=False)
         model = AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=False,
-                                                     dtype=torch.float32, use_safetensors=has_safetensors or None)
+                                                     dtype=_storage_dtype(config), use_safetensors=has_safetensors or None)
         tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=False)
     except pickle.UnpicklingError:     # torch.load(weights_only=True) met a pickle that is more than tensors
         raise SizewiseError(f"{directory}: weights-only loading refused its pickled weights (they hold more than "

@@ -34,7 +34,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from . import allocate, artifact, data, report
+from . import allocate, artifact, data, memory, report
 from .allocate import Budget
 from .api import budget as api_budget
 from .api import compression, evaluation
@@ -187,6 +187,9 @@ def sweep(model: str | Path, budgets: str | list[str | Budget], out: str | Path,
     src = compression._source(model, allow_pickle)
     arch = discover(src.model)
     config = replace(config, calib=config.calib.resolved(next(src.model.parameters()).device))
+    c = config.calib
+    memory.require(memory.peak_memory(src.model, task="plan", calibrated=True, batch=c.batch, kept_statistics=True,
+                                      samples=0 if c.offload else c.samples, length=c.length))
     if format == "gguf":
         cands = allocate.gguf_candidate_set(tuple(quantizers), float_dtype=config.float_dtype)
     else:

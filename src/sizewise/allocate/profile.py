@@ -39,10 +39,11 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .. import engine
-from ..arch import Architecture
+from ..arch import Architecture, discover
 from ..defaults import HEAD_SAMPLES, ROUNDING_TOKENS
 from ..errors import SizewiseError
 from ..observers import DEFAULT_OBSERVERS, RoundingGram
+from ..precision import float32_execution
 from ..quant.formats import TORCH_DTYPES
 from .candidates import Candidate, _data_free, _dequantized, _table_takes
 
@@ -325,7 +326,9 @@ def _table_costs(model, arch: Architecture, candidates, samples: torch.Tensor, b
 @torch.no_grad()
 def _log_probs(model, samples: torch.Tensor, batch: int, dtype: torch.dtype = torch.float64) -> list[torch.Tensor]:
     device = next(model.parameters()).device
-    # float64 by default: single-layer changes at 8 bits move the KL by ~1e-8, below float32 rounding
-    return [F.log_softmax(model(input_ids=samples[s:s + batch].to(device), use_cache=False).logits.to(dtype), -1).cpu()
-            for s in range(0, len(samples), batch)]
+    # float64 by default: single-layer changes at 8 bits move the KL by ~1e-8, below float32 rounding;
+    # a model kept in bf16/fp16 computes as its float32 copy would (`precision`)
+    with float32_execution(model, discover(model).layers):
+        return [F.log_softmax(model(input_ids=samples[s:s + batch].to(device), use_cache=False).logits.to(dtype), -1)
+                .cpu() for s in range(0, len(samples), batch)]
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import artifact, builtins, data, engine
+from .. import artifact, builtins, data, engine, memory
 from ..allocate import (PROFILE_VERSION, Allocation, Budget, Candidate, Profile, SizeTable, SolvedCache,
                         add_table_costs, allocate, candidate_set, check_budget, gguf_candidate_set,
                         has_table_costs, measure_plans, parse_budget, plan_variants, profile_model, size_table)
@@ -171,6 +171,9 @@ def plan_for_budget(model, budget: str | Budget, *, calib=None, quantizers: tupl
     sizes = size_table(src.model, arch, cands, float_dtype, layout)
     check_budget(budget, sizes)                         # before any expensive work
     calib = (calib or CalibConfig()).resolved(next(src.model.parameters()).device)
+    memory.require(memory.peak_memory(src.model, task="plan", calibrated=True, batch=calib.batch,
+                                      samples=0 if calib.offload else calib.samples, length=calib.length,
+                                      kept_statistics=measure_samples > 0))
     prof = cached_profile(src, arch, calib, cands, options=options, fisher_samples=fisher_samples, cache=cache,
                           progress=progress, keep_stats=measure_samples > 0, tables=budget.kind == "bytes",
                           arithmetic=layout.arithmetic)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .. import artifact, data, engine
+from .. import artifact, data, engine, memory
 from ..arch import discover
 from ..errors import SizewiseError
 from ..evaluate import environment
@@ -64,6 +64,8 @@ def compress(model: str | Path | Source, config: CompressConfig | None = None, o
     at once, without propagating compressed outputs. A sweep uses it to observe the model once.
     `solved` ((weight name, method, format) -> QuantizedTensor solved from those same `stats`, as
     a sweep's plan measurement keeps them) skips solving again what is already solved.
+    The returned model keeps the source's storage dtype (compressed weights rounded to it); the
+    artifact holds the exact stored tensors.
     """
     config = config or CompressConfig()
     if out is not None:
@@ -85,6 +87,9 @@ def compress(model: str | Path | Source, config: CompressConfig | None = None, o
     transforms = {}
     if pipeline.rotate:
         from ..quant.rotate import rotate_model
+
+        if next(m.parameters()).dtype != torch.float32:    # a rotated weight rounded to bf16 would not be
+            m.float()                                       # the same function: the whole model in float32
         transforms["rotate"] = rotate_model(m, arch, seed=config.calib.seed)
         arch = discover(m)
     plan = config.plan or Plan.uniform(arch, pipeline.quantizer, config.format, skip=config.skip,
@@ -103,6 +108,11 @@ def compress(model: str | Path | Source, config: CompressConfig | None = None, o
         samples, calib_proto = _calibration(src, config.calib, progress) if needs_calib else (None, None)
         stats = None
 
+    c = config.calib
+    quantized_share = sum(ch.method != "float" for ch in plan.choices) / max(1, len(plan.choices))
+    memory.require(memory.peak_memory(m, task="compress", calibrated=samples is not None,
+                                      samples=0 if c.offload else c.samples, length=c.length, batch=c.batch,
+                                      quantized_fraction=quantized_share, kept_statistics=stats is not None))
     quantized = {}
 
     def solve(ref, w, stats):
@@ -158,11 +168,17 @@ def compress(model: str | Path | Source, config: CompressConfig | None = None, o
                                    config.options)
             quantized[c.name] = qt
             params[c.name].copy_(qt.dequantize())      # a tied head follows: it is the same tensor
-    # Everything not quantized is stored in a float dtype; make the model hold exactly that.
+    # Everything not quantized is stored in a float dtype; make the model hold exactly that (a model
+    # kept in another dtype than float32 holds it in that float dtype).
+    linear_names = {r.weight_name: r.transposed for r in arch.all_linears()}
     with torch.no_grad():
         for name, p in m.named_parameters():
             if name not in linear_names and name not in quantized:
-                p.copy_(p.to(TORCH_DTYPES[config.float_dtype]).float())
+                stored = p.to(TORCH_DTYPES[config.float_dtype])
+                if p.dtype == torch.float32:
+                    p.copy_(stored.float())
+                elif stored.dtype != p.dtype:
+                    p.data = stored
     manifest = {
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "source": src.info,

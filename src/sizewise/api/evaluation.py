@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .. import artifact, data
+from .. import artifact, data, memory
 from ..atomic import check_target
 from ..arch import discover
 from ..errors import SizewiseError
@@ -28,6 +28,7 @@ def evaluate(model: str | Path | Source, text: str | Path = "wikitext2-test", *,
     tokens = data.tokenize(src.tokenizer, txt)
     wins = data.eval_windows(tokens, ctx, stride, windows, data.wants_bos(src.model, src.tokenizer),
                              data.max_positions(src.model))
+    memory.require(memory.peak_memory(src.model, task="eval", ctx=ctx, models=(ref.model,) if ref else ()))
     result = _evaluate(src.model, wins, txt, reference=ref.model if ref else None, progress=progress)
     result["model"] = src.info
     if ref is not None:
@@ -64,6 +65,7 @@ def compare(reference: str | Path, candidates: list[str | Path], text: str | Pat
     tokens = data.tokenize(ref.tokenizer, txt)
     wins = data.eval_windows(tokens, ctx, stride, windows, data.wants_bos(ref.model, ref.tokenizer),
                              min(filter(None, [data.max_positions(m.model) for m in (ref, *cands.values())]), default=None))
+    memory.require(memory.peak_memory(ref.model, task="eval", ctx=ctx, models=tuple(v.model for v in cands.values())))
     roundings = {k: _llamacpp_roundings(v) for k, v in cands.items()} if arithmetic == "llamacpp" else None
     res = evaluate_many({k: v.model for k, v in cands.items()}, wins, txt, reference=ref.model, progress=progress,
                         roundings=roundings)

@@ -17,7 +17,7 @@ def write_dense(model, tokenizer, out: str | Path, *, dtype: str = "bfloat16", o
         raise SizewiseError(f"dtype must be one of {sorted(TORCH_DTYPES)}, got {dtype!r}")
     out = Path(out)
     check_output(out, overwrite)
-    with staged_dir(out) as tmp:
+    with staged_dir(out, overwrite=overwrite) as tmp:
         model.to(TORCH_DTYPES[dtype]).save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
     return {"path": str(out), "bytes": sum(p.stat().st_size for p in out.iterdir() if p.is_file()), "dtype": dtype}
