@@ -2,6 +2,9 @@
 
 __version__ = "0.1.0"
 
+import sys  # noqa: E402
+import types  # noqa: E402
+
 # The public names load on first use (PEP 562): `import sizewise.cli` stays light, so the CLI's
 # signal handling is in place before torch and transformers load (a Ctrl-C during those imports
 # is then one line, not a traceback).
@@ -27,3 +30,16 @@ def __getattr__(name: str):
 
 def __dir__():
     return sorted(set(globals()) | set(__all__))
+
+
+class _Package(types.ModuleType):
+    """Importing the submodule `sizewise.evaluate` binds its name on the package; the public name
+    `sizewise.evaluate` is the API function, so that binding is left out."""
+
+    def __setattr__(self, name, value):
+        if name in _EXPORTS and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
