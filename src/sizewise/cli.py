@@ -88,7 +88,7 @@ def cli():
     """Compress a causal language model to the size you choose, and measure what it cost.
 
     MODEL is a Hugging Face directory (safetensors), a .gguf file, a sizewise artifact
-    directory, or a built-in name (smollm2-135m). Typical use:
+    directory, or a built-in name (smollm2-135m, qwen2.5-coder-0.5b). Typical use:
 
     \b
       sizewise compress smollm2-135m --method gptq --bits 4 --group-size 64 \\
