@@ -1,5 +1,6 @@
 """Write a compressed model as a GGUF file that llama.cpp runs, for the families whose
-`sizewise.families` entry has a `GGUFArch` (today Llama and Mistral, as llama.cpp's `llama`).
+`sizewise.families` entry has a `GGUFArch` (`families.gguf_support()`: Llama/Mistral, Qwen2, Qwen3,
+Gemma 2, Gemma 3 text, Phi-3). Everything a family's layout differs in lives in its module there.
 
 Input is the model's state under transformers' names (`model.layers.N.self_attn.q_proj.weight`, ...),
 each tensor either a format's stored tensor whose format has a ggml type (`Format.ggml_blocks`) or a
@@ -7,13 +8,16 @@ float tensor stored in its own dtype (float32 -> F32, float16 -> F16, bfloat16 -
 the norms, always F32 as llama.cpp's converter does). What the file adds to the weights:
 
 - names in llama.cpp's convention, from the gguf package's own `TensorNameMap` for the family's arch;
-- the rows of q_proj/k_proj (weights and biases; the layout's `rope_heads`) permuted the way
+- for `llama`, the rows of q_proj/k_proj (weights and biases; the layout's `rope_heads`) permuted the way
   llama.cpp's converter does, because llama.cpp applies rope to interleaved pairs where transformers uses halves (transformers' GGUF loader
   undoes it). Rows are independent in every block type, so packed rows are permuted as they are;
+- norms shifted where the family's are (Gemma: 1 + w, the layout's `norm_shift`), and the tensors the
+  converter adds (Llama 3's `rope_freqs`, the layout's `extra_tensors`), written after the weights;
 - no `output.weight` when the embeddings are tied (that absence is how llama.cpp and transformers
   both know);
 - architecture metadata (the layout's `add_metadata`) and a byte-level BPE tokenizer (llama.cpp's
-  tokenizer model "gpt2", named after the tokenizer, not the model family).
+  tokenizer model "gpt2", named after the tokenizer, not the model family), with the pre-tokenizer
+  name given, else the one the family knows from the tokenizer's split regex (qwen2, llama-bpe).
 
 The file's size is known before it is written (`header_bytes` + Σ `data_bytes`): a header (the
 metadata, the whole tokenizer included, and one info per tensor, whose size does not depend on the
@@ -247,16 +251,29 @@ def gguf_tensors(config, weights: Mapping[str, Any]) -> list[tuple[str, np.ndarr
     """(gguf name, payload, type) for every tensor of the model, in llama.cpp's layout (rope rows
     permuted, tied output left out). Checks that the model is complete."""
     names = file_names(config, weights)
-    heads = families.of(config).gguf.rope_heads(config)
+    layout = families.of(config).gguf
+    heads = layout.rope_heads(config)
     out = []
     for hf_name, name in names.items():
-        payload, ggml_type = tensor_payload(weights[hf_name])
+        value = weights[hf_name]
+        if layout.norm_shift and hf_name.endswith("norm.weight"):   # norms stored as shift + w (Gemma's 1 + w)
+            value = value.float() + layout.norm_shift
+        payload, ggml_type = tensor_payload(value)
         module = hf_name.rsplit(".", 1)[0]            # the weight's or bias's module
         proj = next((p for p in heads if module.endswith(f".{p}")), None)
         if proj is not None:
             payload = payload[rope_row_order(payload.shape[0], heads[proj])]
         out.append((name, np.ascontiguousarray(payload), ggml_type))
+    for name, values in layout.extra_tensors(config).items():
+        out.append((name, np.asarray(values, dtype=np.float32), GGML.F32))
     return out
+
+
+def extra_tensor_shapes(config) -> list[tuple[str, tuple[int, ...], int]]:
+    """(GGUF name, shape, data bytes) of the tensors the family's converter adds to the weights
+    (Llama 3's rope_freqs), which `gguf_tensors` writes after them."""
+    return [(name, (len(values),), data_bytes(GGML.F32, (len(values),)))
+            for name, values in _layout(config).extra_tensors(config).items()]
 
 
 def _add_metadata(w: gguf.GGUFWriter, config, tokenizer, name: str | None, tokenizer_pre: str | None,
@@ -269,6 +286,7 @@ def _add_metadata(w: gguf.GGUFWriter, config, tokenizer, name: str | None, token
     if tokenizer is not None:
         for key, value in tokenizer_metadata(tokenizer, config.vocab_size).items():
             _put(w, key, value)
+        tokenizer_pre = tokenizer_pre or families.of(config).gguf.tokenizer_pre(_backend_json(tokenizer))
         if tokenizer_pre:
             w.add_tokenizer_pre(tokenizer_pre)
     for key, value in (metadata or {}).items():
@@ -303,7 +321,7 @@ def write_gguf(path: str | os.PathLike, config, weights: Mapping[str, Any], toke
     """Write a GGUF llama.cpp can run; returns its path.
 
     config: the transformers config of a family GGUF export supports (`families.gguf_support()`:
-        Llama, Mistral without sliding window).
+        Llama/Mistral (no sliding window), Qwen2, Qwen3, Gemma 2, Gemma 3 text, Phi-3).
     weights: transformers name -> a stored tensor whose format has a `ggml_type` (written as its ggml
         blocks), or a float torch.Tensor kept in its dtype (F32/F16/BF16).
     tokenizer: a fast byte-level BPE tokenizer (None writes no tokenizer: transformers can still load

@@ -10,7 +10,7 @@ tests/tiny.py (tests/test_families.py checks all three).
 
 from __future__ import annotations
 
-from . import gemma, gpt2, llama, opt, phi3, qwen2
+from . import gemma, gpt2, llama, opt, phi3, qwen2, qwen3
 from .base import Family, Fold, GGUFArch
 
 __all__ = ["FAMILIES", "GENERIC", "Family", "Fold", "GGUFArch", "LLAMA",
@@ -21,6 +21,9 @@ FAMILIES: tuple[Family, ...] = (
     llama.LLAMA,
     qwen2.QWEN2,
     llama.MISTRAL,
+    qwen3.QWEN3,
+    gemma.GEMMA2,
+    gemma.GEMMA3,
     gemma.GEMMA,
     phi3.PHI3,
     gpt2.GPT2,

@@ -60,7 +60,10 @@ class GGUFArch:
     output: str
     check_config: Callable[[Any, "GGUFArch"], None]
     add_metadata: Callable[[Any, Any], None]
-    rope_heads: Callable[[Any], dict[str, int]]
+    rope_heads: Callable[[Any], dict[str, int]] = lambda config: {}
+    norm_shift: float = 0.0
+    extra_tensors: Callable[[Any], dict[str, list[float]]] = lambda config: {}
+    tokenizer_pre: Callable[[dict], str | None] = lambda tokenizer_json: None
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,17 @@
 """Phi-3: Llama-like, with fused projections (qkv_proj: q, k, v rows; gate_up_proj: gate, up rows).
-The v and up parts are the *last* rows, which is what AWQ's "linear" folds divide. GGUF export does
-not write llama.cpp's `phi3` architecture yet."""
+The v and up parts are the *last* rows, which is what AWQ's "linear" folds divide.
+
+GGUF: llama.cpp's `phi3`, which keeps both fusions as they are (`attn_qkv`; `ffn_up` holding gate
+then up, split at run time) and runs NEOX rope, as transformers does (no row permutation). LongRoPE
+(Phi-3 128k, rope_factors_long/short tensors) is not written yet."""
 
 from __future__ import annotations
 
-from .base import Family, Fold
+import gguf
+
+from ..errors import SizewiseError
+from . import gguf_keys
+from .base import Family, Fold, GGUFArch
 from .llama import ROTATION_WRITERS
 
 FOLDS: tuple[Fold, ...] = (
@@ -14,5 +21,42 @@ FOLDS: tuple[Fold, ...] = (
     Fold("self_attn.qkv_proj", ("self_attn.o_proj",), "linear", heads=True),
 )
 
+
+def _check_config(config, layout: GGUFArch) -> None:
+    gguf_keys.check_act(config, layout, ("silu",))
+    gguf_keys.check_rope(config, layout, ("default",))
+    if getattr(config, "partial_rotary_factor", 1.0) != 1.0:
+        raise SizewiseError(f"GGUF '{layout.arch}' export writes full-width rope; this model rotates "
+                            f"{config.partial_rotary_factor:g} of each head")
+
+
+def _add_metadata(w, config) -> None:
+    """`Phi3MiniModel.set_gguf_parameters`: its sliding window is written as 0 where it has none."""
+    w.add_context_length(config.max_position_embeddings)
+    w.add_rope_scaling_orig_ctx_len(int(getattr(config, "original_max_position_embeddings", None)
+                                        or config.max_position_embeddings))
+    w.add_embedding_length(config.hidden_size)
+    w.add_feed_forward_length(config.intermediate_size)
+    w.add_block_count(config.num_hidden_layers)
+    w.add_head_count(config.num_attention_heads)
+    w.add_head_count_kv(gguf_keys.n_kv_heads(config))
+    gguf_keys.add_eps(w, config)
+    w.add_rope_dimension_count(gguf_keys.head_dim(config))
+    w.add_rope_freq_base(float(gguf_keys.rope(config)["rope_theta"]))
+    w.add_sliding_window(int(getattr(config, "sliding_window", None) or 0))
+
+
+GGUF = GGUFArch(
+    arch="phi3",
+    model_arch=gguf.MODEL_ARCH.PHI3,
+    top_tensors=("model.embed_tokens.weight", "model.norm.weight"),
+    layers="model.layers",
+    layer_tensors=("input_layernorm.weight", "self_attn.qkv_proj.weight", "self_attn.o_proj.weight",
+                   "post_attention_layernorm.weight", "mlp.gate_up_proj.weight", "mlp.down_proj.weight"),
+    output="lm_head.weight",
+    check_config=_check_config,
+    add_metadata=_add_metadata,
+)
+
 PHI3 = Family(name="phi3", label="Phi-3", model_types=("phi3",), folds=FOLDS,
-              rotation_writers=ROTATION_WRITERS)
+              rotation_writers=ROTATION_WRITERS, gguf=GGUF)
