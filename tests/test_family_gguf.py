@@ -196,3 +196,20 @@ def test_tokenizer_pre_is_named_from_the_split_regex(tmp_path):
     assert gguf.GGUFReader(path).fields["tokenizer.ggml.pre"].contents() == "custom"
     path = write_gguf(tmp_path / "plain.gguf", cfg, state, tiny_tokenizer())   # unknown: none written, as before
     assert "tokenizer.ggml.pre" not in gguf.GGUFReader(path).fields
+
+
+@pytest.mark.parametrize("key", list(CONFIGS))
+def test_gguf_loads_back_with_the_family_config(key, tmp_path):
+    """sizewise reads a GGUF through transformers, completing the config values its loader leaves at
+    their defaults (Qwen3's head_dim, Gemma's soft-caps and attention scale, rope scaling, Phi-3's
+    padding id): the float model comes back with identical logits."""
+    from sizewise.builtins import gguf_to_hf
+
+    cfg = CONFIGS[key]()
+    model = perturbed_model(cfg)
+    path = write_gguf(tmp_path / "m.gguf", cfg, model.state_dict(), tiny_tokenizer())
+    gguf_to_hf(path, tmp_path / "hf")
+    back = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    ids = torch.tensor([tiny_tokenizer()(SAMPLE_TEXT[:200])["input_ids"][:40]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, back(ids).logits)

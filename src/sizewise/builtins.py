@@ -224,12 +224,19 @@ def gguf_to_hf(gguf_path: Path, out_dir: Path) -> None:
 
 def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     import torch  # heavy imports only when a conversion actually runs
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from . import families
 
     _status(f"converting GGUF to float safetensors: {gguf_path.name} ...")
     where, name = gguf_path.parent, gguf_path.name
     try:
-        loaded = AutoModelForCausalLM.from_pretrained(where, gguf_file=name, dtype=torch.float32, trust_remote_code=False)
+        config = AutoConfig.from_pretrained(where, gguf_file=name, trust_remote_code=False)
+        # what transformers' GGUF loader leaves at its defaults (Qwen3's head_dim, Gemma's soft-caps, rope scaling)
+        for key, value in families.config_from_gguf(gguf_path).items():
+            setattr(config, key, value)
+        loaded = AutoModelForCausalLM.from_pretrained(where, gguf_file=name, config=config, dtype=torch.float32,
+                                                      trust_remote_code=False)
         tokenizer = AutoTokenizer.from_pretrained(where, gguf_file=name, trust_remote_code=False)
     except (OSError, ValueError) as e:  # transformers' way of saying "not a model it can read"
         raise SizewiseError(f"cannot load {gguf_path} as a causal LM: {_first_line(e)}") from e

@@ -64,6 +64,7 @@ class GGUFArch:
     norm_shift: float = 0.0
     extra_tensors: Callable[[Any], dict[str, list[float]]] = lambda config: {}
     tokenizer_pre: Callable[[dict], str | None] = lambda tokenizer_json: None
+    config_from_gguf: Callable[[dict, Callable[[str], Any]], dict] = lambda meta, tensor: {}
 
 
 @dataclass(frozen=True)

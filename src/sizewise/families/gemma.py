@@ -105,6 +105,23 @@ def _add_gemma3(w, config) -> None:
         w.add_sliding_window(int(config.sliding_window))
 
 
+def _gemma2_from_gguf(meta: dict, tensor) -> dict:
+    """Soft-caps and the attention scale llama.cpp runs (head_dim^-0.5): transformers' loader keeps its defaults."""
+    return {"attn_logit_softcapping": float(meta["attn_logit_softcapping"]),
+            "final_logit_softcapping": float(meta["final_logit_softcapping"]),
+            "query_pre_attn_scalar": int(meta["attention.key_length"])}
+
+
+def _gemma3_from_gguf(meta: dict, tensor) -> dict:
+    """The final soft-cap (none unless written), the attention scale, the global layers' linear rope
+    scaling, the sliding layers' fixed base: what llama.cpp runs and transformers' loader leaves out."""
+    full = gguf_keys.rope_from_gguf(meta, lambda name: None, int(meta["attention.key_length"]))
+    return {"final_logit_softcapping": float(meta["final_logit_softcapping"]) if "final_logit_softcapping" in meta else None,
+            "query_pre_attn_scalar": int(meta["attention.key_length"]),
+            "rope_parameters": {"full_attention": full,
+                                "sliding_attention": {"rope_type": "default", "rope_theta": _SWA_THETA}}}
+
+
 GEMMA2_GGUF = GGUFArch(
     arch="gemma2",
     model_arch=gguf.MODEL_ARCH.GEMMA2,
@@ -115,6 +132,7 @@ GEMMA2_GGUF = GGUFArch(
     check_config=_check_gemma2,
     add_metadata=_add_gemma2,
     norm_shift=1.0,
+    config_from_gguf=_gemma2_from_gguf,
 )
 
 GEMMA3_GGUF = GGUFArch(
@@ -127,6 +145,7 @@ GEMMA3_GGUF = GGUFArch(
     check_config=_check_gemma3,
     add_metadata=_add_gemma3,
     norm_shift=1.0,
+    config_from_gguf=_gemma3_from_gguf,
 )
 
 GEMMA2 = Family(name="gemma2", label="Gemma 2", model_types=("gemma2",), folds=FOLDS, no_rotation=NO_ROTATION,

@@ -98,10 +98,9 @@ def add_rope(w, params: dict) -> None:
         w.add_rope_scaling_factor(float(params["factor"]))
 
 
-def llama3_rope_factors(config, params: dict) -> list[float]:
-    """The `rope_freqs` tensor llama.cpp's converter writes for rope_type "llama3": per rotary pair,
-    the factor llama.cpp divides its frequency by (transformers' `_compute_llama3_parameters`)."""
-    dim = head_dim(config)
+def llama3_rope_factors(dim: int, params: dict) -> list[float]:
+    """The `rope_freqs` tensor llama.cpp's converter writes for rope_type "llama3" (head size `dim`):
+    per rotary pair, the factor llama.cpp divides its frequency by (transformers' `_compute_llama3_parameters`)."""
     factor = params.get("factor", 8.0)
     low, high = params.get("low_freq_factor", 1.0), params.get("high_freq_factor", 4.0)
     old_ctx = params.get("original_max_position_embeddings", 8192)
@@ -117,6 +116,28 @@ def llama3_rope_factors(config, params: dict) -> list[float]:
             smooth = (old_ctx / wavelen - low) / (high - low)
             factors.append(1.0 / ((1 - smooth) / factor + smooth))
     return factors
+
+
+# --- the way back: config values transformers' GGUF loader leaves out ----------------------------
+
+def rope_from_gguf(meta: dict, tensor, dim: int) -> dict:
+    """rope_parameters of a file: base, linear scaling, and llama3 scaling recovered from its
+    `rope_freqs` (Llama 3's usual low/high factors 1 and 4, the original context a power of two;
+    checked against the file's factors, refused if none reproduces them)."""
+    params = {"rope_type": "default", "rope_theta": float(meta.get("rope.freq_base", 10000.0))}
+    if meta.get("rope.scaling.type") == "linear":
+        params |= {"rope_type": "linear", "factor": float(meta["rope.scaling.factor"])}
+    freqs = tensor("rope_freqs.weight")
+    if freqs is None or all(abs(f - 1.0) < 1e-7 for f in freqs):
+        return params
+    for k in range(6, 21):
+        guess = {**params, "rope_type": "llama3", "factor": float(max(freqs)), "low_freq_factor": 1.0,
+                 "high_freq_factor": 4.0, "original_max_position_embeddings": 2 ** k}
+        want = llama3_rope_factors(dim, guess)
+        if len(want) == len(freqs) and all(abs(a - b) <= 1e-5 * b for a, b in zip(want, freqs)):
+            return guess
+    raise SizewiseError("this GGUF's rope_freqs are not Llama 3's scaling with any original context; "
+                        "transformers cannot run them")
 
 
 def split_regexes(tokenizer_json: dict) -> list[str]:

@@ -63,7 +63,18 @@ def _extra_tensors(config) -> dict[str, list[float]]:
     params = gguf_keys.rope(config)
     if params["rope_type"] != "llama3":
         return {}
-    return {gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight": gguf_keys.llama3_rope_factors(config, params)}
+    return {_ROPE_FREQS: gguf_keys.llama3_rope_factors(gguf_keys.head_dim(config), params)}
+
+
+_ROPE_FREQS = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"
+
+
+def _config_from_gguf(meta: dict, tensor) -> dict:
+    """Rope scaling (linear; llama3 from rope_freqs): transformers' loader reads neither."""
+    dim = meta.get("attention.key_length") or meta.get("rope.dimension_count") or \
+        meta["embedding_length"] // meta["attention.head_count"]
+    rope = gguf_keys.rope_from_gguf(meta, tensor, int(dim))
+    return {"rope_parameters": rope} if rope["rope_type"] != "default" else {}
 
 
 # The Split regex of Llama 3's tokenizer.json: llama.cpp's pre-tokenizer "llama-bpe".
@@ -91,6 +102,7 @@ GGUF = GGUFArch(
     rope_heads=_rope_heads,
     extra_tensors=_extra_tensors,
     tokenizer_pre=_tokenizer_pre,
+    config_from_gguf=_config_from_gguf,
 )
 
 LLAMA = Family(name="llama", label="Llama", model_types=("llama",), folds=FOLDS,

@@ -46,6 +46,16 @@ def _add_metadata(w, config) -> None:
     w.add_sliding_window(int(getattr(config, "sliding_window", None) or 0))
 
 
+def _config_from_gguf(meta: dict, tensor) -> dict:
+    """The padding id (transformers' default, 32000, may lie past a small vocab), the original context
+    and the sliding window (0: none)."""
+    out = {"pad_token_id": meta.get("tokenizer.ggml.padding_token_id"),
+           "sliding_window": int(meta.get("attention.sliding_window", 0)) or None}
+    if "rope.scaling.original_context_length" in meta:
+        out["original_max_position_embeddings"] = int(meta["rope.scaling.original_context_length"])
+    return out
+
+
 GGUF = GGUFArch(
     arch="phi3",
     model_arch=gguf.MODEL_ARCH.PHI3,
@@ -56,6 +66,7 @@ GGUF = GGUFArch(
     output="lm_head.weight",
     check_config=_check_config,
     add_metadata=_add_metadata,
+    config_from_gguf=_config_from_gguf,
 )
 
 PHI3 = Family(name="phi3", label="Phi-3", model_types=("phi3",), folds=FOLDS,

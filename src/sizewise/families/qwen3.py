@@ -13,6 +13,11 @@ from . import qwen2
 from .base import Family, GGUFArch
 from .llama import FOLDS, ROTATION_WRITERS
 
+def _config_from_gguf(meta: dict, tensor) -> dict:
+    """head_dim: transformers' loader leaves Qwen3's at its default (128) whatever the file holds."""
+    return {"head_dim": int(meta["attention.key_length"])} if "attention.key_length" in meta else {}
+
+
 GGUF = GGUFArch(
     arch="qwen3",
     model_arch=gguf.MODEL_ARCH.QWEN3,
@@ -23,6 +28,7 @@ GGUF = GGUFArch(
     check_config=qwen2.check_config,
     add_metadata=qwen2.add_metadata,
     tokenizer_pre=qwen2.tokenizer_pre,
+    config_from_gguf=_config_from_gguf,
 )
 
 QWEN3 = Family(name="qwen3", label="Qwen3", model_types=("qwen3",), folds=FOLDS,
