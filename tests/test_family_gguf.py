@@ -213,3 +213,28 @@ def test_gguf_loads_back_with_the_family_config(key, tmp_path):
     ids = torch.tensor([tiny_tokenizer()(SAMPLE_TEXT[:200])["input_ids"][:40]])
     with torch.no_grad():
         assert torch.equal(model(ids).logits, back(ids).logits)
+
+
+@pytest.mark.parametrize("key,space_prefix", [("gemma3", False), ("phi3", True)])
+def test_sentencepiece_tokenizer_as_llama_cpp_llama_model(key, space_prefix, tmp_path):
+    """Gemma's and Phi-3's tokenizers (SentencePiece BPE with byte fallback) become llama.cpp's
+    "llama" tokenizer: scores that merge in the fast tokenizer's order, byte and control types, the
+    space prefix; transformers' GGUF tokenizer reader then tokenizes as the original does (for Phi-3
+    it merges by the scores, so wrong scores fail here; for Gemma it merges in file order)."""
+    from tiny import tiny_spm_tokenizer
+
+    tok = tiny_spm_tokenizer(space_prefix)
+    cfg = CONFIGS[key]()
+    path = write_gguf(tmp_path / "spm.gguf", cfg, perturbed_model(cfg).state_dict(), tok)
+    r = gguf.GGUFReader(path)
+    got = {k: f.contents() for k, f in r.fields.items() if not k.startswith(f"{key}.")}
+    assert got["tokenizer.ggml.model"] == "llama" and "tokenizer.ggml.merges" not in got
+    assert len(got["tokenizer.ggml.tokens"]) == len(got["tokenizer.ggml.scores"]) == cfg.vocab_size
+    types, vocab = got["tokenizer.ggml.token_type"], tok.get_vocab()
+    assert types[vocab["<0x41>"]] == gguf.TokenType.BYTE and types[vocab["<bos>"]] == gguf.TokenType.CONTROL
+    assert types[vocab["<unk>"]] == gguf.TokenType.CONTROL   # added as a special token, as in Gemma's
+    assert got["tokenizer.ggml.add_space_prefix"] is space_prefix and got["tokenizer.ggml.add_bos_token"] is True
+    assert got["tokenizer.ggml.bos_token_id"] == vocab["<bos>"]
+    back = tf.AutoTokenizer.from_pretrained(tmp_path, gguf_file="spm.gguf")
+    for text in ("The quick brown fox", SAMPLE_TEXT[:300], "naïve café — ü"):
+        assert back(text)["input_ids"] == tok(text)["input_ids"], text

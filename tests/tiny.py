@@ -5,6 +5,8 @@ tests/test_families.py checks that every registered family has one here."""
 
 from __future__ import annotations
 
+import json
+
 import torch
 import transformers as tf
 
@@ -73,3 +75,32 @@ def save_tiny(family: str, path, seed: int = 0):
     model.save_pretrained(path, safe_serialization=True)
     tiny_tokenizer().save_pretrained(path)
     return path
+
+
+def tiny_spm_tokenizer(space_prefix: bool = False):
+    """A SentencePiece-style fast tokenizer as transformers holds Gemma's or Llama 2's: BPE over
+    "▁"-marked pieces with byte fallback (<0x00>..<0xFF> in the vocabulary), BOS added; Llama 2's
+    prepends "▁" (`space_prefix`), Gemma's does not."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>"]
+    norm = normalizers.Replace(" ", "▁")
+    if space_prefix:
+        norm = normalizers.Sequence([normalizers.Prepend("▁"), norm])
+    trained = Tokenizer(models.BPE())
+    trained.normalizer = norm
+    trained.train_from_iterator(SAMPLE_TEXT.splitlines(), trainers.BpeTrainer(vocab_size=70, show_progress=False))
+    learned = json.loads(trained.to_str())["model"]
+    vocab = {t: i for i, t in enumerate(specials + [f"<0x{b:02X}>" for b in range(256)])}
+    for piece in sorted(learned["vocab"], key=learned["vocab"].get):
+        vocab.setdefault(piece, len(vocab))
+    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in learned["merges"]]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.normalizer = norm
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+                                    + ([decoders.Strip(" ", 1, 0)] if space_prefix else []))
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
+    tok.add_special_tokens(specials)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>",
+                                   unk_token="<unk>")

@@ -30,7 +30,6 @@ half a file.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import tempfile
@@ -41,12 +40,13 @@ from typing import Any
 import gguf
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType, TokenType
+from gguf import GGMLQuantizationType
 
 from .. import families
 from ..atomic import staged_file
 from ..errors import SizewiseError
 from ..families import GGUFArch
+from .gguf_tokenizer import backend_json, tokenizer_metadata
 
 GGML = GGMLQuantizationType
 ALIGNMENT = gguf.GGUF_DEFAULT_ALIGNMENT  # every tensor's data starts at a multiple of it
@@ -143,69 +143,6 @@ def _layout(config) -> GGUFArch:
     return layout
 
 
-def _backend_json(tokenizer) -> dict:
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        raise SizewiseError("GGUF export needs a fast (tokenizers-backed) tokenizer")
-    return json.loads(backend.to_str())
-
-
-def _mentions(node, type_name: str) -> bool:
-    if isinstance(node, dict):
-        return node.get("type") == type_name or any(_mentions(v, type_name) for v in node.values())
-    if isinstance(node, list):
-        return any(_mentions(v, type_name) for v in node)
-    return False
-
-
-def tokenizer_metadata(tokenizer, vocab_size: int) -> dict[str, Any]:
-    """llama.cpp's tokenizer keys for a byte-level BPE tokenizer ("gpt2" model): tokens padded to the
-    model's vocab size, their types, merges, special ids, whether BOS/EOS are added, chat template."""
-    spec = _backend_json(tokenizer)
-    model = spec.get("model") or {}
-    if model.get("type") != "BPE" or not (_mentions(spec.get("pre_tokenizer"), "ByteLevel")
-                                          or _mentions(spec.get("decoder"), "ByteLevel")):
-        raise SizewiseError("GGUF export supports byte-level BPE tokenizers (llama.cpp 'gpt2'); "
-                            f"this one is {model.get('type')!r} without a ByteLevel pre-tokenizer")
-    vocab = tokenizer.get_vocab()
-    if len(vocab) > vocab_size or max(vocab.values()) >= vocab_size:
-        raise SizewiseError(f"the tokenizer has ids beyond the model's vocab size {vocab_size}")
-    added = {t["id"]: bool(t.get("special")) for t in spec.get("added_tokens", [])}
-    by_id = {i: tok for tok, i in vocab.items()}
-    tokens, types = [], []
-    for i in range(vocab_size):
-        if i not in by_id:  # rows the embedding has and the tokenizer never emits
-            tokens.append(f"[PAD{i}]")
-            types.append(int(TokenType.UNUSED))
-            continue
-        tokens.append(by_id[i])
-        if i in added:
-            types.append(int(TokenType.CONTROL if added[i] else TokenType.USER_DEFINED))
-        else:
-            types.append(int(TokenType.NORMAL))
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-
-    meta: dict[str, Any] = {
-        "tokenizer.ggml.model": "gpt2",
-        "tokenizer.ggml.tokens": tokens,
-        "tokenizer.ggml.token_type": types,
-        "tokenizer.ggml.merges": merges,
-    }
-    ids = {"bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id,
-           "unknown": tokenizer.unk_token_id, "padding": tokenizer.pad_token_id}
-    for key, value in ids.items():
-        if value is not None:
-            meta[f"tokenizer.ggml.{key}_token_id"] = int(value)
-    # Whether BOS/EOS are added is read from what the tokenizer does, not from flags it may not have.
-    probe = tokenizer("a")["input_ids"]
-    meta["tokenizer.ggml.add_bos_token"] = bool(probe and ids["bos"] is not None and probe[0] == ids["bos"])
-    meta["tokenizer.ggml.add_eos_token"] = bool(len(probe) > 1 and ids["eos"] is not None and probe[-1] == ids["eos"])
-    template = getattr(tokenizer, "chat_template", None)
-    if isinstance(template, str) and template:
-        meta["tokenizer.chat_template"] = template
-    return meta
-
-
 def _put(w: gguf.GGUFWriter, key: str, value: Any) -> None:
     """One metadata value with the GGUF type llama.cpp expects for its Python type."""
     if isinstance(value, bool):
@@ -286,7 +223,7 @@ def _add_metadata(w: gguf.GGUFWriter, config, tokenizer, name: str | None, token
     if tokenizer is not None:
         for key, value in tokenizer_metadata(tokenizer, config.vocab_size).items():
             _put(w, key, value)
-        tokenizer_pre = tokenizer_pre or families.of(config).gguf.tokenizer_pre(_backend_json(tokenizer))
+        tokenizer_pre = tokenizer_pre or families.of(config).gguf.tokenizer_pre(backend_json(tokenizer))
         if tokenizer_pre:
             w.add_tokenizer_pre(tokenizer_pre)
     for key, value in (metadata or {}).items():
