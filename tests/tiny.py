@@ -43,6 +43,45 @@ CONFIGS = {
 }
 
 
+# vocab: embedding rows past the tokenizer's (as real models have; Qwen2's tokenizer class adds one)
+COMMON = dict(hidden_size=HIDDEN, intermediate_size=INTER, num_hidden_layers=LAYERS, num_attention_heads=4,
+              num_key_value_heads=2, vocab_size=VOCAB + 16, max_position_embeddings=384, rms_norm_eps=3e-6)
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+
+# One per family GGUF export writes (llama3: Llama with Llama 3's rope), non-default wherever the
+# family has a value llama.cpp reads: rope theta, head_dim ≠ hidden/heads, eps, context, soft-caps,
+# sliding windows, linear/llama3 rope scaling, untied heads.
+FAMILY_CONFIGS = {
+    "llama": lambda: tf.LlamaConfig(**COMMON, head_dim=24, rope_parameters={"rope_type": "default", "rope_theta": 50000.0}),
+    "llama3": lambda: tf.LlamaConfig(**COMMON, rope_parameters=LLAMA3_ROPE, tie_word_embeddings=False),
+    "mistral": lambda: tf.MistralConfig(**COMMON, sliding_window=None, rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6}),
+    "qwen2": lambda: tf.Qwen2Config(**COMMON, rope_parameters={"rope_type": "default", "rope_theta": 1e6}, tie_word_embeddings=True),
+    "qwen3": lambda: tf.Qwen3Config(**COMMON, head_dim=24, rope_parameters={"rope_type": "default", "rope_theta": 1e6}),
+    "gemma2": lambda: tf.Gemma2Config(**COMMON, head_dim=24, query_pre_attn_scalar=24, sliding_window=4,
+                                      attn_logit_softcapping=20.0, final_logit_softcapping=10.0,
+                                      rope_parameters={"rope_type": "default", "rope_theta": 20000.0}),
+    "gemma3": lambda: tf.Gemma3TextConfig(**{**COMMON, "num_hidden_layers": 6}, head_dim=24, query_pre_attn_scalar=24,
+                                          sliding_window=4, final_logit_softcapping=10.0, rope_parameters={
+                                              "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 300000.0},
+                                              "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}),
+    "phi3": lambda: tf.Phi3Config(**COMMON, pad_token_id=0, bos_token_id=1, eos_token_id=2, original_max_position_embeddings=128,
+                                  rope_parameters={"rope_type": "default", "rope_theta": 20000.0}),
+}
+
+
+def perturbed_model(cfg):
+    """A random model whose norms and biases are not their init values (ones/zeros), so that a norm
+    offset or a dropped bias shows in the logits."""
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith(".bias"):
+                p.add_(torch.randn_like(p) * 0.2)
+    return model
+
+
 def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     config = CONFIGS[family]()
