@@ -54,12 +54,12 @@ class GGUFArch:
 
     arch: str
     model_arch: Any                                   # gguf.MODEL_ARCH member
-    top_tensors: tuple[str, ...]
-    layers: str
     layer_tensors: tuple[str, ...]
-    output: str
     check_config: Callable[[Any, "GGUFArch"], None]
     add_metadata: Callable[[Any, Any], None]
+    top_tensors: tuple[str, ...] = ("model.embed_tokens.weight", "model.norm.weight")
+    layers: str = "model.layers"
+    output: str = "lm_head.weight"
     rope_heads: Callable[[Any], dict[str, int]] = lambda config: {}
     norm_shift: float = 0.0
     extra_tensors: Callable[[Any], dict[str, list[float]]] = lambda config: {}

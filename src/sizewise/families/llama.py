@@ -30,6 +30,11 @@ ROTATION_WRITERS = ("self_attn.o_proj", "mlp.down_proj")
 # --- GGUF: llama.cpp's `llama` architecture -----------------------------------------------------
 
 _ROPE = ("default", "linear", "llama3")
+LAYER_TENSORS = (
+    "input_layernorm.weight", "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
+    "self_attn.o_proj.weight", "post_attention_layernorm.weight", "mlp.gate_proj.weight",
+    "mlp.up_proj.weight", "mlp.down_proj.weight",
+)
 
 
 def _check_config(config, layout: GGUFArch) -> None:
@@ -89,14 +94,7 @@ def _tokenizer_pre(tokenizer_json: dict) -> str | None:
 GGUF = GGUFArch(
     arch="llama",
     model_arch=gguf.MODEL_ARCH.LLAMA,
-    top_tensors=("model.embed_tokens.weight", "model.norm.weight"),
-    layers="model.layers",
-    layer_tensors=(
-        "input_layernorm.weight", "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
-        "self_attn.o_proj.weight", "post_attention_layernorm.weight", "mlp.gate_proj.weight",
-        "mlp.up_proj.weight", "mlp.down_proj.weight",
-    ),
-    output="lm_head.weight",
+    layer_tensors=LAYER_TENSORS,
     check_config=_check_config,
     add_metadata=_add_metadata,
     rope_heads=_rope_heads,

@@ -59,11 +59,8 @@ def _config_from_gguf(meta: dict, tensor) -> dict:
 GGUF = GGUFArch(
     arch="phi3",
     model_arch=gguf.MODEL_ARCH.PHI3,
-    top_tensors=("model.embed_tokens.weight", "model.norm.weight"),
-    layers="model.layers",
     layer_tensors=("input_layernorm.weight", "self_attn.qkv_proj.weight", "self_attn.o_proj.weight",
                    "post_attention_layernorm.weight", "mlp.gate_up_proj.weight", "mlp.down_proj.weight"),
-    output="lm_head.weight",
     check_config=_check_config,
     add_metadata=_add_metadata,
     config_from_gguf=_config_from_gguf,

@@ -9,7 +9,7 @@ import gguf
 from ..errors import SizewiseError
 from . import gguf_keys
 from .base import Family, GGUFArch
-from .llama import FOLDS, ROTATION_WRITERS
+from .llama import FOLDS, LAYER_TENSORS, ROTATION_WRITERS
 
 # The Split regex of the Qwen2/2.5/3 tokenizer (Llama 3's, digits one at a time): llama.cpp's "qwen2".
 QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -37,19 +37,10 @@ def tokenizer_pre(tokenizer_json: dict) -> str | None:
     return "qwen2" if gguf_keys.split_regexes(tokenizer_json) == [QWEN2_SPLIT] else None
 
 
-LAYER_TENSORS = (
-    "input_layernorm.weight", "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
-    "self_attn.o_proj.weight", "post_attention_layernorm.weight", "mlp.gate_proj.weight",
-    "mlp.up_proj.weight", "mlp.down_proj.weight",
-)
-
 GGUF = GGUFArch(
     arch="qwen2",
     model_arch=gguf.MODEL_ARCH.QWEN2,
-    top_tensors=("model.embed_tokens.weight", "model.norm.weight"),
-    layers="model.layers",
     layer_tensors=LAYER_TENSORS + ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"),
-    output="lm_head.weight",
     check_config=check_config,
     add_metadata=add_metadata,
     tokenizer_pre=tokenizer_pre,

@@ -11,7 +11,7 @@ import gguf
 
 from . import qwen2
 from .base import Family, GGUFArch
-from .llama import FOLDS, ROTATION_WRITERS
+from .llama import FOLDS, LAYER_TENSORS, ROTATION_WRITERS
 
 def _config_from_gguf(meta: dict, tensor) -> dict:
     """head_dim: transformers' loader leaves Qwen3's at its default (128) whatever the file holds."""
@@ -21,10 +21,7 @@ def _config_from_gguf(meta: dict, tensor) -> dict:
 GGUF = GGUFArch(
     arch="qwen3",
     model_arch=gguf.MODEL_ARCH.QWEN3,
-    top_tensors=("model.embed_tokens.weight", "model.norm.weight"),
-    layers="model.layers",
-    layer_tensors=qwen2.LAYER_TENSORS + ("self_attn.q_norm.weight", "self_attn.k_norm.weight"),
-    output="lm_head.weight",
+    layer_tensors=LAYER_TENSORS + ("self_attn.q_norm.weight", "self_attn.k_norm.weight"),
     check_config=qwen2.check_config,
     add_metadata=qwen2.add_metadata,
     tokenizer_pre=qwen2.tokenizer_pre,
