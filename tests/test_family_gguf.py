@@ -67,9 +67,17 @@ def cli(capsys, *args):
     return out
 
 
+# AWQ and rotation on one model of each distinct layer structure (llama3 and mistral share Llama's),
+# the rest of their coverage is tests/test_awq.py and tests/test_rotate.py: AWQ's grid search is the
+# slow part of these tests.
+SAME_LAYERS_AS_LLAMA = ("llama3", "mistral")
+
+
 def methods_of(key) -> list[str]:
     fam = families.of(CONFIGS[key]())
-    return ["rtn", "gptq"] + (["awq+gptq"] if fam.folds else []) + (["rotate+gptq"] if fam.rotates else [])
+    if key in SAME_LAYERS_AS_LLAMA:
+        return ["rtn", "gptq"]
+    return ["rtn", "gptq"] + (["awq+rtn"] if fam.folds else []) + (["rotate+rtn"] if fam.rotates else [])
 
 
 CASES = [(key, method) for key in CONFIGS for method in methods_of(key)]
