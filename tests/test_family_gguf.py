@@ -42,6 +42,8 @@ def expected_metadata(cfg) -> dict:
     if arch == "phi3":
         keys |= {"rope.scaling.original_context_length": cfg.original_max_position_embeddings,
                  "attention.sliding_window": 0}
+    if rope["rope_type"] == "longrope":   # transformers' attention factor for a 384 / 32 extension
+        keys["rope.scaling.attn_factor"] = math.sqrt(1 + math.log(384 / 32) / math.log(32))
     return {f"{arch}.{k}": v for k, v in keys.items()}
 
 
@@ -70,7 +72,7 @@ def cli(capsys, *args):
 # AWQ and rotation on one model of each distinct layer structure (llama3 and mistral share Llama's),
 # the rest of their coverage is tests/test_awq.py and tests/test_rotate.py: AWQ's grid search is the
 # slow part of these tests.
-SAME_LAYERS_AS_LLAMA = ("llama3", "mistral")
+SAME_LAYERS_AS_LLAMA = ("llama3", "mistral", "phi3_longrope")   # (and as Phi-3's)
 
 
 def methods_of(key) -> list[str]:

@@ -67,6 +67,12 @@ FAMILY_CONFIGS = {
                                               "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}),
     "phi3": lambda: tf.Phi3Config(**COMMON, pad_token_id=0, bos_token_id=1, eos_token_id=2, original_max_position_embeddings=128,
                                   rope_parameters={"rope_type": "default", "rope_theta": 20000.0}),
+    # Phi-3.5's LongRoPE, with an original context (32) shorter than the test windows: the long factors run
+    "phi3_longrope": lambda: tf.Phi3Config(**COMMON, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                                           original_max_position_embeddings=32, rope_parameters={
+                                               "rope_type": "longrope", "rope_theta": 20000.0,
+                                               "long_factor": [1.0 + i / 4 for i in range(8)],
+                                               "short_factor": [1.0 + i / 32 for i in range(8)]}),
 }
 
 
