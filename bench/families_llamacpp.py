@@ -13,6 +13,11 @@ with sizewise's float evaluation of the artifact (transformers on its dequantize
   soft-cap or window shows as a difference of the logits' own size);
 - Q4_0 file: llama.cpp rounds each matmul's input to 8 bits, so the difference is that rounding's.
 
+And the tokenizer kinds: llama.cpp's tokenization of a few texts, from GGUFs holding a SentencePiece-
+style tokenizer (Gemma's, no space prefix; Llama 2's / Phi-3's, with one) and, where the built-in
+qwen2.5-coder-0.5b is in the cache, Qwen2.5's byte-level BPE (pre-tokenizer "qwen2"), against
+transformers' ids.
+
 Writes bench/results/families_llamacpp.json.
 """
 
@@ -35,9 +40,14 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from llamacpp import LLAMA_PY, NICE, WORKER, ensure_venv  # noqa: E402
-from tiny import FAMILY_CONFIGS, SAMPLE_TEXT, perturbed_model, tiny_tokenizer  # noqa: E402
+from tiny import FAMILY_CONFIGS, SAMPLE_TEXT, perturbed_model, tiny_spm_tokenizer, tiny_tokenizer  # noqa: E402
 
+from sizewise.builtins import cache_dir  # noqa: E402
 from sizewise.cli import main as sizewise  # noqa: E402
+from sizewise.export.gguf import write_gguf  # noqa: E402
+
+TEXTS = ["The quick brown fox", "The year 12345 had 3.14159 pies; don't", "naïve café — ü  two  spaces\nnew line",
+         "def f(x):\n    return x**2  # 你好"]
 
 
 def run(*args) -> None:
@@ -57,6 +67,29 @@ def llama_cpp_logits(gguf_path: Path, ids: np.ndarray, ref: np.ndarray, tmp: Pat
     result = json.loads(out.read_text())
     return {**{k: result["checks"][0][k] for k in ("max_abs_diff", "mean_abs_diff", "ref_max_abs", "argmax_agreement")},
             "system_info": result.get("system_info")}
+
+
+def tokenizers(tmp: Path) -> dict:
+    """llama.cpp's ids vs transformers' for each tokenizer kind (a tiny model carries the vocabulary)."""
+    cases = {"sentencepiece (gemma3)": ("gemma3", tiny_spm_tokenizer(False)),
+             "sentencepiece, space prefix (phi3)": ("phi3", tiny_spm_tokenizer(True))}
+    qwen = cache_dir() / "models" / "qwen2.5-coder-0.5b"
+    if qwen.is_dir():
+        cases["byte-level BPE (qwen2.5-coder-0.5b)"] = ("qwen2", tf.AutoTokenizer.from_pretrained(qwen))
+    texts = TEXTS + [SAMPLE_TEXT[:1000]]
+    out = {}
+    for label, (key, tok) in cases.items():
+        cfg = FAMILY_CONFIGS[key]()
+        cfg.vocab_size = max(cfg.vocab_size, len(tok))
+        path = write_gguf(tmp / f"{key}-tok.gguf", cfg, perturbed_model(cfg).state_dict(), tok)
+        job = {"tokenize": {"model": str(path), "texts": texts}, "out": str(tmp / "tok.json")}
+        (tmp / "job.json").write_text(json.dumps(job))
+        subprocess.run(NICE + [str(LLAMA_PY), str(WORKER), str(tmp / "job.json")], check=True)
+        got = json.loads((tmp / "tok.json").read_text())["ids"]
+        want = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+        out[label] = {"texts": len(texts), "identical": sum(g == w for g, w in zip(got, want))}
+        print(f"tokenizer {label}: {out[label]['identical']}/{len(texts)} texts tokenized identically", flush=True)
+    return out
 
 
 def family(key: str, ctx: int, tmp: Path) -> dict:
@@ -101,6 +134,8 @@ def main() -> None:
         print(f"{key:8s} F32 max|diff| {r['f32']['max_abs_diff']:.2e} (logits up to {r['f32']['ref_max_abs']:.2f}), "
               f"Q4_0 max|diff| {r['q4_0']['max_abs_diff']:.2e}, top-1 agreement {r['q4_0']['argmax_agreement']:.3f}",
               flush=True)
+    with tempfile.TemporaryDirectory(prefix="sizewise-tok-") as tmp:
+        tokenized = tokenizers(Path(tmp))
     system = next(iter(results.values()))["f32"]["system_info"] if results else None
     for r in results.values():
         for kind in ("f32", "q4_0"):
@@ -110,7 +145,7 @@ def main() -> None:
                                             "llama_cpp": build.get("package"), "cpu": cpu_model(),
                                             "torch": torch.__version__, "transformers": tf.__version__,
                                             "llama_cpp_system_info": system},
-                               "families": results}, indent=1) + "\n")
+                               "families": results, "tokenizers": tokenized}, indent=1) + "\n")
     print(f"wrote {out}")
 
 
