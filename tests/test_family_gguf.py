@@ -210,3 +210,22 @@ def test_sentencepiece_tokenizer_as_llama_cpp_llama_model(key, space_prefix, tmp
     back = tf.AutoTokenizer.from_pretrained(tmp_path, gguf_file="spm.gguf")
     for text in ("The quick brown fox", SAMPLE_TEXT[:300], "naïve café — ü"):
         assert back(text)["input_ids"] == tok(text)["input_ids"], text
+
+
+@pytest.mark.parametrize("key", list(CONFIGS))
+def test_engine_walk_keeps_the_family_conventions(key):
+    """The engine's layer loop reproduces the model's forward with sliding windows shorter than the
+    sequence (Gemma's 4 here), per-layer-type rope (Gemma 3), rope scaling and soft-caps in place."""
+    from sizewise.arch import discover
+    from sizewise.engine import capture_final_hidden
+
+    model = perturbed_model(CONFIGS[key]())
+    arch = discover(model)
+    x = torch.randint(0, 320, (3, 40), generator=torch.Generator().manual_seed(0))
+    got = capture_final_hidden(model, arch, x, batch=2)
+    seen = []
+    handle = arch.layers[-1].register_forward_hook(lambda m, a, out: seen.append(out[0] if isinstance(out, tuple) else out))
+    with torch.no_grad():
+        model(x, use_cache=False)
+    handle.remove()
+    assert torch.equal(got, seen[0])
