@@ -9,6 +9,8 @@ A job is one of:
         "token_embedding_type" (optional) a GGML type name for token_embd.weight
   {"evaluate": {"model", "windows", "score_from", "threads", "kv_type", "extra_bufts", "check", "check_rounded",
                 "speed"}, "out": path}
+  {"tokenize": {"model", "texts"}, "out": path}
+        llama.cpp's token ids of each text (its vocabulary only; no BOS added, special tokens as text)
 The evaluation writes its result as JSON to "out". Token windows come as an int32 .npy [n, T]; the
 reference logits of the check windows as float32 .npy files [T, vocab].
 """
@@ -153,6 +155,11 @@ def speed(job: dict, prompt_window: np.ndarray) -> dict:
             "speed_protocol": {**cfg, "threads": job["threads"], "kv_type": job["kv_type"], "sampling": "greedy"}}
 
 
+def tokenize(job: dict) -> dict:
+    llm = llama_cpp.Llama(model_path=job["model"], vocab_only=True, verbose=False)
+    return {"ids": [llm.tokenize(t.encode("utf-8"), add_bos=False, special=False) for t in job["texts"]]}
+
+
 def system_info() -> dict:
     return {"llama_cpp_python": llama_cpp.__version__,
             "system_info": llama_cpp.llama_print_system_info().decode(errors="replace").strip()}
@@ -165,6 +172,8 @@ def main() -> None:
         result = quantize(q["src"], q["dst"], q["ftype"], q["threads"], q.get("imatrix"), q.get("token_embedding_type"))
     elif "evaluate" in job:
         result = evaluate(job["evaluate"])
+    elif "tokenize" in job:
+        result = tokenize(job["tokenize"])
     else:
         raise SystemExit(f"unknown job: {sorted(job)}")
     result.update(system_info())

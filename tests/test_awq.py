@@ -20,7 +20,10 @@ EXPECTED = {
     "llama": {"input_layernorm", "post_attention_layernorm", "mlp.up_proj", "self_attn.v_proj"},
     "qwen2": {"input_layernorm", "post_attention_layernorm", "mlp.up_proj", "self_attn.v_proj"},
     "mistral": {"input_layernorm", "post_attention_layernorm", "mlp.up_proj", "self_attn.v_proj"},
+    "qwen3": {"input_layernorm", "post_attention_layernorm", "mlp.up_proj", "self_attn.v_proj"},
     "gemma3": {"input_layernorm", "pre_feedforward_layernorm", "mlp.up_proj", "self_attn.v_proj"},
+    "gemma2": {"input_layernorm", "pre_feedforward_layernorm", "mlp.up_proj", "self_attn.v_proj"},
+    "gemma": {"input_layernorm", "post_attention_layernorm", "mlp.up_proj", "self_attn.v_proj"},   # Gemma 1: Llama's places
     "phi3": {"input_layernorm", "post_attention_layernorm", "mlp.gate_up_proj", "self_attn.qkv_proj"},
     "gpt2": {"ln_1", "ln_2", "attn.c_attn"},
     "opt": {"self_attn_layer_norm", "final_layer_norm", "fc1", "self_attn.v_proj"},

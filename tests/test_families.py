@@ -34,7 +34,7 @@ def test_every_family_has_a_tiny_config():
 def test_every_family_module_is_registered():
     found = []
     for info in pkgutil.iter_modules(families.__path__):
-        if info.name == "base":
+        if info.name in ("base", "gguf_keys"):      # what a family is; GGUF keys the families share
             continue
         mod = importlib.import_module(f"sizewise.families.{info.name}")
         defined = [v for v in vars(mod).values() if isinstance(v, Family)]
@@ -52,10 +52,9 @@ def test_registry_model_types_are_unambiguous():
     assert len(types) == len(set(types))
     prefixes = [(p, f) for f in FAMILIES for p in f.model_type_prefixes]
     assert len(prefixes) == len({p for p, _ in prefixes})
-    for f in FAMILIES:                                     # a prefix never reaches into another family's names
+    for f in FAMILIES:                                     # exact names win over another family's prefix
         for t in f.model_types:
-            assert all(g is f for p, g in prefixes if t.startswith(p)), t
-        assert families.for_model_type(f.model_types[0]) is f
+            assert families.for_model_type(t) is f, t
 
 
 def test_family_knowledge_is_consistent():
@@ -65,9 +64,13 @@ def test_family_knowledge_is_consistent():
         if f.gguf is not None:
             assert f.gguf.arch and f.gguf.layer_tensors
     assert families.rotation_model_types()[:3] == ("llama", "qwen2", "mistral")
-    assert families.gguf_support() == "llama (model_type llama, mistral)"
-    assert families.of(CONFIGS["gemma3"]()).bos and not families.of(CONFIGS["llama"]()).bos
-    assert families.for_model_type("gemma4_text").name == "gemma"   # every "gemma*" model type, as before
+    assert families.gguf_support() == ("llama (model_type llama, mistral); qwen2 (model_type qwen2); "
+                                       "qwen3 (model_type qwen3); gemma2 (model_type gemma2); "
+                                       "gemma3 (model_type gemma3_text); phi3 (model_type phi3)")
+    assert all(families.of(CONFIGS[k]()).bos for k in ("gemma", "gemma2", "gemma3"))
+    assert not families.of(CONFIGS["llama"]()).bos
+    assert families.for_model_type("gemma4_text").name == "gemma"   # every other "gemma*" model type, as before
+    assert families.for_model_type("gemma3").name == "gemma"        # the multimodal config: no GGUF text layout
 
 
 @pytest.mark.parametrize("key", [k for k in CONFIGS if families.of(CONFIGS[k]()).gguf is None])
@@ -78,7 +81,7 @@ def test_families_without_gguf_are_refused_as_before(key):
 
 
 def test_unknown_model_type_gets_the_generic_family_and_one_line_refusals():
-    for t in ("weird", "qwen3", None):
+    for t in ("weird", "mamba", None):
         assert families.for_model_type(t) is GENERIC
     assert families.of(SimpleNamespace()) is GENERIC and not GENERIC.known and not GENERIC.bos
 

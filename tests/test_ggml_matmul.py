@@ -180,15 +180,16 @@ def test_compare_with_llamacpp_arithmetic(tiny_dirs, tmp_path):
         api.compare(tiny_dirs["llama"], [tiny_dirs["qwen2"]], arithmetic="llamacpp", **args)
 
 
-def test_a_gguf_is_evaluated_with_its_own_types(tiny_dirs, tmp_path):
+@pytest.mark.parametrize("family", ["llama", "phi3"])    # phi3: its own GGUF names (fused attn_qkv)
+def test_a_gguf_is_evaluated_with_its_own_types(family, tiny_dirs, tmp_path):
     import sizewise
     from sizewise import api
 
     q4 = QuantFormat(4, 32, symmetric=True, scale_dtype="float16")          # Q4_0
-    sizewise.compress(tiny_dirs["llama"], sizewise.CompressConfig(method="rtn", format=q4), tmp_path / "a",
+    sizewise.compress(tiny_dirs[family], sizewise.CompressConfig(method="rtn", format=q4), tmp_path / "a",
                       progress=False)
     api.export(tmp_path / "a", tmp_path / "a.gguf")
-    res = api.compare(tiny_dirs["llama"], [tmp_path / "a", tmp_path / "a.gguf"], tiny_dirs["text"], ctx=32,
+    res = api.compare(tiny_dirs[family], [tmp_path / "a", tmp_path / "a.gguf"], tiny_dirs["text"], ctx=32,
                       windows=2, progress=False, arithmetic="llamacpp")["candidates"]
     assert res["a.gguf"]["arithmetic"] == "llamacpp"
     assert res["a.gguf"]["kl"] == pytest.approx(res["a"]["kl"], rel=1e-4)

@@ -12,7 +12,7 @@ from sizewise.quant.hadamard import factors, hadamard
 from sizewise.quant.rotate import rotate_model, rotation
 from tiny import tiny_model
 
-ROTATABLE = ["llama", "qwen2", "mistral", "phi3"]
+ROTATABLE = ["llama", "qwen2", "mistral", "qwen3", "phi3"]
 
 
 def _model(family, seed=0):
@@ -41,9 +41,10 @@ def test_rotation_leaves_logits_unchanged(family):
     rec = rotate_model(m, discover(m), seed=1)
     after = _logits(m, x)
     assert (after - before).abs().max() <= 1e-4 * before.abs().max()
-    # It really rotated and folded: embeddings changed, every norm weight is now 1.
+    # It really rotated and folded: embeddings changed, every residual-stream norm weight is now 1
+    # (Qwen3's per-head q_norm/k_norm act inside attention, on what the rotation leaves unchanged).
     assert not torch.allclose(m.get_input_embeddings().weight, emb, atol=1e-3)
-    norms = [p for n, p in m.named_parameters() if "norm" in n]
+    norms = [p for n, p in m.named_parameters() if "norm" in n and not n.endswith(("q_norm.weight", "k_norm.weight"))]
     assert norms and all(torch.equal(p, torch.ones_like(p)) for p in norms)
     assert rec["rotation"] == "randomized-hadamard" and rec["online_transforms"] == []
     assert rec["norms_folded"] == 2 * m.config.num_hidden_layers + 1
@@ -97,7 +98,7 @@ def test_rotation_matrix_is_seeded_and_falls_back_to_random_orthogonal():
         assert torch.allclose(m @ m.t(), torch.eye(m.shape[0], dtype=torch.float64), atol=1e-12)
 
 
-@pytest.mark.parametrize("family", ["gemma3", "gpt2", "opt"])
+@pytest.mark.parametrize("family", ["gemma3", "gemma2", "gemma", "gpt2", "opt"])
 def test_unsupported_families_get_a_one_line_error(family):
     m = tiny_model(family)
     with pytest.raises(SizewiseError, match="rotation supports: llama, qwen2, mistral") as e:

@@ -72,18 +72,32 @@ def _hidden_size(model) -> int:
     return cfg.hidden_size
 
 
-def _run_with_capture(model, layers, samples: torch.Tensor, buffer: ActivationBuffer, batch: int) -> dict:
-    """Fill `buffer` with layer 0's inputs (computed in float32); return the other layer arguments by
-    batch size."""
-    extra: dict[int, tuple] = {}
+def _layer_kinds(model, n: int) -> list:
+    """Each decoder layer's attention kind (`config.layer_types`: Gemma's sliding and full layers get
+    different masks and rope); None for all where the model has one kind."""
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    kinds = list(getattr(cfg, "layer_types", None) or [])
+    return kinds if len(kinds) == n else [None] * n
+
+
+def _run_with_capture(model, layers, samples: torch.Tensor, buffer: ActivationBuffer, batch: int) -> list[dict]:
+    """Fill `buffer` with layer 0's inputs; return each layer's other arguments by batch size.
+
+    Layers of another kind than layer 0 get theirs from one more pass of one batch of each size,
+    stopped at the last layer whose arguments are still missing."""
+    kinds = _layer_kinds(model, len(layers))
+    extra: dict[object, dict[int, tuple]] = {kind: {} for kind in kinds}
     start = 0
+
+    def record(kind, args, kwargs):
+        b = (args[0] if args else kwargs["hidden_states"]).shape[0]
+        extra[kind].setdefault(b, (args[1:], {k: v for k, v in kwargs.items() if k != "hidden_states"}))
+        return b
 
     def hook(module, args, kwargs):
         h = args[0] if args else kwargs["hidden_states"]
-        b = h.shape[0]
+        b = record(kinds[0], args, kwargs)
         buffer.data[start:start + b] = h.detach().float().cpu()
-        rest_kwargs = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-        extra.setdefault(b, (args[1:], rest_kwargs))
         raise _Stop
 
     # registered before float32_execution's hooks: layer 0 stops the pass before it is converted
@@ -98,7 +112,29 @@ def _run_with_capture(model, layers, samples: torch.Tensor, buffer: ActivationBu
                     pass
     finally:
         handle.remove()
-    return extra
+    firsts = {kind: i for i, kind in reversed(list(enumerate(kinds))) if kind != kinds[0]}
+    if firsts:
+        last = max(firsts.values())
+
+        def other(i):
+            def hook(module, args, kwargs):
+                record(kinds[i], args, kwargs)
+                if i == last:
+                    raise _Stop
+            return hook
+
+        handles = [layers[i].register_forward_pre_hook(other(i), with_kwargs=True) for i in firsts.values()]
+        try:
+            with float32_execution(model, layers):
+                for b in sorted(extra[kinds[0]]):
+                    try:
+                        model(input_ids=samples[:b].to(model.device), use_cache=False)
+                    except _Stop:
+                        pass
+        finally:
+            for h in handles:
+                h.remove()
+    return [extra[kind] for kind in kinds]
 
 
 def _cast(x, dtype):
@@ -210,9 +246,9 @@ def run(model, arch: Architecture, solve: Solver, samples: torch.Tensor | None, 
     print(f"calibration activations: {n} x {length} x {hidden} float32 = "
           f"{ActivationBuffer.nbytes(n, length, hidden) / 2**20:.0f} MiB {where}", file=sys.stderr)
     with torch.no_grad():
-        extra = _run_with_capture(model, arch.layers, samples, buffer, batch)
+        extras = _run_with_capture(model, arch.layers, samples, buffer, batch)
         for i, layer in enumerate(arch.layers):
-            _process_layer(i, layer, arch.linears[i], solve, transform, buffer, batch, extra, device,
+            _process_layer(i, layer, arch.linears[i], solve, transform, buffer, batch, extras[i], device,
                            compute_dtype, observers)
             bar.update()
     bar.close()
@@ -292,8 +328,8 @@ def capture_final_hidden(model, arch: Architecture, samples: torch.Tensor, batch
     hidden = _hidden_size(model)
     buffer = ActivationBuffer(n, length, hidden)
     with torch.no_grad():
-        extra = _run_with_capture(model, arch.layers, samples, buffer, batch)
-        for layer in arch.layers:
+        extras = _run_with_capture(model, arch.layers, samples, buffer, batch)
+        for layer, extra in zip(arch.layers, extras):
             with weights_in(layer, torch.float32):
                 for s in range(0, n, batch):
                     buffer.data[s:s + batch] = _layer_forward(layer, buffer.data[s:s + batch], extra)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from . import families
+
 # Output shards: each is built in memory alone (plus its serialized bytes) before it is written.
 SHARD_BYTES = 1 << 30
 
@@ -28,6 +30,9 @@ def convert(gguf_path: Path, out_dir: Path) -> None:
 
     where, name = gguf_path.parent, gguf_path.name
     config = AutoConfig.from_pretrained(where, gguf_file=name, trust_remote_code=False)
+    # what transformers' GGUF loader leaves at its defaults (Qwen3's head_dim, Gemma's soft-caps, rope scaling)
+    for key, value in families.config_from_gguf(gguf_path).items():
+        setattr(config, key, value)
     tokenizer = AutoTokenizer.from_pretrained(where, gguf_file=name, trust_remote_code=False)
     if hasattr(config, "quantization_config"):
         del config.quantization_config               # the output is plain float weights

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .. import artifact, data, memory
+from .. import artifact, data, families, memory
 from ..atomic import check_target
 from ..arch import discover
 from ..errors import SizewiseError
@@ -105,8 +105,8 @@ def _llamacpp_roundings(src: Source) -> dict:
         import gguf
 
         types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(src.info["path"]).tensors}
-        layers = src.model.config.num_hidden_layers
-        kind_of = lambda name: INPUT_ROUNDING.get(types.get(gguf_tensor_name(name, layers), ""), "?")  # noqa: E731
+        layers, layout = src.model.config.num_hidden_layers, families.of(src.model.config).gguf  # the file's arch
+        kind_of = lambda name: INPUT_ROUNDING.get(types.get(gguf_tensor_name(name, layers, layout), ""), "?")  # noqa: E731
     else:
         raise SizewiseError(f"llama.cpp's arithmetic needs an artifact or a .gguf, whose tensor types are known; "
                             f"got {spec}")

@@ -1,5 +1,6 @@
 """Write a compressed model as a GGUF file that llama.cpp runs, for the families whose
-`sizewise.families` entry has a `GGUFArch` (today Llama and Mistral, as llama.cpp's `llama`).
+`sizewise.families` entry has a `GGUFArch` (`families.gguf_support()`: Llama/Mistral, Qwen2, Qwen3,
+Gemma 2, Gemma 3 text, Phi-3). Everything a family's layout differs in lives in its module there.
 
 Input is the model's state under transformers' names (`model.layers.N.self_attn.q_proj.weight`, ...),
 each tensor either a format's stored tensor whose format has a ggml type (`Format.ggml_blocks`) or a
@@ -7,13 +8,16 @@ float tensor stored in its own dtype (float32 -> F32, float16 -> F16, bfloat16 -
 the norms, always F32 as llama.cpp's converter does). What the file adds to the weights:
 
 - names in llama.cpp's convention, from the gguf package's own `TensorNameMap` for the family's arch;
-- the rows of q_proj/k_proj (weights and biases; the layout's `rope_heads`) permuted the way
+- for `llama`, the rows of q_proj/k_proj (weights and biases; the layout's `rope_heads`) permuted the way
   llama.cpp's converter does, because llama.cpp applies rope to interleaved pairs where transformers uses halves (transformers' GGUF loader
   undoes it). Rows are independent in every block type, so packed rows are permuted as they are;
+- norms shifted where the family's are (Gemma: 1 + w, the layout's `norm_shift`), and the tensors the
+  converter adds (Llama 3's `rope_freqs`, the layout's `extra_tensors`), written after the weights;
 - no `output.weight` when the embeddings are tied (that absence is how llama.cpp and transformers
   both know);
 - architecture metadata (the layout's `add_metadata`) and a byte-level BPE tokenizer (llama.cpp's
-  tokenizer model "gpt2", named after the tokenizer, not the model family).
+  tokenizer model "gpt2", named after the tokenizer, not the model family), with the pre-tokenizer
+  name given, else the one the family knows from the tokenizer's split regex (qwen2, llama-bpe).
 
 The file's size is known before it is written (`header_bytes` + Σ `data_bytes`): a header (the
 metadata, the whole tokenizer included, and one info per tensor, whose size does not depend on the
@@ -26,7 +30,6 @@ half a file.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import tempfile
@@ -37,12 +40,13 @@ from typing import Any
 import gguf
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType, TokenType
+from gguf import GGMLQuantizationType
 
 from .. import families
 from ..atomic import staged_file
 from ..errors import SizewiseError
 from ..families import GGUFArch
+from .gguf_tokenizer import backend_json, tokenizer_metadata
 
 GGML = GGMLQuantizationType
 ALIGNMENT = gguf.GGUF_DEFAULT_ALIGNMENT  # every tensor's data starts at a multiple of it
@@ -139,69 +143,6 @@ def _layout(config) -> GGUFArch:
     return layout
 
 
-def _backend_json(tokenizer) -> dict:
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        raise SizewiseError("GGUF export needs a fast (tokenizers-backed) tokenizer")
-    return json.loads(backend.to_str())
-
-
-def _mentions(node, type_name: str) -> bool:
-    if isinstance(node, dict):
-        return node.get("type") == type_name or any(_mentions(v, type_name) for v in node.values())
-    if isinstance(node, list):
-        return any(_mentions(v, type_name) for v in node)
-    return False
-
-
-def tokenizer_metadata(tokenizer, vocab_size: int) -> dict[str, Any]:
-    """llama.cpp's tokenizer keys for a byte-level BPE tokenizer ("gpt2" model): tokens padded to the
-    model's vocab size, their types, merges, special ids, whether BOS/EOS are added, chat template."""
-    spec = _backend_json(tokenizer)
-    model = spec.get("model") or {}
-    if model.get("type") != "BPE" or not (_mentions(spec.get("pre_tokenizer"), "ByteLevel")
-                                          or _mentions(spec.get("decoder"), "ByteLevel")):
-        raise SizewiseError("GGUF export supports byte-level BPE tokenizers (llama.cpp 'gpt2'); "
-                            f"this one is {model.get('type')!r} without a ByteLevel pre-tokenizer")
-    vocab = tokenizer.get_vocab()
-    if len(vocab) > vocab_size or max(vocab.values()) >= vocab_size:
-        raise SizewiseError(f"the tokenizer has ids beyond the model's vocab size {vocab_size}")
-    added = {t["id"]: bool(t.get("special")) for t in spec.get("added_tokens", [])}
-    by_id = {i: tok for tok, i in vocab.items()}
-    tokens, types = [], []
-    for i in range(vocab_size):
-        if i not in by_id:  # rows the embedding has and the tokenizer never emits
-            tokens.append(f"[PAD{i}]")
-            types.append(int(TokenType.UNUSED))
-            continue
-        tokens.append(by_id[i])
-        if i in added:
-            types.append(int(TokenType.CONTROL if added[i] else TokenType.USER_DEFINED))
-        else:
-            types.append(int(TokenType.NORMAL))
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-
-    meta: dict[str, Any] = {
-        "tokenizer.ggml.model": "gpt2",
-        "tokenizer.ggml.tokens": tokens,
-        "tokenizer.ggml.token_type": types,
-        "tokenizer.ggml.merges": merges,
-    }
-    ids = {"bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id,
-           "unknown": tokenizer.unk_token_id, "padding": tokenizer.pad_token_id}
-    for key, value in ids.items():
-        if value is not None:
-            meta[f"tokenizer.ggml.{key}_token_id"] = int(value)
-    # Whether BOS/EOS are added is read from what the tokenizer does, not from flags it may not have.
-    probe = tokenizer("a")["input_ids"]
-    meta["tokenizer.ggml.add_bos_token"] = bool(probe and ids["bos"] is not None and probe[0] == ids["bos"])
-    meta["tokenizer.ggml.add_eos_token"] = bool(len(probe) > 1 and ids["eos"] is not None and probe[-1] == ids["eos"])
-    template = getattr(tokenizer, "chat_template", None)
-    if isinstance(template, str) and template:
-        meta["tokenizer.chat_template"] = template
-    return meta
-
-
 def _put(w: gguf.GGUFWriter, key: str, value: Any) -> None:
     """One metadata value with the GGUF type llama.cpp expects for its Python type."""
     if isinstance(value, bool):
@@ -247,16 +188,29 @@ def gguf_tensors(config, weights: Mapping[str, Any]) -> list[tuple[str, np.ndarr
     """(gguf name, payload, type) for every tensor of the model, in llama.cpp's layout (rope rows
     permuted, tied output left out). Checks that the model is complete."""
     names = file_names(config, weights)
-    heads = families.of(config).gguf.rope_heads(config)
+    layout = families.of(config).gguf
+    heads = layout.rope_heads(config)
     out = []
     for hf_name, name in names.items():
-        payload, ggml_type = tensor_payload(weights[hf_name])
+        value = weights[hf_name]
+        if layout.norm_shift and hf_name.endswith("norm.weight"):   # norms stored as shift + w (Gemma's 1 + w)
+            value = value.float() + layout.norm_shift
+        payload, ggml_type = tensor_payload(value)
         module = hf_name.rsplit(".", 1)[0]            # the weight's or bias's module
         proj = next((p for p in heads if module.endswith(f".{p}")), None)
         if proj is not None:
             payload = payload[rope_row_order(payload.shape[0], heads[proj])]
         out.append((name, np.ascontiguousarray(payload), ggml_type))
+    for name, values in layout.extra_tensors(config).items():
+        out.append((name, np.asarray(values, dtype=np.float32), GGML.F32))
     return out
+
+
+def extra_tensor_shapes(config) -> list[tuple[str, tuple[int, ...], int]]:
+    """(GGUF name, shape, data bytes) of the tensors the family's converter adds to the weights
+    (Llama 3's rope_freqs), which `gguf_tensors` writes after them."""
+    return [(name, (len(values),), data_bytes(GGML.F32, (len(values),)))
+            for name, values in _layout(config).extra_tensors(config).items()]
 
 
 def _add_metadata(w: gguf.GGUFWriter, config, tokenizer, name: str | None, tokenizer_pre: str | None,
@@ -269,6 +223,7 @@ def _add_metadata(w: gguf.GGUFWriter, config, tokenizer, name: str | None, token
     if tokenizer is not None:
         for key, value in tokenizer_metadata(tokenizer, config.vocab_size).items():
             _put(w, key, value)
+        tokenizer_pre = tokenizer_pre or families.of(config).gguf.tokenizer_pre(backend_json(tokenizer))
         if tokenizer_pre:
             w.add_tokenizer_pre(tokenizer_pre)
     for key, value in (metadata or {}).items():
@@ -303,7 +258,7 @@ def write_gguf(path: str | os.PathLike, config, weights: Mapping[str, Any], toke
     """Write a GGUF llama.cpp can run; returns its path.
 
     config: the transformers config of a family GGUF export supports (`families.gguf_support()`:
-        Llama, Mistral without sliding window).
+        Llama/Mistral (no sliding window), Qwen2, Qwen3, Gemma 2, Gemma 3 text, Phi-3).
     weights: transformers name -> a stored tensor whose format has a `ggml_type` (written as its ggml
         blocks), or a float torch.Tensor kept in its dtype (F32/F16/BF16).
     tokenizer: a fast byte-level BPE tokenizer (None writes no tokenizer: transformers can still load

@@ -10,7 +10,7 @@ import torch
 
 from ..errors import SizewiseError
 from ..quant.formats import TORCH_DTYPES
-from .gguf import GGML, data_bytes, file_names, float_type, gguf_export_args, header_bytes
+from .gguf import GGML, data_bytes, extra_tensor_shapes, file_names, float_type, gguf_export_args, header_bytes
 
 # A row is one tensor as a file holds it: (name, dtype or ggml type, shape, data bytes); `allocate.sizes.Row`.
 Row = tuple[str, str, tuple[int, ...], int]
@@ -61,10 +61,11 @@ class GGUFLayout:
         """(bytes of everything but the choices, bytes of each option of each group of choices)."""
         firsts = [g[0][0] for g in groups]            # one row per choosable tensor, whatever its type
         names = file_names(self.config, [r[0] for r in others + firsts])
-        head = header_bytes(self.config, [(names[n], shape) for n, _, shape, _ in others + firsts if n in names],
-                            self.tokenizer, **self.export_args)
+        extras = extra_tensor_shapes(self.config)   # written after the weights, as `gguf_tensors` does
+        head = header_bytes(self.config, [(names[n], shape) for n, _, shape, _ in others + firsts if n in names]
+                            + [(n, shape) for n, shape, _ in extras], self.tokenizer, **self.export_args)
         kept = lambda rows: sum(b for n, _, _, b in rows if n in names)     # noqa: E731
-        return head + kept(others), [[kept(opt) for opt in g] for g in groups]
+        return head + kept(others) + sum(b for _, _, b in extras), [[kept(opt) for opt in g] for g in groups]
 
     def describe(self) -> dict:
         return {"kind": self.kind, **self.export_args}

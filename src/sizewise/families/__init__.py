@@ -10,17 +10,20 @@ tests/tiny.py (tests/test_families.py checks all three).
 
 from __future__ import annotations
 
-from . import gemma, gpt2, llama, opt, phi3, qwen2
+from . import gemma, gpt2, llama, opt, phi3, qwen2, qwen3
 from .base import Family, Fold, GGUFArch
 
 __all__ = ["FAMILIES", "GENERIC", "Family", "Fold", "GGUFArch", "LLAMA",
-           "awq_model_types", "for_model_type", "gguf_support", "of", "rotation_model_types", "supported_text"]
+           "awq_model_types", "config_from_gguf", "for_model_type", "gguf_support", "of", "rotation_model_types", "supported_text"]
 
 # The registry; its order is the order user-facing texts list families in.
 FAMILIES: tuple[Family, ...] = (
     llama.LLAMA,
     qwen2.QWEN2,
     llama.MISTRAL,
+    qwen3.QWEN3,
+    gemma.GEMMA2,
+    gemma.GEMMA3,
     gemma.GEMMA,
     phi3.PHI3,
     gpt2.GPT2,
@@ -78,6 +81,30 @@ def rotation_model_types() -> tuple[str, ...]:
 def awq_model_types() -> tuple[str, ...]:
     """Model types AWQ has fold rules for ("gemma*" for a prefix), in registry order."""
     return tuple(t for f in FAMILIES if f.folds for t in f.covers)
+
+
+def config_from_gguf(path) -> dict:
+    """Config values of a GGUF file that transformers' GGUF loader does not read, by the family
+    writing its architecture (`GGUFArch.config_from_gguf`); {} for an architecture none writes."""
+    import gguf
+    import numpy as np
+
+    reader = gguf.GGUFReader(path)
+    arch = reader.fields["general.architecture"].contents() if "general.architecture" in reader.fields else None
+    layout = next((f.gguf for f in FAMILIES if f.gguf is not None and f.gguf.arch == arch), None)
+    if layout is None:
+        return {}
+    meta = {k[len(arch) + 1:] if k.startswith(f"{arch}.") else k: f.contents() for k, f in reader.fields.items()
+            if not (k.startswith("tokenizer.") and f.types[:1] == [gguf.GGUFValueType.ARRAY])}   # not the vocabulary
+    tensors = {t.name: t for t in reader.tensors}
+
+    def tensor(name):
+        t = tensors.get(name)
+        if t is None or t.tensor_type != gguf.GGMLQuantizationType.F32:
+            return None
+        return np.asarray(t.data, dtype=np.float64).reshape(-1).tolist()
+
+    return layout.config_from_gguf(meta, tensor)
 
 
 def gguf_support() -> str:

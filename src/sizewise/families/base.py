@@ -54,13 +54,17 @@ class GGUFArch:
 
     arch: str
     model_arch: Any                                   # gguf.MODEL_ARCH member
-    top_tensors: tuple[str, ...]
-    layers: str
     layer_tensors: tuple[str, ...]
-    output: str
     check_config: Callable[[Any, "GGUFArch"], None]
     add_metadata: Callable[[Any, Any], None]
-    rope_heads: Callable[[Any], dict[str, int]]
+    top_tensors: tuple[str, ...] = ("model.embed_tokens.weight", "model.norm.weight")
+    layers: str = "model.layers"
+    output: str = "lm_head.weight"
+    rope_heads: Callable[[Any], dict[str, int]] = lambda config: {}
+    norm_shift: float = 0.0
+    extra_tensors: Callable[[Any], dict[str, list[float]]] = lambda config: {}
+    tokenizer_pre: Callable[[dict], str | None] = lambda tokenizer_json: None
+    config_from_gguf: Callable[[dict, Callable[[str], Any]], dict] = lambda meta, tensor: {}
 
 
 @dataclass(frozen=True)
