@@ -12,7 +12,7 @@ import pytest
 import torch
 import transformers as tf
 
-from sizewise import families
+from sizewise import artifact, families
 from sizewise.cli import main
 from sizewise.errors import SizewiseError
 from sizewise.export.gguf import file_names, write_gguf
@@ -105,7 +105,7 @@ def test_family_end_to_end(key, method, family_dirs, tmp_path, capsys):
     assert types["blk.0.ffn_down.weight"] == "Q4_0"
     assert ("output.weight" in types) == (not cfg.tie_word_embeddings)
 
-    reference = tf.AutoModelForCausalLM.from_pretrained(art / "hf", dtype=torch.float32).eval()
+    reference = artifact.load(art)[0].eval()     # the dequantized stored weights
     if cfg.model_type == "mistral":     # written as llama.cpp's `llama`, which transformers reads as Llama
         cfg = tf.LlamaConfig(**{k: v for k, v in cfg.to_dict().items() if k not in ("model_type", "architectures")})
     loaded = tf.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, config=cfg,

@@ -84,9 +84,11 @@ def test_bf16_model_compresses_as_its_float32_copy(bf16_dir, tmp_path, method):
     for k in a16:
         assert torch.equal(a16[k], a32[k]), k
     dense16 = artifact.load_weights(tmp_path / "a16")
+    sizewise.api.export(tmp_path / "a16", tmp_path / "dense16", format="hf", float_dtype="float32")
     hf16 = {}
-    for f in (tmp_path / "a16" / "hf").glob("*.safetensors"):
+    for f in (tmp_path / "dense16").glob("*.safetensors"):
         hf16.update(load_file(str(f)))
+    assert hf16
     for name, t in hf16.items():
         assert t.dtype == torch.float32 and torch.equal(t, dense16[name]), name
 
