@@ -110,7 +110,7 @@ def compress(model: str | Path | Source, config: CompressConfig | None = None, o
     memory.require(memory.peak_memory(m, task="compress", calibrated=samples is not None,
                                       samples=0 if c.offload else c.samples, length=c.length, batch=c.batch,
                                       quantized_fraction=quantized_share, kept_statistics=stats is not None,
-                                      export_gguf=not dense_weights))     # no dense copy: a step to a GGUF
+                                      export_gguf=config.output == "gguf"))
     quantized = {}
 
     def solve(ref, w, stats):
