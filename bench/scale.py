@@ -180,6 +180,10 @@ def plot(rows: list[dict], path: Path) -> None:
         pts = sorted((r["parameters"] / 1e9, r["peak_rss_mb"] / 1e3) for r in rows if r["run"] == run and r["exit"] == 0)
         if pts:
             ax.plot(*zip(*pts), marker="o", label=run)
+    ax.ticklabel_format(useOffset=False)
+    ax.margins(0.1)
+    ax.set_xlim(left=0)
+    ax.set_ylim(bottom=0)
     ax.set_xlabel("parameters (billions)")
     ax.set_ylabel("peak resident memory (GB)")
     ax.set_title("sizewise on random-weight models (bf16)")

@@ -112,6 +112,7 @@ def test_peak_estimate_grows_with_the_model_and_the_run():
     gptq = dict(task="compress", calibrated=True, length=512)
     assert peak_memory(small, samples=16, **gptq).total < peak_memory(small, samples=128, **gptq).total
     assert peak_memory(small, task="compress").total < peak_memory(small, samples=16, **gptq).total
+    assert peak_memory(small, task="compress").total < peak_memory(small, task="compress", export_gguf=True).total
     assert peak_memory(small, task="eval", ctx=512).total < peak_memory(small, task="eval", ctx=2048).total
     # the vocabulary costs a bounded chunk of logits, not a window's worth
     wide = meta_model(_qwen_like(896, 24, vocab=262144))

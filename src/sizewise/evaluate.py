@@ -40,6 +40,9 @@ def _decoder_output(model, x: torch.Tensor):
     can be asked for a few positions at a time with `logits_to_keep`. If a model's forward does not
     call `get_decoder()`, the decoder simply runs again: slower, same numbers."""
     decoder = model.get_decoder()
+    if decoder is model:                              # no separate decoder to reuse: each chunk runs it all
+        yield
+        return
     out = decoder(input_ids=x, use_cache=False)
     decoder.forward = lambda *args, **kwargs: out      # instance attribute: shadows the class's forward
     try:

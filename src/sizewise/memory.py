@@ -48,14 +48,16 @@ def _text_config(model):
 
 def peak_memory(model, *, task: str, calibrated: bool = False, samples: int = 0, length: int = 0,
                 batch: int = 8, ctx: int = 0, models: tuple = (), quantized_fraction: float = 1.0,
-                kept_statistics: bool = False) -> Peak:
+                kept_statistics: bool = False, export_gguf: bool = False) -> Peak:
     """Estimated peak resident bytes of `task` ("compress", "plan", "eval") on `model` (loaded, or
     built on the meta device: only shapes and dtypes are read).
 
     compress/plan: `calibrated` (GPTQ/AWQ statistics), `samples` × `length` calibration tokens in
     batches of `batch`; `quantized_fraction` of the linear weights are solved and kept for the
     artifact; `kept_statistics`: every layer's statistics are kept (a budget's measured plans, a
-    sweep). eval: windows of `ctx` tokens, and `models` (other models evaluated beside it).
+    sweep); `export_gguf`: the artifact is then read back and written as GGUF (measured on 0.5B
+    shapes, bench/scale.py: ~5 bytes per linear weight and the token tables in float32). eval:
+    windows of `ctx` tokens, and `models` (other models evaluated beside it).
     """
     cfg = _text_config(model)
     arch = discover(model)
@@ -81,6 +83,9 @@ def peak_memory(model, *, task: str, calibrated: bool = False, samples: int = 0,
         # solved weights kept until the artifact is written: uint8 codes + scales (~1.1 B/weight),
         # then their packed copy and its serialized bytes while writing
         parts["solved weights"] = int(linear_params * quantized_fraction * 1.1)
+        if export_gguf:
+            tables = sum(rows * cols for rows, cols in arch.tables.values())
+            parts["GGUF export"] = linear_params * 5 + tables * 4
         if calibrated:
             parts["layer in float32"] = layer_params * 4 * 2         # float32 copy + compute-dtype copy
             # every Gram of the layer (one per distinct input width, two for the widest: q/k/v and o),

@@ -112,7 +112,8 @@ def compress(model: str | Path | Source, config: CompressConfig | None = None, o
     quantized_share = sum(ch.method != "float" for ch in plan.choices) / max(1, len(plan.choices))
     memory.require(memory.peak_memory(m, task="compress", calibrated=samples is not None,
                                       samples=0 if c.offload else c.samples, length=c.length, batch=c.batch,
-                                      quantized_fraction=quantized_share, kept_statistics=stats is not None))
+                                      quantized_fraction=quantized_share, kept_statistics=stats is not None,
+                                      export_gguf=config.output == "gguf"))
     quantized = {}
 
     def solve(ref, w, stats):
