@@ -14,7 +14,8 @@ from sizewise.quant.registry import format_from_dict
 from sizewise.quant.sparse import SparseFormat, parse_pattern
 from sizewise.quant.sparsegpt import sparsegpt
 from sizewise.quant.uniform import QuantFormat
-from sizewise.quant.wanda import keep_mask, magnitude, prune_by_score, wanda
+from sizewise.quant.sparse import keep_mask, prune_by_score
+from sizewise.quant.wanda import magnitude, wanda
 
 
 def _data(out=32, inp=96, tokens=400, seed=1):

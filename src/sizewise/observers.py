@@ -1,8 +1,8 @@
 """What the engine observes of a linear layer's inputs: pluggable observers filling one `LinearStats`.
 
 Each observer accumulates one statistic over the calibration tokens, batch by batch: `Gram` the
-Hessian XᵀX (GPTQ, the allocator's proxy), `AbsSum` the per-channel Σ|x| (AWQ's salience), `SqSum` Σx² (Wanda's norms),
-`RoundingGram` the Gram of what llama.cpp's input rounding does to x (the allocator's GGUF
+Hessian XᵀX (GPTQ, the allocator's proxy), `AbsSum` the per-channel Σ|x| (AWQ's salience), `SqSum`
+Σx² (Wanda's channel norms), `RoundingGram` the Gram of what llama.cpp's input rounding does to x (the allocator's GGUF
 pricing). A method that needs another statistic adds an observer; the engine's loop is unchanged.
 """
 
@@ -93,6 +93,13 @@ class RoundingGram(Observer):
 
 
 DEFAULT_OBSERVERS: tuple[Observer, ...] = (Gram(), AbsSum())
+# statistic name (a `LinearStats` field, as methods declare what they read) -> its observer
+OBSERVERS: dict[str, Observer] = {"xtx": Gram(), "abs_sum": AbsSum(), "sq_sum": SqSum()}
+
+
+def observers_for(names) -> tuple[Observer, ...]:
+    """The observers that accumulate the named statistics, in a fixed order."""
+    return tuple(o for n, o in OBSERVERS.items() if n in set(names))
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Low-rank factors as a format: W ≈ base(W) + B·A, or W ≈ B·A alone.
 
 - Compensation (LQER, EoRA): the base format's error R = W − Q(W) is approximated by B·A, the rank-r
-  truncated SVD of R *whitened by the inputs*: with XᵀX = S Sᵀ (Cholesky, damped), the output error
+  truncated SVD of R *whitened by the inputs*: with XᵀX = S Sᵀ (damped), the output error
   ‖(R − B·A) Xᵀ‖ equals ‖(R − B·A) S‖_F, whose best rank-r minimizer is the SVD of R·S, unwhitened by
   S⁻¹. Without statistics (data-free) it is the plain SVD of R.
 - Pure factorization (ASVD/SVD-LLM style, whitened the same way): no base, W ≈ B·A.
@@ -34,19 +34,17 @@ def whitened_factors(r: torch.Tensor, rank: int, xtx: torch.Tensor | None, damp:
         u, sv, vh = torch.linalg.svd(rd, full_matrices=False)
         root = sv[:rank].sqrt()
         return (root[:, None] * vh[:rank]).float(), (u[:, :rank] * root).float()
-    h = xtx.detach().double().to(rd.device).clone()
-    diag = h.diagonal()
-    dead = diag <= 0
-    h[dead, :] = 0
-    h[:, dead] = 0
-    h.diagonal()[dead] = 1
-    h.diagonal().add_(damp * float(diag.clamp_min(0).mean()) + 1e-12)
-    s = torch.linalg.cholesky(h)                                    # h = s sᵀ, lower
-    u, sv, vh = torch.linalg.svd(rd @ s, full_matrices=False)
+    # H = Q Λ Qᵀ = S Sᵀ with S = Q Λ^½: an eigendecomposition, not a Cholesky, because XᵀX summed from
+    # half-precision passes can be slightly indefinite; negative eigenvalues are clipped, then damped.
+    h = xtx.detach().double().to(rd.device)
+    lam, q = torch.linalg.eigh((h + h.t()) / 2)
+    lam = lam.clamp_min(0) + damp * float(h.diagonal().clamp_min(0).mean()) + 1e-30
+    root_lam = lam.sqrt()
+    u, sv, vh = torch.linalg.svd(rd @ (q * root_lam), full_matrices=False)
     root = sv[:rank].sqrt()
-    # A = Σ^½ Vᵀ S⁻¹  ⇔  Sᵀ Aᵀ = V Σ^½  (an upper-triangular solve)
-    at = torch.linalg.solve_triangular(s.t(), vh[:rank].t() * root, upper=True)
-    return at.t().float(), (u[:, :rank] * root).float()
+    # A = Σ^½ Vᵀ S⁻¹ = Σ^½ Vᵀ Λ^-½ Qᵀ
+    a_ = (root[:, None] * vh[:rank] / root_lam) @ q.t()
+    return a_.float(), (u[:, :rank] * root).float()
 
 
 @dataclass(frozen=True)

@@ -239,7 +239,6 @@ class SparseFormat(Format):
 
     def round(self, w: torch.Tensor, importance: torch.Tensor | None = None) -> "SparseTensor":
         """Magnitude pruning, then the kept weights rounded (data-free)."""
-        from .wanda import prune_by_score
         return prune_by_score(w, w.abs(), self)
 
 
@@ -272,3 +271,25 @@ def check_keeps(keep: torch.Tensor, pattern: Pattern) -> None:
         ok = bool((keep.sum(1) == pattern.kept(inp)).all())
     if not ok:
         raise SizewiseError(f"internal: a mask breaks its sparsity pattern {pattern}")
+
+
+def keep_mask(score: torch.Tensor, pattern: Pattern) -> torch.Tensor:
+    """bool [out, in]: True where a weight is kept (largest scores per row, or per group of M)."""
+    out, inp = score.shape
+    if pattern.nm:
+        groups = score.reshape(out, inp // pattern.m, pattern.m)
+        idx = groups.topk(pattern.n, dim=-1).indices
+        keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, idx, True)
+        return keep.reshape(out, inp)
+    idx = score.topk(pattern.kept(inp), dim=1).indices
+    return torch.zeros_like(score, dtype=torch.bool).scatter_(1, idx, True)
+
+
+def prune_by_score(w: torch.Tensor, score: torch.Tensor, fmt: SparseFormat) -> SparseTensor:
+    """Keep the highest-scoring weights of `w` [out, in] in `fmt`'s pattern; round the kept ones to its
+    kept format (the pruned ones are zero before rounding, so a grid fits the kept weights' range)."""
+    fmt.check(w.shape[1])
+    keep = keep_mask(score.float(), fmt.spec)
+    check_keeps(keep, fmt.spec)
+    kept = w.float() * keep
+    return SparseTensor(fmt, keep, fmt.inner.round(kept))
