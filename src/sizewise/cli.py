@@ -181,6 +181,9 @@ def compress(ctx, model, output, method, bits, sparsity, lowrank, group_size, sy
         e = res.exported
         types = ", ".join(f"{n} x {t}" for t, n in sorted(e["tensor_types"].items(), key=lambda kv: -kv[1]))
         click.echo(f"wrote {output}: {e['bytes'] / 1e6:.1f} MB ({types})")
+        if "lora" in e:
+            click.echo(f"wrote {e['lora']['path']}: low-rank corrections of {e['lora']['tensors']} weights "
+                       f"(llama.cpp: --lora {e['lora']['path']})")
         return
     t = res.manifest["totals"]
     click.echo(f"wrote {output}: {t['bits_per_weight']:.3f} bits/weight over linear layers, "
@@ -368,6 +371,8 @@ def export_cmd(artifact_dir, fmt, output, tokenizer_pre, float_dtype, force):
                      float_dtype=float_dtype)
     types = ", ".join(f"{k} x{v}" for k, v in sorted(res["tensor_types"].items()))
     click.echo(f"wrote {res['path']}: {res['bytes'] / 1e6:.1f} MB ({types})")
+    if "lora" in res:
+        click.echo(f"wrote {res['lora']['path']}: its LoRA adapter (llama.cpp: --lora)")
 
 
 @cli.command(name="methods")
