@@ -16,14 +16,11 @@ from sizewise.quant.sparsegpt import sparsegpt
 from sizewise.quant.uniform import QuantFormat
 from sizewise.quant.sparse import keep_mask, prune_by_score
 from sizewise.quant.wanda import magnitude, wanda
+from test_gptq import _data as gptq_data
 
 
 def _data(out=32, inp=96, tokens=400, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    a = torch.randn(inp, inp, generator=g) / inp ** 0.5 + 0.3 * torch.eye(inp)
-    x = (torch.randn(tokens, inp, generator=g) @ a) * torch.exp(0.5 * torch.randn(inp, generator=g))
-    w = 0.02 * torch.randn(out, inp, generator=g)
-    return w, x
+    return gptq_data(out, inp, tokens, seed)
 
 
 def _reference(w, h, keep, fmt=None):

@@ -22,9 +22,9 @@ import torch
 from .. import families
 from ..atomic import staged_file
 from ..errors import SizewiseError
-from .gguf import file_names, rope_row_order
+from .gguf import file_names, rope_row_order, write_file
 
-_NUMPY = {torch.float16: np.float16, torch.float32: np.float32}
+_NUMPY = (torch.float16, torch.float32)
 
 
 def lora_path(model_path: str | os.PathLike) -> Path:
@@ -42,26 +42,25 @@ def write_lora_gguf(path: str | os.PathLike, config, factors: dict[str, tuple[to
     to_gguf = file_names(config, names)
     heads = fam.rope_heads(config)
     ranks = {a.shape[0] for a, _ in factors.values()}
+    alpha = float(ranks.pop()) if len(ranks) == 1 else 0.0
+    tensors = []
+    for hf_name, (a, b) in factors.items():
+        if a.dtype not in _NUMPY or b.dtype != a.dtype:
+            raise SizewiseError(f"LoRA factors of {hf_name} are {a.dtype}; the adapter holds float16 or float32")
+        b = b.cpu().numpy()
+        module = hf_name.rsplit(".", 1)[0]
+        proj = next((p for p in heads if module.endswith(f".{p}")), None)
+        if proj is not None:
+            b = b[rope_row_order(b.shape[0], heads[proj])]
+        name = to_gguf[hf_name]
+        tensors += [(f"{name}.lora_a", np.ascontiguousarray(a.cpu().numpy()), None),
+                    (f"{name}.lora_b", np.ascontiguousarray(b), None)]
+
+    def metadata(writer):
+        writer.add_type(gguf.GGUFType.ADAPTER)
+        writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+        writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
+
     with staged_file(path) as tmp:
-        writer = gguf.GGUFWriter(tmp, fam.arch)
-        try:
-            writer.add_type(gguf.GGUFType.ADAPTER)
-            writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
-            writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(ranks.pop()) if len(ranks) == 1 else 0.0)
-            for hf_name, (a, b) in factors.items():
-                if a.dtype not in _NUMPY or b.dtype != a.dtype:
-                    raise SizewiseError(f"LoRA factors of {hf_name} are {a.dtype}; the adapter holds float16 or float32")
-                b = b.cpu().numpy().astype(_NUMPY[b.dtype], copy=False)
-                module = hf_name.rsplit(".", 1)[0]
-                proj = next((p for p in heads if module.endswith(f".{p}")), None)
-                if proj is not None:
-                    b = b[rope_row_order(b.shape[0], heads[proj])]
-                name = to_gguf[hf_name]
-                writer.add_tensor(f"{name}.lora_a", np.ascontiguousarray(a.cpu().numpy()))
-                writer.add_tensor(f"{name}.lora_b", np.ascontiguousarray(b))
-            writer.write_header_to_file()
-            writer.write_kv_data_to_file()
-            writer.write_tensors_to_file()
-        finally:
-            writer.close()
+        write_file(tmp, fam.arch, metadata, tensors)
     return path

@@ -142,23 +142,30 @@ def gptq(weight: torch.Tensor, xtx: torch.Tensor, fmt: Format, *, block_size: in
     imatrix is the same statistic); GPTQ then chooses every code on that fixed grid. clip_search
     does not apply: those fits search the scales themselves. Returns the format's stored tensor.
     """
-    if weight.ndim != 2:
-        raise SizewiseError(f"GPTQ needs a 2-D weight, got shape {tuple(weight.shape)}")
-    out_f, in_f = weight.shape
-    fmt.check(in_f)
     if block_size < 1:
         raise SizewiseError(f"block size must be positive, got {block_size}")
+    w, factor = prepare(weight, xtx, fmt, factor, damp, act_order, "GPTQ")
+    stored, _ = solve_columns(w, factor, fmt, block_size, clip_search)
+    return stored
+
+
+def prepare(weight: torch.Tensor, xtx: torch.Tensor | None, fmt: Format, factor: HessianFactor | None,
+            damp: float, act_order: bool, what: str) -> tuple[torch.Tensor, HessianFactor]:
+    """(a float32 copy of weight [out, in] for the column loop, dead input channels zeroed; the Hessian
+    factor, computed or checked against the weight)."""
+    if weight.ndim != 2:
+        raise SizewiseError(f"{what} needs a 2-D weight, got shape {tuple(weight.shape)}")
+    in_f = weight.shape[1]
+    fmt.check(in_f)
     if factor is None:
         factor = hessian_factor(xtx, damp=damp, act_order=act_order)
     elif factor.act_order != act_order:
         raise SizewiseError("the Hessian factor was prepared with a different act_order")
     if factor.u.shape[0] != in_f:
         raise SizewiseError(f"XᵀX is {factor.u.shape[0]} wide but the weight has {in_f} input columns")
-
     w = weight.detach().float().clone()
     w[:, factor.dead.to(w.device)] = 0  # no data constrains these; zero is on every grid with an integer zero
-    stored, _ = solve_columns(w, factor, fmt, block_size, clip_search)
-    return stored
+    return w, factor
 
 
 def solve_columns(w: torch.Tensor, factor: HessianFactor, fmt: Format, block_size: int = 128,

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import SizewiseError
-from .gptq import HessianFactor, hessian_factor, solve_columns
+from .gptq import HessianFactor, prepare, solve_columns
 from .sparse import Pattern, SparseFormat, SparseTensor, check_keeps
 
 
@@ -51,23 +51,12 @@ def sparsegpt(weight: torch.Tensor, xtx: torch.Tensor | None, fmt: SparseFormat,
     a quant grid: pruned and quantized together), minimizing ‖XWᵀ − XŴᵀ‖ for xtx = ΣxxT."""
     if not isinstance(fmt, SparseFormat):
         raise SizewiseError("sparsegpt prunes: give a sparsity (--sparsity 50%, 2:4, 4:8)")
-    if weight.ndim != 2:
-        raise SizewiseError(f"SparseGPT needs a 2-D weight, got shape {tuple(weight.shape)}")
-    in_f = weight.shape[1]
-    fmt.check(in_f)
     pattern = fmt.spec
     if pattern.nm and act_order:
         raise SizewiseError("N:M sparsity groups consecutive columns: SparseGPT cannot reorder them (act_order off)")
     if block_size < 1 or (pattern.nm and block_size % pattern.m):
         raise SizewiseError(f"block size {block_size} must be a positive multiple of {pattern.m or 1}")
-    if factor is None:
-        factor = hessian_factor(xtx, damp=damp, act_order=act_order)
-    elif factor.act_order != act_order:
-        raise SizewiseError("the Hessian factor was prepared with a different act_order")
-    if factor.u.shape[0] != in_f:
-        raise SizewiseError(f"XᵀX is {factor.u.shape[0]} wide but the weight has {in_f} input columns")
-    w = weight.detach().float().clone()
-    w[:, factor.dead.to(w.device)] = 0
+    w, factor = prepare(weight, xtx, fmt, factor, damp, act_order, "SparseGPT")
     stored, keep = solve_columns(w, factor, fmt.inner, block_size, clip_search, prune=mask_selector(pattern))
     check_keeps(keep, pattern)
     return SparseTensor(fmt, keep, stored)
