@@ -130,7 +130,7 @@ class LowRankFormat(Format):
         r = w.float() - (0 if base is None else dense(base).to(w.device))
         a, b = whitened_factors(r, self.rank, xtx, damp)
         dt = TORCH_DTYPES[self.factor_dtype]
-        return LowRankTensor(self, base, a.to(dt), b.to(dt))
+        return LowRankTensor(self, base, a.to(dt).contiguous(), b.to(dt).contiguous())
 
     def solve(self, solver, w: torch.Tensor, stats):
         base = None if self.base is None else self.base.solve(solver, w, stats)
@@ -157,5 +157,6 @@ class LowRankTensor:
         return self.fmt.stored_bits(*self.shape)
 
     def dequantize(self) -> torch.Tensor:
-        low = self.b.float() @ self.a.float()
+        # contiguous operands: the product's rounding must not depend on how the factors are laid out
+        low = self.b.float().contiguous() @ self.a.float().contiguous()
         return low if self.base is None else dense(self.base).to(low.device) + low
