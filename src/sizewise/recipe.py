@@ -117,6 +117,9 @@ class Recipe:
         if self.budget is not None and (self.plan is not None or self.skip):
             raise SizewiseError("--budget chooses every layer's format itself; drop --plan and --skip")
         quantizers = self.budget_methods()[1] if self.budget is not None else (self.pipeline.quantizer,)
+        if self.budget is not None and any(methods.get(q).stores for q in quantizers):
+            raise SizewiseError("--budget chooses among quantizers (rtn, rtn-mse, gptq); pruning and low-rank "
+                                "methods set one format (--sparsity, --lowrank) or a --plan")
         used = {methods.get(q).name for q in quantizers} | (self.plan.methods() if self.plan else set())
         for name in used:
             methods.get(name)
