@@ -174,3 +174,13 @@ def test_kept_quantized_then_magnitude_keeps_count():
     st = prune_by_score(w, w.abs(), SparseFormat(QuantFormat(4, 32, symmetric=True), "2:4"))
     assert torch.equal(st.keep, keep_mask(w.abs(), parse_pattern("2:4")))
     assert (st.dequantize()[~st.keep] == 0).all()
+
+
+def test_sparse_keeps_plain_values_only():
+    from sizewise.quant.lowrank import LowRankFormat
+    for inner in (SparseFormat(FloatFormat(), "2:4"), LowRankFormat(None, 2)):
+        with pytest.raises(SizewiseError, match="plain values"):
+            SparseFormat(inner, "2:4")
+    with pytest.raises(SizewiseError, match="no value per weight"):
+        from sizewise.quant.kquant import KQuantFormat
+        SparseFormat(KQuantFormat("Q4_K"), "2:4").check(256)

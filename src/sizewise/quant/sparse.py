@@ -30,6 +30,7 @@ import torch
 
 from ..errors import SizewiseError
 from .formats import Format, Part, dense
+from .lowrank import LowRankFormat
 from .uniform import QuantFormat, QuantizedTensor
 
 _NM = re.compile(r"^(\d+):(\d+)$")
@@ -129,8 +130,9 @@ class SparseFormat(Format):
 
     def __post_init__(self):
         parse_pattern(self.pattern)
-        if isinstance(self.inner, SparseFormat):
-            raise SizewiseError("a sparse format cannot wrap another sparse format")
+        if isinstance(self.inner, (SparseFormat, LowRankFormat)):
+            raise SizewiseError("a sparse format keeps plain values (float or a grid), not another sparse or "
+                                "low-rank format (put the factors outside: lowrank(sparse))")
 
     @property
     def spec(self) -> Pattern:
