@@ -177,8 +177,7 @@ def solve_columns(w: torch.Tensor, factor: HessianFactor, fmt: Format, block_siz
     prune: a `select(w1, d1, i1, i, keep1)` that clears in `keep1` (bool, like the block `w1`
     [columns, out] in processing order, starting at column i1) the weights to prune, at step i of the
     block, before column i is rounded; d1 the block's diagonal of the inverse-Hessian factor (SparseGPT's
-    OBS saliency is w²/d²). Pruned weights are
-    "rounded" to zero and their error spread like a rounding error.
+    OBS saliency is w²/d²). Pruned weights are "rounded" to zero, their error spread like a rounding error.
     Returns (the format's stored tensor, or the float values [out, in] for a float format; the keep
     mask [out, in] in original column order, or None without `prune`).
     """
