@@ -20,6 +20,8 @@ from sizewise.plan import Choice, Plan
 from sizewise.quant.codebook import CodebookFormat
 from sizewise.quant.formats import DTYPE_BITS, FloatFormat, Format
 from sizewise.quant.kquant import KQUANT_TYPES, KQuantFormat
+from sizewise.quant.lowrank import LowRankFormat
+from sizewise.quant.sparse import SparseFormat
 from sizewise.quant.registry import FORMATS, format_from_dict
 from sizewise.quant.uniform import QuantFormat
 
@@ -28,7 +30,11 @@ UNIFORM = [QuantFormat(b, g, sym, scale, zero)
            for sym, zero in ((True, "int"), (False, "int"), (False, "float16"))]
 FIXED = [KQuantFormat(t) for t in KQUANT_TYPES] + [CodebookFormat("IQ4_NL"), CodebookFormat("MXFP4")]
 FLOATS = [FloatFormat(d) for d in DTYPE_BITS]
-ALL = UNIFORM + FIXED + FLOATS
+# formats wrapping another: a mask and the kept values, low-rank factors beside a base (or alone)
+WRAPPED = [SparseFormat(FloatFormat(), "2:4"), SparseFormat(QuantFormat(4, 32, symmetric=True), "50%"),
+           SparseFormat(QuantFormat(3, None), "4:8"), LowRankFormat(QuantFormat(3, 32), 4), LowRankFormat(None, 6),
+           LowRankFormat(SparseFormat(QuantFormat(4, 32), "2:4"), 2, "bfloat16")]
+ALL = UNIFORM + FIXED + FLOATS + WRAPPED
 
 
 def _id(f: Format) -> str:
@@ -36,7 +42,7 @@ def _id(f: Format) -> str:
 
 
 def test_every_kind_is_registered():
-    assert set(FORMATS) == {"quant", "kquant", "codebook", "float"}
+    assert set(FORMATS) == {"quant", "kquant", "codebook", "float", "sparse", "lowrank"}
     assert {type(f).kind for f in ALL} == set(FORMATS)
 
 
@@ -83,7 +89,7 @@ def test_parts_through_the_packed_file_are_exact_and_as_large_as_declared(fmt, t
         assert back.dtype == getattr(torch, fmt.dtype)
 
 
-@pytest.mark.parametrize("fmt", [f for f in ALL if f.ggml_type], ids=_id)
+@pytest.mark.parametrize("fmt", [f for f in UNIFORM + FIXED + FLOATS if f.ggml_type], ids=_id)
 def test_ggml_blocks_round_trip_where_a_format_has_them(fmt):
     if not fmt.quantized:
         pytest.skip("float tensors are written as arrays, not blocks")

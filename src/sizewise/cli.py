@@ -135,8 +135,13 @@ def cli():
 @cli.command()
 @click.argument("model")
 @click.option("-o", "--output", required=True, type=click.Path(), help="Artifact directory to write (must not exist or be empty).")
-@click.option("--method", default="rtn", show_default=True, help="rtn, rtn-mse or gptq (see `sizewise methods`).")
+@click.option("--method", default="rtn", show_default=True, help="rtn, rtn-mse, gptq; pruning: sparsegpt, sparsegpt+gptq, "
+              "wanda, magnitude; svd (see `sizewise methods`).")
 @click.option("--bits", default=4, show_default=True, type=int, help="Bits per weight code, 2 to 8.")
+@click.option("--sparsity", default=None, help="With a pruning method: 50% (of each row, bitmap mask), 2:4 or 4:8 (N kept of "
+              "every M, stored as indices).")
+@click.option("--lowrank", default=None, type=int, help="Add rank-R float16 factors: with rtn/gptq they correct the "
+              "quantization error (activation-whitened SVD; GGUF: a LoRA adapter OUT.lora.gguf); with svd they are the weight.")
 @click.option("--group-size", default="64", show_default=True, help="Weights sharing one scale, dividing each layer's input size; 'channel' for one per row.")
 @click.option("--sym/--asym", default=False, show_default=True, help="Symmetric grid (no zero stored) or asymmetric.")
 @click.option("--zero", type=click.Choice(["int", "float16"]), default="int", show_default=True, help="Asymmetric zero point: a b-bit integer, or a float16 minimum (ggml Q4_1 style).")
@@ -170,13 +175,14 @@ def cli():
 @click.option("--recipe", "recipe_path", type=click.Path(), help="Run a recipe JSON (method, options, format/plan/budget, "
               "calibration, output: every run records its own in its manifest) instead of the flags that describe one.")
 @click.pass_context
-def compress(ctx, model, output, method, bits, group_size, sym, zero, scale_dtype, float_dtype, skip, plan_path, calib,
+def compress(ctx, model, output, method, bits, sparsity, lowrank, group_size, sym, zero, scale_dtype, float_dtype, skip, plan_path, calib,
              calib_samples, calib_len, calib_dtype, batch, seed, offload, no_act_order, no_clip_search, damp, budget,
              fisher_samples, measure_samples, out_format, force, allow_pickle, quiet, recipe_path):
     """Compress MODEL and write an artifact (manifest, packed tensors, config and tokenizer) to -o DIR,
     or with --format gguf a GGUF file for llama.cpp."""
     from . import api
     from .plan import Plan
+    from .quant.methods import format_for
     from .quant.uniform import QuantFormat
     from .recipe import Recipe
 
@@ -187,9 +193,13 @@ def compress(ctx, model, output, method, bits, group_size, sym, zero, scale_dtyp
             raise SizewiseError(f"--recipe holds the whole recipe; drop {', '.join(given)}")
         recipe = Recipe.load(recipe_path)
     else:
+        grid = QuantFormat(bits, _group_size(group_size), symmetric=sym, scale_dtype=scale_dtype, zero=zero)
+        if budget is not None and (sparsity or lowrank):
+            raise SizewiseError("--budget chooses among quantizers only; --sparsity and --lowrank set one format")
         recipe = Recipe(
-            method=method, format=QuantFormat(bits, _group_size(group_size), symmetric=sym, scale_dtype=scale_dtype,
-                                              zero=zero),
+            method=method,
+            format=grid if budget is not None else format_for(method, grid, sparsity=sparsity, rank=lowrank,
+                                                              float_dtype=float_dtype),
             options=_gptq_options(no_act_order, no_clip_search, damp), skip=tuple(skip), float_dtype=float_dtype,
             plan=Plan([]) if plan_path else None,     # checked with the recipe before the file is read
             calib=api.CalibConfig(text=calib, samples=calib_samples, length=calib_len, seed=seed, batch=batch,
@@ -207,6 +217,9 @@ def compress(ctx, model, output, method, bits, group_size, sym, zero, scale_dtyp
         e = res.exported
         types = ", ".join(f"{n} x {t}" for t, n in sorted(e["tensor_types"].items(), key=lambda kv: -kv[1]))
         click.echo(f"wrote {output}: {e['bytes'] / 1e6:.1f} MB ({types})")
+        if "lora" in e:
+            click.echo(f"wrote {e['lora']['path']}: low-rank corrections of {e['lora']['tensors']} weights "
+                       f"(llama.cpp: --lora {e['lora']['path']})")
         return
     t = res.manifest["totals"]
     click.echo(f"wrote {output}: {t['bits_per_weight']:.3f} bits/weight over linear layers, "
@@ -215,7 +228,7 @@ def compress(ctx, model, output, method, bits, group_size, sym, zero, scale_dtyp
 
 
 # compress's flags that a --recipe file replaces
-_RECIPE_FLAGS = ("method", "bits", "group_size", "sym", "zero", "scale_dtype", "float_dtype", "skip", "plan_path", "calib",
+_RECIPE_FLAGS = ("method", "bits", "sparsity", "lowrank", "group_size", "sym", "zero", "scale_dtype", "float_dtype", "skip", "plan_path", "calib",
                  "calib_samples", "calib_len", "calib_dtype", "batch", "seed", "offload", "no_act_order",
                  "no_clip_search", "damp", "budget", "fisher_samples", "measure_samples", "out_format")
 
@@ -352,7 +365,8 @@ def info(model, as_json):
                        f"{r['model_params'] / 1e6:.1f}M params{quant}")
         click.echo(f"{'tensor':58} {'method':8} {'format':22} {'bits/w':>7} {'KB':>9}")
         for row in r["layers"]:
-            click.echo(f"{row['name'][:58]:58} {row['method']:8} {row['format']:22} {row['bits_per_weight']:7.3f} {row['bytes'] / 1024:9.1f}")
+            click.echo(f"{row['name'][:58]:58} {row['method']:9} {row['format']:30} {row['bits_per_weight']:7.3f} "
+                       f"{row['bytes'] / 1024:9.1f}")
         if r["bits_per_weight"] is not None:
             click.echo(f"linear layers: {r['bits_per_weight']:.4f} bits/weight over {r['linear_params'] / 1e6:.2f}M weights")
         bpp = "" if r["bits_per_weight_model"] is None else f"{r['bits_per_weight_model']:.3f} bits/param stored, "
@@ -418,6 +432,8 @@ def export_cmd(artifact_dir, fmt, output, tokenizer_pre, float_dtype, force):
     if fmt == "gguf":
         types = ", ".join(f"{k} x{v}" for k, v in sorted(res["tensor_types"].items()))
         click.echo(f"wrote {res['path']}: {res['bytes'] / 1e6:.1f} MB ({types})")
+        if "lora" in res:
+            click.echo(f"wrote {res['lora']['path']}: its LoRA adapter (llama.cpp: --lora)")
     elif fmt == "hf":
         click.echo(f"wrote {res['path']}: {res['bytes'] / 1e6:.1f} MB dense {res['dtype']}")
     else:
@@ -434,7 +450,7 @@ def methods_cmd():
     from .quant.methods import METHODS
 
     for m in METHODS.values():
-        click.echo(f"{m.name:10} {'needs calibration' if m.needs_calibration else 'data-free':18} {m.summary}")
+        click.echo(f"{m.name:14} {'needs calibration' if m.needs_calibration else 'data-free':18} {m.summary}")
 
 
 @cli.command()

@@ -1,8 +1,8 @@
 """What the engine observes of a linear layer's inputs: pluggable observers filling one `LinearStats`.
 
 Each observer accumulates one statistic over the calibration tokens, batch by batch: `Gram` the
-Hessian XᵀX (GPTQ, the allocator's proxy), `AbsSum` the per-channel Σ|x| (AWQ's salience),
-`RoundingGram` the Gram of what llama.cpp's input rounding does to x (the allocator's GGUF
+Hessian XᵀX (GPTQ, the allocator's proxy), `AbsSum` the per-channel Σ|x| (AWQ's salience), `SqSum`
+Σx² (Wanda's channel norms), `RoundingGram` the Gram of what llama.cpp's input rounding does to x (the allocator's GGUF
 pricing). A method that needs another statistic adds an observer; the engine's loop is unchanged.
 """
 
@@ -59,6 +59,17 @@ class AbsSum(Observer):
 
 
 @dataclass(frozen=True)
+class SqSum(Observer):
+    """Σ x² per input channel, float32 [in] (Wanda's ‖x‖₂², without the [in, in] Gram)."""
+
+    def start(self, stats, in_features, device):
+        stats.sq_sum = torch.zeros(in_features, device=device)
+
+    def add(self, stats, x, xf):
+        stats.sq_sum.add_(xf.square().sum(0))
+
+
+@dataclass(frozen=True)
 class RoundingGram(Observer):
     """Per rounding kind of llama.cpp's (`runtime.llamacpp`), Σ e eᵀ with e = round(x) - x, over the
     first `tokens` tokens only: its statistics settle fast. Kinds whose blocks do not tile the input
@@ -82,6 +93,13 @@ class RoundingGram(Observer):
 
 
 DEFAULT_OBSERVERS: tuple[Observer, ...] = (Gram(), AbsSum())
+# statistic name (a `LinearStats` field, as methods declare what they read) -> its observer
+OBSERVERS: dict[str, Observer] = {"xtx": Gram(), "abs_sum": AbsSum(), "sq_sum": SqSum()}
+
+
+def observers_for(names) -> tuple[Observer, ...]:
+    """The observers that accumulate the named statistics, in a fixed order."""
+    return tuple(o for n, o in OBSERVERS.items() if n in set(names))
 
 
 @dataclass
@@ -91,6 +109,7 @@ class LinearStats:
 
     xtx: torch.Tensor | None = None        # [in, in] float32, sum of x xᵀ (GPTQ's Hessian up to a factor 2/n)
     abs_sum: torch.Tensor | None = None    # [in] float32, sum of |x| (AWQ's activation salience)
+    sq_sum: torch.Tensor | None = None     # [in] float32, sum of x² (Wanda's channel norms)
     count: int = 0                         # tokens seen
     # Linears that read the same input (q/k/v, gate/up) share one LinearStats; solvers may cache
     # what they derive from it (e.g. GPTQ's Hessian factor) here. Cleared whenever xtx changes.

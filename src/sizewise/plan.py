@@ -86,6 +86,8 @@ class Plan:
         if missing:
             raise SizewiseError(f"plan does not cover {len(missing)} linear weights, e.g. {missing[0]}")
         for c in self.choices:
+            if c.method != "float":
+                methods.check_format(c.method, c.format)
             if c.name in refs:
                 c.format.check(refs[c.name].shape[1], c.name)
             elif c.name in arch.tables:

@@ -2,7 +2,9 @@
 CLI builds from its flags and a notebook user passes to `api.run`.
 
     transforms    the method's prefix: rotate+ (Hadamard rotation), awq+ (AWQ scales), applied first
-    quantizer     the method's last part (rtn, rtn-mse, gptq), with typed options (`options`)
+    quantizer     the method's last part (rtn, rtn-mse, gptq; pruning: sparsegpt, sparsegpt+gptq, wanda,
+                  magnitude; svd), with typed options (`options`); sparsity and low-rank factors are
+                  part of the format (`methods.format_for`: a sparse format, a low-rank one)
     what to store one uniform `format` (minus `skip` globs), a `plan` (per-layer choices), or a
                   `budget` the allocator meets by choosing among the listed quantizers per layer
     calibration   `calib`; the allocator's samples (`fisher_samples`, `measure_samples`)
@@ -130,9 +132,14 @@ class Recipe:
         if self.budget is not None and (self.plan is not None or self.skip):
             raise SizewiseError("--budget chooses every layer's format itself; drop --plan and --skip")
         quantizers = self.budget_methods()[1] if self.budget is not None else (self.pipeline.quantizer,)
+        if self.budget is not None and any(methods.get(q).stores for q in quantizers):
+            raise SizewiseError("--budget chooses among quantizers (rtn, rtn-mse, gptq); pruning and low-rank "
+                                "methods set one format (--sparsity, --lowrank) or a --plan")
         used = {methods.get(q).name for q in quantizers} | (self.plan.methods() if self.plan else set())
         for name in used:
             methods.get(name)
+        if self.plan is None and self.budget is None:
+            methods.check_format(self.pipeline.quantizer, self.format)
         self._check_options()
         return self
 

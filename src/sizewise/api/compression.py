@@ -15,6 +15,7 @@ from .. import artifact, data, engine, memory
 from ..arch import discover
 from ..errors import SizewiseError
 from ..evaluate import environment
+from ..observers import observers_for
 from ..plan import Plan
 from ..quant import methods
 from ..quant.formats import TORCH_DTYPES, check_storable
@@ -96,7 +97,14 @@ def compress(model: str | Path | Source, config: CompressConfig | None = None, o
                                        float_dtype=config.float_dtype)
     plan.check(arch)
 
-    needs_calib = pipeline.awq or any(methods.get(x).needs_calibration for x in plan.methods())
+    calibrated_formats = any(c.format.calibrated for c in plan.choices if c.method != "float")
+    needs_calib = pipeline.awq or calibrated_formats or any(methods.get(x).needs_calibration for x in plan.methods())
+    # accumulate only what the plan's methods read (Wanda: Σx², not the [in, in] Gram)
+    observed = {s for x in plan.methods() for s in methods.get(x).observes}
+    if pipeline.awq:
+        observed |= {"xtx", "abs_sum"}
+    if calibrated_formats:
+        observed.add("xtx")
     if stats is not None and (pipeline.awq or pipeline.rotate):
         raise SizewiseError("AWQ and rotations transform the model: they cannot reuse saved statistics")
     if needs_calib and stats is not None:
@@ -147,7 +155,7 @@ def compress(model: str | Path | Source, config: CompressConfig | None = None, o
     facts = engine.run(m, arch, solve, samples, batch=config.calib.batch,
                        offload=Path(config.calib.offload) if config.calib.offload else None,
                        progress=progress, compute_dtype=TORCH_DTYPES[config.calib.dtype], transform=layer_transform,
-                       stats=stats)
+                       stats=stats, observers=observers_for(observed))
 
     # Token tables the plan quantizes: data-free, or (the head, or the embedding tied to it) calibrated
     # on the head's input: from the saved float-model statistics, else the compressed model's.

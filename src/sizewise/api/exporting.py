@@ -27,7 +27,9 @@ def export(path: str | Path, out: str | Path, *, format: str = "gguf", overwrite
 
     GGUF holds our formats exactly when they are one of ggml's block types: 32-weight groups with
     float16 scales, symmetric (Q4_0, Q5_0, Q8_0) or with a float16 minimum (Q4_1, Q5_1), and the
-    k-quants (Q2_K .. Q6_K) and IQ4_NL, whose blocks the artifact stores as they are.
+    k-quants (Q2_K .. Q6_K) and IQ4_NL, whose blocks the artifact stores as they are. Sparse weights
+    are written dense (pruned entries exact zeros) where their kept format allows it. Low-rank
+    corrections go to a LoRA adapter beside the file (`out.lora.gguf`, llama.cpp's `--lora`).
 
     Any other model (a built-in name, a Hugging Face directory, a GGUF file) is written unquantized,
     every tensor in `float_dtype` (default float32; 1-D tensors always F32), e.g. as the source that
@@ -43,6 +45,7 @@ def export(path: str | Path, out: str | Path, *, format: str = "gguf", overwrite
     from transformers import AutoConfig, AutoTokenizer
 
     from ..export.gguf import gguf_export_args, write_gguf
+    from ..export.gguf_lora import lora_path, write_lora_gguf
     from ..lossless import is_packed_model
 
     if format not in EXPORT_FORMATS:
@@ -77,13 +80,23 @@ def export(path: str | Path, out: str | Path, *, format: str = "gguf", overwrite
             "compress with --group-size 32 and --sym (Q4_0/Q5_0/Q8_0) or --zero float16 (Q4_1/Q5_1)")
     config = AutoConfig.from_pretrained(Path(path) / artifact.MODEL_FILES, trust_remote_code=False)
     tokenizer = AutoTokenizer.from_pretrained(Path(path) / artifact.MODEL_FILES, trust_remote_code=False)
+    # low-rank corrections travel beside the model file, as the LoRA adapter llama.cpp applies (--lora)
+    factors = {n: f for n, t in stored.items() if not isinstance(t, torch.Tensor)
+               if (f := t.fmt.lora(t)) is not None}
+    adapter = lora_path(out) if factors else None
+    if adapter is not None and adapter.exists() and not overwrite:
+        raise SizewiseError(f"output file {adapter} already exists (use --force to replace it)")
     described = gguf_export_args(manifest["source"])
     written = write_gguf(out, config, stored, tokenizer, name=name or described["name"],
                          tokenizer_pre=tokenizer_pre or described["tokenizer_pre"],
                          metadata=described["metadata"] if metadata is None else metadata)
     import gguf
     types = Counter(gguf.GGMLQuantizationType(t.tensor_type).name for t in gguf.GGUFReader(written).tensors)
-    return {"path": str(written), "bytes": written.stat().st_size, "tensor_types": dict(types)}
+    res = {"path": str(written), "bytes": written.stat().st_size, "tensor_types": dict(types)}
+    if adapter is not None:
+        write_lora_gguf(adapter, config, factors, stored.keys())
+        res["lora"] = {"path": str(adapter), "bytes": adapter.stat().st_size, "tensors": len(factors)}
+    return res
 
 
 def _export_float(model: str | Path, out: Path, float_dtype: str, tokenizer_pre: str | None,

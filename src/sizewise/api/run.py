@@ -49,7 +49,8 @@ def _run_gguf(model, recipe: Recipe, out: Path, overwrite: bool, progress: bool,
         bad = [f for f in fmts if f.ggml_type is None]
         if bad:
             raise SizewiseError(f"GGUF cannot hold {bad[0].label} exactly; use --group-size 32 with --sym "
-                                "(Q4_0/Q5_0/Q8_0) or --zero float16 (Q4_1/Q5_1)")
+                                "(Q4_0/Q5_0/Q8_0) or --zero float16 (Q4_1/Q5_1); sparse weights need float16 or --sym "
+                                "kept values, and factors alone (svd) have no GGUF form")
     with claim(out, overwrite=overwrite, kind="file") as area:   # the artifact lives in the staging area
         art = area / "artifact"
         if recipe.budget is not None:   # a byte budget bounds the .gguf file itself (checked after writing)

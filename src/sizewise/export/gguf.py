@@ -270,16 +270,22 @@ def write_gguf(path: str | os.PathLike, config, weights: Mapping[str, Any], toke
     path = Path(path)
     tensors = gguf_tensors(config, weights)
     with staged_file(path) as tmp:
-        writer = gguf.GGUFWriter(tmp, families.of(config).gguf.arch)
-        try:
-            _add_metadata(writer, config, tokenizer, name, tokenizer_pre, metadata)
-            for tname, payload, ggml_type in tensors:
-                # quantized payloads are uint8 blocks: gguf derives the logical shape from the byte shape
-                raw = ggml_type if payload.dtype == np.uint8 else None
-                writer.add_tensor(tname, payload, raw_dtype=raw)
-            writer.write_header_to_file()
-            writer.write_kv_data_to_file()
-            writer.write_tensors_to_file()
-        finally:
-            writer.close()
+        write_file(tmp, families.of(config).gguf.arch,
+                   lambda writer: _add_metadata(writer, config, tokenizer, name, tokenizer_pre, metadata), tensors)
     return path
+
+
+def write_file(path: Path, arch: str, add_metadata, tensors) -> None:
+    """One GGUF file: `add_metadata(writer)`, then (name, payload, ggml type) tensors, in that order."""
+    writer = gguf.GGUFWriter(path, arch)
+    try:
+        add_metadata(writer)
+        for tname, payload, ggml_type in tensors:
+            # quantized payloads are uint8 blocks: gguf derives the logical shape from the byte shape
+            raw = ggml_type if payload.dtype == np.uint8 else None
+            writer.add_tensor(tname, payload, raw_dtype=raw)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+    finally:
+        writer.close()

@@ -57,6 +57,13 @@ class Part:
         return self.numel * torch.empty((), dtype=getattr(torch, self.dtype)).element_size()
 
     @property
+    def bits_per_value(self) -> int:
+        """Bits each value takes as stored (bit-packed codes: their width)."""
+        if self.code_bits is not None:
+            return self.code_bits
+        return torch.empty((), dtype=getattr(torch, self.dtype)).element_size() * 8
+
+    @property
     def stored_shape(self) -> tuple[int, ...]:
         return (self.nbytes,) if self.code_bits is not None else self.shape
 
@@ -99,6 +106,8 @@ class Format:
 
     kind: ClassVar[str]
     quantized: ClassVar[bool] = True
+    # solving it needs the inputs' statistics whatever the method (a whitened low-rank correction)
+    calibrated: ClassVar[bool] = False
 
     def check(self, in_features: int, name: str = "layer") -> None:
         """Raise a one-line error if this format cannot store rows of `in_features` weights."""
@@ -157,6 +166,18 @@ class Format:
         where this format is not one (k-quants, codebooks, float minimums)."""
         return None
 
+    def lora(self, stored) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Low-rank factors (A [rank, in], B [out, rank]) that a runtime adds to the weight `ggml_blocks`
+        holds (llama.cpp's LoRA adapter: W + B·A), or None: formats that carry a correction say so."""
+        return None
+
+    # --- how a method solves it -----------------------------------------------------------------
+
+    def solve(self, solver, w: torch.Tensor, stats):
+        """The stored tensor of `w` in this format, `solver(w, fmt)` being the method applied to a plain
+        format. Wrappers (a low-rank correction) solve their base with it, then add their own part."""
+        return solver(w, self)
+
     # --- what quantizers call -----------------------------------------------------------------
 
     def round(self, w: torch.Tensor, importance: torch.Tensor | None = None):
@@ -186,6 +207,11 @@ class GGMLBlocks(Format):
 
     def from_parts(self, tensors: dict[str, torch.Tensor], shape: tuple[int, int]):
         return self.from_ggml_blocks(tensors["ggml"].numpy(), shape)
+
+
+def dense(stored) -> torch.Tensor:
+    """The float32 weight a stored tensor holds (a float format's stored tensor is the weight itself)."""
+    return stored.float() if isinstance(stored, torch.Tensor) else stored.dequantize()
 
 
 class StoredTensor:

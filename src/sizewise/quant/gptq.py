@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import SizewiseError
-from .formats import Format
+from .formats import TORCH_DTYPES, Format
 from .grid import decode, encode, fit, grouped
 from .refine import mse_clip
 from .uniform import QuantFormat, pack_tensor
@@ -142,35 +142,67 @@ def gptq(weight: torch.Tensor, xtx: torch.Tensor, fmt: Format, *, block_size: in
     imatrix is the same statistic); GPTQ then chooses every code on that fixed grid. clip_search
     does not apply: those fits search the scales themselves. Returns the format's stored tensor.
     """
-    if weight.ndim != 2:
-        raise SizewiseError(f"GPTQ needs a 2-D weight, got shape {tuple(weight.shape)}")
-    out_f, in_f = weight.shape
-    fmt.check(in_f)
     if block_size < 1:
         raise SizewiseError(f"block size must be positive, got {block_size}")
+    w, factor = prepare(weight, xtx, fmt, factor, damp, act_order, "GPTQ")
+    stored, _ = solve_columns(w, factor, fmt, block_size, clip_search)
+    return stored
+
+
+def prepare(weight: torch.Tensor, xtx: torch.Tensor | None, fmt: Format, factor: HessianFactor | None,
+            damp: float, act_order: bool, what: str) -> tuple[torch.Tensor, HessianFactor]:
+    """(a float32 copy of weight [out, in] for the column loop, dead input channels zeroed; the Hessian
+    factor, computed or checked against the weight)."""
+    if weight.ndim != 2:
+        raise SizewiseError(f"{what} needs a 2-D weight, got shape {tuple(weight.shape)}")
+    in_f = weight.shape[1]
+    fmt.check(in_f)
     if factor is None:
         factor = hessian_factor(xtx, damp=damp, act_order=act_order)
     elif factor.act_order != act_order:
         raise SizewiseError("the Hessian factor was prepared with a different act_order")
     if factor.u.shape[0] != in_f:
         raise SizewiseError(f"XᵀX is {factor.u.shape[0]} wide but the weight has {in_f} input columns")
-
     w = weight.detach().float().clone()
     w[:, factor.dead.to(w.device)] = 0  # no data constrains these; zero is on every grid with an integer zero
+    return w, factor
+
+
+def solve_columns(w: torch.Tensor, factor: HessianFactor, fmt: Format, block_size: int = 128,
+                  clip_search: bool = False, prune=None):
+    """GPTQ's column loop on w [out, in] (modified in place) for any format, optionally pruning.
+
+    fmt: the grid the kept weights are rounded to; a format that is not quantized (`FloatFormat`)
+    keeps them in its float dtype (the loop then only spreads the pruning error: SparseGPT).
+    prune: a `select(w1, d1, i1, i, keep1)` that clears in `keep1` (bool, like the block `w1`
+    [columns, out] in processing order, starting at column i1) the weights to prune, at step i of the
+    block, before column i is rounded; d1 the block's diagonal of the inverse-Hessian factor (SparseGPT's
+    OBS saliency is w²/d²). Pruned weights are "rounded" to zero, their error spread like a rounding error.
+    Returns (the format's stored tensor, or the float values [out, in] for a float format; the keep
+    mask [out, in] in original column order, or None without `prune`).
+    """
+    in_f = w.shape[1]
+    if not fmt.quantized:
+        def enc(x, s, z):
+            return x.to(TORCH_DTYPES[fmt.dtype])
+        coding = (enc, lambda c, s, z: c.float())
+        values, _, keep = _round_columns(w, factor, coding, block_size, (torch.ones_like(w), None), prune=prune)
+        return values, keep
     fixed = fmt.fixed_grid(w, factor.diag)
     if fixed is not None:
-        codes, _ = _round_columns(w, factor, (fixed.encode, fixed.decode), block_size, (fixed.scale, fixed.zero))
-        return fixed.wrap(codes)
+        codes, _, keep = _round_columns(w, factor, (fixed.encode, fixed.decode), block_size,
+                                        (fixed.scale, fixed.zero), prune=prune)
+        return fixed.wrap(codes), keep
     g = fmt.group_len(in_f)
     cw = factor.diag.to(w.device) if clip_search else None
-    if act_order or g == in_f:
+    if factor.act_order or g == in_f:
         scale, zero = _fit_groups(w, fmt, cw, clip_search)          # [out, groups]
         per_weight = (scale.repeat_interleave(g, dim=1), None if zero is None else zero.repeat_interleave(g, dim=1))
-        codes, _ = _round_columns(w, factor, _uniform(fmt), block_size, per_weight)
+        codes, _, keep = _round_columns(w, factor, _uniform(fmt), block_size, per_weight, prune=prune)
     else:
-        codes, (scale, zero) = _round_columns(w, factor, _uniform(fmt), block_size, group=g, cw=cw,
-                                              clip_search=clip_search, fmt=fmt)
-    return pack_tensor(codes, scale, zero, fmt)
+        codes, (scale, zero), keep = _round_columns(w, factor, _uniform(fmt), block_size, group=g, cw=cw,
+                                                    clip_search=clip_search, fmt=fmt, prune=prune)
+    return pack_tensor(codes, scale, zero, fmt), keep
 
 
 def _uniform(fmt: QuantFormat):
@@ -180,15 +212,18 @@ def _uniform(fmt: QuantFormat):
 
 def _round_columns(w: torch.Tensor, factor: HessianFactor, coding, block_size: int,
                    fixed: tuple[torch.Tensor, torch.Tensor | None] | None = None, *, group: int = 0,
-                   cw: torch.Tensor | None = None, clip_search: bool = False, fmt: QuantFormat | None = None):
+                   cw: torch.Tensor | None = None, clip_search: bool = False, fmt: QuantFormat | None = None,
+                   prune=None):
     """GPTQ's column loop over w [out, in]: each column rounded in processing order, its error spread.
 
     coding: (encode, decode) of the grid, each elementwise with scale/zero broadcast.
     fixed: (scale, zero) per weight, each [out, in] (zero None if symmetric), rounded against as given.
     Without it each group of `group` columns (original order only) gets its uniform grid (`fmt`)
     fitted from its weights as updated so far, when its first column is reached.
+    prune: see `solve_columns`; pruned weights are set to zero instead of rounded.
     Returns (uint8 codes [out, in] in original column order, that fitted (scale, zero) [out, groups],
-    or None with a fixed grid). Decoding the codes gives exactly the values rounded to.
+    or None with a fixed grid, the keep mask [out, in] or None). Decoding the codes gives exactly the
+    values rounded to, where kept.
     """
     _encode, _decode = coding
     in_f = w.shape[1]
@@ -205,13 +240,17 @@ def _round_columns(w: torch.Tensor, factor: HessianFactor, coding, block_size: i
     wt = w.t()[perm].contiguous()                                     # [in, out], processing order
     d = u.diagonal()
     s = z = None
+    keep = None if prune is None else torch.ones_like(wt, dtype=torch.bool)
     for i1 in range(0, in_f, block_size):
         i2 = min(i1 + block_size, in_f)
         w1 = wt[i1:i2]                     # view: updated in place, row i final once reached
         u1 = u[i1:i2, i1:i2]
         e1 = torch.empty_like(w1)
+        keep1 = None if keep is None else keep[i1:i2]
         for i in range(i2 - i1):
             c = i1 + i
+            if keep1 is not None:
+                prune(w1, d[i1:i2], i1, i, keep1)
             if fixed is None:
                 if c % group == 0:
                     s, z = _fit_current_group(wt, u, e1, i1, i2, c, group, fmt, cw, clip_search)
@@ -221,7 +260,10 @@ def _round_columns(w: torch.Tensor, factor: HessianFactor, coding, block_size: i
                 s = st[c]
                 z = None if zt is None else zt[c]
             wc = w1[i]
-            err = (wc - _decode(_encode(wc, s, z), s, z)) / d[c]
+            q = _decode(_encode(wc, s, z), s, z)
+            if keep1 is not None:
+                q = torch.where(keep1[i], q, 0.0)
+            err = (wc - q) / d[c]
             e1[i] = err
             # Spread this column's error over the rest of the block now; beyond it, later.
             w1[i + 1:].addr_(u1[i, i + 1:], err, alpha=-1.0)
@@ -240,7 +282,9 @@ def _round_columns(w: torch.Tensor, factor: HessianFactor, coding, block_size: i
     codes_t = _encode(wt, st, zt)
     inv = torch.empty_like(perm)
     inv[perm] = torch.arange(in_f, device=dev)
-    return codes_t[inv].t().contiguous(), fitted                        # original column order
+    if keep is not None:
+        keep = keep[inv].t().contiguous()
+    return codes_t[inv].t().contiguous(), fitted, keep                  # original column order
 
 
 def _fit_current_group(wt, u, e1, i1, i2, c, g, fmt, cw, clip_search):

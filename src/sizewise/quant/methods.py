@@ -22,6 +22,11 @@ class Method:
     solve: Callable[..., object]   # (weight, stats, fmt, **options) -> the format's stored tensor
     summary: str
     options: dict = field(default_factory=dict)
+    # which statistics of the inputs it reads (`observers.OBSERVERS`): the engine accumulates only those
+    observes: tuple[str, ...] = ("xtx", "abs_sum")
+    # what it stores: "" any format, "float"/"quant": a sparse format whose kept values are float or on a
+    # grid (pruning), "factors": low-rank factors alone
+    stores: str = ""
 
 
 def round_to_nearest(w: torch.Tensor, fmt: Format):
@@ -51,13 +56,93 @@ def _gptq(w, stats, fmt, block_size=128, act_order=True, damp=0.01, clip_search=
                 clip_search=clip_search, factor=factor)
 
 
+def _sparsegpt(w, stats, fmt, block_size=128, damp=0.01, clip_search=True, **_):
+    from .gptq import hessian_factor
+    from .sparsegpt import sparsegpt
+
+    key = ("gptq-factor", damp, False)        # N:M groups need the natural column order
+    if key not in stats.cache:
+        stats.cache[key] = hessian_factor(stats.xtx, damp=damp, act_order=False)
+    return sparsegpt(w, stats.xtx, fmt, block_size=block_size, damp=damp, clip_search=clip_search,
+                     factor=stats.cache[key])
+
+
+def _wanda(w, stats, fmt, **_):
+    from .wanda import wanda
+    return wanda(w, stats, fmt)
+
+
+def _magnitude(w, stats, fmt, **_):
+    from .wanda import magnitude
+    return magnitude(w, fmt)
+
+
+def _factors_only(w, stats, fmt, **_):
+    raise SizewiseError("svd stores low-rank factors alone: give a rank (--lowrank R)")
+
+
+_SPARSEGPT_OPTIONS = {"block_size": 128, "damp": 0.01, "clip_search": True}
+
 METHODS = {m.name: m for m in [
     Method("rtn", False, _rtn, "round-to-nearest, each group's grid fitted to its min/max (data-free)"),
     Method("rtn-mse", False, _rtn_mse, "round-to-nearest with an MSE-optimal clipping search per group (data-free)"),
     Method("gptq", True, _gptq, "GPTQ: second-order error compensation from calibration data, clipping range searched per group",
            # clip_search on: at 3 bits g64 on SmolLM2, 40.99 perplexity vs 51.12 from min/max grids
-           {"block_size": 128, "act_order": True, "damp": 0.01, "clip_search": True}),
+           {"block_size": 128, "act_order": True, "damp": 0.01, "clip_search": True}, observes=("xtx",)),
+    Method("sparsegpt", True, _sparsegpt, "SparseGPT: prune (--sparsity 50%, 2:4, 4:8) with the OBS update on "
+           "GPTQ's column loop; kept weights in float", _SPARSEGPT_OPTIONS, ("xtx",), "float"),
+    Method("sparsegpt+gptq", True, _sparsegpt, "SparseGPT pruning and GPTQ rounding of the kept weights in one "
+           "pass (--sparsity, --bits, --group-size)", _SPARSEGPT_OPTIONS, ("xtx",), "quant"),
+    Method("wanda", True, _wanda, "Wanda: prune the smallest |W|·‖x‖ of each row (no update); kept weights in float",
+           observes=("sq_sum",), stores="float"),
+    Method("magnitude", False, _magnitude, "prune the smallest |W| of each row (no update, data-free); kept "
+           "weights in float", observes=(), stores="float"),
+    Method("svd", True, _factors_only, "W ≈ B·A alone: the activation-whitened truncated SVD (ASVD style), "
+           "rank --lowrank R", observes=("xtx",), stores="factors"),
 ]}
+
+
+def format_for(name: str, grid: Format, *, sparsity: str | None = None, rank: int | None = None,
+               float_dtype: str = "float16") -> Format:
+    """The format a method stores, from the flags: `grid` (--bits, --group-size) for quantizers and for
+    SparseGPT+GPTQ's kept weights, a sparse format for pruning methods, low-rank factors added with `rank`."""
+    from .formats import FloatFormat
+    from .lowrank import LowRankFormat
+    from .sparse import SparseFormat
+
+    stores = get(parse(name).quantizer).stores
+    if stores in ("float", "quant"):
+        if sparsity is None:
+            raise SizewiseError(f"--method {name} prunes: give --sparsity (50%, 2:4, 4:8)")
+        fmt = SparseFormat(FloatFormat(float_dtype) if stores == "float" else grid, sparsity)
+    elif sparsity is not None:
+        raise SizewiseError("--sparsity needs a pruning method: " +
+                            ", ".join(m.name for m in METHODS.values() if m.stores in ("float", "quant")))
+    elif stores == "factors":
+        if rank is None:
+            raise SizewiseError(f"--method {name} stores low-rank factors alone: give --lowrank R")
+        return LowRankFormat(None, rank)
+    else:
+        fmt = grid
+    return fmt if rank is None else LowRankFormat(fmt, rank)
+
+
+def check_format(name: str, fmt: Format) -> None:
+    """One-line error if method `name` cannot store `fmt` (a pruning method needs a sparse format)."""
+    from .lowrank import LowRankFormat
+    from .sparse import SparseFormat
+
+    stores = get(name).stores
+    if isinstance(fmt, LowRankFormat):
+        if fmt.base is None:
+            return              # factors alone: no method runs
+        fmt = fmt.base
+    if stores in ("float", "quant") and not isinstance(fmt, SparseFormat):
+        raise SizewiseError(f"{name} prunes: its format must be sparse (--sparsity), got {fmt.label}")
+    if stores == "" and isinstance(fmt, SparseFormat):
+        raise SizewiseError(f"{name} does not prune; {fmt.label} needs sparsegpt, sparsegpt+gptq, wanda or magnitude")
+    if stores == "factors":
+        raise SizewiseError(f"{name} stores low-rank factors alone; give --lowrank R")
 
 
 @dataclass(frozen=True)
@@ -77,10 +162,12 @@ TRANSFORMS = ("rotate", "awq")
 
 
 def parse(name: str) -> Pipeline:
-    """'awq' alone means awq+rtn; transforms come first, in the order rotate, awq."""
+    """'awq' alone means awq+rtn; transforms come first, in the order rotate, awq. The quantizer is the
+    longest tail that names a method ("sparsegpt+gptq")."""
     parts = name.split("+")
-    quantizer = parts[-1] if parts[-1] in METHODS else "rtn"
-    stages = parts[:-1] if parts[-1] in METHODS else parts
+    k = next((k for k in range(len(parts)) if "+".join(parts[k:]) in METHODS), len(parts))
+    quantizer = "+".join(parts[k:]) or "rtn"
+    stages = parts[:k]
     if any(p not in TRANSFORMS for p in stages) or len(set(stages)) != len(stages) or \
             stages != [t for t in TRANSFORMS if t in stages]:
         raise SizewiseError(f"unknown method {name!r}; a method is [rotate+][awq+]QUANTIZER with QUANTIZER one of "
@@ -95,5 +182,7 @@ def get(name: str) -> Method:
 
 
 def solve(name: str, w: torch.Tensor, stats, fmt: Format, options: dict | None = None):
+    """Method `name` applied to `w` in `fmt`; a wrapping format (low-rank factors) solves its base with it."""
     m = get(name)
-    return m.solve(w, stats, fmt, **{**m.options, **(options or {})})
+    opts = {**m.options, **(options or {})}
+    return fmt.solve(lambda w2, f2: m.solve(w2, stats, f2, **opts), w, stats)

@@ -6,6 +6,8 @@ from ..errors import SizewiseError
 from .codebook import CodebookFormat
 from .formats import FloatFormat, Format
 from .kquant import KQuantFormat
+from .lowrank import LowRankFormat
+from .sparse import SparseFormat
 from .uniform import QuantFormat
 
 FORMATS: dict[str, type[Format]] = {cls.kind: cls for cls in (
@@ -13,6 +15,8 @@ FORMATS: dict[str, type[Format]] = {cls.kind: cls for cls in (
     QuantFormat,
     KQuantFormat,
     CodebookFormat,
+    SparseFormat,
+    LowRankFormat,
 )}
 
 
@@ -25,7 +29,8 @@ def format_from_dict(d: dict) -> Format:
     if not isinstance(d, dict) or d.get("kind") not in FORMATS:
         kind = d.get("kind") if isinstance(d, dict) else d
         raise SizewiseError(f"unknown format kind {kind!r}; known: {', '.join(FORMATS)}")
-    fields = {k: v for k, v in d.items() if k != "kind"}
+    # wrappers (sparse, low-rank) hold their kept or base format as a nested dict
+    fields = {k: format_from_dict(v) if isinstance(v, dict) else v for k, v in d.items() if k != "kind"}
     try:
         return FORMATS[d["kind"]](**fields)
     except TypeError as e:
