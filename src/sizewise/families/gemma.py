@@ -12,7 +12,7 @@ gemma4, ...); they share these module names and conventions. The tiny test model
 
 from __future__ import annotations
 
-from .base import Family, Fold
+from .base import Family, Fold, Prunable
 
 _QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 
@@ -34,5 +34,6 @@ GEMMA = Family(
     folds=FOLDS,
     no_rotation="its post-attention/feedforward norms scale the residual update per channel "
                 "(Gemma 2 on; Gemma 1's norms multiply by 1 + weight)",
+    prunable=Prunable(),
     bos=True,
 )
