@@ -35,8 +35,13 @@ class Sizes:
     head_dim: int
 
 
+def text_config(config):
+    """The decoder's own config (a multimodal config holds it inside)."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
 def sizes_of(config) -> Sizes:
-    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    cfg = text_config(config)
     heads = cfg.num_attention_heads
     return Sizes(cfg.num_hidden_layers, cfg.intermediate_size, heads,
                  getattr(cfg, "num_key_value_heads", None) or heads,
@@ -61,17 +66,27 @@ class StructuredConfig:
     def active(self) -> bool:
         return bool(self.drop_layers or self.prune_mlp or self.prune_heads)
 
-    def target(self, config) -> tuple[Sizes, Sizes]:
-        """(sizes now, sizes after); a one-line error for a request the model cannot meet."""
-        s = sizes_of(config)
-        if self.drop_layers < 0 or self.prune_heads < 0 or self.align < 1 or self.damp < 0:
+    def check(self) -> "StructuredConfig":
+        """What holds for any model: typed, non-negative counts, a fraction below 100%."""
+        ints = (self.drop_layers, self.prune_heads, self.align)
+        if any(not isinstance(v, int) or isinstance(v, bool) for v in ints) or \
+                not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (self.prune_mlp, self.damp)):
+            raise SizewiseError("structured pruning: layer and head counts and the alignment are integers, "
+                                "the MLP fraction and damping numbers")
+        if min(self.drop_layers, self.prune_heads) < 0 or self.align < 1 or self.damp < 0:
             raise SizewiseError("layer and head counts must be >= 0, the alignment >= 1 and damping >= 0")
-        if self.drop_layers >= s.layers:
-            raise SizewiseError(f"cannot drop {self.drop_layers} of the model's {s.layers} decoder layers: "
-                                "at least one must remain")
         if not 0 <= self.prune_mlp < 1:
             raise SizewiseError(f"--prune-mlp {self.prune_mlp:.0%} would remove every MLP channel; "
                                 "choose less than 100%")
+        return self
+
+    def target(self, config) -> tuple[Sizes, Sizes]:
+        """(sizes now, sizes after); a one-line error for a request the model cannot meet."""
+        self.check()
+        s = sizes_of(config)
+        if self.drop_layers >= s.layers:
+            raise SizewiseError(f"cannot drop {self.drop_layers} of the model's {s.layers} decoder layers: "
+                                "at least one must remain")
         inter = s.intermediate
         if self.prune_mlp:
             inter = round(s.intermediate * (1 - self.prune_mlp) / self.align) * self.align

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..arch import Architecture
+from .config import text_config
 
 
 def angular_distances(model, arch: Architecture, samples: torch.Tensor, span: int, *, batch: int = 8,
@@ -63,7 +64,7 @@ def drop_layers(model, arch: Architecture, drop: list[int]) -> None:
             if hasattr(m, "layer_idx"):
                 m.layer_idx = new
     setattr(parent, attr, nn.ModuleList(layers))
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    cfg = text_config(model.config)
     types = getattr(cfg, "layer_types", None)
     cfg.num_hidden_layers = len(kept)
     if types is not None:

@@ -28,7 +28,7 @@ from torch import nn
 from .. import engine, families
 from ..arch import discover
 from ..errors import SizewiseError
-from .config import Sizes, StructuredConfig
+from .config import Sizes, StructuredConfig, text_config
 from .layers import angular_distances, drop_layers
 from .removal import output_error, refit, select
 
@@ -135,7 +135,7 @@ def prune(model, samples: torch.Tensor, cfg: StructuredConfig, *, batch: int = 8
         transform = _unit_pruner(arch.layers_path, spec, before, after, cfg.damp, log)
         facts = engine.run(model, arch, _unchanged, samples, batch=batch, offload=offload, progress=progress,
                            compute_dtype=compute_dtype, transform=transform)
-        cfg_text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        cfg_text = text_config(model.config)
         cfg_text.intermediate_size = after.intermediate
         cfg_text.num_attention_heads = after.heads
         cfg_text.head_dim = after.head_dim              # no longer hidden_size / heads
