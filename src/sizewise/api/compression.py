@@ -85,6 +85,7 @@ def compress(model: str | Path | Source, config: CompressConfig | None = None, o
             raise SizewiseError("structured pruning changes the model: it cannot reuse saved statistics")
         from ..prune import prune
 
+        config.structured.target(m.config)          # an impossible request fails before any work
         pruned = _calibration(src, config.calib, progress)
         transforms["structured"] = prune(m, pruned[0], config.structured, batch=config.calib.batch,
                                          compute_dtype=TORCH_DTYPES[config.calib.dtype], progress=progress,
