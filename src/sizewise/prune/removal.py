@@ -44,6 +44,9 @@ def output_error(w: torch.Tensor, gram: torch.Tensor, kept_w: torch.Tensor, keep
 
 def _scores(w: torch.Tensor, hinv: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
     """ΔE of removing each unit alone: tr(W_B [G⁻¹]_BB⁻¹ W_Bᵀ), batched over units [n, size]."""
+    if units.shape[1] == 1:             # single columns: ‖w_j‖² / [G⁻¹]_jj (a batched solve of 1x1s is slow)
+        u = units[:, 0]
+        return (w[:, u] ** 2).sum(0) / hinv[u, u]
     hb = hinv[units[:, :, None], units[:, None, :]]          # [n, s, s]
     wb = w[:, units].permute(1, 0, 2)                        # [n, out, s]
     return (torch.linalg.solve(hb, wb.transpose(1, 2)).transpose(1, 2) * wb).sum((1, 2))
