@@ -1,6 +1,6 @@
 """The import contract: modules depend downward only, so each idea stays in one place.
 
-quant → formats/artifact → engine → allocation → api → cli/sweep; export and lossless sit beside the
+quant → formats/artifact → engine → prune, allocation → api → cli/sweep; export and lossless sit beside the
 artifact and never import the layers above them; nothing outside quant/ asks which class a format is.
 Imports inside functions count: a lazy import is still a dependency.
 """
@@ -19,10 +19,10 @@ FORBIDDEN = {
     **{m: TOP for m in ("sizewise.quant", "sizewise.families", "sizewise.runtime", "sizewise.engine",
                         "sizewise.allocate", "sizewise.artifact", "sizewise.export", "sizewise.lossless",
                         "sizewise.plan", "sizewise.arch", "sizewise.sources", "sizewise.data",
-                        "sizewise.evaluate", "sizewise.report")},
+                        "sizewise.evaluate", "sizewise.report", "sizewise.prune")},
 }
 NO_EXPORT = ("sizewise.quant", "sizewise.engine", "sizewise.artifact", "sizewise.allocate", "sizewise.runtime",
-             "sizewise.families", "sizewise.evaluate")
+             "sizewise.families", "sizewise.evaluate", "sizewise.prune")
 BELOW_EVERYTHING = ("sizewise.quant", "sizewise.families")     # import nothing of sizewise but these and errors
 FORMAT_CLASSES = re.compile(r"\b(\w*Format|\w*Tensor)\b")
 

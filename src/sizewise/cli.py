@@ -169,6 +169,12 @@ def cli():
               "ggml block types (group size 32, float16 scales, --sym or --zero float16; or k-quants in a --plan); "
               "with --budget the allocator then chooses among Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, F16 and, on layers "
               "whose input size is a multiple of 256, Q2_K..Q6_K, and a file-size budget bounds the .gguf file.")
+@click.option("--drop-layers", default=0, show_default=True, type=int, help="Structured pruning: remove this many whole "
+              "decoder layers (the block whose input and output differ least on the calibration text).")
+@click.option("--prune-mlp", default=None, help="Structured pruning: remove this fraction of every layer's MLP channels "
+              "(10% or 0.1; the kept intermediate size a multiple of 64), the down projection refitted by least squares.")
+@click.option("--prune-heads", default=0, show_default=True, type=int, help="Structured pruning: remove this many query "
+              "heads per layer, the same number from each key/value group, the output projection refitted.")
 @click.option("--force", is_flag=True, help="Replace the output directory if it exists.")
 @click.option("--allow-pickle", is_flag=True, help="Allow loading pickled (.bin) weights. Only for files you trust.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
@@ -177,11 +183,17 @@ def cli():
 @click.pass_context
 def compress(ctx, model, output, method, bits, sparsity, lowrank, group_size, sym, zero, scale_dtype, float_dtype, skip, plan_path, calib,
              calib_samples, calib_len, calib_dtype, batch, seed, offload, no_act_order, no_clip_search, damp, budget,
-             fisher_samples, measure_samples, out_format, force, allow_pickle, quiet, recipe_path):
+             fisher_samples, measure_samples, out_format, drop_layers, prune_mlp, prune_heads, force, allow_pickle, quiet,
+             recipe_path):
     """Compress MODEL and write an artifact (manifest, packed tensors, config and tokenizer) to -o DIR,
-    or with --format gguf a GGUF file for llama.cpp."""
+    or with --format gguf a GGUF file for llama.cpp.
+
+    With --drop-layers/--prune-mlp/--prune-heads the model first becomes a smaller dense one; it is
+    quantized only if --method or --bits is given, else kept in --float-dtype."""
     from . import api
     from .plan import Plan
+    from .prune import StructuredConfig, parse_fraction
+    from .quant.formats import FloatFormat
     from .quant.methods import format_for
     from .quant.uniform import QuantFormat
     from .recipe import Recipe
@@ -205,11 +217,25 @@ def compress(ctx, model, output, method, bits, sparsity, lowrank, group_size, sy
             calib=api.CalibConfig(text=calib, samples=calib_samples, length=calib_len, seed=seed, batch=batch,
                                   offload=offload, dtype=calib_dtype),
             budget=budget, fisher_samples=fisher_samples, measure_samples=measure_samples, output=out_format).check()
+        structured = StructuredConfig(drop_layers, parse_fraction(prune_mlp) if prune_mlp else 0.0, prune_heads)
+        if structured.active:
+            recipe.structured = structured.check()
+            explicit = {p for p in ("method", "bits") if ctx.get_parameter_source(p) == click.core.ParameterSource.COMMANDLINE}
+            if not explicit and not plan_path and budget is None:    # a smaller float model
+                recipe.format, recipe.skip = FloatFormat(float_dtype), ("*",)
+            recipe.check()
         if plan_path:
             recipe.plan = Plan.load(plan_path)
     with _claimed(output, force, "file" if recipe.output == "gguf" else "dir", model, recipe.calib.text, plan_path,
                   recipe_path, recipe.calib.offload):
         res, alloc = api.run(model, recipe, output, overwrite=force, progress=not quiet, allow_pickle=allow_pickle)
+    pruned = res.manifest["transforms"].get("structured")
+    if pruned:
+        b, a = pruned["before"], pruned["after"]
+        click.echo(f"pruned: layers {b['layers']} -> {a['layers']}, MLP channels {b['intermediate']} -> "
+                   f"{a['intermediate']}, query heads {b['heads']} -> {a['heads']}; parameters "
+                   f"{pruned['params_before'] / 1e6:.2f}M -> {pruned['params_after'] / 1e6:.2f}M "
+                   f"(-{1 - pruned['params_after'] / pruned['params_before']:.1%})")
     if alloc is not None and recipe.output != "gguf":
         click.echo(f"allocated for {recipe.budget}: predicted KL {alloc.predicted_total:.4g} nats/token "
                    f"(`sizewise info {output}` lists every layer)")
@@ -230,7 +256,8 @@ def compress(ctx, model, output, method, bits, sparsity, lowrank, group_size, sy
 # compress's flags that a --recipe file replaces
 _RECIPE_FLAGS = ("method", "bits", "sparsity", "lowrank", "group_size", "sym", "zero", "scale_dtype", "float_dtype", "skip", "plan_path", "calib",
                  "calib_samples", "calib_len", "calib_dtype", "batch", "seed", "offload", "no_act_order",
-                 "no_clip_search", "damp", "budget", "fisher_samples", "measure_samples", "out_format")
+                 "no_clip_search", "damp", "budget", "fisher_samples", "measure_samples", "out_format", "drop_layers",
+                 "prune_mlp", "prune_heads")
 
 
 @cli.command(name="plan")

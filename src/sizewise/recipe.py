@@ -9,6 +9,8 @@ CLI builds from its flags and a notebook user passes to `api.run`.
                   `budget` the allocator meets by choosing among the listed quantizers per layer
     calibration   `calib`; the allocator's samples (`fisher_samples`, `measure_samples`)
     output        "artifact" (a directory) or "gguf" (a file llama.cpp runs)
+    structured    layers, MLP channels and heads removed first (`prune.StructuredConfig`): a smaller
+                  dense model, which the rest of the recipe then quantizes
 
     sizewise compress MODEL --recipe recipe.json -o out/x        # a recipe saved by an earlier run
 """
@@ -25,6 +27,7 @@ import torch
 from .defaults import MEASURE_SAMPLES
 from .errors import SizewiseError
 from .plan import Choice, Plan
+from .prune.config import StructuredConfig
 from .quant import methods
 from .quant.formats import TORCH_DTYPES, Format
 from .quant.registry import format_from_dict
@@ -94,6 +97,7 @@ class Recipe:
     fisher_samples: int = 8                         # with a budget: samples for the importance pass
     measure_samples: int = MEASURE_SAMPLES          # with a budget: held-out samples to measure plans on
     output: str = "artifact"                        # "artifact" or "gguf"
+    structured: StructuredConfig | None = None      # layers, MLP channels, heads removed before quantizing
 
     # --- what the run does --------------------------------------------------------------------
 
@@ -131,6 +135,11 @@ class Recipe:
                 raise SizewiseError(f"{name} must be an integer >= {least}, got {v!r}")
         if self.budget is not None and (self.plan is not None or self.skip):
             raise SizewiseError("--budget chooses every layer's format itself; drop --plan and --skip")
+        if self.structured is not None and self.budget is not None:
+            raise SizewiseError("structured pruning does not combine with --budget yet: prune to an artifact, "
+                                "then compress that artifact to the budget")
+        if self.structured is not None:
+            self.structured.check()
         quantizers = self.budget_methods()[1] if self.budget is not None else (self.pipeline.quantizer,)
         if self.budget is not None and any(methods.get(q).stores for q in quantizers):
             raise SizewiseError("--budget chooses among quantizers (rtn, rtn-mse, gptq); pruning and low-rank "
@@ -173,6 +182,8 @@ class Recipe:
                 v = {g.name: _plain(getattr(v, g.name)) for g in fields(v)}
             elif f.name == "skip":
                 v = list(v)
+            elif f.name == "structured":
+                v = None if v is None else v.to_dict()
             out[f.name] = v
         return out
 
@@ -196,6 +207,8 @@ class Recipe:
                 d["calib"] = CalibConfig(**d["calib"])
             if "skip" in d:
                 d["skip"] = tuple(d["skip"])
+            if d.get("structured") is not None:
+                d["structured"] = StructuredConfig.from_dict(d["structured"])
             return cls(**d).check()
         except (TypeError, KeyError, AttributeError) as e:
             raise SizewiseError(f"not a sizewise recipe: {e}") from None

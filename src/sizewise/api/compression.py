@@ -86,6 +86,18 @@ def compress(model: str | Path | Source, config: CompressConfig | None = None, o
         check_storable(name, p.detach(), None if name in linear_names else config.float_dtype)
     config = replace(config, calib=config.calib.resolved(next(m.parameters()).device))
     transforms = {}
+    pruned = None            # calibration samples already drawn for structured pruning
+    if config.structured is not None and config.structured.active:
+        if stats is not None:
+            raise SizewiseError("structured pruning changes the model: it cannot reuse saved statistics")
+        from ..prune import prune
+
+        config.structured.target(m.config)          # an impossible request fails before any work
+        pruned = _calibration(src, config.calib, progress)
+        transforms["structured"] = prune(m, pruned[0], config.structured, batch=config.calib.batch,
+                                         compute_dtype=TORCH_DTYPES[config.calib.dtype], progress=progress,
+                                         offload=Path(config.calib.offload) if config.calib.offload else None)
+        arch = discover(m)
     if pipeline.rotate:
         from ..quant.rotate import rotate_model
 
@@ -113,7 +125,7 @@ def compress(model: str | Path | Source, config: CompressConfig | None = None, o
                                       "text": c.text, "statistics": "saved from one float-model pass; every layer "
                                       "solved from them at once (compressed outputs not propagated)"}
     else:
-        samples, calib_proto = _calibration(src, config.calib, progress) if needs_calib else (None, None)
+        samples, calib_proto = (pruned or _calibration(src, config.calib, progress)) if needs_calib else (None, None)
         stats = None
 
     c = config.calib
@@ -195,7 +207,7 @@ def compress(model: str | Path | Source, config: CompressConfig | None = None, o
                    "effective_options": {q: {**methods.get(q).options, **config.options}
                                          for q in sorted(plan.methods()) if methods.get(q).options},
                    "format": None if config.plan else config.format.to_dict(), "skip": list(config.skip)},
-        "calibration": calib_proto,
+        "calibration": calib_proto or (pruned[1] if pruned else None),
         "transforms": transforms,
         "plan": [c.to_dict() for c in plan.choices],
         # what `compress --recipe` runs to rebuild these weights: the applied plan, calibration as resolved

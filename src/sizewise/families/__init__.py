@@ -11,10 +11,11 @@ tests/tiny.py (tests/test_families.py checks all three).
 from __future__ import annotations
 
 from . import gemma, gpt2, llama, opt, phi3, qwen2, qwen3
-from .base import Family, Fold, GGUFArch
+from .base import Family, Fold, GGUFArch, Prunable
 
-__all__ = ["FAMILIES", "GENERIC", "Family", "Fold", "GGUFArch", "LLAMA",
-           "awq_model_types", "config_from_gguf", "for_model_type", "gguf_support", "of", "rotation_model_types", "supported_text"]
+__all__ = ["FAMILIES", "GENERIC", "Family", "Fold", "GGUFArch", "LLAMA", "Prunable",
+           "awq_model_types", "config_from_gguf", "for_model_type", "gguf_support", "of", "prunable_model_types",
+           "rotation_model_types", "supported_text"]
 
 # The registry; its order is the order user-facing texts list families in.
 FAMILIES: tuple[Family, ...] = (
@@ -105,6 +106,11 @@ def config_from_gguf(path) -> dict:
         return np.asarray(t.data, dtype=np.float64).reshape(-1).tolist()
 
     return layout.config_from_gguf(meta, tensor)
+
+
+def prunable_model_types() -> tuple[str, ...]:
+    """Model types structured pruning knows the modules of ("gemma*" for a prefix), in registry order."""
+    return tuple(t for f in FAMILIES if f.prunable is not None for t in f.covers)
 
 
 def gguf_support() -> str:

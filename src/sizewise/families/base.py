@@ -7,6 +7,8 @@ per-family knowledge, either that knowledge or the one-line reason sizewise refu
 - rotation: `rotation_writers`, the linears whose outputs are added to the residual stream
   (empty: not supported, `no_rotation` says why);
 - GGUF: `gguf`, llama.cpp's architecture, tensor names and metadata (None: not supported yet);
+- structured pruning: `prunable`, the modules whose MLP channels and attention heads can be removed
+  (None: not supported);
 - quirks the rest of the code asks about (`bos`).
 
 This module depends on nothing above `errors`, so that `quant/` and `export/` can import it.
@@ -68,6 +70,23 @@ class GGUFArch:
 
 
 @dataclass(frozen=True)
+class Prunable:
+    """Where structured pruning removes whole units, by module names relative to a decoder layer.
+
+    MLP channels are rows of every `mlp_in` linear and columns of `mlp_out`; attention heads are rows
+    of `q` and columns of `o` (key/value heads are kept, so the same number of query heads leaves each
+    key/value group). The config keys `intermediate_size`, `num_attention_heads`, `head_dim` and
+    `num_hidden_layers` (and `layer_types` when present) are rewritten to the new sizes.
+    """
+
+    mlp_in: tuple[str, ...] = ("mlp.gate_proj", "mlp.up_proj")
+    mlp_out: str = "mlp.down_proj"
+    attention: str = "self_attn"
+    q: str = "self_attn.q_proj"
+    o: str = "self_attn.o_proj"
+
+
+@dataclass(frozen=True)
 class Family:
     """One model family: what sizewise knows about it beyond generic discovery."""
 
@@ -80,6 +99,7 @@ class Family:
     rotation_writers: tuple[str, ...] = ()     # residual-stream writers; empty: rotation unsupported
     no_rotation: str = ""                      # why rotation refuses (may be empty: no reason known)
     gguf: GGUFArch | None = None             # None: GGUF export does not support it yet
+    prunable: Prunable | None = None           # structured pruning's modules; None: not supported
     bos: bool = False                          # evaluation prepends BOS even if the tokenizer adds none
     known: bool = True                         # False only for the generic family of unknown model types
 

@@ -20,7 +20,7 @@ import gguf
 
 from ..errors import SizewiseError
 from . import gguf_keys
-from .base import Family, Fold, GGUFArch
+from .base import Family, Fold, GGUFArch, Prunable
 
 _QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 
@@ -143,9 +143,9 @@ GEMMA3_GGUF = GGUFArch(
 )
 
 GEMMA2 = Family(name="gemma2", label="Gemma 2", model_types=("gemma2",), folds=FOLDS, no_rotation=NO_ROTATION,
-                gguf=GEMMA2_GGUF, bos=True)
+                gguf=GEMMA2_GGUF, prunable=Prunable(), bos=True)
 # "gemma3" is the multimodal model's config; its text model is "gemma3_text" (what GGUF export writes)
 GEMMA3 = Family(name="gemma3", label="Gemma 3", model_types=("gemma3_text",), folds=FOLDS,
-                no_rotation=NO_ROTATION, gguf=GEMMA3_GGUF, bos=True)
+                no_rotation=NO_ROTATION, gguf=GEMMA3_GGUF, prunable=Prunable(), bos=True)
 GEMMA = Family(name="gemma", label="Gemma", model_types=("gemma",), model_type_prefixes=("gemma",),
-               folds=FOLDS, no_rotation=NO_ROTATION, bos=True)
+               folds=FOLDS, no_rotation=NO_ROTATION, prunable=Prunable(), bos=True)

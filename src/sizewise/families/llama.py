@@ -12,7 +12,7 @@ import gguf
 
 from ..errors import SizewiseError
 from . import gguf_keys
-from .base import Family, Fold, GGUFArch
+from .base import Family, Fold, GGUFArch, Prunable
 
 _QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 
@@ -104,7 +104,7 @@ GGUF = GGUFArch(
 )
 
 LLAMA = Family(name="llama", label="Llama", model_types=("llama",), folds=FOLDS,
-               rotation_writers=ROTATION_WRITERS, gguf=GGUF)
+               rotation_writers=ROTATION_WRITERS, gguf=GGUF, prunable=Prunable())
 # Same layers; its sliding window (when shorter than the context) is refused by GGUF's `_check_config`.
 MISTRAL = Family(name="mistral", label="Mistral", model_types=("mistral",), folds=FOLDS,
-                 rotation_writers=ROTATION_WRITERS, gguf=GGUF)
+                 rotation_writers=ROTATION_WRITERS, gguf=GGUF, prunable=Prunable())

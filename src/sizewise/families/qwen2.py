@@ -8,7 +8,7 @@ import gguf
 
 from ..errors import SizewiseError
 from . import gguf_keys
-from .base import Family, GGUFArch
+from .base import Family, GGUFArch, Prunable
 from .llama import FOLDS, LAYER_TENSORS, ROTATION_WRITERS
 
 # The Split regex of the Qwen2/2.5/3 tokenizer (Llama 3's, digits one at a time): llama.cpp's "qwen2".
@@ -47,4 +47,4 @@ GGUF = GGUFArch(
 )
 
 QWEN2 = Family(name="qwen2", label="Qwen2", model_types=("qwen2",), folds=FOLDS,
-               rotation_writers=ROTATION_WRITERS, gguf=GGUF)
+               rotation_writers=ROTATION_WRITERS, gguf=GGUF, prunable=Prunable())
