@@ -196,7 +196,9 @@ def test_artifact_reloads_in_transformers_and_gguf_holds_the_smaller_model(tiny_
     code, out, err = _run(capsys, "compress", model, *flags, "-o", tmp_path / "slim")
     assert code == 0, err
     assert "layers 2 -> 1, MLP channels 128 -> 64, query heads 4 -> 2" in out
-    hf = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "slim" / "hf").eval()
+    code, _, err = _run(capsys, "export", tmp_path / "slim", "--format", "hf", "--dtype", "float32", "-o", tmp_path / "dense")
+    assert code == 0, err
+    hf = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "dense").eval()
     c = hf.config
     assert (c.num_hidden_layers, c.intermediate_size, c.num_attention_heads, c.num_key_value_heads) == (1, 64, 2, 2)
     packed, _, manifest = artifact.load(tmp_path / "slim")
