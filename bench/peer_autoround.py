@@ -29,17 +29,15 @@ unless --force; a failing one is recorded with its one-line error and the others
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
 import time
-import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import peer_common as pc  # noqa: E402
-from common import per_model  # noqa: E402
+import peer_common as pc
+from common import per_model
 
 VENV = pc.ROOT / "out" / "autoround-venv"
 PYTHON = VENV / "bin" / "python"
@@ -64,13 +62,12 @@ CONFIGS = {
 def worker(spec_path: Path) -> None:
     import resource
 
+    import auto_round
     import torch
+    from auto_round import AutoRound
     from safetensors import safe_open
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    import auto_round
-    from auto_round import AutoRound
 
     spec = json.loads(spec_path.read_text())
     opts = dict(spec["options"])
@@ -84,7 +81,7 @@ def worker(spec_path: Path) -> None:
     n, length = ids.shape
     samples = [ids[i: i + 1] for i in range(n)]   # one (1, length) tensor per sample, as its calib loop takes
 
-    kwargs = dict(dataset=samples, nsamples=n, seqlen=length, device_map="cpu", seed=0)
+    kwargs = {"dataset": samples, "nsamples": n, "seqlen": length, "device_map": "cpu", "seed": 0}
     for k in ("iters", "lr", "batch_size", "disable_opt_rtn"):
         if k in opts:
             kwargs[k] = opts[k]
@@ -115,6 +112,7 @@ def worker(spec_path: Path) -> None:
     else:
         ar = AutoRound(model, tokenizer, scheme="W4A16", bits=opts["bits"], group_size=opts["group_size"], **kwargs)
     qc = ar.quantize_config
+    record["autoround_kwargs"] = {k: v for k, v in kwargs.items() if k != "dataset"}
     record["algorithm"] = {"class": type(qc).__name__,
                            **{k: getattr(qc, k) for k in ("iters", "lr", "nsamples", "seqlen", "batch_size",
                                                           "disable_opt_rtn", "sym", "bits", "group_size")
@@ -221,7 +219,7 @@ def worker(spec_path: Path) -> None:
 def ensure_venv() -> dict:
     """AutoRound's own venv: torch pinned first (the CPU wheel), then the pinned peer packages,
     refused if pip would replace torch."""
-    if pc.python_ok(PYTHON) and subprocess.run([str(PYTHON), "-c", "import auto_round"], capture_output=True).returncode == 0:
+    if pc.python_ok(PYTHON) and subprocess.run([str(PYTHON), "-c", "import auto_round"], capture_output=True, check=False).returncode == 0:
         return venv_versions()
     pip = [str(PYTHON), "-m", "pip", "install", "-q"]
     subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
@@ -294,30 +292,37 @@ def entry(r: dict, calib: dict, res: dict | None) -> dict:
     return e
 
 
+def sizewise_side(model: str, ours: list[Path], res: dict | None) -> dict:
+    """sizewise's own numbers beside AutoRound's: artifacts evaluated in this compare call (same
+    windows), and the uniform GPTQ rows of bench/results/quantizers[-MODEL].json (their own windows)."""
+    side = {"same_windows": [], "from_results": None}
+    for d in ours:
+        t = json.loads((d / "manifest.json").read_text())
+        row = {"label": d.name, "bits_per_weight": t["totals"]["bits_per_weight"], "timing": t.get("timing")}
+        if res is not None and d.name in res["candidates"]:
+            row.update({k: res["candidates"][d.name][k] for k in ("perplexity", "kl", "top1_agreement")})
+        side["same_windows"].append(row)
+    path = pc.ROOT / "bench" / "results" / (per_model("quantizers", model) + ".json")
+    if path.is_file():
+        q = json.loads(path.read_text())
+        side["from_results"] = {
+            "file": str(path.relative_to(pc.ROOT)), "windows": (q.get("protocol") or {}).get("windows"),
+            "reference_perplexity": q.get("reference_perplexity"),
+            "rows": [{k: r.get(k) for k in ("label", "command", "bits_per_weight", "perplexity", "kl", "compress_wall_s",
+                                            "peak_rss_mb", "load_avg")}
+                     for r in q.get("results", []) if r.get("label") in ("gptq-w4-g64", "gptq-w3-g64")]}
+    return side
+
+
 def main() -> None:
-    if len(sys.argv) >= 3 and sys.argv[1] == "--worker":
-        try:
-            worker(Path(sys.argv[2]))
-        except Exception:
-            traceback.print_exc()
-            sys.exit(1)
+    if pc.run_worker_if_asked(worker):
         return
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--calib", default="enwiki-sample")
-    ap.add_argument("--samples", type=int, default=128)
-    ap.add_argument("--length", type=int, default=512)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--text", default="wikitext2-test")
-    ap.add_argument("--ctx", type=int, default=1024)
-    ap.add_argument("--windows", type=int, default=16)
-    ap.add_argument("--only", default="", help="comma-separated labels (without the ar- prefix) to run")
+    ap = pc.arg_parser(__doc__, "AutoRound", PREFIX, windows=16)
     ap.add_argument("--iters", type=int, default=None,
                     help="SignRound iterations for the tuned configs (its default 200; 50 with lr 5e-3 is its 'light' recipe)")
     ap.add_argument("--lr", type=float, default=None, help="SignRound learning rate (its default: 1/iters)")
-    ap.add_argument("--force", action="store_true", help="redo configurations that already finished")
-    ap.add_argument("--no-eval", action="store_true", help="only run AutoRound; evaluate later")
-    ap.add_argument("--timeout", type=float, default=None, help="seconds per configuration")
+    ap.add_argument("--ours", default="", help="comma-separated sizewise artifact directories to evaluate in the "
+                    "same compare call (same windows), e.g. out/bench/quantizers/gptq-w4-g64.bfloat16")
     ap.add_argument("--smoke", action="store_true",
                     help="plumbing check: 8 samples of 128 tokens, 2 iterations, 2 windows, under out/autoround-smoke")
     args = ap.parse_args()
@@ -358,10 +363,12 @@ def main() -> None:
         pc.save_results(results, {**header, "partial": True, "results": [entry(r, calib, None) for r in rows]})
     res = None
     finished = [r for r in rows if "error" not in r]
-    if finished and not args.no_eval:
-        res = pc.evaluate(args.model, [out_root / r["label"] for r in finished], args.text, args.ctx, args.windows,
+    ours = [Path(x) for x in args.ours.split(",") if x]
+    if (finished or ours) and not args.no_eval:
+        res = pc.evaluate(args.model, [out_root / r["label"] for r in finished] + ours, args.text, args.ctx, args.windows,
                           pc.ROOT / "out" / "bench" / (name or "peer_autoround") / Path(args.model).name / "report")
     entries = [entry(r, calib, res) for r in rows]
+    header["sizewise"] = sizewise_side(args.model, ours, res)
     pc.save_results(results, {**header, "partial": False, "protocol": res["protocol"] if res else None,
                               "reference_perplexity": res["reference"]["perplexity"] if res else None,
                               "report": res.get("report") if res else None, "results": entries})

@@ -228,12 +228,46 @@ def save_results(path: Path, payload: dict) -> Path:
     return path
 
 
+def run_worker_if_asked(worker) -> bool:
+    """`SCRIPT --worker SPEC`: run the worker (in the peer's venv); a failure prints its traceback, exit 1."""
+    if len(sys.argv) < 3 or sys.argv[1] != "--worker":
+        return False
+    try:
+        worker(Path(sys.argv[2]))
+    except Exception:  # noqa: BLE001 - the orchestrator reads the traceback from the log
+        import traceback
+
+        traceback.print_exc()
+        sys.exit(1)
+    return True
+
+
+def arg_parser(doc: str, peer: str, prefix: str, windows: int):
+    """The options every peer benchmark takes: model, calibration (sizewise's defaults), evaluation, selection."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--calib", default="enwiki-sample")
+    ap.add_argument("--samples", type=int, default=128)
+    ap.add_argument("--length", type=int, default=512)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--text", default="wikitext2-test")
+    ap.add_argument("--ctx", type=int, default=1024)
+    ap.add_argument("--windows", type=int, default=windows)
+    ap.add_argument("--only", default="", help=f"comma-separated labels (without the {prefix} prefix) to run")
+    ap.add_argument("--force", action="store_true", help="redo configurations that already finished")
+    ap.add_argument("--no-eval", action="store_true", help=f"only run {peer}; evaluate later")
+    ap.add_argument("--timeout", type=float, default=None, help="seconds per configuration")
+    return ap
+
+
 def fmt(x, f: str = "{:.0f}") -> str:
     return "-" if x is None else f.format(x)
 
 
 def python_ok(python: Path) -> bool:
-    return python.is_file() and subprocess.run([str(python), "-c", "pass"], capture_output=True).returncode == 0
+    return python.is_file() and subprocess.run([str(python), "-c", "pass"], capture_output=True, check=False).returncode == 0
 
 
 def log(msg: str) -> None:

@@ -26,17 +26,34 @@ own priority to nice 10 (the machine is shared); /proc/loadavg is recorded aroun
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
-import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from peer_common import (ROOT, STOP_GAP_S, bits_from_scheme, clear, draw_samples, evaluate,  # noqa: E402
-                         finished, fmt, launch, last_error, loadavg, lower_priority, numel, process_state, publish,
-                         save_results, shape_table, tensor_bytes)
+from peer_common import (
+    ROOT,
+    STOP_GAP_S,
+    arg_parser,
+    bits_from_scheme,
+    clear,
+    draw_samples,
+    evaluate,
+    finished,
+    fmt,
+    last_error,
+    launch,
+    loadavg,
+    lower_priority,
+    numel,
+    process_state,
+    publish,
+    run_worker_if_asked,
+    save_results,
+    shape_table,
+    tensor_bytes,
+)
 
 PEER_PYTHON = ROOT / "out" / "peer-venv" / "bin" / "python"
 PREFIX = "llmc-"
@@ -83,14 +100,13 @@ def recipe_spec(method: str, bits: int, group) -> list[dict]:
 def worker(spec_path: Path) -> None:
     import resource
 
+    import llmcompressor
     import torch
     from datasets import Dataset
+    from llmcompressor import oneshot
     from safetensors import safe_open
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    import llmcompressor
-    from llmcompressor import oneshot
 
     spec = json.loads(spec_path.read_text())
     out, out_c = Path(spec["out"]), Path(spec["out_compressed"])
@@ -338,27 +354,9 @@ def main() -> None:
     if len(sys.argv) >= 3 and sys.argv[1] == "--monitor":
         monitor(int(sys.argv[2]), ROOT / "out" / "peer")
         return
-    if len(sys.argv) >= 2 and sys.argv[1] == "--worker":
-        try:
-            worker(Path(sys.argv[2]))
-        except Exception:
-            traceback.print_exc()
-            sys.exit(1)
+    if run_worker_if_asked(worker):
         return
-
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--calib", default="enwiki-sample")
-    ap.add_argument("--samples", type=int, default=128)
-    ap.add_argument("--length", type=int, default=512)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--text", default="wikitext2-test")
-    ap.add_argument("--ctx", type=int, default=1024)
-    ap.add_argument("--windows", type=int, default=64)
-    ap.add_argument("--only", default="", help="comma-separated labels (without the llmc- prefix) to run")
-    ap.add_argument("--force", action="store_true", help="redo configurations that already finished")
-    ap.add_argument("--no-eval", action="store_true", help="only run llm-compressor; evaluate later")
-    ap.add_argument("--timeout", type=float, default=None, help="seconds per configuration")
+    ap = arg_parser(__doc__, "llm-compressor", PREFIX, windows=64)
     ap.add_argument("--smoke", action="store_true",
                     help="plumbing check: 4 samples, 2 windows, rtn-w4-g64 and rtn-w4-pc (or --only), under out/peer-smoke")
     args = ap.parse_args()
