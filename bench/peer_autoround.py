@@ -323,6 +323,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=None, help="SignRound learning rate (its default: 1/iters)")
     ap.add_argument("--ours", default="", help="comma-separated sizewise artifact directories to evaluate in the "
                     "same compare call (same windows), e.g. out/bench/quantizers/gptq-w4-g64.bfloat16")
+    ap.add_argument("--eval-only", action="store_true",
+                    help="run nothing: evaluate the selected configurations that finished earlier (and --ours)")
     ap.add_argument("--smoke", action="store_true",
                     help="plumbing check: 8 samples of 128 tokens, 2 iterations, 2 windows, under out/autoround-smoke")
     args = ap.parse_args()
@@ -356,6 +358,11 @@ def main() -> None:
     for label, opts in configs.items():
         if wanted and label not in wanted:
             continue
+        if args.eval_only:   # only what finished earlier (same options and calibration) is evaluated
+            done = pc.finished(out_root / (PREFIX + label))
+            if done and done.get("options") == opts and done.get("calib_ids_sha256") == calib["token_ids_sha256"]:
+                rows.append({**done, "resumed": True})
+            continue
         try:
             rows.append(run_config(label, opts, calib, out_root, args.force, args.timeout))
         except Exception as e:  # noqa: BLE001 - one configuration's failure must not stop the others
@@ -369,6 +376,14 @@ def main() -> None:
                           pc.ROOT / "out" / "bench" / (name or "peer_autoround") / Path(args.model).name / "report")
     entries = [entry(r, calib, res) for r in rows]
     header["sizewise"] = sizewise_side(args.model, ours, res)
+    try:   # sizewise rows evaluated by earlier calls on the same windows are kept
+        old = json.loads(results.read_text())
+    except (OSError, ValueError):
+        old = {}
+    if res is not None and old.get("protocol") == res["protocol"]:
+        mine = {r["label"] for r in header["sizewise"]["same_windows"]}
+        header["sizewise"]["same_windows"] = [r for r in (old.get("sizewise") or {}).get("same_windows", [])
+                                              if r["label"] not in mine] + header["sizewise"]["same_windows"]
     pc.save_results(results, {**header, "partial": False, "protocol": res["protocol"] if res else None,
                               "reference_perplexity": res["reference"]["perplexity"] if res else None,
                               "report": res.get("report") if res else None, "results": entries})
