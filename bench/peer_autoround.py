@@ -90,29 +90,33 @@ def worker(spec_path: Path) -> None:
         from auto_round.auto_scheme import delta_loss
         from auto_round.schemes import QuantizationScheme
 
-        # AutoScheme draws its own calibration from a dataset *name* (a hub download); give it ours:
-        # the first `nsamples` of our samples, in its batches.
-        original = delta_loss.get_dataloader
+        # AutoScheme scores layers on calibration it draws from a dataset *name* (a hub download), and
+        # then requires the compressor's dataset to be a name too: the name CALIB_NAME gives ours
+        # (the first `nsamples` of our samples, in its batches) to both of its loaders.
+        import auto_round.calib_dataset as calib_dataset
 
-        def ours(tok, seqlen, dataset_name=None, seed=42, bs=1, nsamples=16, **kw):
+        original = calib_dataset.get_dataloader
+
+        def ours(tok, seqlen, dataset_name=None, seed=42, bs=8, nsamples=512, **kw):
             if dataset_name != CALIB_NAME:
-                return original(tok, seqlen, dataset_name=dataset_name, seed=seed, bs=bs, nsamples=nsamples, **kw)
+                return original(tok, seqlen, dataset_name, seed, bs, nsamples, **kw)
             take = ids[:nsamples, :seqlen]
             return [{"input_ids": take[i: i + bs], "attention_mask": torch.ones_like(take[i: i + bs])}
                     for i in range(0, take.shape[0], bs)]
 
-        delta_loss.get_dataloader = ours
-        record["workarounds"].append(f"auto_scheme.delta_loss.get_dataloader answers the name {CALIB_NAME!r} "
-                                     "with our calibration ids (AutoScheme accepts only a dataset name)")
+        calib_dataset.get_dataloader = delta_loss.get_dataloader = ours
+        kwargs["dataset"] = CALIB_NAME
+        record["workarounds"].append(f"auto_round.calib_dataset.get_dataloader answers the name {CALIB_NAME!r} with "
+                                     "our calibration ids (AutoScheme accepts only a dataset name)")
         options = [QuantizationScheme(bits=b, group_size=opts["group_size"], sym=True) for b in opts["options"]]
-        scheme = AutoScheme(avg_bits=opts["avg_bits"], options=options, dataset=CALIB_NAME,
+        scheme = AutoScheme(avg_bits=opts["avg_bits"], options=options,
                             seqlen=min(length, opts.get("autoscheme_seqlen", length)),
                             nsamples=opts.get("autoscheme_nsamples"))
         ar = AutoRound(model, tokenizer, scheme=scheme, **kwargs)
     else:
         ar = AutoRound(model, tokenizer, scheme="W4A16", bits=opts["bits"], group_size=opts["group_size"], **kwargs)
     qc = ar.quantize_config
-    record["autoround_kwargs"] = {k: v for k, v in kwargs.items() if k != "dataset"}
+    record["autoround_kwargs"] = {k: v for k, v in kwargs.items() if not isinstance(v, list)}
     record["algorithm"] = {"class": type(qc).__name__,
                            **{k: getattr(qc, k) for k in ("iters", "lr", "nsamples", "seqlen", "batch_size",
                                                           "disable_opt_rtn", "sym", "bits", "group_size")
