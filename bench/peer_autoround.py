@@ -126,7 +126,9 @@ def worker(spec_path: Path) -> None:
     t0 = time.perf_counter()
     ar.quantize_and_save(output_dir=str(out_c), format="auto_round")
     record["quantize_s"] = time.perf_counter() - t0
-    record["peak_rss_mb_quantize"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    record["peak_rss_mb_quantize"] = usage.ru_maxrss / 1024
+    record["cpu_s_quantize"] = usage.ru_utime + usage.ru_stime   # loading included; read-back excluded
     record["calibration_used"] = None if opts.get("disable_opt_rtn") else {"samples": n, "length": length}
     del ar, model
     # quantize_and_save names its own subfolder; its `fake` format keeps float weights (quantized at
@@ -285,7 +287,8 @@ def entry(r: dict, calib: dict, res: dict | None) -> dict:
                     "quantization_config": w.get("packed_quantization_config")},
          **{k: r.get(k) for k in ("wall_s", "stopped_s", "wall_running_s", "cpu_s", "peak_rss_mb", "loadavg_start",
                                   "loadavg_1min_mean", "loadavg_end", "niceness", "dir")},
-         "quantize_s": w.get("quantize_s"), "peak_rss_mb_quantize": w.get("peak_rss_mb_quantize"),
+         "quantize_s": w.get("quantize_s"), "cpu_s_quantize": w.get("cpu_s_quantize"),
+         "dequantize_s": w.get("dequantize_s"), "peak_rss_mb_quantize": w.get("peak_rss_mb_quantize"),
          "checks": w.get("checks_summary"), "workarounds": w.get("workarounds"), "versions": w.get("versions"),
          "resumed": r.get("resumed", False)}
     if "error" in r:

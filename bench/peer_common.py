@@ -189,6 +189,8 @@ def launch(cmd: list[str], log_path: Path, timeout: float | None = None) -> dict
 
 def last_error(log_path: Path, rc: int) -> str:
     """The exception line of the worker's traceback, else its last line."""
+    if rc < 0:
+        return f"killed by signal {-rc}"
     lines = [x.strip() for x in log_path.read_text(errors="replace").splitlines() if x.strip()]
     tb = [i for i, x in enumerate(lines) if x.startswith("Traceback")]
     if tb:
