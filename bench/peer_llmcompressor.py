@@ -26,21 +26,37 @@ own priority to nice 10 (the machine is shared); /proc/loadavg is recorded aroun
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import shutil
-import subprocess
 import sys
 import time
-import traceback
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from peer_common import (
+    ROOT,
+    STOP_GAP_S,
+    arg_parser,
+    bits_from_scheme,
+    clear,
+    draw_samples,
+    evaluate,
+    finished,
+    fmt,
+    last_error,
+    launch,
+    loadavg,
+    lower_priority,
+    numel,
+    process_state,
+    publish,
+    run_worker_if_asked,
+    save_results,
+    shape_table,
+    tensor_bytes,
+)
+
 PEER_PYTHON = ROOT / "out" / "peer-venv" / "bin" / "python"
-RUN_FILE = "peer_run.json"          # written last into a model directory: marks it finished
 PREFIX = "llmc-"
-STOP_GAP_S = 5.0                    # a 1 s polling loop that wakes later than this was itself stopped
 STOPPED_FILE = ".stopped.json"      # per label: seconds a worker sat stopped, from --monitor
 
 # (label, method, bits, group size or "channel"), in the order they are run.
@@ -53,18 +69,6 @@ CONFIGS = [
     ("gptq-w4-pc", "gptq", 4, "channel"),
     ("rtn-w4-pc", "rtn", 4, "channel"),     # cheap; also exercises the per-channel path in a smoke run
 ]
-
-
-def loadavg() -> list[float]:
-    return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
-
-
-def process_state(pid: int) -> str:
-    """One-letter state of a process from /proc (R, S, D, T stopped, ...), '' if gone."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return ""
 
 
 def weights_args(bits: int, group) -> dict:
@@ -96,14 +100,13 @@ def recipe_spec(method: str, bits: int, group) -> list[dict]:
 def worker(spec_path: Path) -> None:
     import resource
 
+    import llmcompressor
     import torch
     from datasets import Dataset
+    from llmcompressor import oneshot
     from safetensors import safe_open
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    import llmcompressor
-    from llmcompressor import oneshot
 
     spec = json.loads(spec_path.read_text())
     out, out_c = Path(spec["out"]), Path(spec["out_compressed"])
@@ -244,20 +247,14 @@ def worker(spec_path: Path) -> None:
         model.save_pretrained(str(out_c), save_compressed=True)
         qcfg = json.loads((out_c / "config.json").read_text()).get("quantization_config")
         record["compressed_quantization_config"] = qcfg
+        per_module = tensor_bytes(out_c, lambda k: k.rsplit(".", 1)[0] if k.rsplit(".", 1)[0] in checks else None)
         linear_bytes, linear_weights, tensors = 0, 0, {}
-        for f in sorted(out_c.glob("*.safetensors")):
-            with safe_open(f, "pt") as sf:
-                for key in sf.keys():
-                    t = sf.get_slice(key)
-                    module = key.rsplit(".", 1)[0]
-                    if module in checks:
-                        dtype, shape = t.get_dtype(), t.get_shape()
-                        nbytes = _numel(shape) * _DTYPE_BYTES[dtype]
-                        linear_bytes += nbytes
-                        suffix = key.rsplit(".", 1)[1]
-                        tensors.setdefault(suffix, {"dtype": dtype, "bytes": 0})["bytes"] += nbytes
-                        if suffix in ("weight_packed", "weight"):
-                            linear_weights += _numel(float_shapes[module])
+        for module, parts in per_module.items():
+            for suffix, t in parts.items():
+                linear_bytes += t["bytes"]
+                tensors.setdefault(suffix, {"dtype": t["dtype"], "bytes": 0})["bytes"] += t["bytes"]
+                if suffix in ("weight_packed", "weight"):
+                    linear_weights += numel(float_shapes[module])
         record["compressed_linear_tensors"] = tensors
         record["compressed_bits_per_weight"] = 8 * linear_bytes / linear_weights if linear_weights else None
         record["compressed_file_bytes"] = sum(f.stat().st_size for f in out_c.glob("*.safetensors"))
@@ -269,53 +266,7 @@ def worker(spec_path: Path) -> None:
     (out / "peer_worker.json").write_text(json.dumps(record, indent=1))
 
 
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n
-
-
 # --- orchestrator (project venv) -------------------------------------------------------------
-
-
-def draw_samples(model: str, calib: str, n: int, length: int, seed: int, path: Path) -> dict:
-    """sizewise's calibration token ids, exactly as `sizewise compress` draws them, saved as safetensors."""
-    import hashlib
-
-    import torch
-    from safetensors.torch import load_file, save_file
-    from transformers import AutoTokenizer
-
-    from sizewise import api, builtins
-    from sizewise.sources import Source
-
-    float_dir = builtins.fetch_model(model)
-    tokenizer = AutoTokenizer.from_pretrained(float_dir, trust_remote_code=False)  # as sources._load_hf
-    samples, proto = api._calibration(Source(None, tokenizer, {}), api.CalibConfig(
-        text=calib, samples=n, length=length, seed=seed), progress=False)
-    samples = samples.to(torch.long).contiguous()
-    digest = hashlib.sha256(samples.numpy().tobytes()).hexdigest()
-    if path.is_file() and torch.equal(load_file(path)["input_ids"], samples):
-        pass
-    else:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file({"input_ids": samples}, str(tmp), metadata={"text_sha256": proto["sha256"], "ids_sha256": digest})
-        tmp.replace(path)
-    return {**proto, "token_ids_sha256": digest, "file": str(path), "float_dir": str(float_dir)}
-
-
-def bits_from_scheme(bits: int, group, cols: list[tuple[int, int]], scale_bits: int, zero_bits: int) -> float:
-    """Bits per weight of the linears for b-bit codes plus one scale and one zero per group."""
-    total = sum(r * c for r, c in cols)
-    per_group = scale_bits + zero_bits
-    groups = sum(r * (1 if group == "channel" else c // int(group)) for r, c in cols)
-    return bits + per_group * groups / total
 
 
 def run_config(label: str, method: str, bits: int, group, calib_info: dict, out_root: Path, force: bool,
@@ -324,89 +275,36 @@ def run_config(label: str, method: str, bits: int, group, calib_info: dict, out_
     final_c = out_root / (PREFIX + label + ".compressed")
     row = {"label": PREFIX + label, "method": method, "bits": bits, "group_size": group,
            "recipe": recipe_spec(method, bits, group), "calib_ids_sha256": calib_info["token_ids_sha256"]}
-    if (final / RUN_FILE).is_file() and not force:
-        done = json.loads((final / RUN_FILE).read_text())
+    done = finished(final)
+    if done and not force:
         if done.get("recipe") == row["recipe"] and (method == "rtn" or done.get("calib_ids_sha256") == row["calib_ids_sha256"]):
             print(f"[{row['label']}] finished earlier, kept (use --force to redo)", file=sys.stderr, flush=True)
             return {**done, "resumed": True}
         print(f"[{row['label']}] finished earlier with another recipe or calibration: redoing", file=sys.stderr)
-    for p in (final, final_c):
-        if p.exists():
-            shutil.rmtree(p)
     tmp, tmp_c = out_root / f".{PREFIX}{label}.tmp", out_root / f".{PREFIX}{label}.compressed.tmp"
-    for p in (tmp, tmp_c):
-        if p.exists():
-            shutil.rmtree(p)
+    clear(final, final_c, tmp, tmp_c)
     spec = {"label": row["label"], "method": method, "recipe": row["recipe"], "float_dir": calib_info["float_dir"],
             "calib": calib_info["file"], "out": str(tmp), "out_compressed": str(tmp_c)}
     spec_path = out_root / f".{PREFIX}{label}.spec.json"
     spec_path.write_text(json.dumps(spec, indent=1))
     log_path = out_root / f"{PREFIX}{label}.log"
+    print(f"[{row['label']}] start, load {loadavg()}, log {log_path}", file=sys.stderr, flush=True)
     cmd = [str(PEER_PYTHON), str(Path(__file__).resolve()), "--worker", str(spec_path)]
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
-    env.pop("PYTHONPATH", None)
-    row["loadavg_start"] = loadavg()
-    print(f"[{row['label']}] start, load {row['loadavg_start']}, log {log_path}", file=sys.stderr, flush=True)
-    t0 = time.perf_counter()
-    stopped_s, loads, last = 0.0, [], t0
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT))
-        row["worker_pid"] = proc.pid
-        deadline = None if timeout is None else t0 + timeout
-        while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            # The machine is shared: another job may SIGSTOP ours while it times its own work.
-            # Count that time (it is in the wall time but no computing happens) and sample the load.
-            # A gap much longer than the 1 s sleep means this process was stopped as well.
-            now = time.perf_counter()
-            if process_state(proc.pid) in ("T", "t") or now - last > STOP_GAP_S:
-                stopped_s += now - last
-            last = now
-            if not loads or now - loads[-1][0] >= 30:
-                loads.append((now, loadavg()[0]))
-            if deadline is not None and now - stopped_s > deadline:
-                proc.kill()
-                pid, status, usage = os.wait4(proc.pid, 0)
-                break
-            time.sleep(1)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    row["wall_s"] = time.perf_counter() - t0
-    row["stopped_s"] = stopped_s                  # time the worker sat SIGSTOPped by someone else
-    row["wall_running_s"] = row["wall_s"] - stopped_s
-    row["loadavg_1min_mean"] = sum(x for _, x in loads) / len(loads) if loads else None
-    row["peak_rss_mb"] = usage.ru_maxrss / 1024
-    row["cpu_s"] = usage.ru_utime + usage.ru_stime
-    row["loadavg_end"] = loadavg()
-    row["niceness"] = os.nice(0)
-    row["log"] = str(log_path)
-    if proc.returncode != 0 or not (tmp / "peer_worker.json").is_file():
-        row["error"] = last_error(log_path, proc.returncode)
+    row.update(launch(cmd, log_path, timeout))
+    rc = row.pop("returncode")
+    if rc != 0 or not (tmp / "peer_worker.json").is_file():
+        row["error"] = last_error(log_path, rc)
         print(f"[{row['label']}] FAILED: {row['error']}", file=sys.stderr, flush=True)
         return row
     row["worker"] = json.loads((tmp / "peer_worker.json").read_text())
     row["dir"] = str(final)
-    (tmp / RUN_FILE).write_text(json.dumps(row, indent=1))
     if tmp_c.exists():
         tmp_c.replace(final_c)
-    tmp.replace(final)   # the model directory appears only once complete
+    publish(tmp, final, row)
     spec_path.unlink()
     print(f"[{row['label']}] done in {row['wall_s']:.0f} s, peak {row['peak_rss_mb']:.0f} MB, "
           f"load {row['loadavg_end']}", file=sys.stderr, flush=True)
     return row
-
-
-def last_error(log_path: Path, rc: int) -> str:
-    """The exception line of the worker's traceback, else its last line."""
-    lines = [x.strip() for x in log_path.read_text(errors="replace").splitlines() if x.strip()]
-    tb = [i for i, x in enumerate(lines) if x.startswith("Traceback")]
-    if tb:
-        tail = [x for x in lines[tb[-1]:] if not x.startswith(("File ", "Traceback", "^", "~"))]
-        cands = [x for x in tail if ":" in x and x.split(":", 1)[0].replace(".", "").replace("_", "").isalnum()]
-        if cands:
-            return cands[-1][:500]
-    return (lines[-1][:500] if lines else "") + f" (exit {rc})"
 
 
 def monitor(orchestrator: int, out_root: Path) -> None:
@@ -456,32 +354,14 @@ def main() -> None:
     if len(sys.argv) >= 3 and sys.argv[1] == "--monitor":
         monitor(int(sys.argv[2]), ROOT / "out" / "peer")
         return
-    if len(sys.argv) >= 2 and sys.argv[1] == "--worker":
-        try:
-            worker(Path(sys.argv[2]))
-        except Exception:
-            traceback.print_exc()
-            sys.exit(1)
+    if run_worker_if_asked(worker):
         return
-
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--calib", default="enwiki-sample")
-    ap.add_argument("--samples", type=int, default=128)
-    ap.add_argument("--length", type=int, default=512)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--text", default="wikitext2-test")
-    ap.add_argument("--ctx", type=int, default=1024)
-    ap.add_argument("--windows", type=int, default=64)
-    ap.add_argument("--only", default="", help="comma-separated labels (without the llmc- prefix) to run")
-    ap.add_argument("--force", action="store_true", help="redo configurations that already finished")
-    ap.add_argument("--no-eval", action="store_true", help="only run llm-compressor; evaluate later")
-    ap.add_argument("--timeout", type=float, default=None, help="seconds per configuration")
+    ap = arg_parser(__doc__, "llm-compressor", PREFIX, windows=64)
     ap.add_argument("--smoke", action="store_true",
                     help="plumbing check: 4 samples, 2 windows, rtn-w4-g64 and rtn-w4-pc (or --only), under out/peer-smoke")
     args = ap.parse_args()
 
-    os.nice(max(0, 10 - os.nice(0)))   # shared machine: everything here and in the workers at nice >= 10
+    lower_priority(10)   # shared machine: everything here and in the workers at nice >= 10
     if not PEER_PYTHON.is_file():
         sys.exit(f"no peer venv at {PEER_PYTHON}")
     out_root = ROOT / "out" / ("peer-smoke" if args.smoke else "peer")
@@ -511,29 +391,11 @@ def main() -> None:
         write_results(args, calib_info, rows, None, out_root, partial=True)
 
     res = None
-    finished = [r for r in rows if "error" not in r]
-    if finished and not args.no_eval:
-        import sizewise
-
-        res = sizewise.api.compare(args.model, [out_root / r["label"] for r in finished], args.text, ctx=args.ctx,
-                                   windows=args.windows, out=ROOT / "out" / "bench" /
-                                   ("peer-smoke" if args.smoke else "peer") / "report")
+    done = [r for r in rows if "error" not in r]
+    if done and not args.no_eval:
+        res = evaluate(args.model, [out_root / r["label"] for r in done], args.text, args.ctx, args.windows,
+                       ROOT / "out" / "bench" / ("peer-smoke" if args.smoke else "peer") / "report")
     write_results(args, calib_info, rows, res, out_root, partial=False)
-
-
-def shape_table(model: str) -> list[tuple[int, int]]:
-    """(rows, cols) of every decoder linear of the float model, from its safetensors header."""
-    from safetensors import safe_open
-
-    from sizewise import builtins
-
-    cols = []
-    for f in sorted(Path(builtins.fetch_model(model)).glob("*.safetensors")):
-        with safe_open(f, "pt") as sf:
-            for k in sf.keys():
-                if k.startswith("model.layers.") and k.endswith("_proj.weight"):
-                    cols.append(tuple(sf.get_slice(k).get_shape()))
-    return cols
 
 
 def write_results(args, calib_info: dict, rows: list[dict], res: dict | None, out_root: Path, partial: bool) -> None:
@@ -585,37 +447,22 @@ def write_results(args, calib_info: dict, rows: list[dict], res: dict | None, ou
                "protocol": res["protocol"] if res else None, "report": res.get("report") if res else None,
                "results": table_rows}
     name = "peer_llmcompressor" + ("-smoke" if args.smoke else "")
-    path = ROOT / "bench" / "results" / f"{name}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Results accumulate: rows of configurations not run now are kept (a run with --only must not
-    # drop the others), as long as they were measured on the same windows.
-    try:
-        old = json.loads(path.read_text())
-    except (OSError, ValueError):
-        old = None
-    if old and (payload["protocol"] is None or old.get("protocol") in (None, payload["protocol"])):
-        mine = {e["label"] for e in table_rows}
-        kept = [e for e in old.get("results", []) if e["label"] not in mine]
-        payload = {**old, **{k: v for k, v in payload.items() if v is not None}, "results": kept + table_rows}
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload, indent=1, default=str))
-    tmp.replace(path)
+    path = save_results(ROOT / "bench" / "results" / f"{name}.json", payload)
     if res is not None:
         ref = res["reference"]["perplexity"]
         print(f"float perplexity {ref:.3f}")
         print("| config | bits/w stored | ppl | Δppl | KL | top-1 | wall s | of which stopped s | cpu s | "
               "peak MB (oneshot / process) | load 1-min start / mean / end |")
         print("|---|---|---|---|---|---|---|---|---|---|---|")
-        num = lambda x, f="{:.0f}": "-" if x is None else f.format(x)  # noqa: E731
         for e in table_rows:
             if "perplexity" not in e:
                 print(f"| {e['label']} | failed: {e.get('error', 'not evaluated')} |")
                 continue
             bpw = e["bits_per_weight"] or e["bits_per_weight_scheme"]
             print(f"| {e['label']} | {bpw:.4f} | {e['perplexity']:.3f} | {100 * (e['perplexity'] / ref - 1):+.1f}% | "
-                  f"{e['kl']:.4f} | {100 * e['top1_agreement']:.1f}% | {num(e['wall_s'])} | {num(e['stopped_s'])} | "
-                  f"{num(e['cpu_s'])} | {num(e['peak_rss_mb_oneshot'])} / {num(e['peak_rss_mb'])} | "
-                  f"{e['loadavg_start'][0]:.2f} / {num(e['loadavg_1min_mean'], '{:.2f}')} / {e['loadavg_end'][0]:.2f} |")
+                  f"{e['kl']:.4f} | {100 * e['top1_agreement']:.1f}% | {fmt(e['wall_s'])} | {fmt(e['stopped_s'])} | "
+                  f"{fmt(e['cpu_s'])} | {fmt(e['peak_rss_mb_oneshot'])} / {fmt(e['peak_rss_mb'])} | "
+                  f"{e['loadavg_start'][0]:.2f} / {fmt(e['loadavg_1min_mean'], '{:.2f}')} / {e['loadavg_end'][0]:.2f} |")
         print(f"wrote {path}", file=sys.stderr)
 
 
