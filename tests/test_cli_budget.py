@@ -14,9 +14,12 @@ def run(capsys, *args):
 def test_plan_then_compress_with_the_plan(tiny_dirs, tmp_path, capsys):
     model, plan = tiny_dirs["llama"], tmp_path / "plan.json"
     calib = ["--calib", tiny_dirs["text"], "--calib-samples", 8, "--calib-len", 32, "--quiet"]
-    code, out, err = run(capsys, "plan", model, "--budget", "3.25bpw", "-o", plan, *calib)
+    code, out, err = run(capsys, "plan", model, "--budget", "3.25bpw", "-o", plan, *calib[:-1])   # not --quiet
     assert code == 0, err
     assert "pred. KL" in out and "q_proj" in out and "budget 3.25 bits/weight" in out
+    # no --method, calibration text given: the calibrated quantizer is a candidate, and the output says so
+    assert "choosing among rtn, gptq per layer (calibration text given)" in err
+    assert {c["method"] for c in json.loads(plan.read_text())["choices"]} <= {"rtn", "gptq", "float"}
     code, out, err = run(capsys, "compress", model, "--plan", plan, "-o", tmp_path / "a", "--quiet")
     assert code == 0, err
     totals = json.loads((tmp_path / "a" / "manifest.json").read_text())["totals"]
@@ -26,9 +29,10 @@ def test_plan_then_compress_with_the_plan(tiny_dirs, tmp_path, capsys):
 def test_compress_to_a_file_size(tiny_dirs, tmp_path, capsys):
     out = tmp_path / "b"
     code, stdout, err = run(capsys, "compress", tiny_dirs["gpt2"], "--budget", "150kB", "-o", out, "--calib",
-                            tiny_dirs["text"], "--calib-samples", 8, "--calib-len", 32, "--quiet")
+                            tiny_dirs["text"], "--calib-samples", 8, "--calib-len", 32)
     assert code == 0, err
     assert "allocated for 150kB" in stdout
+    assert "choosing among rtn, gptq" in err
     assert (out / "packed.safetensors").stat().st_size <= 150_000
 
 
@@ -57,3 +61,12 @@ def test_budget_with_awq_applies_the_plan_through_awq(tiny_dirs, tmp_path, capsy
     code, _, err = run(capsys, "compress", tiny_dirs["llama"], "--budget", "3.5bpw", "--method", "rotate+gptq",
                        "-o", tmp_path / "rot", *calib)
     assert code == 2 and err.count("\n") == 1 and "--plan" in err
+
+
+def test_budget_without_calibration_text_chooses_data_free_methods(tiny_dirs, tmp_path, capsys):
+    code, _, err = run(capsys, "plan", tiny_dirs["llama"], "--budget", "4bpw", "-o", tmp_path / "p.json",
+                       "--calib-samples", 4, "--calib-len", 16)
+    assert code == 0, err
+    assert "choosing among rtn per layer (no --calib text: data-free" in err
+    assert {c["method"] for c in json.loads((tmp_path / "p.json").read_text())["choices"]} <= {"rtn", "float"}
+

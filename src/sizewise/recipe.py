@@ -101,6 +101,13 @@ class Recipe:
 
     # --- what the run does --------------------------------------------------------------------
 
+    @staticmethod
+    def default_budget_method(calib_text: str | None) -> str:
+        """What a budget chooses among when no method is named: with calibration text the calibrated
+        GPTQ beside RTN (on both real models GPTQ wins most layers at 3-4 bits), without it data-free RTN
+        (self-generated samples serve the sensitivity profile, not as data to fit weights to)."""
+        return "rtn,gptq" if calib_text else "rtn"
+
     @property
     def pipeline(self) -> methods.Pipeline:
         """The transforms and the quantizer (for a budget: the transforms the quantizers share)."""

@@ -12,6 +12,7 @@ from .options import (
     CTX,
     NO_CLIP_HELP,
     POSITIVE,
+    budget_method,
     calib_config,
     calib_options,
     claimed,
@@ -23,8 +24,9 @@ from .options import (
 @cli.command()
 @click.argument("model")
 @click.option("-o", "--output", required=True, type=click.Path(), help="Artifact directory to write (must not exist or be empty).")
-@click.option("--method", default="rtn", show_default=True, help="rtn, rtn-mse, gptq; pruning: sparsegpt, sparsegpt+gptq, "
-              "wanda, magnitude; svd (see `sizewise methods`).")
+@click.option("--method", default=None, help="rtn (the default), rtn-mse, gptq; pruning: sparsegpt, sparsegpt+gptq, "
+              "wanda, magnitude; svd (see `sizewise methods`). With --budget: the quantizers to choose among "
+              "(default: rtn,gptq with --calib, rtn without).")
 @click.option("--bits", default=4, show_default=True, type=int, help="Bits per weight code, 2 to 8.")
 @click.option("--sparsity", default=None, help="With a pruning method: 50% (of each row, bitmap mask), 2:4 or 4:8 (N kept of "
               "every M, stored as indices).")
@@ -93,6 +95,7 @@ def compress(ctx, model, output, method, bits, sparsity, lowrank, group_size, sy
             raise SizewiseError(f"--recipe holds the whole recipe; drop {', '.join(given)}")
         recipe = Recipe.load(recipe_path)
     else:
+        method = budget_method(method, calib, quiet) if budget is not None else (method or "rtn")
         grid = QuantFormat(bits, parse_group_size(group_size), symmetric=sym, scale_dtype=scale_dtype, zero=zero)
         if budget is not None and (sparsity or lowrank):
             raise SizewiseError("--budget chooses among quantizers only; --sparsity and --lowrank set one format")
@@ -152,7 +155,8 @@ _RECIPE_FLAGS = ("method", "bits", "sparsity", "lowrank", "group_size", "sym", "
 @click.argument("model")
 @click.option("--budget", required=True, help="Bits per weight over the linear layers (3.25bpw) or packed file size (70MB = 70e6 bytes; MiB, GB, GiB).")
 @click.option("-o", "--output", type=click.Path(), help="Write the plan as JSON (apply it with `sizewise compress MODEL --plan FILE`).")
-@click.option("--method", default="rtn", show_default=True, help="Quantizers to choose among, comma-separated: rtn, rtn-mse, gptq.")
+@click.option("--method", default=None, help="Quantizers to choose among, comma-separated: rtn, rtn-mse, gptq "
+              "(default: rtn,gptq with --calib, rtn without).")
 @calib_options
 @click.option("--format", "out_format", type=click.Choice(["artifact", "gguf"]), default="artifact", show_default=True,
               help="gguf: choose among llama.cpp's types only, and a byte budget bounds the .gguf file (apply with "
@@ -166,8 +170,9 @@ def plan_cmd(model, budget, output, method, fisher_samples, measure_samples, out
     from .. import api
     from ..allocate import render
 
+    quantizers = tuple(budget_method(method, calib["calib"], quiet).split(","))
     with claimed(output, force, "file", model, calib["calib"], calib["offload"]):
-        alloc = api.plan_for_budget(model, budget, calib_config(**calib), quantizers=tuple(method.split(",")),
+        alloc = api.plan_for_budget(model, budget, calib_config(**calib), quantizers=quantizers,
                                     fisher_samples=fisher_samples, measure_samples=measure_samples,
                                     progress=not quiet, allow_pickle=allow_pickle, layout=out_format)
         click.echo(render(alloc))
@@ -184,7 +189,8 @@ def plan_cmd(model, budget, output, method, fisher_samples, measure_samples, out
               "or file sizes (60MB,70MB: the packed artifact, or with --format gguf the .gguf file). "
               "All are checked before any work.")
 @click.option("-o", "--output", required=True, type=click.Path(), help="Sweep directory to write (must not exist or be empty).")
-@click.option("--method", default="rtn", show_default=True, help="Quantizers the allocator chooses among, comma-separated: rtn, rtn-mse, gptq.")
+@click.option("--method", default=None, help="Quantizers the allocator chooses among, comma-separated: rtn, rtn-mse, gptq "
+              "(default: rtn,gptq with --calib, rtn without).")
 @calib_options
 @click.option("--uniform", multiple=True, help="Uniform baselines, METHOD:BITS:GROUP, comma-separated or repeated "
               "(rtn:4:64,gptq:3:channel); same format family as the allocator's (asymmetric, float16 scales). "
@@ -216,8 +222,9 @@ def sweep(model, budgets, output, method, fisher_samples, measure_samples, unifo
     """
     from .. import api
 
+    quantizers = tuple(budget_method(method, calib["calib"], quiet).split(","))
     with claimed(output, force, "dir", model, text, calib["calib"], calib["offload"], *peers):
-        res = api.sweep(model, budgets, output, calib_config(**calib), quantizers=tuple(method.split(",")),
+        res = api.sweep(model, budgets, output, calib_config(**calib), quantizers=quantizers,
                         uniform=[u for item in uniform for u in item.split(",") if u.strip()], peers=list(peers),
                         text=text, ctx=ctx, stride=stride, windows=windows, fisher_samples=fisher_samples,
                         measure_samples=measure_samples, sequential=sequential, overwrite=force,

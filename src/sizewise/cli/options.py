@@ -93,3 +93,17 @@ def emit(obj: dict, as_json: bool, output: str | None, human, force: bool = Fals
         click.echo(json.dumps({k: v for k, v in obj.items() if k != "per_window"}, indent=1))
     else:
         human(obj)
+
+
+def budget_method(method: str | None, calib_text: str | None, quiet: bool = False) -> str:
+    """--method as given, else the recipe's default for a budget, said on stderr unless quiet (which
+    methods, and why)."""
+    if method:
+        return method
+    from ..recipe import Recipe
+
+    chosen = Recipe.default_budget_method(calib_text)
+    why = "calibration text given" if calib_text else "no --calib text: data-free; give one to also choose GPTQ"
+    if not quiet:
+        click.echo(f"choosing among {chosen.replace(',', ', ')} per layer ({why}); --method sets the list", err=True)
+    return chosen
