@@ -64,6 +64,8 @@ from .options import (
 @click.option("--prune-heads", default=0, show_default=True, type=int, help="Structured pruning: remove this many query "
               "heads per layer, the same number from each key/value group, the output projection refitted.")
 @click.option("--force", is_flag=True, help="Replace the output directory if it exists.")
+@click.option("--restart", is_flag=True, help="Discard the checkpoint a stopped run left beside -o (.NAME.checkpoint) "
+              "instead of resuming from it.")
 @click.option("--allow-pickle", is_flag=True, help="Allow loading pickled (.bin) weights. Only for files you trust.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.option("--recipe", "recipe_path", type=click.Path(), help="Run a recipe JSON (method, options, format/plan/budget, "
@@ -71,13 +73,17 @@ from .options import (
 @click.pass_context
 def compress(ctx, model, output, method, bits, sparsity, lowrank, group_size, sym, zero, scale_dtype, float_dtype, skip, plan_path, calib,
              calib_samples, calib_len, calib_dtype, batch, seed, offload, no_act_order, no_clip_search, damp, budget,
-             fisher_samples, measure_samples, out_format, drop_layers, prune_mlp, prune_heads, force, allow_pickle, quiet,
-             recipe_path):
+             fisher_samples, measure_samples, out_format, drop_layers, prune_mlp, prune_heads, force, restart, allow_pickle,
+             quiet, recipe_path):
     """Compress MODEL and write an artifact (manifest, packed tensors, config and tokenizer) to -o DIR,
     or with --format gguf a GGUF file for llama.cpp.
 
     With --drop-layers/--prune-mlp/--prune-heads the model first becomes a smaller dense one; it is
-    quantized only if --method or --bits is given, else kept in --float-dtype."""
+    quantized only if --method or --bits is given, else kept in --float-dtype.
+
+    Each finished decoder layer is kept beside -o (.NAME.checkpoint/, removed on success): the same
+    command run again after a failure or interrupt resumes there, with the same result (one to a budget
+    starts again)."""
     from .. import api
     from ..plan import Plan
     from ..prune import StructuredConfig, parse_fraction
@@ -116,7 +122,8 @@ def compress(ctx, model, output, method, bits, sparsity, lowrank, group_size, sy
             recipe.plan = Plan.load(plan_path)
     with claimed(output, force, "file" if recipe.output == "gguf" else "dir", model, recipe.calib.text, plan_path,
                   recipe_path, recipe.calib.offload):
-        res, alloc = api.run(model, recipe, output, overwrite=force, progress=not quiet, allow_pickle=allow_pickle)
+        res, alloc = api.run(model, recipe, output, overwrite=force, progress=not quiet, allow_pickle=allow_pickle,
+                             restart=restart)
     pruned = res.manifest["transforms"].get("structured")
     if pruned:
         b, a = pruned["before"], pruned["after"]

@@ -1,0 +1,109 @@
+"""Resumable compress: a run stopped at layer k and run again writes the very bytes of one not stopped."""
+
+import json
+
+import pytest
+import torch
+import transformers as tf
+
+from sizewise.cli import main
+from sizewise.quant import methods
+from tiny import CONFIGS, SAMPLE_TEXT, tiny_tokenizer
+
+LAYERS = 4
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("resume")
+    cfg = CONFIGS["llama"]()
+    cfg.num_hidden_layers = LAYERS
+    torch.manual_seed(0)
+    tf.AutoModelForCausalLM.from_config(cfg).save_pretrained(root / "llama", safe_serialization=True)
+    tiny_tokenizer().save_pretrained(root / "llama")
+    (root / "text.txt").write_text(SAMPLE_TEXT * 20)
+    return root
+
+
+def _args(model_dir, out, method, *extra):
+    return ["compress", str(model_dir / "llama"), "-o", str(out), "--method", method, "--bits", "3",
+            "--group-size", "32", "--calib", str(model_dir / "text.txt"), "--calib-samples", "6",
+            "--calib-len", "32", "--batch", "4", "--calib-dtype", "float32", "--quiet", *extra]
+
+
+class Injected(Exception):
+    pass
+
+
+def _fail_at_layer(monkeypatch, k: int):
+    """methods.solve raises on layer k's first linear: layers 0..k-1 are finished, k is not."""
+    real = methods.solve
+
+    def solve(name, w, stats, fmt, options=None):
+        if solve.calls == k * 7:          # 7 linears per llama layer
+            raise Injected(f"injected at layer {k}")
+        solve.calls += 1
+        return real(name, w, stats, fmt, options)
+    solve.calls = 0
+    monkeypatch.setattr(methods, "solve", solve)
+
+
+def _without_timings(manifest: dict) -> dict:
+    return {k: v for k, v in manifest.items() if k not in ("timing", "created")}
+
+
+@pytest.mark.parametrize("method, k", [("rtn", 1), ("gptq", 2)])
+def test_resume_after_failure_at_layer_k_is_bit_identical(method, k, model_dir, tmp_path, monkeypatch, capsys):
+    whole = tmp_path / "whole"
+    assert main(_args(model_dir, whole, method)) == 0
+    assert not (tmp_path / ".whole.checkpoint").exists()        # success leaves no checkpoint
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+    out = tmp_path / "stopped"
+    with monkeypatch.context() as m:
+        _fail_at_layer(m, k)
+        assert main(_args(model_dir, out, method)) != 0
+    ckpt = tmp_path / ".stopped.checkpoint"
+    assert not out.exists() and json.loads((ckpt / "state.json").read_text())["done"] == k
+    assert not list(tmp_path.glob(".stopped.partial-*"))          # the staging area went, the checkpoint stayed
+    assert f"injected at layer {k}" in capsys.readouterr().err
+
+    assert main(_args(model_dir, out, method)) == 0
+    assert f"resuming at layer {k + 1}/{LAYERS} from {ckpt}" in capsys.readouterr().err
+    assert (out / "packed.safetensors").read_bytes() == (whole / "packed.safetensors").read_bytes()
+    a, b = (json.loads((d / "manifest.json").read_text()) for d in (whole, out))
+    assert _without_timings(a) == _without_timings(b)
+    assert not ckpt.exists()
+
+
+def test_other_options_refuse_the_checkpoint_in_one_line_and_restart_discards_it(model_dir, tmp_path, monkeypatch,
+                                                                               capsys):
+    out = tmp_path / "out"
+    with monkeypatch.context() as m:
+        _fail_at_layer(m, 2)
+        assert main(_args(model_dir, out, "gptq")) != 0
+    capsys.readouterr()
+    ckpt = tmp_path / ".out.checkpoint"
+    other_bits = [a if a != "3" else "4" for a in _args(model_dir, out, "gptq")]
+    assert main(other_bits) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "recipe (format)" in lines[0] \
+        and "--restart" in lines[0], lines
+    assert ckpt.is_dir() and not out.exists()                   # refused before anything changed
+
+    assert main(other_bits + ["--restart"]) == 0
+    assert "resuming" not in capsys.readouterr().err
+    assert not ckpt.exists()
+    assert json.loads((out / "manifest.json").read_text())["method"]["format"]["bits"] == 4
+
+
+def test_a_checkpoint_in_use_is_refused(model_dir, tmp_path, capsys):
+    from sizewise.checkpoint import Checkpoint
+
+    held = Checkpoint(tmp_path / ".out.checkpoint", {}, LAYERS)
+    try:
+        assert main(_args(model_dir, tmp_path / "out", "rtn")) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "another sizewise run is using the checkpoint" in err[0]
+    finally:
+        held.close()
