@@ -25,8 +25,8 @@ def model_dir(tmp_path_factory):
     return root
 
 
-def _args(model_dir, out, method, *extra):
-    return ["compress", str(model_dir / "llama"), "-o", str(out), "--method", method, "--bits", "3",
+def _args(model_dir, out, method, *extra, bits=3):
+    return ["compress", str(model_dir / "llama"), "-o", str(out), "--method", method, "--bits", str(bits),
             "--group-size", "32", "--calib", str(model_dir / "text.txt"), "--calib-samples", "6",
             "--calib-len", "32", "--batch", "4", "--calib-dtype", "float32", "--quiet", *extra]
 
@@ -56,8 +56,7 @@ def _without_timings(manifest: dict) -> dict:
 def test_resume_after_failure_at_layer_k_is_bit_identical(method, k, model_dir, tmp_path, monkeypatch, capsys):
     whole = tmp_path / "whole"
     assert main(_args(model_dir, whole, method)) == 0
-    assert not (tmp_path / ".whole.checkpoint").exists()        # success leaves no checkpoint
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]     # success leaves no checkpoint
 
     out = tmp_path / "stopped"
     with monkeypatch.context() as m:
@@ -76,6 +75,21 @@ def test_resume_after_failure_at_layer_k_is_bit_identical(method, k, model_dir, 
     assert not ckpt.exists()
 
 
+def test_a_gguf_output_resumes_to_the_same_file(model_dir, tmp_path, monkeypatch, capsys):
+    gguf = ["--format", "gguf", "--sym"]
+    assert main(_args(model_dir, tmp_path / "whole.gguf", "gptq", *gguf, bits=4)) == 0
+    out = tmp_path / "stopped.gguf"
+    with monkeypatch.context() as m:
+        _fail_at_layer(m, 3)
+        assert main(_args(model_dir, out, "gptq", *gguf, bits=4)) != 0
+    assert not out.exists() and (tmp_path / ".stopped.gguf.checkpoint").is_dir()
+    capsys.readouterr()
+    assert main(_args(model_dir, out, "gptq", *gguf, bits=4)) == 0
+    assert "resuming at layer 4/4" in capsys.readouterr().err
+    assert out.read_bytes() == (tmp_path / "whole.gguf").read_bytes()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
 def test_other_options_refuse_the_checkpoint_in_one_line_and_restart_discards_it(model_dir, tmp_path, monkeypatch,
                                                                                capsys):
     out = tmp_path / "out"
@@ -84,7 +98,7 @@ def test_other_options_refuse_the_checkpoint_in_one_line_and_restart_discards_it
         assert main(_args(model_dir, out, "gptq")) != 0
     capsys.readouterr()
     ckpt = tmp_path / ".out.checkpoint"
-    other_bits = [a if a != "3" else "4" for a in _args(model_dir, out, "gptq")]
+    other_bits = _args(model_dir, out, "gptq", bits=4)
     assert main(other_bits) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "recipe (format)" in lines[0] \

@@ -187,8 +187,10 @@ def compress_to_budget(model, budget: str | Budget, out: str | Path | None = Non
                        quantizers: tuple[str, ...] = ("rtn",), candidates: tuple[Candidate, ...] | None = None,
                        fisher_samples: int = 8, cache: bool = True, overwrite: bool = False,
                        measure_samples: int = MEASURE_SAMPLES, progress: bool = True, allow_pickle: bool = False,
-                       layout="artifact", gguf: str | Path | None = None):
+                       layout="artifact", gguf: str | Path | None = None, checkpoint: str | Path | None = None,
+                       restart: bool = False):
     """Allocate for the budget, then `api.compress` with that plan. Returns (Result, Allocation).
+    `checkpoint`, `restart`: as `api.compress`'s, for that last step (the profile is cached).
 
     The artifact's manifest gets an "allocation" entry (budget, predicted KL per layer, profile protocol).
     With `layout="gguf"` a byte budget bounds the GGUF file, which `gguf` names (the artifact `out`
@@ -202,12 +204,14 @@ def compress_to_budget(model, budget: str | Budget, out: str | Path | None = Non
     alloc = plan_for_budget(src, budget, calib=config.calib, quantizers=quantizers, candidates=candidates,
                             float_dtype=config.float_dtype, options=config.options, fisher_samples=fisher_samples,
                             cache=cache, measure_samples=measure_samples, progress=progress, layout=layout)
-    return compress_allocation(src, alloc, out, config, overwrite=overwrite, progress=progress, gguf=gguf), alloc
+    return compress_allocation(src, alloc, out, config, overwrite=overwrite, progress=progress, gguf=gguf,
+                               checkpoint=checkpoint, restart=restart), alloc
 
 
 def compress_allocation(model, alloc: Allocation, out: str | Path | None = None, config=None, *,
                         overwrite: bool = False, progress: bool = True, allow_pickle: bool = False,
-                        stats: dict | None = None, solved: dict | None = None, gguf: str | Path | None = None):
+                        stats: dict | None = None, solved: dict | None = None, gguf: str | Path | None = None,
+                        checkpoint: str | Path | None = None, restart: bool = False):
     """`api.compress` with the allocation's plan; the manifest records the allocation, sizes checked.
 
     Separate from `compress_to_budget` so that a sweep allocates many budgets from one profile
@@ -223,7 +227,8 @@ def compress_allocation(model, alloc: Allocation, out: str | Path | None = None,
         raise SizewiseError("writing a GGUF needs an allocation sized as one (layout='gguf') and an artifact "
                             "directory to export from")
     res = compress(_source(model, allow_pickle), replace(config, plan=alloc.plan), out,
-                   overwrite=overwrite, progress=progress, stats=stats, solved=solved)
+                   overwrite=overwrite, progress=progress, stats=stats, solved=solved, checkpoint=checkpoint,
+                   restart=restart)
     res.manifest["allocation"] = alloc.summary()
     if out is not None:
         t = res.manifest["totals"]

@@ -23,14 +23,16 @@ def run(model: str | Path | Source, recipe: Recipe, out: str | Path, *, overwrit
     `recipe.output == "gguf"` a .gguf file). Returns (Result, the allocation if a budget chose the
     plan); `Result.exported` describes a GGUF written.
 
-    With `resume`, a run to one format or a plan keeps each finished decoder layer in
-    `checkpoint.location(out)` and resumes a stopped run from it; `restart` discards one first."""
+    With `resume`, each finished decoder layer of the compression is kept in `checkpoint.location(out)`
+    and a stopped run resumes from it; `restart` discards one first. (With a budget, the profile is
+    cached as a whole and the checkpoint covers the compression with the chosen plan.)"""
     recipe.check()
     resumable = {"checkpoint": location(out) if resume else None, "restart": restart}
     if recipe.output == "gguf":
         return _run_gguf(model, recipe, Path(out), overwrite, progress, allow_pickle, resumable)
     if recipe.budget is not None:
-        return _to_budget(model, recipe, out, overwrite=overwrite, progress=progress, allow_pickle=allow_pickle)
+        return _to_budget(model, recipe, out, overwrite=overwrite, progress=progress, allow_pickle=allow_pickle,
+                          **resumable)
     return compress(model, recipe, out, overwrite=overwrite, progress=progress, allow_pickle=allow_pickle,
                     **resumable), None
 
@@ -62,7 +64,7 @@ def _run_gguf(model, recipe: Recipe, out: Path, overwrite: bool, progress: bool,
         art = area / "artifact"
         if recipe.budget is not None:   # a byte budget bounds the .gguf file itself (checked after writing)
             res, alloc = _to_budget(model, recipe, art, progress=progress, allow_pickle=allow_pickle, gguf=out,
-                                    overwrite=overwrite)
+                                    overwrite=overwrite, **resumable)
         else:
             res, alloc = compress(model, recipe, art, progress=progress, allow_pickle=allow_pickle, **resumable), None
             res.exported = export(art, out, format="gguf", overwrite=overwrite)

@@ -82,8 +82,8 @@ def compress(ctx, model, output, method, bits, sparsity, lowrank, group_size, sy
     quantized only if --method or --bits is given, else kept in --float-dtype.
 
     Each finished decoder layer is kept beside -o (.NAME.checkpoint/, removed on success): the same
-    command run again after a failure or interrupt resumes there, with the same result (one to a budget
-    starts again)."""
+    command run again after a failure or interrupt resumes there, with the same result (with --budget,
+    after the cached profile)."""
     from .. import api
     from ..plan import Plan
     from ..prune import StructuredConfig, parse_fraction
