@@ -121,3 +121,39 @@ def test_a_checkpoint_in_use_is_refused(model_dir, tmp_path, capsys):
         assert len(err) == 1 and "another sizewise run is using the checkpoint" in err[0]
     finally:
         held.close()
+
+
+def test_a_killed_run_resumes_to_the_same_bytes(model_dir, tmp_path, capsys):
+    """SIGKILL (no cleanup runs) while layer 2 is solved; the dead run's staging area is removed by
+    the next run, its checkpoint is not."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import sizewise
+
+    whole, out = tmp_path / "whole", tmp_path / "killed"
+    assert main(_args(model_dir, whole, "gptq")) == 0
+    slow = ("import sys, time\nfrom sizewise.quant import methods\nreal = methods.solve\nn = [0]\n"
+            "def solve(*a, **k):\n    n[0] += 1\n    if n[0] > 14: time.sleep(60)\n    return real(*a, **k)\n"
+            "methods.solve = solve\nfrom sizewise.cli import main\nsys.exit(main(sys.argv[1:]))\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(sizewise.__file__).parents[1])}
+    proc = subprocess.Popen([sys.executable, "-c", slow, *_args(model_dir, out, "gptq")], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = tmp_path / ".killed.checkpoint" / "state.json"
+    try:
+        deadline = time.time() + 120
+        while not (state.is_file() and json.loads(state.read_text())["done"] == 2):
+            assert proc.poll() is None and time.time() < deadline
+            time.sleep(0.2)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert list(tmp_path.glob(".killed.partial-*"))          # a dead run's staging area
+    assert main(_args(model_dir, out, "gptq")) == 0
+    assert "resuming at layer 3/4" in capsys.readouterr().err
+    assert (out / "packed.safetensors").read_bytes() == (whole / "packed.safetensors").read_bytes()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
