@@ -52,7 +52,7 @@ def _without_timings(manifest: dict) -> dict:
     return {k: v for k, v in manifest.items() if k not in ("timing", "created")}
 
 
-@pytest.mark.parametrize("method, k", [("rtn", 1), ("gptq", 2)])
+@pytest.mark.parametrize("method, k", [("rtn", 1), ("gptq", 2), ("rotate+awq+gptq", 2)])
 def test_resume_after_failure_at_layer_k_is_bit_identical(method, k, model_dir, tmp_path, monkeypatch, capsys):
     whole = tmp_path / "whole"
     assert main(_args(model_dir, whole, method)) == 0

@@ -42,17 +42,21 @@ def location(out: str | Path) -> Path:
     return out.parent / f".{out.name}.checkpoint"
 
 
+def _refused(path: Path, why: str) -> SizewiseError:
+    return SizewiseError(f"the checkpoint {path} {why}; run with --restart to discard it")
+
+
 def fingerprint(parts: dict) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
 def _difference(old: dict, new: dict) -> str:
     """Name what differs between two fingerprints' parts (the recipe down to its fields)."""
-    for key in new:
-        if old.get(key) != new[key]:
-            if isinstance(new[key], dict) and isinstance(old.get(key), dict):
-                fields = sorted(k for k in set(old[key]) | set(new[key]) if old[key].get(k) != new[key].get(k))
-                return f"{key} ({', '.join(fields)})"
+    for key, value in new.items():
+        was = old.get(key)
+        if was != value:
+            if isinstance(value, dict) and isinstance(was, dict):
+                return f"{key} ({', '.join(sorted(k for k in set(was) | set(value) if was.get(k) != value.get(k)))})"
             return key
     return "format version"
 
@@ -103,14 +107,11 @@ class Checkpoint:
             if not isinstance(old, dict):
                 raise TypeError
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise SizewiseError(f"the checkpoint {self.path} is unreadable ({e}); run with --restart "
-                                "to discard it") from None
+            raise _refused(self.path, f"is unreadable ({e})") from None
         if state.get("version") != VERSION or state.get("fingerprint") != self.print:
-            raise SizewiseError(f"the checkpoint {self.path} was made by another run (its {_difference(old, self.parts)} "
-                                "differs); run with --restart to discard it")
+            raise _refused(self.path, f"was made by another run (its {_difference(old, self.parts)} differs)")
         if not 0 <= done <= self.n_layers:
-            raise SizewiseError(f"the checkpoint {self.path} records {done} of {self.n_layers} layers; "
-                                "run with --restart to discard it")
+            raise _refused(self.path, f"records {done} of {self.n_layers} layers")
         self.done = done
 
     def announce(self) -> None:
@@ -164,8 +165,7 @@ class Checkpoint:
                 rng = st.get_tensor(RNG)
                 notes = json.loads(meta["notes"])
         except (SafetensorError, OSError, ValueError, KeyError, TypeError, SizewiseError) as e:
-            raise SizewiseError(f"the checkpoint's {f.name} is missing or corrupt ({e}); run with --restart "
-                                "to discard the checkpoint") from None
+            raise _refused(self.path, f"has a missing or corrupt {f.name} ({e})") from None
         if i == self.done - 1:
             torch.set_rng_state(rng)
         return quantized, params, notes
@@ -176,11 +176,9 @@ class Checkpoint:
         try:
             arr = np.load(f, mmap_mode="r", allow_pickle=False)
         except (OSError, ValueError) as e:
-            raise SizewiseError(f"the checkpoint's {f.name} is missing or corrupt ({e}); run with --restart "
-                                "to discard the checkpoint") from None
+            raise _refused(self.path, f"has a missing or corrupt {f.name} ({e})") from None
         if arr.shape != tuple(into.shape) or arr.dtype != np.float32:
-            raise SizewiseError(f"the checkpoint's {f.name} holds {arr.dtype} {arr.shape}, expected float32 "
-                                f"{tuple(into.shape)}; run with --restart to discard the checkpoint")
+            raise _refused(self.path, f"holds {arr.dtype} {arr.shape} in {f.name}, expected float32 {tuple(into.shape)}")
         for s in range(arr.shape[0]):           # one sample at a time: no second copy of the buffer
             into[s] = torch.from_numpy(np.array(arr[s]))
 
@@ -233,8 +231,7 @@ class LayerCheckpoint(Checkpoint):
         names = self._names(layer, refs)
         own = dict(layer.named_parameters())
         if set(quantized) | set(params) != set(own):
-            raise SizewiseError(f"the checkpoint's layer {i} does not hold this model's parameters; "
-                                "run with --restart to discard the checkpoint")
+            raise _refused(self.path, f"does not hold this model's parameters of layer {i}")
         for ref in refs:
             local = names[ref.weight_name]
             if local in quantized:
@@ -243,8 +240,7 @@ class LayerCheckpoint(Checkpoint):
                 params[local] = (w.t() if ref.transposed else w).to(p.dtype).contiguous()
         for n, p in own.items():
             if tuple(params[n].shape) != tuple(p.shape):
-                raise SizewiseError(f"the checkpoint's layer {i} holds {n} as {tuple(params[n].shape)}, "
-                                    f"expected {tuple(p.shape)}; run with --restart to discard the checkpoint")
+                raise _refused(self.path, f"holds layer {i}'s {n} as {tuple(params[n].shape)}, expected {tuple(p.shape)}")
             p.data = params[n]
         if notes:
             self.notes[i] = notes
