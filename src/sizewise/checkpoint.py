@@ -196,7 +196,8 @@ class Checkpoint:
             self._fd = None
 
     def remove(self) -> None:
-        """The run succeeded: nothing to resume."""
+        """The run succeeded: nothing to resume (its state first, so a removal cut short leaves none)."""
+        (self.path / STATE).unlink(missing_ok=True)
         shutil.rmtree(self.path, ignore_errors=True)
         self.close()
 
