@@ -157,3 +157,39 @@ def test_a_killed_run_resumes_to_the_same_bytes(model_dir, tmp_path, capsys):
     assert "resuming at layer 3/4" in capsys.readouterr().err
     assert (out / "packed.safetensors").read_bytes() == (whole / "packed.safetensors").read_bytes()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_plan_resumes_its_profiling_pass_to_the_same_plan(model_dir, tmp_path, monkeypatch, capsys):
+    from sizewise.allocate import profile
+
+    def plan(out, cache):
+        monkeypatch.setenv("SIZEWISE_CACHE", str(tmp_path / cache))     # profiled each time, not read from a cache
+        return main(["plan", str(model_dir / "llama"), "--budget", "3.5bpw", "--method", "rtn", "-o", str(out),
+                     "--calib", str(model_dir / "text.txt"), "--calib-samples", "12", "--calib-len", "32",
+                     "--fisher-samples", "2", "--measure-samples", "4", "--calib-dtype", "float32", "--quiet"])
+
+    real, calls = profile._dequantized, [0]
+
+    def counted(*a, **k):
+        calls[0] += 1
+        return real(*a, **k)
+    monkeypatch.setattr(profile, "_dequantized", counted)
+    assert plan(tmp_path / "whole.json", "c1") == 0
+    per_layer = calls[0] // LAYERS                  # the profile's candidates on one layer's linears (all alike)
+
+    def failing(*a, **k):
+        if calls[0] == 2 * per_layer:
+            raise Injected("injected at layer 2")
+        calls[0] += 1
+        return real(*a, **k)
+    calls[0] = 0
+    monkeypatch.setattr(profile, "_dequantized", failing)
+    out = tmp_path / "stopped.json"
+    assert plan(out, "c2") != 0 and not out.exists()
+    state = json.loads((tmp_path / ".stopped.json.profile.checkpoint" / "state.json").read_text())
+    assert state["done"] == 2 and "injected at layer 2" in capsys.readouterr().err
+    monkeypatch.setattr(profile, "_dequantized", real)
+    assert plan(out, "c3") == 0
+    assert "resuming at layer 3/4" in capsys.readouterr().err
+    assert out.read_text() == (tmp_path / "whole.json").read_text()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

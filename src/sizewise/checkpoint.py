@@ -36,10 +36,18 @@ STATE, LOCK, VERSION = "state.json", "lock", 1
 RNG = "__rng__"
 
 
-def location(out: str | Path) -> Path:
-    """Where the checkpoint of output `out` lives: beside it, named after it."""
+def location(out: str | Path, stage: str = "") -> Path:
+    """Where the checkpoint of output `out` lives: beside it, named after it (and the run's `stage`:
+    a budget's profile is one, its compression another)."""
     out = Path(os.path.abspath(out))
-    return out.parent / f".{out.name}.checkpoint"
+    return out.parent / f".{out.name}{'.' + stage if stage else ''}.checkpoint"
+
+
+def versions() -> dict:
+    """What computes, as part of a fingerprint."""
+    from . import __version__
+
+    return {"sizewise version": __version__, "torch version": torch.__version__}
 
 
 def _refused(path: Path, why: str) -> SizewiseError:
@@ -190,6 +198,13 @@ class Checkpoint:
 
     # --- lifetime ----------------------------------------------------------------------------------
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, value, tb):
+        """Kept (unlocked) if the block failed, for the next run; removed if it succeeded."""
+        self.remove() if kind is None else self.close()
+
     def close(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
@@ -200,6 +215,21 @@ class Checkpoint:
         (self.path / STATE).unlink(missing_ok=True)
         shutil.rmtree(self.path, ignore_errors=True)
         self.close()
+
+
+class NotesCheckpoint(Checkpoint):
+    """A checkpoint of an engine pass that changes no weight: per layer only the activations and
+    `notes` (layer -> JSON), which the pass fills as it goes and a resumed pass gets back."""
+
+    def __init__(self, path: Path, parts: dict, n_layers: int, notes: dict, *, restart=False):
+        super().__init__(path, parts, n_layers, restart=restart)
+        self.notes = notes
+
+    def save_layer(self, i: int, layer, refs, activations: torch.Tensor | None) -> None:
+        self.save(i, {}, {}, self.notes.get(i, {}), activations)
+
+    def restore(self, i: int, layer, refs) -> None:
+        self.notes[i] = self.load(i)[2]
 
 
 class LayerCheckpoint(Checkpoint):

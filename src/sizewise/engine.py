@@ -329,12 +329,14 @@ def head_statistics(model, arch: Architecture, samples: torch.Tensor, *, batch: 
 def statistics(model, arch: Architecture, samples: torch.Tensor, *, batch: int = 8, offload: Path | None = None,
                progress: bool = True, compute_dtype: torch.dtype = torch.float32,
                measure: Solver | None = None, head: bool = False,
-               observers: tuple[Observer, ...] = DEFAULT_OBSERVERS) -> tuple[dict[str, LinearStats], dict]:
+               observers: tuple[Observer, ...] = DEFAULT_OBSERVERS,
+               checkpoint: LayerCheckpoint | None = None) -> tuple[dict[str, LinearStats], dict]:
     """Every decoder linear's input statistics under the *float* model, in one pass; the model is unchanged.
 
     `measure(ref, w, stats)`, if given, is called per linear as the layer is observed (its return
     value is ignored). With `head`, also the output head's (`head_statistics`), under its table's
-    weight name. Returns (stats by name, the engine's facts).
+    weight name. Returns (stats by name, the engine's facts); with a `checkpoint` an earlier run had
+    layers of, the statistics of those layers are missing (their measurements are the checkpoint's).
     """
     kept: dict[str, LinearStats] = {}
 
@@ -345,7 +347,7 @@ def statistics(model, arch: Architecture, samples: torch.Tensor, *, batch: int =
         return w                                    # the float model propagates
 
     facts = run(model, arch, keep, samples, batch=batch, offload=offload, progress=progress,
-                compute_dtype=compute_dtype, observers=observers)        # exact weights restored after bf16 passes (weights_in)
+                compute_dtype=compute_dtype, observers=observers, checkpoint=checkpoint)        # exact weights restored after bf16 passes (weights_in)
     if head:
         t0 = time.perf_counter()
         kept.update(head_statistics(model, arch, samples, batch=batch, compute_dtype=compute_dtype))

@@ -6,14 +6,15 @@ from __future__ import annotations
 import datetime as dt
 import resource
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
-from .. import __version__, artifact, data, engine, memory
+from .. import artifact, data, engine, memory
 from ..arch import discover
-from ..checkpoint import LayerCheckpoint
+from ..checkpoint import LayerCheckpoint, versions
 from ..data import tensor_sha256
 from ..errors import SizewiseError
 from ..evaluate import environment
@@ -173,21 +174,15 @@ def compress(model: str | Path | Source, config: CompressConfig | None = None, o
     if checkpoint is not None and stats is None and out is not None:
         kept = LayerCheckpoint(Path(checkpoint), _fingerprint_parts(src, config, samples), len(arch.layers),
                                quantized, notes, restart=restart)
-    try:
+    with kept or nullcontext():
         facts = engine.run(m, arch, solve, samples, batch=config.calib.batch,
                            offload=Path(config.calib.offload) if config.calib.offload else None,
-                           progress=progress, compute_dtype=TORCH_DTYPES[config.calib.dtype],
-                           transform=layer_transform, stats=stats, observers=observers_for(observed), checkpoint=kept)
+                           progress=progress, compute_dtype=TORCH_DTYPES[config.calib.dtype], transform=layer_transform,
+                           stats=stats, observers=observers_for(observed), checkpoint=kept)
         if pipeline.awq:
             transforms["awq"] = [notes[i]["awq"] for i in sorted(notes)]
-        result = _finish(m, src, arch, config, plan, samples, stats, solved, quantized, transforms, calib_proto,
-                         pruned, facts, t0, out, overwrite)
-    finally:
-        if kept is not None:
-            kept.close()
-    if kept is not None:
-        kept.remove()
-    return result
+        return _finish(m, src, arch, config, plan, samples, stats, solved, quantized, transforms, calib_proto,
+                       pruned, facts, t0, out, overwrite)
 
 
 def _fingerprint_parts(src: Source, config: Recipe, samples: torch.Tensor | None) -> dict:
@@ -197,7 +192,7 @@ def _fingerprint_parts(src: Source, config: Recipe, samples: torch.Tensor | None
     recipe["calib"].pop("offload", None)
     return {"model": src.info.get("sha256"), "recipe": recipe,
             "calibration tokens": None if samples is None else tensor_sha256(samples),
-            "sizewise version": __version__, "torch version": torch.__version__}
+            **versions()}
 
 
 def _finish(m, src, arch, config, plan, samples, stats, solved, quantized, transforms, calib_proto, pruned,

@@ -24,15 +24,16 @@ def run(model: str | Path | Source, recipe: Recipe, out: str | Path, *, overwrit
     plan); `Result.exported` describes a GGUF written.
 
     With `resume`, each finished decoder layer of the compression is kept in `checkpoint.location(out)`
-    and a stopped run resumes from it; `restart` discards one first. (With a budget, the profile is
-    cached as a whole and the checkpoint covers the compression with the chosen plan.)"""
+    and a stopped run resumes from it; `restart` discards one first. With a budget, so is the
+    profiling pass, in `checkpoint.location(out, "profile")`."""
     recipe.check()
     resumable = {"checkpoint": location(out) if resume else None, "restart": restart}
     if recipe.output == "gguf":
-        return _run_gguf(model, recipe, Path(out), overwrite, progress, allow_pickle, resumable)
+        return _run_gguf(model, recipe, Path(out), overwrite, progress, allow_pickle, resumable,
+                         location(out, "profile") if resume else None)
     if recipe.budget is not None:
         return _to_budget(model, recipe, out, overwrite=overwrite, progress=progress, allow_pickle=allow_pickle,
-                          **resumable)
+                          profile_checkpoint=location(out, "profile") if resume else None, **resumable)
     return compress(model, recipe, out, overwrite=overwrite, progress=progress, allow_pickle=allow_pickle,
                     **resumable), None
 
@@ -48,7 +49,8 @@ def _to_budget(model, recipe: Recipe, out, **kwargs):
                               layout="gguf" if gguf else "artifact", **kwargs)
 
 
-def _run_gguf(model, recipe: Recipe, out: Path, overwrite: bool, progress: bool, allow_pickle: bool, resumable: dict):
+def _run_gguf(model, recipe: Recipe, out: Path, overwrite: bool, progress: bool, allow_pickle: bool, resumable: dict,
+              profile_checkpoint):
     """The artifact is built in a temporary directory beside the output, exported, dropped."""
     if out.suffix != ".gguf":
         raise SizewiseError(f"with --format gguf, -o names the file to write (model.gguf), got {out}")
@@ -64,7 +66,7 @@ def _run_gguf(model, recipe: Recipe, out: Path, overwrite: bool, progress: bool,
         art = area / "artifact"
         if recipe.budget is not None:   # a byte budget bounds the .gguf file itself (checked after writing)
             res, alloc = _to_budget(model, recipe, art, progress=progress, allow_pickle=allow_pickle, gguf=out,
-                                    overwrite=overwrite, **resumable)
+                                    overwrite=overwrite, profile_checkpoint=profile_checkpoint, **resumable)
         else:
             res, alloc = compress(model, recipe, art, progress=progress, allow_pickle=allow_pickle, **resumable), None
             res.exported = export(art, out, format="gguf", overwrite=overwrite)

@@ -83,7 +83,7 @@ def compress(ctx, model, output, method, bits, sparsity, lowrank, group_size, sy
 
     Each finished decoder layer is kept beside -o (.NAME.checkpoint/, removed on success): the same
     command run again after a failure or interrupt resumes there, with the same result (with --budget,
-    after the cached profile)."""
+    the profiling pass too)."""
     from .. import api
     from ..plan import Plan
     from ..prune import StructuredConfig, parse_fraction
@@ -165,18 +165,23 @@ _RECIPE_FLAGS = ("method", "bits", "sparsity", "lowrank", "group_size", "sym", "
               help="gguf: choose among llama.cpp's types only, and a byte budget bounds the .gguf file (apply with "
               "`compress --plan FILE --format gguf`).")
 @click.option("--force", is_flag=True, help="Replace the output file if it exists.")
+@click.option("--restart", is_flag=True, help="Discard the profiling checkpoint a stopped run left beside -o instead "
+              "of resuming from it.")
 @click.option("--allow-pickle", is_flag=True)
 @click.option("--quiet", is_flag=True)
-def plan_cmd(model, budget, output, method, fisher_samples, measure_samples, out_format, force, allow_pickle, quiet,
-             **calib):
-    """Choose each linear layer's format to fit a budget at least predicted loss, and print the plan."""
+def plan_cmd(model, budget, output, method, fisher_samples, measure_samples, out_format, force, restart, allow_pickle,
+             quiet, **calib):
+    """Choose each linear layer's format to fit a budget at least predicted loss, and print the plan.
+    With -o, a stopped profiling pass resumes where it stopped when the command is run again."""
     from .. import api
+    from ..checkpoint import location
     from ..allocate import render
 
     with claimed(output, force, "file", model, calib["calib"], calib["offload"]):
         alloc = api.plan_for_budget(model, budget, calib_config(**calib), quantizers=tuple(method.split(",")),
                                     fisher_samples=fisher_samples, measure_samples=measure_samples,
-                                    progress=not quiet, allow_pickle=allow_pickle, layout=out_format)
+                                    progress=not quiet, allow_pickle=allow_pickle, layout=out_format,
+                                    checkpoint=location(output, "profile") if output else None, restart=restart)
         click.echo(render(alloc))
         if output:
             from ..atomic import write_text
