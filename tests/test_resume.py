@@ -193,3 +193,38 @@ def test_plan_resumes_its_profiling_pass_to_the_same_plan(model_dir, tmp_path, m
     assert "resuming at layer 3/4" in capsys.readouterr().err
     assert out.read_text() == (tmp_path / "whole.json").read_text()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_sweep_resumes_its_profiling_pass_to_the_same_points(model_dir, tmp_path, monkeypatch, capsys):
+    from sizewise.allocate import profile
+
+    text = model_dir / "text.txt"
+
+    def sweep(out, cache):
+        monkeypatch.setenv("SIZEWISE_CACHE", str(tmp_path / cache))
+        return main(["sweep", str(model_dir / "llama"), "--budgets", "3.5", "-o", str(out), "--calib", str(text),
+                     "--calib-samples", "8", "--calib-len", "32", "--fisher-samples", "2", "--measure-samples", "2",
+                     "--text", str(text), "--ctx", "32", "--windows", "2", "--calib-dtype", "float32", "--quiet"])
+
+    real = profile._dequantized
+
+    def failing(*a, **k):
+        failing.calls += 1
+        if failing.calls > failing.limit:
+            raise Injected("injected in the profile")
+        return real(*a, **k)
+    failing.calls, failing.limit = 0, 10**9
+    monkeypatch.setattr(profile, "_dequantized", failing)
+    assert sweep(tmp_path / "whole", "c1") == 0
+    failing.limit = 3 * failing.calls // LAYERS        # stop on layer 3's first linear (all layers alike)
+    failing.calls = 0
+    assert sweep(tmp_path / "stopped", "c2") != 0
+    assert json.loads((tmp_path / ".stopped.profile.checkpoint" / "state.json").read_text())["done"] == 3
+    capsys.readouterr()
+    failing.limit = 10**9
+    assert sweep(tmp_path / "stopped", "c3") == 0
+    assert "resuming at layer 4/4" in capsys.readouterr().err
+    points = [{k: p[k] for k in ("label", "bits_per_weight", "perplexity")}
+              for d in ("whole", "stopped") for p in json.loads((tmp_path / d / "sweep.json").read_text())["points"]]
+    assert points[:len(points) // 2] == points[len(points) // 2:]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

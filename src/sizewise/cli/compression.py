@@ -214,10 +214,12 @@ def plan_cmd(model, budget, output, method, fisher_samples, measure_samples, out
               "chooses among llama.cpp's types (as `compress --format gguf --budget`), byte budgets bound the .gguf "
               "file, and --uniform points must be ggml types.")
 @click.option("--force", is_flag=True, help="Replace the output directory if it exists.")
+@click.option("--restart", is_flag=True, help="Discard the profiling checkpoint a stopped sweep left beside -o instead "
+              "of resuming from it.")
 @click.option("--allow-pickle", is_flag=True, help="Allow loading pickled (.bin) weights. Only for files you trust.")
 @click.option("--quiet", is_flag=True, help="No progress output.")
 def sweep(model, budgets, output, method, fisher_samples, measure_samples, uniform, peers, text, ctx, stride, windows,
-          sequential, out_format, force, allow_pickle, quiet, **calib):
+          sequential, out_format, force, restart, allow_pickle, quiet, **calib):
     """Compress MODEL to every budget (one profile), plus uniform baselines; evaluate all; write a report.
 
     \b
@@ -232,7 +234,7 @@ def sweep(model, budgets, output, method, fisher_samples, measure_samples, unifo
         res = api.sweep(model, budgets, output, calib_config(**calib), quantizers=tuple(method.split(",")),
                         uniform=[u for item in uniform for u in item.split(",") if u.strip()], peers=list(peers),
                         text=text, ctx=ctx, stride=stride, windows=windows, fisher_samples=fisher_samples,
-                        measure_samples=measure_samples, sequential=sequential, overwrite=force,
+                        measure_samples=measure_samples, sequential=sequential, overwrite=force, restart=restart,
                         progress=not quiet, allow_pickle=allow_pickle, format=out_format)
     click.echo(res["table"])
     t = res["timing"]
