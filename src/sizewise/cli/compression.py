@@ -12,6 +12,7 @@ from .options import (
     CTX,
     NO_CLIP_HELP,
     POSITIVE,
+    RESTART,
     calib_config,
     calib_options,
     claimed,
@@ -64,8 +65,7 @@ from .options import (
 @click.option("--prune-heads", default=0, show_default=True, type=int, help="Structured pruning: remove this many query "
               "heads per layer, the same number from each key/value group, the output projection refitted.")
 @click.option("--force", is_flag=True, help="Replace the output directory if it exists.")
-@click.option("--restart", is_flag=True, help="Discard the checkpoint a stopped run left beside -o (.NAME.checkpoint) "
-              "instead of resuming from it.")
+@RESTART
 @click.option("--allow-pickle", is_flag=True, help="Allow loading pickled (.bin) weights. Only for files you trust.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.option("--recipe", "recipe_path", type=click.Path(), help="Run a recipe JSON (method, options, format/plan/budget, "
@@ -165,8 +165,7 @@ _RECIPE_FLAGS = ("method", "bits", "sparsity", "lowrank", "group_size", "sym", "
               help="gguf: choose among llama.cpp's types only, and a byte budget bounds the .gguf file (apply with "
               "`compress --plan FILE --format gguf`).")
 @click.option("--force", is_flag=True, help="Replace the output file if it exists.")
-@click.option("--restart", is_flag=True, help="Discard the profiling checkpoint a stopped run left beside -o instead "
-              "of resuming from it.")
+@RESTART
 @click.option("--allow-pickle", is_flag=True)
 @click.option("--quiet", is_flag=True)
 def plan_cmd(model, budget, output, method, fisher_samples, measure_samples, out_format, force, restart, allow_pickle,
@@ -214,8 +213,7 @@ def plan_cmd(model, budget, output, method, fisher_samples, measure_samples, out
               "chooses among llama.cpp's types (as `compress --format gguf --budget`), byte budgets bound the .gguf "
               "file, and --uniform points must be ggml types.")
 @click.option("--force", is_flag=True, help="Replace the output directory if it exists.")
-@click.option("--restart", is_flag=True, help="Discard the profiling checkpoint a stopped sweep left beside -o instead "
-              "of resuming from it.")
+@RESTART
 @click.option("--allow-pickle", is_flag=True, help="Allow loading pickled (.bin) weights. Only for files you trust.")
 @click.option("--quiet", is_flag=True, help="No progress output.")
 def sweep(model, budgets, output, method, fisher_samples, measure_samples, uniform, peers, text, ctx, stride, windows,
