@@ -13,7 +13,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol
 
 import numpy as np
 import torch
@@ -32,6 +32,17 @@ Solver = Callable[[LinearRef, torch.Tensor, "LinearStats | None"], torch.Tensor]
 # that leaves its function unchanged (e.g. AWQ scales folded into the preceding op), updating the
 # statistics to match; runs after observe and before solve.
 Transform = Callable[[int, torch.nn.Module, list[LinearRef], dict], None]
+
+
+class LayerCheckpoint(Protocol):
+    """Where a run keeps each finished layer so that a stopped run resumes (`checkpoint.py`)."""
+
+    done: int               # layers finished by an earlier run, restored instead of processed
+
+    def announce(self) -> None: ...
+    def restore(self, i: int, layer, refs: list[LinearRef]) -> None: ...
+    def activations(self, into: torch.Tensor) -> None: ...
+    def save_layer(self, i: int, layer, refs: list[LinearRef], activations: torch.Tensor | None) -> None: ...
 
 
 class _Stop(Exception):
@@ -212,10 +223,23 @@ def _process_layer(i: int, layer, refs: list[LinearRef], solve: Solver, transfor
                 buffer.data[s:s + batch] = out.float().cpu()
 
 
+def _resume(checkpoint: LayerCheckpoint | None, arch: Architecture, buffer: ActivationBuffer | None) -> int:
+    """Restore the layers an earlier run finished (and the next layer's inputs); return their count."""
+    if checkpoint is None or not checkpoint.done:
+        return 0
+    checkpoint.announce()
+    for i in range(checkpoint.done):
+        checkpoint.restore(i, arch.layers[i], arch.linears[i])
+    if buffer is not None and checkpoint.done < len(arch.layers):
+        checkpoint.activations(buffer.data)
+    return checkpoint.done
+
+
 def run(model, arch: Architecture, solve: Solver, samples: torch.Tensor | None, *,
         batch: int = 8, offload: Path | None = None, progress: bool = True,
         compute_dtype: torch.dtype = torch.float32, transform: Transform | None = None,
-        stats: dict[str, LinearStats] | None = None, observers: tuple[Observer, ...] = DEFAULT_OBSERVERS) -> dict:
+        stats: dict[str, LinearStats] | None = None, observers: tuple[Observer, ...] = DEFAULT_OBSERVERS,
+        checkpoint: LayerCheckpoint | None = None) -> dict:
     """Compress every linear of every decoder layer in place; return timing and memory facts.
 
     With `samples` None the solver gets no statistics and no forward pass runs (data-free methods).
@@ -225,6 +249,8 @@ def run(model, arch: Architecture, solve: Solver, samples: torch.Tensor | None, 
     every layer is solved from those inputs at once ("one-shot"), without propagating the
     compressed layers' outputs. A sweep over budgets uses this to observe the model only once.
     `observers`: what is accumulated of each linear's inputs (`observers.py`: XᵀX and Σ|x| by default).
+    `checkpoint`: each finished layer is saved there with the next layer's inputs; the layers an
+    earlier run finished are restored from it instead of processed.
     """
     device = next(model.parameters()).device
     t0 = time.perf_counter()
@@ -232,9 +258,13 @@ def run(model, arch: Architecture, solve: Solver, samples: torch.Tensor | None, 
     if samples is None or stats is not None:
         if transform is not None and stats is not None:
             raise ValueError("a per-layer transform needs the calibration passes; it cannot run from saved statistics")
-        for refs in arch.linears:
-            for ref in refs:
-                ref.set_weight(solve(ref, ref.weight(), None if stats is None else stats[ref.name]))
+        done = _resume(checkpoint, arch, None)
+        for i, refs in enumerate(arch.linears):
+            if i >= done:
+                for ref in refs:
+                    ref.set_weight(solve(ref, ref.weight(), None if stats is None else stats[ref.name]))
+                if checkpoint is not None:
+                    checkpoint.save_layer(i, arch.layers[i], refs, None)
             bar.update()
         bar.close()
         return {"engine_s": time.perf_counter() - t0, "activation_bytes": 0}
@@ -247,9 +277,13 @@ def run(model, arch: Architecture, solve: Solver, samples: torch.Tensor | None, 
           f"{ActivationBuffer.nbytes(n, length, hidden) / 2**20:.0f} MiB {where}", file=sys.stderr)
     with torch.no_grad():
         extras = _run_with_capture(model, arch.layers, samples, buffer, batch)
+        done = _resume(checkpoint, arch, buffer)
         for i, layer in enumerate(arch.layers):
-            _process_layer(i, layer, arch.linears[i], solve, transform, buffer, batch, extras[i], device,
-                           compute_dtype, observers)
+            if i >= done:
+                _process_layer(i, layer, arch.linears[i], solve, transform, buffer, batch, extras[i], device,
+                               compute_dtype, observers)
+                if checkpoint is not None:
+                    checkpoint.save_layer(i, layer, arch.linears[i], buffer.data)
             bar.update()
     bar.close()
     return {"engine_s": time.perf_counter() - t0,
@@ -295,12 +329,14 @@ def head_statistics(model, arch: Architecture, samples: torch.Tensor, *, batch: 
 def statistics(model, arch: Architecture, samples: torch.Tensor, *, batch: int = 8, offload: Path | None = None,
                progress: bool = True, compute_dtype: torch.dtype = torch.float32,
                measure: Solver | None = None, head: bool = False,
-               observers: tuple[Observer, ...] = DEFAULT_OBSERVERS) -> tuple[dict[str, LinearStats], dict]:
+               observers: tuple[Observer, ...] = DEFAULT_OBSERVERS,
+               checkpoint: LayerCheckpoint | None = None) -> tuple[dict[str, LinearStats], dict]:
     """Every decoder linear's input statistics under the *float* model, in one pass; the model is unchanged.
 
     `measure(ref, w, stats)`, if given, is called per linear as the layer is observed (its return
     value is ignored). With `head`, also the output head's (`head_statistics`), under its table's
-    weight name. Returns (stats by name, the engine's facts).
+    weight name. Returns (stats by name, the engine's facts); with a `checkpoint` an earlier run had
+    layers of, the statistics of those layers are missing (their measurements are the checkpoint's).
     """
     kept: dict[str, LinearStats] = {}
 
@@ -311,7 +347,7 @@ def statistics(model, arch: Architecture, samples: torch.Tensor, *, batch: int =
         return w                                    # the float model propagates
 
     facts = run(model, arch, keep, samples, batch=batch, offload=offload, progress=progress,
-                compute_dtype=compute_dtype, observers=observers)        # exact weights restored after bf16 passes (weights_in)
+                compute_dtype=compute_dtype, observers=observers, checkpoint=checkpoint)        # exact weights restored after bf16 passes (weights_in)
     if head:
         t0 = time.perf_counter()
         kept.update(head_statistics(model, arch, samples, batch=batch, compute_dtype=compute_dtype))

@@ -39,6 +39,7 @@ from .allocate import Budget
 from .api import budget as api_budget
 from .api import compression, evaluation
 from .atomic import staged_dir
+from .checkpoint import location
 from .defaults import MEASURE_SAMPLES
 from .arch import discover
 from .errors import SizewiseError
@@ -147,7 +148,8 @@ def sweep(model: str | Path, budgets: str | list[str | Budget], out: str | Path,
           uniform: list[str] | tuple[str, ...] = (), peers: list = (), text: str | Path = "wikitext2-test",
           ctx: int = 1024, stride: int | None = None, windows: int | None = None, fisher_samples: int = 8,
           cache: bool = True, measure_samples: int = MEASURE_SAMPLES, sequential: bool = False, overwrite: bool = False,
-          progress: bool = True, allow_pickle: bool = False, format: str = "artifact") -> dict:
+          progress: bool = True, allow_pickle: bool = False, format: str = "artifact", resume: bool = True,
+          restart: bool = False) -> dict:
     """Compress MODEL (a spec: path or built-in name) to every budget from one profile, plus the
     uniform baselines, evaluate them all against MODEL, and write OUT (see the module docstring).
 
@@ -157,6 +159,8 @@ def sweep(model: str | Path, budgets: str | list[str | Budget], out: str | Path,
     at once; `sequential` instead runs the calibration passes again per budget (as `compress
     --budget` does), which propagates compressed outputs but costs one engine run per budget.
     `format="gguf"` also writes every point as POINT.gguf (see the module docstring).
+    With `resume`, a stopped profiling pass resumes from `checkpoint.location(out, "profile")` (the
+    profile itself is cached once made); `restart` discards that checkpoint first.
     """
     t_start = time.perf_counter()
     if isinstance(model, Source):      # compress() changes a loaded model in place: each point needs a fresh load
@@ -212,7 +216,8 @@ def sweep(model: str | Path, budgets: str | list[str | Budget], out: str | Path,
         t0 = time.perf_counter()
         prof = api_budget.cached_profile(src, arch, config.calib, cands, options=config.options,
                                          fisher_samples=fisher_samples, cache=cache, progress=progress, keep_stats=True,
-                                         tables=any(b.kind == "bytes" for b in blist), arithmetic=layout.arithmetic)
+                                         tables=any(b.kind == "bytes" for b in blist), arithmetic=layout.arithmetic,
+                                         checkpoint=location(out, "profile") if resume else None, restart=restart)
         stats = api_budget.profile_statistics(src, arch, config.calib, prof, progress)
         profile_s = time.perf_counter() - t0
         t0 = time.perf_counter()

@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 
 from .. import engine
 from ..arch import Architecture, discover
+from ..checkpoint import NotesCheckpoint
 from ..defaults import HEAD_SAMPLES, ROUNDING_TOKENS
 from ..errors import SizewiseError
 from ..observers import DEFAULT_OBSERVERS, RoundingGram
@@ -60,6 +61,14 @@ class LayerProfile:
     kind: str = "linear"             # or "table": costs then measured directly (KL with only this table changed)
     rounding: dict = field(default_factory=dict)   # llama.cpp input rounding kind -> its cost, included in costs
 
+    def to_dict(self) -> dict:
+        return {"name": self.name, "shape": list(self.shape), "importance": self.importance, "costs": self.costs,
+                "errors": self.errors, "kind": self.kind, "rounding": self.rounding}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LayerProfile":
+        return cls(d["name"], tuple(d["shape"]), d["importance"], d["costs"], d["errors"], d["kind"], d["rounding"])
+
 
 @dataclass
 class Profile:
@@ -74,9 +83,7 @@ class Profile:
     def to_json(self) -> str:
         return json.dumps({"profile_version": PROFILE_VERSION, "protocol": self.protocol,
                            "candidates": [c.to_dict() for c in self.candidates],
-                           "layers": [{"name": l.name, "shape": list(l.shape), "importance": l.importance,
-                                       "costs": l.costs, "errors": l.errors, "kind": l.kind, "rounding": l.rounding}
-                                      for l in self.layers]})
+                           "layers": [l.to_dict() for l in self.layers]})
 
     @classmethod
     def from_json(cls, text: str) -> "Profile":
@@ -84,8 +91,7 @@ class Profile:
         if d.get("profile_version") != PROFILE_VERSION:
             raise SizewiseError("the sensitivity profile was made by another sizewise version; profile again")
         return cls(tuple(Candidate.from_dict(c) for c in d["candidates"]),
-                   [LayerProfile(l["name"], tuple(l["shape"]), l["importance"], l["costs"], l["errors"], l["kind"],
-                                 l["rounding"]) for l in d["layers"]], d["protocol"])
+                   [LayerProfile.from_dict(l) for l in d["layers"]], d["protocol"])
 
 
 def fisher_diagonal(model, arch: Architecture, samples: torch.Tensor, *, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -134,7 +140,8 @@ def profile_model(model, arch: Architecture, samples: torch.Tensor, candidates: 
                   options: dict | None = None, fisher_samples: int = 8, seed: int = 0, batch: int = 8,
                   compute_dtype: torch.dtype = torch.float32, offload: Path | None = None,
                   progress: bool = True, keep_stats: bool = False, table_samples: int = 4,
-                  tables: bool = True, arithmetic: str | None = None) -> Profile:
+                  tables: bool = True, arithmetic: str | None = None,
+                  checkpoint: NotesCheckpoint | None = None) -> Profile:
     """Predicted KL of every candidate on every decoder linear: one Fisher pass, one engine pass;
     with `tables`, for the token tables (embedding, untied head), the KL measured on
     `table_samples` samples (only byte budgets choose for tables; `add_table_costs` adds them later).
@@ -143,6 +150,9 @@ def profile_model(model, arch: Architecture, samples: torch.Tensor, candidates: 
 
     The model is left exactly as it was. With `keep_stats` the profile also holds each linear's
     input statistics (`profile.stats`, in memory only), so plans can be solved without another pass.
+    `checkpoint` (its `notes` this function's): each layer's measurements are kept there as the pass
+    goes, and a stopped pass resumes at its first unfinished layer (the statistics are then not kept:
+    the layers before it were measured by the earlier run).
     """
     if fisher_samples < 1:
         raise SizewiseError(f"the Fisher estimate needs at least 1 sample, got {fisher_samples}")
@@ -150,7 +160,9 @@ def profile_model(model, arch: Architecture, samples: torch.Tensor, candidates: 
     rounds = _input_roundings(candidates, arithmetic)
     fisher = fisher_diagonal(model, arch, samples[:fisher_samples], seed=seed)
     t_fisher = time.perf_counter() - t0
-    layers = []
+    layer_of = {ref.weight_name: i for i, refs in enumerate(arch.linears) for ref in refs}
+    notes = {} if checkpoint is None else checkpoint.notes       # decoder layer -> its linears' profiles
+    resumed = checkpoint is not None and checkpoint.done > 0
 
     def measure(ref, w, stats):
         f = fisher[ref.name].to(w.device)
@@ -167,13 +179,19 @@ def profile_model(model, arch: Architecture, samples: torch.Tensor, candidates: 
             row = ((dw @ h) * dw).sum(1).clamp_min(0) / stats.count     # e_j, mean (Δy_j)² per token
             errors.append(float(row.sum()))
             costs.append(0.5 * float((f * row).sum()))
-        layers.append(LayerProfile(ref.weight_name, ref.shape, float(f.mean()), costs, errors, rounding=rounding))
+        lp = LayerProfile(ref.weight_name, ref.shape, float(f.mean()), costs, errors, rounding=rounding)
+        notes.setdefault(layer_of[ref.weight_name], {"linears": []})["linears"].append(lp.to_dict())
 
     stats, facts = engine.statistics(model, arch, samples, batch=batch, offload=offload, progress=progress,
                                      compute_dtype=compute_dtype, measure=measure,
                                      head=tables and needs_head_stats(arch, candidates),
                                      observers=(*DEFAULT_OBSERVERS, RoundingGram(
-                                         tuple(sorted({k for k in rounds if k is not None})), ROUNDING_TOKENS)))
+                                         tuple(sorted({k for k in rounds if k is not None})), ROUNDING_TOKENS)),
+                                     checkpoint=checkpoint)
+    if resumed:
+        stats = {k: v for k, v in stats.items() if k not in layer_of}    # only the head's, if measured
+        keep_stats = False
+    layers = [LayerProfile.from_dict(d) for i in sorted(notes) for d in notes[i]["linears"]]
     t1 = time.perf_counter()
     calibration = _calibrate_rounding(model, arch, layers, samples[:table_samples], batch, progress) if arithmetic else {}
     for lp in layers:                       # each candidate pays its own input rounding on top of its weight error

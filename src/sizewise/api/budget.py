@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 
@@ -37,6 +38,8 @@ from ..allocate.profile import needs_head_stats
 from ..arch import Architecture, discover
 from ..defaults import MEASURE_SAMPLES
 from ..atomic import write_text
+from ..checkpoint import NotesCheckpoint, versions
+from ..data import tensor_sha256
 from ..errors import SizewiseError
 from ..quant import methods
 from ..quant.formats import TORCH_DTYPES
@@ -69,7 +72,8 @@ def _profile_key(src_info: dict, calib, text_sha: str | None, candidates, option
 
 def cached_profile(src, arch: Architecture, calib, candidates: tuple[Candidate, ...], *, options: dict | None = None,
                    fisher_samples: int = 8, cache: bool = True, progress: bool = True,
-                   keep_stats: bool = False, tables: bool = True, arithmetic: str | None = None) -> Profile:
+                   keep_stats: bool = False, tables: bool = True, arithmetic: str | None = None,
+                   checkpoint: str | Path | None = None, restart: bool = False) -> Profile:
     """`profile_model` on the source's calibration samples, cached per model + calibration + candidates
     (+ the arithmetic whose input rounding the costs include: the layout's, e.g. llama.cpp's for a GGUF).
 
@@ -77,6 +81,8 @@ def cached_profile(src, arch: Architecture, calib, candidates: tuple[Candidate, 
     profile read from the cache has no statistics (`profile.stats` is None) even with `keep_stats`.
     `tables`: also measure the token tables' candidates (byte budgets need them; measured once,
     when first asked for, and added to the cached profile).
+    `checkpoint` (a directory): the profiling pass keeps each layer's measurements there and a stopped
+    one resumes from it (`restart` discards it first); removed once the profile is made.
     """
     text_sha = data.read_text(calib.text).sha256 if calib.text is not None else None
     key = _profile_key(src.info, calib, text_sha, candidates, options, fisher_samples, arithmetic)
@@ -93,15 +99,23 @@ def cached_profile(src, arch: Architecture, calib, candidates: tuple[Candidate, 
     if prof is not None:                          # cached, but without the tables this budget needs
         add_table_costs(prof, src.model, arch, samples, batch=calib.batch, options=options, progress=progress,
                         compute_dtype=TORCH_DTYPES[calib.dtype])
-    else:
+        if cache and src.info.get("sha256"):
+            write_text(path, prof.to_json())
+        return prof
+    kept = None
+    if checkpoint is not None:
+        parts = {"profile": key, "calibration tokens": tensor_sha256(samples), **versions()}
+        kept = NotesCheckpoint(Path(checkpoint), parts, len(arch.layers), {}, restart=restart)
+    with kept or nullcontext():
         prof = profile_model(src.model, arch, samples, candidates, options=options, fisher_samples=fisher_samples,
                              seed=calib.seed, batch=calib.batch, compute_dtype=TORCH_DTYPES[calib.dtype],
                              offload=Path(calib.offload) if calib.offload else None, progress=progress,
-                             keep_stats=keep_stats, tables=tables, arithmetic=arithmetic)
+                             keep_stats=keep_stats, tables=tables, arithmetic=arithmetic,
+                             checkpoint=kept)
         prof.protocol.update(model=src.info.get("spec"), model_sha256=src.info.get("sha256"),
                              calibration=calib_proto)
-    if cache and src.info.get("sha256"):
-        write_text(path, prof.to_json())
+        if cache and src.info.get("sha256"):
+            write_text(path, prof.to_json())
     return prof
 
 
@@ -154,13 +168,14 @@ def plan_for_budget(model, budget: str | Budget, *, calib=None, quantizers: tupl
                     candidates: tuple[Candidate, ...] | None = None, float_dtype: str = "float16",
                     options: dict | None = None, fisher_samples: int = 8, cache: bool = True,
                     measure_samples: int = MEASURE_SAMPLES, progress: bool = True, allow_pickle: bool = False,
-                    layout="artifact") -> Allocation:
+                    layout="artifact", checkpoint: str | Path | None = None, restart: bool = False) -> Allocation:
     """Load MODEL (a spec or `Source`), check the budget from shapes alone, profile (cached), allocate.
 
     With `measure_samples` > 0 the knapsack's plan is checked against a few alternatives by
     measurement (`choose_measured`); 0 trusts the prediction alone. `layout`: the output file a byte
     budget bounds, "artifact" (the packed file) or "gguf" (the GGUF exported from it; the candidates
     must then be ggml types, by default `gguf_candidate_set(quantizers)`), or a layout object.
+    `checkpoint`, `restart`: the profiling pass's (`cached_profile`).
     """
     budget = parse_budget(budget)                       # a typo fails before anything loads
     src = _source(model, allow_pickle)
@@ -176,7 +191,7 @@ def plan_for_budget(model, budget: str | Budget, *, calib=None, quantizers: tupl
                                       kept_statistics=measure_samples > 0))
     prof = cached_profile(src, arch, calib, cands, options=options, fisher_samples=fisher_samples, cache=cache,
                           progress=progress, keep_stats=measure_samples > 0, tables=budget.kind == "bytes",
-                          arithmetic=layout.arithmetic)
+                          arithmetic=layout.arithmetic, checkpoint=checkpoint, restart=restart)
     if measure_samples > 0:
         return choose_measured(src, arch, calib, prof, sizes, budget, options=options, samples=measure_samples,
                                progress=progress)
@@ -187,8 +202,11 @@ def compress_to_budget(model, budget: str | Budget, out: str | Path | None = Non
                        quantizers: tuple[str, ...] = ("rtn",), candidates: tuple[Candidate, ...] | None = None,
                        fisher_samples: int = 8, cache: bool = True, overwrite: bool = False,
                        measure_samples: int = MEASURE_SAMPLES, progress: bool = True, allow_pickle: bool = False,
-                       layout="artifact", gguf: str | Path | None = None):
+                       layout="artifact", gguf: str | Path | None = None, checkpoint: str | Path | None = None,
+                       profile_checkpoint: str | Path | None = None, restart: bool = False):
     """Allocate for the budget, then `api.compress` with that plan. Returns (Result, Allocation).
+    `checkpoint`, `restart`: as `api.compress`'s, for that last step; `profile_checkpoint`: the
+    profiling pass's (`cached_profile`).
 
     The artifact's manifest gets an "allocation" entry (budget, predicted KL per layer, profile protocol).
     With `layout="gguf"` a byte budget bounds the GGUF file, which `gguf` names (the artifact `out`
@@ -201,13 +219,16 @@ def compress_to_budget(model, budget: str | Budget, out: str | Path | None = Non
     src = _source(model, allow_pickle)
     alloc = plan_for_budget(src, budget, calib=config.calib, quantizers=quantizers, candidates=candidates,
                             float_dtype=config.float_dtype, options=config.options, fisher_samples=fisher_samples,
-                            cache=cache, measure_samples=measure_samples, progress=progress, layout=layout)
-    return compress_allocation(src, alloc, out, config, overwrite=overwrite, progress=progress, gguf=gguf), alloc
+                            cache=cache, measure_samples=measure_samples, progress=progress, layout=layout,
+                            checkpoint=profile_checkpoint, restart=restart)
+    return compress_allocation(src, alloc, out, config, overwrite=overwrite, progress=progress, gguf=gguf,
+                               checkpoint=checkpoint, restart=restart), alloc
 
 
 def compress_allocation(model, alloc: Allocation, out: str | Path | None = None, config=None, *,
                         overwrite: bool = False, progress: bool = True, allow_pickle: bool = False,
-                        stats: dict | None = None, solved: dict | None = None, gguf: str | Path | None = None):
+                        stats: dict | None = None, solved: dict | None = None, gguf: str | Path | None = None,
+                        checkpoint: str | Path | None = None, restart: bool = False):
     """`api.compress` with the allocation's plan; the manifest records the allocation, sizes checked.
 
     Separate from `compress_to_budget` so that a sweep allocates many budgets from one profile
@@ -223,7 +244,8 @@ def compress_allocation(model, alloc: Allocation, out: str | Path | None = None,
         raise SizewiseError("writing a GGUF needs an allocation sized as one (layout='gguf') and an artifact "
                             "directory to export from")
     res = compress(_source(model, allow_pickle), replace(config, plan=alloc.plan), out,
-                   overwrite=overwrite, progress=progress, stats=stats, solved=solved)
+                   overwrite=overwrite, progress=progress, stats=stats, solved=solved, checkpoint=checkpoint,
+                   restart=restart)
     res.manifest["allocation"] = alloc.summary()
     if out is not None:
         t = res.manifest["totals"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import resource
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -13,6 +14,8 @@ import torch
 
 from .. import artifact, data, engine, memory
 from ..arch import discover
+from ..checkpoint import LayerCheckpoint, versions
+from ..data import tensor_sha256
 from ..errors import SizewiseError
 from ..evaluate import environment
 from ..observers import observers_for
@@ -57,7 +60,8 @@ def _calibration(src: Source, calib: CalibConfig, progress: bool) -> tuple[torch
 
 def compress(model: str | Path | Source, config: CompressConfig | None = None, out: str | Path | None = None, *,
              overwrite: bool = False, progress: bool = True, allow_pickle: bool = False,
-             stats: dict | None = None, solved: dict | None = None) -> Result:
+             stats: dict | None = None, solved: dict | None = None, checkpoint: str | Path | None = None,
+             restart: bool = False) -> Result:
     """Compress every decoder linear per the plan (or the uniform method/format); write `out` if given.
 
     `stats` (linear name -> `engine.LinearStats` of the float model on `config.calib`, as a
@@ -67,6 +71,9 @@ def compress(model: str | Path | Source, config: CompressConfig | None = None, o
     a sweep's plan measurement keeps them) skips solving again what is already solved.
     The returned model keeps the source's storage dtype (compressed weights rounded to it); the
     artifact holds the exact stored tensors.
+    `checkpoint` (a directory, `checkpoint.location(out)` for the CLI): each finished decoder layer is
+    kept there, and a run stopped before writing `out` resumes from it (bit-identical to one that was
+    not stopped); one made by another run is refused unless `restart` discards it. Removed on success.
     """
     config = config or CompressConfig()
     if out is not None:
@@ -135,7 +142,7 @@ def compress(model: str | Path | Source, config: CompressConfig | None = None, o
                                       samples=0 if c.offload else c.samples, length=c.length, batch=c.batch,
                                       quantized_fraction=quantized_share, kept_statistics=stats is not None,
                                       export_gguf=config.output == "gguf"))
-    quantized = {}
+    quantized, notes = {}, {}
 
     def solve(ref, w, stats):
         choice = plan.by_name[ref.weight_name]
@@ -160,16 +167,37 @@ def compress(model: str | Path | Source, config: CompressConfig | None = None, o
             c = plan.by_name[ref.weight_name]
             return None if c.method == "float" else c.format
 
-        awq_log = transforms.setdefault("awq", [])
-
         def layer_transform(i, layer, refs, stats):
-            awq_log.append(awq_transform(i, layer, refs, stats, fmt_for, arch.model_type))
+            notes[i] = {"awq": awq_transform(i, layer, refs, stats, fmt_for, arch.model_type)}
 
-    facts = engine.run(m, arch, solve, samples, batch=config.calib.batch,
-                       offload=Path(config.calib.offload) if config.calib.offload else None,
-                       progress=progress, compute_dtype=TORCH_DTYPES[config.calib.dtype], transform=layer_transform,
-                       stats=stats, observers=observers_for(observed))
+    kept = None
+    if checkpoint is not None and stats is None and out is not None:
+        kept = LayerCheckpoint(Path(checkpoint), _fingerprint_parts(src, config, samples), len(arch.layers),
+                               quantized, notes, restart=restart)
+    with kept or nullcontext():
+        facts = engine.run(m, arch, solve, samples, batch=config.calib.batch,
+                           offload=Path(config.calib.offload) if config.calib.offload else None,
+                           progress=progress, compute_dtype=TORCH_DTYPES[config.calib.dtype], transform=layer_transform,
+                           stats=stats, observers=observers_for(observed), checkpoint=kept)
+        if pipeline.awq:
+            transforms["awq"] = [notes[i]["awq"] for i in sorted(notes)]
+        return _finish(m, src, arch, config, plan, samples, stats, solved, quantized, transforms, calib_proto,
+                       pruned, facts, t0, out, overwrite)
 
+
+def _fingerprint_parts(src: Source, config: Recipe, samples: torch.Tensor | None) -> dict:
+    """What makes a checkpoint this run's: the source's weights, the recipe (where activations are
+    kept aside), the calibration tokens, and the versions that compute."""
+    recipe = config.to_dict()
+    recipe["calib"].pop("offload", None)
+    return {"model": src.info.get("sha256"), "recipe": recipe,
+            "calibration tokens": None if samples is None else tensor_sha256(samples),
+            **versions()}
+
+
+def _finish(m, src, arch, config, plan, samples, stats, solved, quantized, transforms, calib_proto, pruned,
+            facts, t0, out, overwrite) -> Result:
+    """Token tables, float storage, manifest and artifact, after the decoder layers."""
     # Token tables the plan quantizes: data-free, or (the head, or the embedding tied to it) calibrated
     # on the head's input: from the saved float-model statistics, else the compressed model's.
     params = dict(m.named_parameters())

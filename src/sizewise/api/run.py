@@ -7,6 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..atomic import check_target, claim
+from ..checkpoint import location
 from ..errors import SizewiseError
 from ..recipe import Recipe
 from ..sources import Source
@@ -16,16 +17,25 @@ from .exporting import export
 
 
 def run(model: str | Path | Source, recipe: Recipe, out: str | Path, *, overwrite: bool = False,
-        progress: bool = True, allow_pickle: bool = False) -> tuple[Result, object | None]:
+        progress: bool = True, allow_pickle: bool = False, resume: bool = True,
+        restart: bool = False) -> tuple[Result, object | None]:
     """Compress `model` as `recipe` says and write `out` (an artifact directory, or with
     `recipe.output == "gguf"` a .gguf file). Returns (Result, the allocation if a budget chose the
-    plan); `Result.exported` describes a GGUF written."""
+    plan); `Result.exported` describes a GGUF written.
+
+    With `resume`, each finished decoder layer of the compression is kept in `checkpoint.location(out)`
+    and a stopped run resumes from it; `restart` discards one first. With a budget, so is the
+    profiling pass, in `checkpoint.location(out, "profile")`."""
     recipe.check()
+    resumable = {"checkpoint": location(out) if resume else None, "restart": restart}
     if recipe.output == "gguf":
-        return _run_gguf(model, recipe, Path(out), overwrite, progress, allow_pickle)
+        return _run_gguf(model, recipe, Path(out), overwrite, progress, allow_pickle, resumable,
+                         location(out, "profile") if resume else None)
     if recipe.budget is not None:
-        return _to_budget(model, recipe, out, overwrite=overwrite, progress=progress, allow_pickle=allow_pickle)
-    return compress(model, recipe, out, overwrite=overwrite, progress=progress, allow_pickle=allow_pickle), None
+        return _to_budget(model, recipe, out, overwrite=overwrite, progress=progress, allow_pickle=allow_pickle,
+                          profile_checkpoint=location(out, "profile") if resume else None, **resumable)
+    return compress(model, recipe, out, overwrite=overwrite, progress=progress, allow_pickle=allow_pickle,
+                    **resumable), None
 
 
 def _to_budget(model, recipe: Recipe, out, **kwargs):
@@ -39,7 +49,8 @@ def _to_budget(model, recipe: Recipe, out, **kwargs):
                               layout="gguf" if gguf else "artifact", **kwargs)
 
 
-def _run_gguf(model, recipe: Recipe, out: Path, overwrite: bool, progress: bool, allow_pickle: bool):
+def _run_gguf(model, recipe: Recipe, out: Path, overwrite: bool, progress: bool, allow_pickle: bool, resumable: dict,
+              profile_checkpoint):
     """The artifact is built in a temporary directory beside the output, exported, dropped."""
     if out.suffix != ".gguf":
         raise SizewiseError(f"with --format gguf, -o names the file to write (model.gguf), got {out}")
@@ -55,8 +66,8 @@ def _run_gguf(model, recipe: Recipe, out: Path, overwrite: bool, progress: bool,
         art = area / "artifact"
         if recipe.budget is not None:   # a byte budget bounds the .gguf file itself (checked after writing)
             res, alloc = _to_budget(model, recipe, art, progress=progress, allow_pickle=allow_pickle, gguf=out,
-                                    overwrite=overwrite)
+                                    overwrite=overwrite, profile_checkpoint=profile_checkpoint, **resumable)
         else:
-            res, alloc = compress(model, recipe, art, progress=progress, allow_pickle=allow_pickle), None
+            res, alloc = compress(model, recipe, art, progress=progress, allow_pickle=allow_pickle, **resumable), None
             res.exported = export(art, out, format="gguf", overwrite=overwrite)
     return res, alloc

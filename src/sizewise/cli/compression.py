@@ -12,6 +12,7 @@ from .options import (
     CTX,
     NO_CLIP_HELP,
     POSITIVE,
+    RESTART,
     budget_method,
     calib_config,
     calib_options,
@@ -66,6 +67,7 @@ from .options import (
 @click.option("--prune-heads", default=0, show_default=True, type=int, help="Structured pruning: remove this many query "
               "heads per layer, the same number from each key/value group, the output projection refitted.")
 @click.option("--force", is_flag=True, help="Replace the output directory if it exists.")
+@RESTART
 @click.option("--allow-pickle", is_flag=True, help="Allow loading pickled (.bin) weights. Only for files you trust.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.option("--recipe", "recipe_path", type=click.Path(), help="Run a recipe JSON (method, options, format/plan/budget, "
@@ -73,13 +75,17 @@ from .options import (
 @click.pass_context
 def compress(ctx, model, output, method, bits, sparsity, lowrank, group_size, sym, zero, scale_dtype, float_dtype, skip, plan_path, calib,
              calib_samples, calib_len, calib_dtype, batch, seed, offload, no_act_order, no_clip_search, damp, budget,
-             fisher_samples, measure_samples, out_format, drop_layers, prune_mlp, prune_heads, force, allow_pickle, quiet,
-             recipe_path):
+             fisher_samples, measure_samples, out_format, drop_layers, prune_mlp, prune_heads, force, restart, allow_pickle,
+             quiet, recipe_path):
     """Compress MODEL and write an artifact (manifest, packed tensors, config and tokenizer) to -o DIR,
     or with --format gguf a GGUF file for llama.cpp.
 
     With --drop-layers/--prune-mlp/--prune-heads the model first becomes a smaller dense one; it is
-    quantized only if --method or --bits is given, else kept in --float-dtype."""
+    quantized only if --method or --bits is given, else kept in --float-dtype.
+
+    Each finished decoder layer is kept beside -o (.NAME.checkpoint/, removed on success): the same
+    command run again after a failure or interrupt resumes there, with the same result (with --budget,
+    the profiling pass too)."""
     from .. import api
     from ..plan import Plan
     from ..prune import StructuredConfig, parse_fraction
@@ -119,7 +125,8 @@ def compress(ctx, model, output, method, bits, sparsity, lowrank, group_size, sy
             recipe.plan = Plan.load(plan_path)
     with claimed(output, force, "file" if recipe.output == "gguf" else "dir", model, recipe.calib.text, plan_path,
                   recipe_path, recipe.calib.offload):
-        res, alloc = api.run(model, recipe, output, overwrite=force, progress=not quiet, allow_pickle=allow_pickle)
+        res, alloc = api.run(model, recipe, output, overwrite=force, progress=not quiet, allow_pickle=allow_pickle,
+                             restart=restart)
     pruned = res.manifest["transforms"].get("structured")
     if pruned:
         b, a = pruned["before"], pruned["after"]
@@ -162,19 +169,23 @@ _RECIPE_FLAGS = ("method", "bits", "sparsity", "lowrank", "group_size", "sym", "
               help="gguf: choose among llama.cpp's types only, and a byte budget bounds the .gguf file (apply with "
               "`compress --plan FILE --format gguf`).")
 @click.option("--force", is_flag=True, help="Replace the output file if it exists.")
+@RESTART
 @click.option("--allow-pickle", is_flag=True)
 @click.option("--quiet", is_flag=True)
-def plan_cmd(model, budget, output, method, fisher_samples, measure_samples, out_format, force, allow_pickle, quiet,
-             **calib):
-    """Choose each linear layer's format to fit a budget at least predicted loss, and print the plan."""
+def plan_cmd(model, budget, output, method, fisher_samples, measure_samples, out_format, force, restart, allow_pickle,
+             quiet, **calib):
+    """Choose each linear layer's format to fit a budget at least predicted loss, and print the plan.
+    With -o, a stopped profiling pass resumes where it stopped when the command is run again."""
     from .. import api
     from ..allocate import render
+    from ..checkpoint import location
 
     quantizers = tuple(budget_method(method, calib["calib"], quiet).split(","))
     with claimed(output, force, "file", model, calib["calib"], calib["offload"]):
         alloc = api.plan_for_budget(model, budget, calib_config(**calib), quantizers=quantizers,
                                     fisher_samples=fisher_samples, measure_samples=measure_samples,
-                                    progress=not quiet, allow_pickle=allow_pickle, layout=out_format)
+                                    progress=not quiet, allow_pickle=allow_pickle, layout=out_format,
+                                    checkpoint=location(output, "profile") if output else None, restart=restart)
         click.echo(render(alloc))
         if output:
             from ..atomic import write_text
@@ -208,10 +219,11 @@ def plan_cmd(model, budget, output, method, fisher_samples, measure_samples, out
               "chooses among llama.cpp's types (as `compress --format gguf --budget`), byte budgets bound the .gguf "
               "file, and --uniform points must be ggml types.")
 @click.option("--force", is_flag=True, help="Replace the output directory if it exists.")
+@RESTART
 @click.option("--allow-pickle", is_flag=True, help="Allow loading pickled (.bin) weights. Only for files you trust.")
 @click.option("--quiet", is_flag=True, help="No progress output.")
 def sweep(model, budgets, output, method, fisher_samples, measure_samples, uniform, peers, text, ctx, stride, windows,
-          sequential, out_format, force, allow_pickle, quiet, **calib):
+          sequential, out_format, force, restart, allow_pickle, quiet, **calib):
     """Compress MODEL to every budget (one profile), plus uniform baselines; evaluate all; write a report.
 
     \b
@@ -227,7 +239,7 @@ def sweep(model, budgets, output, method, fisher_samples, measure_samples, unifo
         res = api.sweep(model, budgets, output, calib_config(**calib), quantizers=quantizers,
                         uniform=[u for item in uniform for u in item.split(",") if u.strip()], peers=list(peers),
                         text=text, ctx=ctx, stride=stride, windows=windows, fisher_samples=fisher_samples,
-                        measure_samples=measure_samples, sequential=sequential, overwrite=force,
+                        measure_samples=measure_samples, sequential=sequential, overwrite=force, restart=restart,
                         progress=not quiet, allow_pickle=allow_pickle, format=out_format)
     click.echo(res["table"])
     t = res["timing"]

@@ -27,6 +27,11 @@ def parse_group_size(value: str) -> int | None:
     return size
 
 
+# a stopped run's checkpoint beside -o (`checkpoint.location`) is resumed unless this discards it
+RESTART = click.option("--restart", is_flag=True, help="Discard the checkpoint a stopped run left beside -o "
+                       "(.NAME.checkpoint, .NAME.profile.checkpoint) instead of resuming from it.")
+
+
 def claimed(output, force: bool, kind: str, *inputs):
     """Hold `output` (checked, locked) for the whole command; see `atomic.claim`."""
     if output is None:
