@@ -254,3 +254,16 @@ def test_unsupported_family_is_a_one_line_error(tiny_dirs, tmp_path, capsys):
                         "--calib-samples", 4, "--calib-len", 16, "-o", tmp_path / "x", "--quiet")
     assert code == 2 and "structured pruning supports model types llama" in err and "'gpt2'" in err
     assert not (tmp_path / "x").exists()
+
+
+def test_a_slightly_indefinite_gram_is_damped_until_it_factors():
+    """Grams summed in half precision can have small negative eigenvalues; damping grows until
+    the Cholesky factor exists instead of failing mid-model."""
+    x = _correlated(40, 64, 3)                        # rank 40 < 64: singular
+    gram = x.t() @ x
+    gram -= 0.02 * gram.diagonal().mean() * torch.eye(64)      # now indefinite: 1% damping is not enough
+    assert torch.linalg.cholesky_ex(gram.double() + 0.01 * gram.diagonal().mean() * torch.eye(64)).info != 0
+    w = torch.randn(8, 64)
+    removed = select(w, gram, torch.arange(64)[:, None], 16, damp=DAMP)
+    keep = torch.tensor([c for c in range(64) if c not in removed])
+    assert len(removed) == 16 and torch.isfinite(refit(w, gram, keep, DAMP)).all()

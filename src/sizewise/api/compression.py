@@ -97,10 +97,9 @@ def compress(model: str | Path | Source, config: CompressConfig | None = None, o
     if config.structured is not None and config.structured.active:
         if stats is not None:
             raise SizewiseError("structured pruning changes the model: it cannot reuse saved statistics")
-        from ..prune import prunable, prune
+        from ..prune.structured import check, prune
 
-        prunable(m.config)
-        config.structured.target(m.config)          # an impossible request fails before any work
+        check(m, config.structured)                 # an impossible request fails before any work
         pruned = _calibration(src, config.calib, progress)
         transforms["structured"] = prune(m, pruned[0], config.structured, batch=config.calib.batch,
                                          compute_dtype=TORCH_DTYPES[config.calib.dtype], progress=progress,

@@ -3,6 +3,6 @@ dense model (`structured.prune`); the sizes asked for (`config.StructuredConfig`
 choosing and refitting (`removal`), whole layers (`layers`). Sits above the engine, below the API."""
 
 from .config import StructuredConfig, parse_fraction
-from .structured import prunable, prune
+from .structured import prune
 
-__all__ = ["StructuredConfig", "parse_fraction", "prunable", "prune"]
+__all__ = ["StructuredConfig", "parse_fraction", "prune"]

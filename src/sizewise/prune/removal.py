@@ -18,11 +18,16 @@ import torch
 
 
 def damped_gram(gram: torch.Tensor, damp: float) -> torch.Tensor:
-    """G + damp·mean(diag G)·I in float64 (an all-zero Gram gets damp·I)."""
-    g = gram.double().clone()
-    mean = g.diagonal().mean().item()
-    g.diagonal().add_(damp * (mean if mean > 0 else 1.0))
-    return g
+    """G + d·mean(diag G)·I in float64 (an all-zero Gram gets d·I), with d = `damp`, or ten times
+    more until it factors: Grams summed in half precision can be slightly indefinite."""
+    for _ in range(6):
+        g = gram.double().clone()
+        mean = g.diagonal().mean().item()
+        g.diagonal().add_(damp * (mean if mean > 0 else 1.0))
+        if torch.linalg.cholesky_ex(g).info == 0:
+            return g
+        damp = max(damp * 10, 1e-6)
+    raise ValueError("the input Gram does not factor even with damping")
 
 
 def refit(w: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor, damp: float) -> torch.Tensor:

@@ -109,21 +109,21 @@ def _params(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def prunable(config):
-    """The family's prunable modules; a one-line error for a family structured pruning does not know."""
-    spec = families.of(config).prunable
+def check(model, cfg: StructuredConfig) -> tuple[families.Prunable, tuple[Sizes, Sizes]]:
+    """The family's prunable modules and (sizes now, after); a one-line error for a model or request
+    structured pruning cannot serve."""
+    spec = families.of(model.config).prunable
     if spec is None:
         raise SizewiseError(f"structured pruning supports model types {', '.join(families.prunable_model_types())}; "
-                            f"got {getattr(config, 'model_type', None)!r}")
-    return spec
+                            f"got {getattr(model.config, 'model_type', None)!r}")
+    return spec, cfg.target(model.config)
 
 
 def prune(model, samples: torch.Tensor, cfg: StructuredConfig, *, batch: int = 8,
           compute_dtype: torch.dtype = torch.float32, progress: bool = True, offload: Path | None = None) -> dict:
     """Remove layers, MLP channels and heads from `model` in place, as `cfg` says, measuring on the
     calibration `samples` [n, length]; returns what was done (for the manifest's transforms)."""
-    spec = prunable(model.config)
-    before, after = cfg.target(model.config)
+    spec, (before, after) = check(model, cfg)
     arch = discover(model)
     report = {"config": cfg.to_dict(), "before": asdict(before), "after": asdict(after),
               "params_before": _params(model)}
