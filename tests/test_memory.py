@@ -140,7 +140,10 @@ def test_a_run_that_cannot_fit_is_refused_in_one_line(monkeypatch, capsys):
     assert "warning:" in capsys.readouterr().err
 
 
-def test_eval_prints_its_peak_memory(tiny_dirs, capsys):
+def test_eval_prints_its_peak_memory(tiny_dirs, capsys, monkeypatch):
+    from sizewise import memory
+
+    monkeypatch.setattr(memory, "_said", set())      # printed once per process: an earlier test may have said it
     sizewise.evaluate(str(tiny_dirs["llama"]), str(tiny_dirs["text"]), ctx=32, windows=1, progress=False)
     assert "peak memory ≈" in capsys.readouterr().err
 
