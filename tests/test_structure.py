@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import ast
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent / "src" / "sizewise"
@@ -131,3 +133,11 @@ def test_the_contract_sees_a_violation(tmp_path):
     """The checks above can fail: a cycle and an upward import are found in a made-up graph."""
     g = {"sizewise.quant.a": {"sizewise.api"}, "sizewise.api": {"sizewise.quant.a"}}
     assert _cycles(g) == [["sizewise.api", "sizewise.quant.a"]]
+
+
+def test_package_names_load_on_first_use():
+    """`import sizewise` is light, yet its public names and subpackages work as attributes."""
+    code = ("import sys, sizewise; assert 'torch' not in sys.modules; "
+            "assert callable(sizewise.api.compare) and callable(sizewise.evaluate); "
+            "import sizewise.evaluate; assert callable(sizewise.evaluate)")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -19,10 +19,13 @@ __all__ = ["compress", "run", "evaluate", "info", "Recipe", "CompressConfig", "C
 
 
 def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'sizewise' has no attribute {name!r}")
     import importlib
+    import importlib.util
 
+    if name not in _EXPORTS:   # a subpackage used as an attribute (`sizewise.api.compare`) imports on first use
+        if name.startswith("_") or importlib.util.find_spec(f"{__name__}.{name}") is None:
+            raise AttributeError(f"module 'sizewise' has no attribute {name!r}")
+        return importlib.import_module(f".{name}", __name__)
     value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
     globals()[name] = value
     return value
