@@ -2,9 +2,9 @@ import pytest
 import torch
 
 from sizewise.arch import discover
-from sizewise.engine import LinearStats, capture_final_hidden, run
+from sizewise.engine import LinearStats, run
 from sizewise.errors import SizewiseError
-from tiny import CONFIGS, tiny_model
+from tiny import CONFIGS, assert_engine_walk_equals_forward, tiny_model
 
 
 @pytest.mark.parametrize("family", list(CONFIGS))
@@ -41,13 +41,7 @@ def test_engine_walk_equals_plain_forward(family):
     model = tiny_model(family)
     arch = discover(model)
     x = torch.randint(0, model.config.vocab_size, (5, 12))
-    got = capture_final_hidden(model, arch, x, batch=2)
-    seen = []
-    handle = arch.layers[-1].register_forward_hook(lambda m, a, out: seen.append(out[0] if isinstance(out, tuple) else out))
-    with torch.no_grad():
-        model(x, use_cache=False)
-    handle.remove()
-    assert torch.equal(got, seen[0])
+    assert_engine_walk_equals_forward(model, arch, x)
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "opt"])

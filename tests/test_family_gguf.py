@@ -17,7 +17,7 @@ from sizewise.cli import main
 from sizewise.errors import SizewiseError
 from sizewise.export.gguf import file_names, write_gguf
 from tiny import FAMILY_CONFIGS as CONFIGS
-from tiny import LLAMA3_ROPE, SAMPLE_TEXT, perturbed_model, tiny_tokenizer
+from tiny import LLAMA3_ROPE, SAMPLE_TEXT, assert_engine_walk_equals_forward, perturbed_model, tiny_tokenizer
 
 def expected_metadata(cfg) -> dict:
     """The keys llama.cpp's converter writes for this config, written out per architecture."""
@@ -217,15 +217,8 @@ def test_engine_walk_keeps_the_family_conventions(key):
     """The engine's layer loop reproduces the model's forward with sliding windows shorter than the
     sequence (Gemma's 4 here), per-layer-type rope (Gemma 3), rope scaling and soft-caps in place."""
     from sizewise.arch import discover
-    from sizewise.engine import capture_final_hidden
 
     model = perturbed_model(CONFIGS[key]())
     arch = discover(model)
     x = torch.randint(0, 320, (3, 40), generator=torch.Generator().manual_seed(0))
-    got = capture_final_hidden(model, arch, x, batch=2)
-    seen = []
-    handle = arch.layers[-1].register_forward_hook(lambda m, a, out: seen.append(out[0] if isinstance(out, tuple) else out))
-    with torch.no_grad():
-        model(x, use_cache=False)
-    handle.remove()
-    assert torch.equal(got, seen[0])
+    assert_engine_walk_equals_forward(model, arch, x)

@@ -149,3 +149,17 @@ def tiny_spm_tokenizer(space_prefix: bool = False):
     tok.add_special_tokens(specials)
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>",
                                    unk_token="<unk>")
+
+
+def assert_engine_walk_equals_forward(model, arch, x: torch.Tensor) -> None:
+    """The engine's layer-by-layer walk ends at exactly the last decoder layer's output of a plain forward."""
+    from sizewise.engine import capture_final_hidden
+
+    got = capture_final_hidden(model, arch, x, batch=2)
+    seen = []
+    handle = arch.layers[-1].register_forward_hook(lambda m, a, out: seen.append(out[0] if isinstance(out, tuple) else out))
+    with torch.no_grad():
+        model(x, use_cache=False)
+    handle.remove()
+    assert torch.equal(got, seen[0])
+
