@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import shlex
 import subprocess
 import sys
@@ -28,6 +29,19 @@ def compress(model: str, out: Path, args: list[str]) -> dict:
     manifest["load_avg"] = [round(load0, 2), round(os.getloadavg()[0], 2)]
     manifest["command"] = "sizewise " + shlex.join(cmd[3:])
     return manifest
+
+
+def cpu_model() -> str:
+    """The CPU's model name and whether it computes bf16 natively (timings differ several-fold)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    name = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")),
+                platform.machine())
+    flags = set(next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), []))
+    native = [f for f in ("amx_bf16", "avx512_bf16") if f in flags]
+    return f"{name} ({', '.join(native) if native else 'no bf16 units'}, {os.cpu_count()} CPUs)"
 
 
 def summary(manifest: dict) -> dict:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import tempfile
@@ -39,6 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from common import cpu_model  # noqa: E402
 from llamacpp import LLAMA_PY, NICE, WORKER, ensure_venv  # noqa: E402
 from tiny import FAMILY_CONFIGS, SAMPLE_TEXT, perturbed_model, tiny_spm_tokenizer, tiny_tokenizer  # noqa: E402
 
@@ -112,12 +112,6 @@ def family(key: str, ctx: int, tmp: Path) -> dict:
             "q4_0": llama_cpp_logits(tmp / "q4_0.gguf", ids, ref, tmp)}
 
 
-def cpu_model() -> str:
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return platform.machine()
-    return next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), platform.machine())
 
 
 def main() -> None:

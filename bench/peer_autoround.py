@@ -37,7 +37,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import peer_common as pc
-from common import per_model
+from common import cpu_model, per_model
 
 VENV = pc.ROOT / "out" / "autoround-venv"
 PYTHON = VENV / "bin" / "python"
@@ -359,7 +359,7 @@ def main() -> None:
                             out_root / f"calib-{args.calib}-{args.samples}x{args.length}-s{args.seed}.safetensors")
     pc.log(f"calibration: {args.samples} x {args.length} tokens of {args.calib}, ids sha256 {calib['token_ids_sha256'][:12]}")
     results = pc.ROOT / "bench" / "results" / (per_model("peer_autoround" + ("-smoke" if args.smoke else ""), args.model) + ".json")
-    header = {"benchmark": "peer_autoround", "model": args.model, "cpu": pc.cpu_model(), "versions": versions,
+    header = {"benchmark": "peer_autoround", "model": args.model, "cpu": cpu_model(), "versions": versions,
               "calibration": {k: v for k, v in calib.items() if k not in ("float_dir", "file")}}
     rows = []
     for label, opts in configs.items():

@@ -38,12 +38,6 @@ def process_state(pid: int) -> str:
         return ""
 
 
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return next((x.split(":", 1)[1].strip() for x in out.splitlines() if x.startswith("Model name")), "unknown")
 
 
 def lower_priority(niceness: int = 10) -> None:

@@ -1,0 +1,63 @@
+"""Pruning and low-rank factors against their baselines (issue 16's targets), on one model.
+
+    .venv/bin/python bench/pruning.py [--model smollm2-135m] [--windows 64] [--only sparsegpt-2:4,...]
+
+Pruning alone (kept weights in float16): magnitude, Wanda and SparseGPT at 50% (per-row bitmap mask)
+and 2:4 (indices), each with its exact stored bits per weight. Low-rank compensation: GPTQ 3-bit g64
+plus rank-8/16 float16 factors, beside the GPTQ configurations with as many or more stored bits and no
+factors (3-bit g32, 4-bit g128, 4-bit g64). Calibration: 128 x 512 tokens of enwiki-sample (float32
+passes); evaluation: the first N windows of 1024 tokens of WikiText-2 test, every result against the
+float model on the same windows. Each compress is its own process (wall time, peak memory, load
+average recorded). Results: bench/results/pruning[-MODEL].json; reports under out/bench/pruning[-MODEL].
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from common import ROOT, compress, cpu_model, per_model, save, summary, table
+
+import sizewise
+
+CALIB = ["--calib", "enwiki-sample", "--calib-samples", "128", "--calib-len", "512", "--calib-dtype", "float32"]
+
+CONFIGS = {   # label -> compress flags
+    **{f"{m}-{s}": ["--method", m, "--sparsity", s] for s in ("50%", "2:4") for m in ("magnitude", "wanda", "sparsegpt")},
+    "gptq-w3-g64-r8": ["--method", "gptq", "--bits", "3", "--group-size", "64", "--lowrank", "8"],
+    "gptq-w3-g64-r16": ["--method", "gptq", "--bits", "3", "--group-size", "64", "--lowrank", "16"],
+    "gptq-w3-g64": ["--method", "gptq", "--bits", "3", "--group-size", "64"],
+    "gptq-w3-g32": ["--method", "gptq", "--bits", "3", "--group-size", "32"],
+    "gptq-w4-g128": ["--method", "gptq", "--bits", "4", "--group-size", "128"],
+    "gptq-w4-g64": ["--method", "gptq", "--bits", "4", "--group-size", "64"],
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--text", default="wikitext2-test")
+    ap.add_argument("--windows", type=int, default=64)
+    ap.add_argument("--only", default="", help="comma-separated labels (default: all)")
+    args = ap.parse_args()
+
+    wanted = [k for k in CONFIGS if not args.only or k in args.only.split(",")]
+    if not wanted:
+        sys.exit(f"no configuration matches --only {args.only}; labels: {', '.join(CONFIGS)}")
+    name = per_model("pruning", args.model)
+    out = ROOT / "out" / "bench" / name
+    # '%' and ':' stay out of directory names
+    dirs = {k: k.replace("%", "pct").replace(":", "of") for k in wanted}
+    manifests = {k: compress(args.model, out / dirs[k], [*CONFIGS[k], *CALIB]) for k in wanted}
+    res = sizewise.api.compare(args.model, [out / d for d in dirs.values()], args.text, ctx=1024,
+                               windows=args.windows, out=out / "report")
+    ref = res["reference"]["perplexity"]
+    rows = [{"label": k, **summary(m), **{x: res["candidates"][dirs[k]][x] for x in ("perplexity", "kl", "top1_agreement")}}
+            for k, m in manifests.items()]
+    print(f"float perplexity {ref:.3f} ({args.windows} windows)\n" + table(rows, ref))
+    save(name, {"benchmark": "pruning", "model": args.model, "cpu": cpu_model(),
+                "reference_perplexity": ref, "protocol": res["protocol"], "results": rows, "report": res["report"]})
+
+
+if __name__ == "__main__":
+    sys.exit(main())
