@@ -19,6 +19,10 @@ replaces its row); --reuse skips a GGUF whose row there was measured on the same
 
 llama.cpp runs in a separate process (bench/llamacpp_worker.py under the llama venv's python); the
 two exchange token ids and logits through .npy and .json files.
+
+An artifact with low-rank corrections exports as the base GGUF plus a LoRA adapter (`NAME.lora.gguf`);
+llama.cpp then runs with the adapter applied (`--lora`), its size counts both files, and the check of the
+dequantized base alone is skipped.
 """
 
 from __future__ import annotations
@@ -357,6 +361,7 @@ def main() -> None:
     import sizewise
     from sizewise import data, sources
     from sizewise.evaluate import environment, evaluate
+    from sizewise.export.gguf_lora import lora_path
     from sizewise.runtime.llamacpp import rounded_inputs
 
     types = [t for t in args.types.split(",") if t]
@@ -475,8 +480,10 @@ def main() -> None:
         if model is not src.model:
             del model
         load_before = os.getloadavg()
+        # a model with low-rank corrections carries them in an adapter beside it (applied with --lora)
+        adapter = lora_path(path) if source == "sizewise" and lora_path(path).is_file() else None
         res = run_worker({"evaluate": {"model": str(path), "windows": str(windows_npy),
-                                       "score_from": wins.score_from,
+                                       "score_from": wins.score_from, "lora": adapter and str(adapter),
                                        "threads": args.threads, "kv_type": args.kv_type,
                                        "extra_bufts": args.extra_bufts, "check": refs,
                                        "check_rounded": refs_rounded,
@@ -484,9 +491,10 @@ def main() -> None:
                                                  "repeats": args.repeats}}}, work)
         for p in [*refs.values(), *refs_rounded.values()]:
             Path(p).unlink()
-        size = path.stat().st_size
+        lora_bytes = adapter.stat().st_size if adapter else 0
+        size = path.stat().st_size + lora_bytes           # what is deployed: the model and its adapter
         row = {"label": label, "source": source, "path": str(path), "artifact": str(art) if art else None,
-               "file_bytes": size, "bits_per_weight": size * 8 / n_params, "tensor_types": gguf_types(path),
+               "file_bytes": size, "lora": adapter and str(adapter), "lora_bytes": lora_bytes, "bits_per_weight": size * 8 / n_params, "tensor_types": gguf_types(path),
                "logit_max_abs_diff": max(c["max_abs_diff"] for c in res["checks"]),
                "argmax_agreement": float(np.mean([c["argmax_agreement"] for c in res["checks"]])),
                # perplexity ratio llama.cpp / sizewise on the check windows, same weights: what llama.cpp's own
@@ -504,8 +512,9 @@ def main() -> None:
                **{k: res[k] for k in ("perplexity", "nll_per_token", "tokens", "checks", "load_s", "eval_tokens_per_s",
                                       "prompt_tokens_per_s", "gen_tokens_per_s", "prompt_tokens_per_s_runs",
                                       "gen_tokens_per_s_runs", "per_window", "checks_rounded")}}
+        # (not with an adapter: the dequantized base alone lacks the corrections the reference holds)
         row["dequantized"] = (dequantized_check(path, work, wins, check, args)
-                              if source == "sizewise" and not args.no_dequantized_check else None)
+                              if source == "sizewise" and not adapter and not args.no_dequantized_check else None)
         if row["dequantized"]:
             print(f"  {label} dequantized to F32: logit max diff {row['dequantized']['logit_max_abs_diff']:.2e}",
                   file=sys.stderr, flush=True)

@@ -8,7 +8,8 @@ A job is one of:
         vector per GGUF tensor name (mean squared input of each column, llama.cpp's importance matrix),
         "token_embedding_type" (optional) a GGML type name for token_embd.weight
   {"evaluate": {"model", "windows", "score_from", "threads", "kv_type", "extra_bufts", "check", "check_rounded",
-                "speed"}, "out": path}
+                "speed", "lora"}, "out": path}
+        "lora" (optional): a LoRA adapter GGUF applied at scale 1 (sizewise's low-rank corrections)
   {"tokenize": {"model", "texts"}, "out": path}
         llama.cpp's token ids of each text (its vocabulary only; no BOS added, special tokens as text)
 The evaluation writes its result as JSON to "out". Token windows come as an int32 .npy [n, T]; the
@@ -79,7 +80,7 @@ def _nll(logits: np.ndarray, targets: np.ndarray, chunk: int = 128) -> float:
 
 
 def _llama(model: str, n_ctx: int, threads: int, kv_type: str, logits_all: bool,
-           extra_bufts: bool = False) -> llama_cpp.Llama:
+           extra_bufts: bool = False, lora: str | None = None) -> llama_cpp.Llama:
     kv = {"f32": llama_cpp.GGML_TYPE_F32, "f16": llama_cpp.GGML_TYPE_F16}[kv_type]
     # llama.cpp's CPU "extra buffer types" (weights repacked for AVX512/AMX kernels) can be switched
     # off only through the model params, which Llama() builds from llama_model_default_params()
@@ -94,7 +95,7 @@ def _llama(model: str, n_ctx: int, threads: int, kv_type: str, logits_all: bool,
     try:
         return llama_cpp.Llama(model_path=model, n_ctx=n_ctx, n_batch=n_ctx, n_threads=threads,
                                n_threads_batch=threads, logits_all=logits_all, type_k=kv, type_v=kv,
-                               seed=0, verbose=False)
+                               seed=0, verbose=False, lora_path=lora)
     finally:
         llama_cpp.llama.llama_cpp.llama_model_default_params = default
 
@@ -105,7 +106,7 @@ def evaluate(job: dict) -> dict:
     n_ctx = windows.shape[1]
     t_load = time.perf_counter()
     llm = _llama(job["model"], n_ctx, job["threads"], job["kv_type"], logits_all=True,
-                 extra_bufts=job.get("extra_bufts", False))
+                 extra_bufts=job.get("extra_bufts", False), lora=job.get("lora"))
     load_s = time.perf_counter() - t_load
     per_window, checks, checks_rounded = [], [], []
     eval_s = 0.0
@@ -136,7 +137,7 @@ def speed(job: dict, prompt_window: np.ndarray) -> dict:
     prompt = prompt_window[:cfg["prompt_tokens"]].tolist()
     n_ctx = len(prompt) + cfg["gen_tokens"] + 1
     llm = _llama(job["model"], n_ctx, job["threads"], job["kv_type"], logits_all=False,
-                 extra_bufts=job.get("extra_bufts", False))
+                 extra_bufts=job.get("extra_bufts", False), lora=job.get("lora"))
     pp, tg = [], []
     for _ in range(cfg["repeats"]):
         llm.reset()
