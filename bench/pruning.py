@@ -5,7 +5,7 @@
 Pruning alone (kept weights in float16): magnitude, Wanda and SparseGPT at 50% (per-row bitmap mask)
 and 2:4 (indices), each with its exact stored bits per weight. Low-rank compensation: GPTQ 3-bit g64
 plus rank-8/16 float16 factors, beside the GPTQ configurations with as many or more stored bits and no
-factors (3-bit g32, 4-bit g192, 4-bit g64; g192 and not g128, which does not tile 576-wide inputs). Calibration: 128 x 512 tokens of enwiki-sample (float32
+factors (3-bit g32, 4-bit g128 or g192, whichever tiles the model's inputs, 4-bit g64). Calibration: 128 x 512 tokens of enwiki-sample (float32
 passes); evaluation: the first N windows of 1024 tokens of WikiText-2 test, every result against the
 float model on the same windows. Each compress is its own process (wall time, peak memory, load
 average recorded). Results: bench/results/pruning[-MODEL].json; reports under out/bench/pruning[-MODEL].
@@ -28,6 +28,7 @@ CONFIGS = {   # label -> compress flags
     "gptq-w3-g64-r16": ["--method", "gptq", "--bits", "3", "--group-size", "64", "--lowrank", "16"],
     "gptq-w3-g64": ["--method", "gptq", "--bits", "3", "--group-size", "64"],
     "gptq-w3-g32": ["--method", "gptq", "--bits", "3", "--group-size", "32"],
+    "gptq-w4-g128": ["--method", "gptq", "--bits", "4", "--group-size", "128"],
     "gptq-w4-g192": ["--method", "gptq", "--bits", "4", "--group-size", "192"],
     "gptq-w4-g64": ["--method", "gptq", "--bits", "4", "--group-size", "64"],
 }
@@ -41,7 +42,11 @@ def main() -> None:
     ap.add_argument("--only", default="", help="comma-separated labels (default: all)")
     args = ap.parse_args()
 
-    wanted = [k for k in CONFIGS if not args.only or k in args.only.split(",")]
+    cfg = sizewise.sources.load(args.model).model.config
+    widths = {cfg.hidden_size, cfg.intermediate_size}
+    tiles = {k for k, flags in CONFIGS.items()          # group sizes that divide every linear's input size
+             if "--group-size" not in flags or all(w % int(flags[flags.index("--group-size") + 1]) == 0 for w in widths)}
+    wanted = [k for k in CONFIGS if k in tiles and (not args.only or k in args.only.split(","))]
     if not wanted:
         sys.exit(f"no configuration matches --only {args.only}; labels: {', '.join(CONFIGS)}")
     name = per_model("pruning", args.model)
