@@ -24,22 +24,32 @@ from ..errors import SizewiseError
 from .formats import DTYPE_BITS, TORCH_DTYPES, Format, Part, dense
 
 
-def whitened_factors(r: torch.Tensor, rank: int, xtx: torch.Tensor | None, damp: float = 0.01):
-    """(A [rank, in], B [out, rank]) float32 minimizing ‖(r − B·A) Xᵀ‖ for xtx = XᵀX (Frobenius if None).
+def whitening(xtx: torch.Tensor, damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Q, Λ^½) float64 with XᵀX + damping = Q Λ Qᵀ = S Sᵀ, S = Q Λ^½.
+
+    An eigendecomposition, not a Cholesky, because XᵀX summed from half-precision passes can be slightly
+    indefinite; negative eigenvalues are clipped, then damped. It depends on XᵀX alone, so linears that
+    read one input (q/k/v, gate/up) share it (`LowRankFormat.solve` caches it with their statistics)."""
+    h = xtx.detach().double()
+    lam, q = torch.linalg.eigh((h + h.t()) / 2)
+    lam = lam.clamp_min(0) + damp * float(h.diagonal().clamp_min(0).mean()) + 1e-30
+    return q, lam.sqrt()
+
+
+def whitened_factors(r: torch.Tensor, rank: int, xtx: torch.Tensor | None, damp: float = 0.01,
+                     white: tuple[torch.Tensor, torch.Tensor] | None = None):
+    """(A [rank, in], B [out, rank]) float32 minimizing ‖(r − B·A) Xᵀ‖ for xtx = XᵀX (Frobenius if None;
+    `white`: `whitening(xtx, damp)` computed beforehand).
 
     Σ's square root goes to both sides so that neither factor's range dwarfs the other's (they are
     stored in float16)."""
     rd = r.detach().double()
-    if xtx is None:
+    if xtx is None and white is None:
         u, sv, vh = torch.linalg.svd(rd, full_matrices=False)
         root = sv[:rank].sqrt()
         return (root[:, None] * vh[:rank]).float(), (u[:, :rank] * root).float()
-    # H = Q Λ Qᵀ = S Sᵀ with S = Q Λ^½: an eigendecomposition, not a Cholesky, because XᵀX summed from
-    # half-precision passes can be slightly indefinite; negative eigenvalues are clipped, then damped.
-    h = xtx.detach().double().to(rd.device)
-    lam, q = torch.linalg.eigh((h + h.t()) / 2)
-    lam = lam.clamp_min(0) + damp * float(h.diagonal().clamp_min(0).mean()) + 1e-30
-    root_lam = lam.sqrt()
+    q, root_lam = white if white is not None else whitening(xtx, damp)
+    q, root_lam = q.to(rd.device), root_lam.to(rd.device)
     u, sv, vh = torch.linalg.svd(rd @ (q * root_lam), full_matrices=False)
     root = sv[:rank].sqrt()
     # A = Σ^½ Vᵀ S⁻¹ = Σ^½ Vᵀ Λ^-½ Qᵀ
@@ -126,15 +136,21 @@ class LowRankFormat(Format):
 
     # --- solving --------------------------------------------------------------------------------------
 
-    def _factored(self, w, base, xtx, damp=0.01) -> "LowRankTensor":
+    def _factored(self, w, base, stats, damp=0.01) -> "LowRankTensor":
         r = w.float() - (0 if base is None else dense(base).to(w.device))
-        a, b = whitened_factors(r, self.rank, xtx, damp)
+        white = None
+        if stats is not None and stats.xtx is not None:
+            key = ("lowrank-whitening", damp)
+            if key not in stats.cache:
+                stats.cache[key] = whitening(stats.xtx, damp)
+            white = stats.cache[key]
+        a, b = whitened_factors(r, self.rank, None, damp, white)
         dt = TORCH_DTYPES[self.factor_dtype]
         return LowRankTensor(self, base, a.to(dt).contiguous(), b.to(dt).contiguous())
 
     def solve(self, solver, w: torch.Tensor, stats):
         base = None if self.base is None else self.base.solve(solver, w, stats)
-        return self._factored(w, base, None if stats is None else stats.xtx)
+        return self._factored(w, base, stats)
 
     def round(self, w: torch.Tensor, importance: torch.Tensor | None = None) -> "LowRankTensor":
         return self._factored(w, None if self.base is None else self.base.round(w), None)
