@@ -14,7 +14,9 @@ average recorded). Results: bench/results/pruning[-MODEL].json; reports under ou
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
 from common import ROOT, compress, cpu_model, per_model, save, summary, table
 
@@ -34,12 +36,33 @@ CONFIGS = {   # label -> compress flags
 }
 
 
+def made(model: str, out: Path, flags: list[str]) -> dict:
+    """Compress in its own process; the flags go beside the artifact so that --reuse knows what it is."""
+    manifest = compress(model, out, flags)
+    (out.parent / f"{out.name}.flags.json").write_text(json.dumps({"model": model, "flags": flags, "manifest": manifest}))
+    return manifest
+
+
+def reused(out: Path, flags: list[str]) -> dict | None:
+    """The manifest (as `compress` returned it) of an artifact made earlier with these flags, else None."""
+    side = out.parent / f"{out.name}.flags.json"
+    try:
+        made = json.loads(side.read_text())
+    except (OSError, ValueError):
+        return None
+    if made["flags"] != flags or not (out / "manifest.json").is_file():
+        return None
+    print(f"reusing {out}", file=sys.stderr)
+    return made["manifest"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--text", default="wikitext2-test")
     ap.add_argument("--windows", type=int, default=64)
     ap.add_argument("--only", default="", help="comma-separated labels (default: all)")
+    ap.add_argument("--reuse", action="store_true", help="evaluate artifacts this bench made earlier with the same flags")
     args = ap.parse_args()
 
     cfg = sizewise.sources.load(args.model).model.config
@@ -53,7 +76,8 @@ def main() -> None:
     out = ROOT / "out" / "bench" / name
     # '%' and ':' stay out of directory names
     dirs = {k: k.replace("%", "pct").replace(":", "of") for k in wanted}
-    manifests = {k: compress(args.model, out / dirs[k], [*CONFIGS[k], *CALIB]) for k in wanted}
+    manifests = {k: (args.reuse and reused(out / dirs[k], [*CONFIGS[k], *CALIB]))
+                 or made(args.model, out / dirs[k], [*CONFIGS[k], *CALIB]) for k in wanted}
     res = sizewise.api.compare(args.model, [out / d for d in dirs.values()], args.text, ctx=1024,
                                windows=args.windows, out=out / "report")
     ref = res["reference"]["perplexity"]
