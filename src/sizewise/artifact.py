@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -275,33 +277,70 @@ def read_manifest(path: str | Path) -> dict:
     return m
 
 
+class StoredTensors(Mapping):
+    """An artifact's tensors exactly as stored, read one at a time when asked for (each checked against
+    its sha256 then): each quantized weight as its format's stored tensor ([out, in]), everything
+    else as a tensor in its storage dtype. Tied aliases are not repeated. `described(name)` says
+    what a tensor is without reading it (`Described`, or a meta tensor of its dtype and shape)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.manifest = read_manifest(self.path)
+        self._file = None
+
+    def __iter__(self):
+        return iter(self.manifest["tensors"])
+
+    def __len__(self) -> int:
+        return len(self.manifest["tensors"])
+
+    def described(self, name: str):
+        entry = self.manifest["tensors"][name]
+        fmt = entry["format"]
+        if fmt["kind"] == "raw":
+            return torch.empty(entry["shape"], dtype=getattr(torch, str(fmt["dtype"]).removeprefix("torch.")),
+                               device="meta")
+        if fmt["kind"] == "float":
+            return torch.empty(entry["shape"], dtype=TORCH_DTYPES[fmt["dtype"]], device="meta")
+        return Described(format_from_dict(fmt), stored_shape(entry))
+
+    def __getitem__(self, name: str):
+        entry = self.manifest["tensors"][name]
+        try:
+            if self._file is None:
+                self._file = safe_open(str(self.path / PACKED), framework="pt")
+            fmt, read = entry["format"], {}
+
+            def get(key):
+                read[key] = self._file.get_tensor(key)
+                return read[key]
+            if fmt["kind"] in ("raw", "float"):
+                value = get(name)
+            else:
+                value = read_stored(get, name, format_from_dict(fmt), stored_shape(entry))
+            # manifests written before hashes were recorded load unverified, as they always did
+            if "sha256" in entry and entries_sha256(read) != entry["sha256"]:
+                raise SizewiseError(f"tensor {name} differs from its sha256 in the manifest")
+        except (SafetensorError, OSError, ValueError, KeyError, SizewiseError) as e:
+            raise SizewiseError(f"{self.path / PACKED} is missing or corrupt: {e}") from None
+        return value
+
+
+@dataclass(frozen=True)
+class Described:
+    """A quantized weight as the manifest describes it: its format and [out, in] shape."""
+
+    fmt: Format
+    shape: tuple[int, int]
+
+
 def load_stored(path: str | Path) -> tuple[dict, dict]:
-    """The tensors exactly as stored: each quantized weight as its format's stored tensor ([out, in]),
-    everything else as a tensor in its storage dtype.
+    """The tensors exactly as stored, all at once (`StoredTensors` reads them one at a time).
 
     Returns (tensors, manifest); tied aliases are not repeated.
     """
-    path = Path(path)
-    manifest = read_manifest(path)
-    stored = {}
-    try:
-        with safe_open(str(path / PACKED), framework="pt") as f:
-            for name, entry in manifest["tensors"].items():
-                fmt, read = entry["format"], {}
-
-                def get(key):
-                    read[key] = f.get_tensor(key)
-                    return read[key]
-                if fmt["kind"] in ("raw", "float"):
-                    stored[name] = get(name)
-                else:
-                    stored[name] = read_stored(get, name, format_from_dict(fmt), stored_shape(entry))
-                # manifests written before hashes were recorded load unverified, as they always did
-                if "sha256" in entry and entries_sha256(read) != entry["sha256"]:
-                    raise SizewiseError(f"tensor {name} differs from its sha256 in the manifest")
-    except (SafetensorError, OSError, ValueError, KeyError, SizewiseError) as e:
-        raise SizewiseError(f"{path / PACKED} is missing or corrupt: {e}") from None
-    return stored, manifest
+    stored = StoredTensors(path)
+    return {name: stored[name] for name in stored}, stored.manifest
 
 
 def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
