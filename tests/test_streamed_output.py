@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 import sizewise
 from sizewise import artifact
 from sizewise.api import compression
+from sizewise.api.exporting import export
 from sizewise.cli import main
 from sizewise.export import gguf as gguf_export
 from sizewise.quant import methods
@@ -137,7 +138,7 @@ def test_export_reads_one_tensor_at_a_time(model_dir, tmp_path, monkeypatch):
         most[0] = max(most[0], len(alive))
         return value
     monkeypatch.setattr(artifact.StoredTensors, "__getitem__", getitem)
-    sizewise.export(tmp_path / "art", tmp_path / "m.gguf", format="gguf")
+    export(tmp_path / "art", tmp_path / "m.gguf", format="gguf")
     assert most[0] == 1
 
 
