@@ -19,22 +19,9 @@ from sizewise.cli import main
 from sizewise.export import gguf as gguf_export
 from sizewise.quant import methods
 from sizewise.streamed_safetensors import ST_DTYPES, StreamedFile
-from tiny import CONFIGS, SAMPLE_TEXT, tiny_tokenizer
+from test_resume import LAYERS, model_dir  # noqa: F401 (a 4-layer tiny llama, the fixture)
 
-LAYERS, LINEARS = 4, 7          # a llama layer: q, k, v, o, gate, up, down
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("streamed")
-    cfg = CONFIGS["llama"]()
-    cfg.num_hidden_layers = LAYERS
-    cfg.tie_word_embeddings = False
-    torch.manual_seed(1)
-    tf.AutoModelForCausalLM.from_config(cfg).save_pretrained(root / "llama", safe_serialization=True)
-    tiny_tokenizer().save_pretrained(root / "llama")
-    (root / "text.txt").write_text(SAMPLE_TEXT * 20)
-    return root
+LINEARS = 7          # a llama layer: q, k, v, o, gate, up, down
 
 
 def _args(root, out, *extra):
