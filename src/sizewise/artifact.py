@@ -10,6 +10,9 @@
                              dense float32 weights here; nothing reads them.
 
 Written to a temporary directory beside DIR and renamed into place, so a DIR that exists is complete.
+The packed file is laid out before compressing and each solved weight is written to it as soon as its
+decoder layer is finished (`streamed`, `ArtifactWriter`), so solved weights never accumulate; the
+manifest, with every tensor's sha256, is written last.
 """
 
 from __future__ import annotations

@@ -24,8 +24,10 @@ metadata, the whole tokenizer included, and one info per tensor, whose size does
 tensor's type) padded to `ALIGNMENT`, then each tensor's data padded to `ALIGNMENT`. The allocator
 sizes byte budgets for GGUF output with these (`gguf_layout.GGUFLayout`).
 
-The file is written to a temporary name beside `path` and renamed into place, so a reader never sees
-half a file.
+The header and every tensor info are written first (from descriptions: formats and shapes), then each
+tensor's data as it is read (`write_gguf`'s weights may be a lazy mapping, `artifact.StoredTensors`), so
+the export holds one tensor at a time. The file is written to a temporary name beside `path` and
+renamed into place, so a reader never sees half a file.
 """
 
 from __future__ import annotations
