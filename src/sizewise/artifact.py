@@ -289,7 +289,6 @@ class StoredTensors(Mapping):
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.manifest = read_manifest(self.path)
-        self._file = None
 
     def __iter__(self):
         return iter(self.manifest["tensors"])
@@ -310,17 +309,17 @@ class StoredTensors(Mapping):
     def __getitem__(self, name: str):
         entry = self.manifest["tensors"][name]
         try:
-            if self._file is None:
-                self._file = safe_open(str(self.path / PACKED), framework="pt")
-            fmt, read = entry["format"], {}
+            # opened for each tensor: the file's mapping goes with it, so the pages read do not stay resident
+            with safe_open(str(self.path / PACKED), framework="pt") as f:
+                fmt, read = entry["format"], {}
 
-            def get(key):
-                read[key] = self._file.get_tensor(key)
-                return read[key]
-            if fmt["kind"] in ("raw", "float"):
-                value = get(name)
-            else:
-                value = read_stored(get, name, format_from_dict(fmt), stored_shape(entry))
+                def get(key):
+                    read[key] = f.get_tensor(key)
+                    return read[key]
+                if fmt["kind"] in ("raw", "float"):
+                    value = get(name)
+                else:
+                    value = read_stored(get, name, format_from_dict(fmt), stored_shape(entry))
             # manifests written before hashes were recorded load unverified, as they always did
             if "sha256" in entry and entries_sha256(read) != entry["sha256"]:
                 raise SizewiseError(f"tensor {name} differs from its sha256 in the manifest")
