@@ -109,7 +109,7 @@ def test_failed_write_leaves_no_output(tiny_dirs, tmp_path, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(artifact, "save_file", boom)
+    monkeypatch.setattr(artifact.StreamedFile, "write", boom)     # the first tensor written, mid-run
     with pytest.raises(RuntimeError):
         sizewise.compress(str(tiny_dirs["llama"]), CompressConfig(), out, progress=False)
     assert not out.exists() and not list(tmp_path.iterdir())

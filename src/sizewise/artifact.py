@@ -10,17 +10,22 @@
                              dense float32 weights here; nothing reads them.
 
 Written to a temporary directory beside DIR and renamed into place, so a DIR that exists is complete.
+The packed file is laid out before compressing and each solved weight is written to it as soon as its
+decoder layer is finished (`streamed`, `ArtifactWriter`), so solved weights never accumulate; the
+manifest, with every tensor's sha256, is written last.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from .atomic import check_target, staged_dir
 from .data import tensor_sha256
@@ -28,6 +33,7 @@ from .errors import SizewiseError
 from .quant.formats import TORCH_DTYPES, FloatFormat, Format, Part
 from .quant.pack import pack_bits, unpack_bits
 from .quant.registry import format_from_dict
+from .streamed_safetensors import StreamedFile
 
 MANIFEST, PACKED, MODEL_FILES = "manifest.json", "packed.safetensors", "hf"
 FORMAT_NAME, FORMAT_VERSION = "sizewise-artifact", 1
@@ -90,37 +96,68 @@ def unique_state(model) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     return state, aliases
 
 
-def write(out: Path, *, model, tokenizer, quantized: dict,
-          linears: dict[str, bool], methods: dict[str, str], float_dtype: str, manifest: dict,
-          overwrite: bool = False) -> dict:
-    """Write the artifact for `model`, whose weights equal the dequantized ones up to its storage
-    dtype: quantized weights come from their stored tensors, not from the model.
+class ArtifactWriter:
+    """An artifact written as it is computed, into a staging directory `tmp` (`streamed`).
 
-    `quantized` maps weight names to their formats' stored tensors; `linears` maps each decoder linear
-    weight name to whether it is stored transposed (GPT-2 Conv1D).
+    The packed file is laid out up front from the model's state and the formats its weights will be
+    stored in (`formats`: weight name -> Format of each weight that will be quantized); `put` writes one
+    solved weight's parts in place as soon as it is solved, so that it need not be kept; `finish` writes
+    everything else from the model, then the config, tokenizer and manifest (last: with its hashes).
+    The packed file is byte for byte what writing every tensor at once writes (`streamed_safetensors`).
     """
-    out = Path(out)
-    check_output(out, overwrite)
-    with staged_dir(out, overwrite=overwrite) as tmp:
+
+    def __init__(self, tmp: Path, model, formats: dict[str, Format], linears: dict[str, bool], float_dtype: str):
+        self.tmp, self.float_dtype = Path(tmp), float_dtype
+        state, _ = unique_state(model)
+        self.shapes = {name: tuple(t.shape) for name, t in state.items()}
+        layout = {}
+        for name, t in state.items():
+            if name in formats:
+                shape = self.shapes[name][::-1] if linears.get(name, False) else self.shapes[name]
+                layout.update({p.key(name): (getattr(torch, p.stored_dtype), tuple(p.stored_shape))
+                               for p in formats[name].parts(*shape)})
+            else:
+                layout[name] = (TORCH_DTYPES[float_dtype] if t.is_floating_point() else t.dtype, tuple(t.shape))
+        self.file = StreamedFile(self.tmp / PACKED, layout, metadata={"format": FORMAT_NAME})
+        self.written: dict[str, dict] = {}     # weight name -> its table entry's stored fields
+
+    def put(self, name: str, qt) -> None:
+        """One solved weight's stored tensor, written now (the caller may drop it)."""
+        entries = stored_entries(name, qt.fmt, qt)
+        for key, t in entries.items():
+            self.file.write(key, t)
+        self.written[name] = {"format": qt.fmt.to_dict(), "stored_bits": qt.stored_bits(),
+                              "sha256": entries_sha256(entries)}
+
+    def finish(self, *, model, tokenizer, quantized: dict, linears: dict[str, bool], methods: dict[str, str],
+               manifest: dict) -> dict:
+        """Write what `put` has not (`quantized`: weight name -> stored tensor; the model's other
+        tensors in their storage dtype), the files that rebuild the model, and the manifest."""
         state, aliases = unique_state(model)
-        tensors, table = {}, {}
+        if {n: tuple(t.shape) for n, t in state.items()} != self.shapes:
+            raise SizewiseError("the model's tensors changed while its artifact was written")
+        table = {}
         for name, t in state.items():
             if name in quantized:
-                qt = quantized[name]
-                entries = stored_entries(name, qt.fmt, qt)
-                fmt, bits = qt.fmt.to_dict(), qt.stored_bits()
+                self.put(name, quantized[name])
+            if name in self.written:
+                stored = self.written[name]
             elif t.is_floating_point():
-                entries = {name: t.detach().to(TORCH_DTYPES[float_dtype]).contiguous()}
-                fmt, bits = FloatFormat(float_dtype).to_dict(), FloatFormat(float_dtype).stored_bits(1, t.numel())
+                entries = {name: t.detach().to(TORCH_DTYPES[self.float_dtype]).contiguous()}
+                stored = {"format": FloatFormat(self.float_dtype).to_dict(),
+                          "stored_bits": FloatFormat(self.float_dtype).stored_bits(1, t.numel()),
+                          "sha256": entries_sha256(entries)}
+                self.file.write(name, entries[name])
             else:  # integer buffers (e.g. position ids) are stored as they are
                 entries = {name: t.detach().contiguous()}
-                fmt, bits = {"kind": "raw", "dtype": str(t.dtype)}, t.numel() * t.element_size() * 8
-            tensors.update(entries)
-            table[name] = {"shape": list(t.shape), "format": fmt, "method": methods.get(name, "float"),
-                           "stored_bits": bits, "transposed": linears.get(name, False),
-                           "linear": name in linears, "params": t.numel(),
-                           "sha256": entries_sha256(entries)}
-        save_file(tensors, str(tmp / PACKED), metadata={"format": FORMAT_NAME})
+                stored = {"format": {"kind": "raw", "dtype": str(t.dtype)},
+                          "stored_bits": t.numel() * t.element_size() * 8, "sha256": entries_sha256(entries)}
+                self.file.write(name, entries[name])
+            table[name] = {"shape": list(t.shape), "format": stored["format"], "method": methods.get(name, "float"),
+                           "stored_bits": stored["stored_bits"], "transposed": linears.get(name, False),
+                           "linear": name in linears, "params": t.numel(), "sha256": stored["sha256"]}
+        self.file.close()
+        tmp = self.tmp
         model.config.save_pretrained(tmp / MODEL_FILES)      # what rebuilds the model; the weights are packed
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp / MODEL_FILES)
@@ -130,10 +167,47 @@ def write(out: Path, *, model, tokenizer, quantized: dict,
             # the same tokenizer without the pretty-printing: 1.6 MB instead of 3.5 (SmolLM2's packed tensors: 114 MB)
             backend.save(str(tmp / MODEL_FILES / "tokenizer.json"), pretty=False)
         manifest = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **manifest,
-                    "float_dtype": float_dtype, "aliases": aliases, "tensors": table}
+                    "float_dtype": self.float_dtype, "aliases": aliases, "tensors": table}
         manifest["totals"] = totals(manifest, (tmp / PACKED).stat().st_size)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-    return manifest
+        return manifest
+
+    def abort(self) -> None:
+        self.file.abort()
+
+
+@contextmanager
+def streamed(out: Path, *, model, formats: dict[str, Format], linears: dict[str, bool], float_dtype: str,
+             overwrite: bool = False):
+    """An `ArtifactWriter` in a staging directory that becomes `out` when the block completes (after
+    `finish`); if the block raises, nothing is left (an interrupted run never looks complete)."""
+    out = Path(out)
+    check_output(out, overwrite)
+    with staged_dir(out, overwrite=overwrite) as tmp:
+        writer = ArtifactWriter(tmp, model, formats, linears, float_dtype)
+        try:
+            yield writer
+        except BaseException:
+            writer.abort()
+            raise
+        if not (tmp / MANIFEST).is_file():
+            raise SizewiseError(f"internal: the artifact {out} was not finished")
+
+
+def write(out: Path, *, model, tokenizer, quantized: dict,
+          linears: dict[str, bool], methods: dict[str, str], float_dtype: str, manifest: dict,
+          overwrite: bool = False) -> dict:
+    """Write the artifact for `model`, whose weights equal the dequantized ones up to its storage
+    dtype: quantized weights come from their stored tensors, not from the model.
+
+    `quantized` maps weight names to their formats' stored tensors; `linears` maps each decoder linear
+    weight name to whether it is stored transposed (GPT-2 Conv1D). (`streamed` writes them as they
+    are solved instead.)
+    """
+    with streamed(out, model=model, formats={n: qt.fmt for n, qt in quantized.items()}, linears=linears,
+                  float_dtype=float_dtype, overwrite=overwrite) as writer:
+        return writer.finish(model=model, tokenizer=tokenizer, quantized=quantized, linears=linears,
+                             methods=methods, manifest=manifest)
 
 
 def totals(manifest: dict, packed_bytes: int) -> dict:
@@ -206,33 +280,69 @@ def read_manifest(path: str | Path) -> dict:
     return m
 
 
-def load_stored(path: str | Path) -> tuple[dict, dict]:
-    """The tensors exactly as stored: each quantized weight as its format's stored tensor ([out, in]),
-    everything else as a tensor in its storage dtype.
+class StoredTensors(Mapping):
+    """An artifact's tensors exactly as stored, read one at a time when asked for (each checked against
+    its sha256 then): each quantized weight as its format's stored tensor ([out, in]), everything
+    else as a tensor in its storage dtype. Tied aliases are not repeated. `described(name)` says
+    what a tensor is without reading it (`Described`, or a meta tensor of its dtype and shape)."""
 
-    Returns (tensors, manifest); tied aliases are not repeated.
-    """
-    path = Path(path)
-    manifest = read_manifest(path)
-    stored = {}
-    try:
-        with safe_open(str(path / PACKED), framework="pt") as f:
-            for name, entry in manifest["tensors"].items():
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.manifest = read_manifest(self.path)
+
+    def __iter__(self):
+        return iter(self.manifest["tensors"])
+
+    def __len__(self) -> int:
+        return len(self.manifest["tensors"])
+
+    def described(self, name: str):
+        entry = self.manifest["tensors"][name]
+        fmt = entry["format"]
+        if fmt["kind"] == "raw":
+            return torch.empty(entry["shape"], dtype=getattr(torch, str(fmt["dtype"]).removeprefix("torch.")),
+                               device="meta")
+        if fmt["kind"] == "float":
+            return torch.empty(entry["shape"], dtype=TORCH_DTYPES[fmt["dtype"]], device="meta")
+        return Described(format_from_dict(fmt), stored_shape(entry))
+
+    def __getitem__(self, name: str):
+        entry = self.manifest["tensors"][name]
+        try:
+            # opened for each tensor: the file's mapping goes with it, so the pages read do not stay resident
+            with safe_open(str(self.path / PACKED), framework="pt") as f:
                 fmt, read = entry["format"], {}
 
                 def get(key):
                     read[key] = f.get_tensor(key)
                     return read[key]
                 if fmt["kind"] in ("raw", "float"):
-                    stored[name] = get(name)
+                    value = get(name)
                 else:
-                    stored[name] = read_stored(get, name, format_from_dict(fmt), stored_shape(entry))
-                # manifests written before hashes were recorded load unverified, as they always did
-                if "sha256" in entry and entries_sha256(read) != entry["sha256"]:
-                    raise SizewiseError(f"tensor {name} differs from its sha256 in the manifest")
-    except (SafetensorError, OSError, ValueError, KeyError, SizewiseError) as e:
-        raise SizewiseError(f"{path / PACKED} is missing or corrupt: {e}") from None
-    return stored, manifest
+                    value = read_stored(get, name, format_from_dict(fmt), stored_shape(entry))
+            # manifests written before hashes were recorded load unverified, as they always did
+            if "sha256" in entry and entries_sha256(read) != entry["sha256"]:
+                raise SizewiseError(f"tensor {name} differs from its sha256 in the manifest")
+        except (SafetensorError, OSError, ValueError, KeyError, SizewiseError) as e:
+            raise SizewiseError(f"{self.path / PACKED} is missing or corrupt: {e}") from None
+        return value
+
+
+@dataclass(frozen=True)
+class Described:
+    """A quantized weight as the manifest describes it: its format and [out, in] shape."""
+
+    fmt: Format
+    shape: tuple[int, int]
+
+
+def load_stored(path: str | Path) -> tuple[dict, dict]:
+    """The tensors exactly as stored, all at once (`StoredTensors` reads them one at a time).
+
+    Returns (tensors, manifest); tied aliases are not repeated.
+    """
+    stored = StoredTensors(path)
+    return {name: stored[name] for name in stored}, stored.manifest
 
 
 def load_weights(path: str | Path) -> dict[str, torch.Tensor]:

@@ -4,7 +4,7 @@
 run that cannot fit in the memory available now. The terms follow what the code holds at once:
 the model in its storage dtype (memory-mapped pages count once touched), one decoder layer in
 float32 (`precision`), the solver's statistics of that layer (GPTQ's Hessians), the calibration
-activations (`engine.ActivationBuffer`), the solved weights kept for the artifact, and for
+activations (`engine.ActivationBuffer`), one layer's solved weights until they are written, and for
 evaluation one window's activations and a chunk of logits (`evaluate.CHUNK_ELEMENTS`).
 """
 
@@ -53,10 +53,9 @@ def peak_memory(model, *, task: str, calibrated: bool = False, samples: int = 0,
     built on the meta device: only shapes and dtypes are read).
 
     compress/plan: `calibrated` (GPTQ/AWQ statistics), `samples` × `length` calibration tokens in
-    batches of `batch`; `quantized_fraction` of the linear weights are solved and kept for the
-    artifact; `kept_statistics`: every layer's statistics are kept (a budget's measured plans, a
-    sweep); `export_gguf`: the artifact is then read back and written as GGUF (measured on 0.5B
-    shapes, bench/scale.py: ~5 bytes per linear weight and the token tables in float32). eval:
+    batches of `batch`; `quantized_fraction` of the linear weights are solved (one layer's kept
+    until written); `kept_statistics`: every layer's statistics are kept (a budget's measured plans, a
+    sweep); `export_gguf`: the artifact is then read back one tensor at a time and written as GGUF. eval:
     windows of `ctx` tokens, and `models` (other models evaluated beside it).
     """
     cfg = _text_config(model)
@@ -79,13 +78,15 @@ def peak_memory(model, *, task: str, calibrated: bool = False, samples: int = 0,
 
     parts = {"model (storage dtype)": stored(model)}
     if task in ("compress", "plan"):
-        linear_params = sum(ref.shape[0] * ref.shape[1] for ref in arch.all_linears())
-        # solved weights kept until the artifact is written: uint8 codes + scales (~1.1 B/weight),
-        # then their packed copy and its serialized bytes while writing
-        parts["solved weights"] = int(linear_params * quantized_fraction * 1.1)
+        # one decoder layer's solved weights, kept until the layer is finished and written (`api.compression.
+        # LayerOutput`): uint8 codes + scales (~1.1 B/weight) and the bit-packed copy being written
+        layer_linear = max(sum(ref.shape[0] * ref.shape[1] for ref in refs) for refs in arch.linears)
+        parts["solved weights"] = int(layer_linear * quantized_fraction * 1.6)
         if export_gguf:
-            tables = sum(rows * cols for rows, cols in arch.tables.values())
-            parts["GGUF export"] = linear_params * 5 + tables * 4
+            # the export reads the artifact one tensor at a time (`artifact.StoredTensors`): the largest,
+            # a token table in its 2-byte float dtype, as read and as its payload copy
+            table = max((rows * cols for rows, cols in arch.tables.values()), default=0)
+            parts["GGUF export"] = max(table, largest_linear) * 2 * 2
         if calibrated:
             parts["layer in float32"] = layer_params * 4 * 2         # float32 copy + compute-dtype copy
             # every Gram of the layer (one per distinct input width, two for the widest: q/k/v and o),

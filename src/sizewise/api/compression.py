@@ -173,15 +173,57 @@ def compress(model: str | Path | Source, config: CompressConfig | None = None, o
     if checkpoint is not None and stats is None and out is not None:
         kept = LayerCheckpoint(Path(checkpoint), _fingerprint_parts(src, config, samples), len(arch.layers),
                                quantized, notes, restart=restart)
-    with kept or nullcontext():
+    # the artifact is laid out now and each decoder layer's solved weights are written as soon as the layer
+    # is finished (after its checkpoint), then let go: solved weights never accumulate
+    output = nullcontext() if out is None else artifact.streamed(
+        Path(out), model=m, formats={c.name: c.format for c in plan.choices if c.method != "float"},
+        linears={r.weight_name: r.transposed for r in arch.all_linears()}, float_dtype=config.float_dtype,
+        overwrite=overwrite)
+    with kept or nullcontext(), output as writer:
         facts = engine.run(m, arch, solve, samples, batch=config.calib.batch,
                            offload=Path(config.calib.offload) if config.calib.offload else None,
                            progress=progress, compute_dtype=TORCH_DTYPES[config.calib.dtype], transform=layer_transform,
-                           stats=stats, observers=observers_for(observed), checkpoint=kept)
+                           stats=stats, observers=observers_for(observed), checkpoint=LayerOutput(kept, quantized, writer))
         if pipeline.awq:
             transforms["awq"] = [notes[i]["awq"] for i in sorted(notes)]
         return _finish(m, src, arch, config, plan, samples, stats, solved, quantized, transforms, calib_proto,
-                       pruned, facts, t0, out, overwrite)
+                       pruned, facts, t0, writer)
+
+
+class LayerOutput:
+    """What the engine calls after each decoder layer (and for each layer a resumed run restores):
+    the checkpoint keeps the layer first, then its solved weights go to the output (`writer`, an
+    `artifact.ArtifactWriter`; None: no output) and leave `quantized`, so that at most one layer's are
+    held. A stopped run's output is a staging area that goes with it; a resumed run writes the layers
+    it restores again, so its output is the same bytes."""
+
+    def __init__(self, checkpoint: LayerCheckpoint | None, quantized: dict, writer):
+        self.checkpoint, self.quantized, self.writer = checkpoint, quantized, writer
+
+    @property
+    def done(self) -> int:
+        return self.checkpoint.done if self.checkpoint is not None else 0
+
+    def announce(self) -> None:
+        self.checkpoint.announce()
+
+    def activations(self, into: torch.Tensor) -> None:
+        self.checkpoint.activations(into)
+
+    def restore(self, i: int, layer, refs) -> None:
+        self.checkpoint.restore(i, layer, refs)
+        self._release(refs)
+
+    def save_layer(self, i: int, layer, refs, activations: torch.Tensor | None) -> None:
+        if self.checkpoint is not None:
+            self.checkpoint.save_layer(i, layer, refs, activations)
+        self._release(refs)
+
+    def _release(self, refs) -> None:
+        for ref in refs:
+            qt = self.quantized.pop(ref.weight_name, None)
+            if qt is not None and self.writer is not None:
+                self.writer.put(ref.weight_name, qt)
 
 
 def _fingerprint_parts(src: Source, config: Recipe, samples: torch.Tensor | None) -> dict:
@@ -195,7 +237,7 @@ def _fingerprint_parts(src: Source, config: Recipe, samples: torch.Tensor | None
 
 
 def _finish(m, src, arch, config, plan, samples, stats, solved, quantized, transforms, calib_proto, pruned,
-            facts, t0, out, overwrite) -> Result:
+            facts, t0, writer) -> Result:
     """Token tables, float storage, manifest and artifact, after the decoder layers."""
     # Token tables the plan quantizes: data-free, or (the head, or the embedding tied to it) calibrated
     # on the head's input: from the saved float-model statistics, else the compressed model's.
@@ -243,8 +285,7 @@ def _finish(m, src, arch, config, plan, samples, stats, solved, quantized, trans
         "timing": {"wall_s": time.perf_counter() - t0, **facts, "peak_rss_mb": _peak_rss_mb()},
         "environment": environment(),
     }
-    if out is not None:
-        manifest = artifact.write(Path(out), model=m, tokenizer=src.tokenizer, quantized=quantized,
-                                  linears=linear_names, methods={c.name: c.method for c in plan.choices},
-                                  float_dtype=config.float_dtype, manifest=manifest, overwrite=overwrite)
+    if writer is not None:
+        manifest = writer.finish(model=m, tokenizer=src.tokenizer, quantized=quantized, linears=linear_names,
+                                 methods={c.name: c.method for c in plan.choices}, manifest=manifest)
     return Result(m, src.tokenizer, manifest)

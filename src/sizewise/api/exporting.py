@@ -72,8 +72,10 @@ def export(path: str | Path, out: str | Path, *, format: str = "gguf", overwrite
         return _export_float(path, out, float_dtype or "float32", tokenizer_pre, name, metadata)
     if float_dtype is not None:
         raise SizewiseError("an artifact is exported as stored; --float-dtype applies to unquantized models only")
-    stored, manifest = artifact.load_stored(path)
-    bad = [(n, t) for n, t in stored.items() if not isinstance(t, torch.Tensor) and t.fmt.ggml_type is None]
+    # read one tensor at a time, as the file is written: an artifact larger than memory exports
+    stored = artifact.StoredTensors(path)
+    manifest, described = stored.manifest, {n: stored.described(n) for n in stored}
+    bad = [(n, d) for n, d in described.items() if not isinstance(d, torch.Tensor) and d.fmt.ggml_type is None]
     if bad:
         raise SizewiseError(
             f"{len(bad)} tensors are in formats GGUF cannot hold exactly (e.g. {bad[0][0]}: {bad[0][1].fmt.label}); "
@@ -81,20 +83,20 @@ def export(path: str | Path, out: str | Path, *, format: str = "gguf", overwrite
     config = AutoConfig.from_pretrained(Path(path) / artifact.MODEL_FILES, trust_remote_code=False)
     tokenizer = AutoTokenizer.from_pretrained(Path(path) / artifact.MODEL_FILES, trust_remote_code=False)
     # low-rank corrections travel beside the model file, as the LoRA adapter llama.cpp applies (--lora)
-    factors = {n: f for n, t in stored.items() if not isinstance(t, torch.Tensor)
-               if (f := t.fmt.lora(t)) is not None}
+    factors = {n: f for n, d in described.items() if not isinstance(d, torch.Tensor) and d.fmt.carries_lora
+               if (f := d.fmt.lora(stored[n])) is not None}
     adapter = lora_path(out) if factors else None
     if adapter is not None and adapter.exists() and not overwrite:
         raise SizewiseError(f"output file {adapter} already exists (use --force to replace it)")
-    described = gguf_export_args(manifest["source"])
-    written = write_gguf(out, config, stored, tokenizer, name=name or described["name"],
-                         tokenizer_pre=tokenizer_pre or described["tokenizer_pre"],
-                         metadata=described["metadata"] if metadata is None else metadata)
+    described_args = gguf_export_args(manifest["source"])
+    written = write_gguf(out, config, stored, tokenizer, name=name or described_args["name"],
+                         tokenizer_pre=tokenizer_pre or described_args["tokenizer_pre"],
+                         metadata=described_args["metadata"] if metadata is None else metadata, described=described)
     import gguf
     types = Counter(gguf.GGMLQuantizationType(t.tensor_type).name for t in gguf.GGUFReader(written).tensors)
     res = {"path": str(written), "bytes": written.stat().st_size, "tensor_types": dict(types)}
     if adapter is not None:
-        write_lora_gguf(adapter, config, factors, stored.keys())
+        write_lora_gguf(adapter, config, factors, list(stored))
         res["lora"] = {"path": str(adapter), "bytes": adapter.stat().st_size, "tensors": len(factors)}
     return res
 

@@ -24,8 +24,10 @@ metadata, the whole tokenizer included, and one info per tensor, whose size does
 tensor's type) padded to `ALIGNMENT`, then each tensor's data padded to `ALIGNMENT`. The allocator
 sizes byte budgets for GGUF output with these (`gguf_layout.GGUFLayout`).
 
-The file is written to a temporary name beside `path` and renamed into place, so a reader never sees
-half a file.
+The header and every tensor info are written first (from descriptions: formats and shapes), then each
+tensor's data as it is read (`write_gguf`'s weights may be a lazy mapping, `artifact.StoredTensors`), so
+the export holds one tensor at a time. The file is written to a temporary name beside `path` and
+renamed into place, so a reader never sees half a file.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ import gguf
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType
+from gguf.quants import quant_shape_from_byte_shape
 
 from .. import families
 from ..atomic import staged_file
@@ -55,6 +58,7 @@ QUANTIZATION_VERSION = 2  # ggml's GGML_QNT_VERSION for the block layouts writte
 
 _FLOAT_DTYPES = {torch.float32: GGML.F32, torch.float16: GGML.F16, torch.bfloat16: GGML.BF16}
 _TORCH_OF = {v: k for k, v in _FLOAT_DTYPES.items()}
+_NUMPY_TYPES = {np.dtype(np.float32): GGML.F32, np.dtype(np.float16): GGML.F16}
 
 
 def gguf_export_args(source_info: dict) -> dict:
@@ -103,11 +107,7 @@ def float_type(ndim: int, dtype: torch.dtype) -> GGMLQuantizationType:
 
 def data_bytes(ggml_type: GGMLQuantizationType, shape) -> int:
     """Bytes one tensor's data takes in the file, its alignment padding included (ggml's block sizes)."""
-    block, size = gguf.GGML_QUANT_SIZES[ggml_type]
-    n = math.prod(shape)
-    if shape[-1] % block:
-        raise SizewiseError(f"rows of {shape[-1]} weights do not split into {ggml_type.name} blocks of {block}")
-    return _aligned(n // block * size)
+    return _aligned(_nbytes(ggml_type, shape))
 
 
 def _aligned(nbytes: int) -> int:
@@ -187,22 +187,52 @@ def file_names(config, names) -> dict[str, str]:
 def gguf_tensors(config, weights: Mapping[str, Any]) -> list[tuple[str, np.ndarray, GGMLQuantizationType]]:
     """(gguf name, payload, type) for every tensor of the model, in llama.cpp's layout (rope rows
     permuted, tied output left out). Checks that the model is complete."""
+    return list(iter_gguf_tensors(config, weights))
+
+
+def iter_gguf_tensors(config, weights: Mapping[str, Any]):
+    """`gguf_tensors` one at a time: each weight is read from `weights` only when its turn comes."""
     names = file_names(config, weights)
     layout = families.of(config).gguf
     heads = layout.rope_heads(config)
-    out = []
     for hf_name, name in names.items():
         value = weights[hf_name]
         if layout.norm_shift and hf_name.endswith("norm.weight"):   # norms stored as shift + w (Gemma's 1 + w)
             value = value.float() + layout.norm_shift
         payload, ggml_type = tensor_payload(value)
+        del value
         module = hf_name.rsplit(".", 1)[0]            # the weight's or bias's module
         proj = next((p for p in heads if module.endswith(f".{p}")), None)
         if proj is not None:
             payload = payload[rope_row_order(payload.shape[0], heads[proj])]
-        out.append((name, np.ascontiguousarray(payload), ggml_type))
+        yield name, np.ascontiguousarray(payload), ggml_type
     for name, values in layout.extra_tensors(config).items():
-        out.append((name, np.asarray(values, dtype=np.float32), GGML.F32))
+        yield name, np.asarray(values, dtype=np.float32), GGML.F32
+
+
+def payload_info(value) -> tuple[GGMLQuantizationType, tuple[int, ...]]:
+    """The GGUF type and logical shape of what `tensor_payload` makes of `value`, without making it:
+    `value` may be a meta tensor, or anything with a stored tensor's `fmt` and `shape`."""
+    if isinstance(value, torch.Tensor):
+        return float_type(value.dim(), value.dtype), tuple(value.shape)
+    fmt = getattr(value, "fmt", None)
+    if fmt is None or fmt.ggml_type is None:
+        raise SizewiseError(f"cannot store {fmt.label if fmt else type(value).__name__} in GGUF exactly")
+    return GGML[fmt.ggml_type], tuple(value.shape)
+
+
+def tensor_infos(config, described: Mapping[str, Any]) -> list[tuple[str, GGMLQuantizationType, tuple[int, ...]]]:
+    """(gguf name, type, logical shape) of each tensor `iter_gguf_tensors` writes, in its order, from
+    `described` (hf name -> the value, or a description `payload_info` takes)."""
+    layout = families.of(config).gguf
+    out = []
+    for hf_name, name in file_names(config, described).items():
+        ggml_type, shape = payload_info(described[hf_name])
+        if layout.norm_shift and hf_name.endswith("norm.weight"):
+            ggml_type = float_type(len(shape), torch.float32)
+        out.append((name, ggml_type, shape))
+    for name, values in layout.extra_tensors(config).items():
+        out.append((name, GGML.F32, (len(values),)))
     return out
 
 
@@ -254,13 +284,16 @@ def header_bytes(config, tensors, tokenizer=None, *, name: str | None = None, to
 
 def write_gguf(path: str | os.PathLike, config, weights: Mapping[str, Any], tokenizer=None, *,
                name: str | None = None, tokenizer_pre: str | None = None,
-               metadata: Mapping[str, Any] | None = None) -> Path:
+               metadata: Mapping[str, Any] | None = None, described: Mapping[str, Any] | None = None) -> Path:
     """Write a GGUF llama.cpp can run; returns its path.
 
     config: the transformers config of a family GGUF export supports (`families.gguf_support()`:
         Llama/Mistral (no sliding window), Qwen2, Qwen3, Gemma 2, Gemma 3 text, Phi-3).
     weights: transformers name -> a stored tensor whose format has a `ggml_type` (written as its ggml
-        blocks), or a float torch.Tensor kept in its dtype (F32/F16/BF16).
+        blocks), or a float torch.Tensor kept in its dtype (F32/F16/BF16). Read one at a time, in the
+        file's order, after the header is written: a lazy mapping keeps one tensor in memory.
+    described: the same names -> what `payload_info` reads (meta tensors, stored tensors' formats and
+        shapes), for the header; default `weights` itself.
     tokenizer: a fast byte-level BPE tokenizer (None writes no tokenizer: transformers can still load
         the weights, llama.cpp cannot run the file).
     tokenizer_pre: llama.cpp's pre-tokenizer name (e.g. "smollm", "llama-bpe"); llama.cpp falls back to
@@ -268,24 +301,58 @@ def write_gguf(path: str | os.PathLike, config, weights: Mapping[str, Any], toke
     metadata: extra or overriding keys, written last (e.g. {"general.license": "apache-2.0"}).
     """
     path = Path(path)
-    tensors = gguf_tensors(config, weights)
+    infos = tensor_infos(config, weights if described is None else described)
     with staged_file(path) as tmp:
-        write_file(tmp, families.of(config).gguf.arch,
-                   lambda writer: _add_metadata(writer, config, tokenizer, name, tokenizer_pre, metadata), tensors)
+        write_streamed(tmp, families.of(config).gguf.arch,
+                       lambda writer: _add_metadata(writer, config, tokenizer, name, tokenizer_pre, metadata),
+                       infos, iter_gguf_tensors(config, weights))
     return path
 
 
 def write_file(path: Path, arch: str, add_metadata, tensors) -> None:
-    """One GGUF file: `add_metadata(writer)`, then (name, payload, ggml type) tensors, in that order."""
+    """One GGUF file: `add_metadata(writer)`, then (name, payload, ggml type) tensors, in that order
+    (a None type: the payload's numpy dtype's)."""
+    infos = []
+    for tname, payload, ggml_type in tensors:
+        if ggml_type is None:
+            if payload.dtype not in _NUMPY_TYPES:
+                raise SizewiseError(f"GGUF tensor {tname}: cannot store numpy {payload.dtype} without a ggml type")
+            ggml_type = _NUMPY_TYPES[payload.dtype]
+        # quantized (and bfloat16) payloads are uint8 bytes [rows, row bytes]
+        shape = quant_shape_from_byte_shape(payload.shape, ggml_type) if payload.dtype == np.uint8 else payload.shape
+        infos.append((tname, ggml_type, tuple(shape)))
+    write_streamed(path, arch, add_metadata, infos, [(n, p, t or _NUMPY_TYPES[p.dtype]) for n, p, t in tensors])
+
+
+def _nbytes(ggml_type: GGMLQuantizationType, shape) -> int:
+    """Bytes of one tensor's data, unpadded; a one-line error where rows do not split into blocks."""
+    block, size = gguf.GGML_QUANT_SIZES[ggml_type]
+    if shape and shape[-1] % block:
+        raise SizewiseError(f"rows of {shape[-1]} weights do not split into {ggml_type.name} blocks of {block}")
+    return math.prod(shape) // block * size
+
+
+def write_streamed(path: Path, arch: str, add_metadata, infos, tensors) -> None:
+    """One GGUF file: `add_metadata(writer)` and the tensor infos `infos` ((name, type, logical shape))
+    first, then each (name, payload, type) of `tensors` (an iterable: each is written as it comes and
+    may then be dropped), which must match `infos` one for one."""
     writer = gguf.GGUFWriter(path, arch)
     try:
         add_metadata(writer)
-        for tname, payload, ggml_type in tensors:
-            # quantized payloads are uint8 blocks: gguf derives the logical shape from the byte shape
-            raw = ggml_type if payload.dtype == np.uint8 else None
-            writer.add_tensor(tname, payload, raw_dtype=raw)
+        for tname, ggml_type, shape in infos:
+            writer.add_tensor_info(tname, shape, np.dtype(np.float32), _nbytes(ggml_type, shape), raw_dtype=ggml_type)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
+        writer.write_ti_data_to_file()
+        count = 0
+        for tname, payload, ggml_type in tensors:
+            info = infos[count] if count < len(infos) else (None, None, ())
+            if (tname, ggml_type) != info[:2] or payload.nbytes != _nbytes(ggml_type, info[2]):
+                raise SizewiseError(f"internal: GGUF tensor {tname} ({ggml_type.name}, {payload.nbytes} bytes) "
+                                    f"does not match its header entry {info}")
+            writer.write_tensor_data(payload)
+            count += 1
+        if count != len(infos):
+            raise SizewiseError(f"internal: {count} GGUF tensors written for {len(infos)} in the header")
     finally:
         writer.close()

@@ -166,6 +166,11 @@ class Format:
         where this format is not one (k-quants, codebooks, float minimums)."""
         return None
 
+    @property
+    def carries_lora(self) -> bool:
+        """Whether `lora` can return factors for a tensor of this format (said without reading one)."""
+        return False
+
     def lora(self, stored) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Low-rank factors (A [rank, in], B [out, rank]) that a runtime adds to the weight `ggml_blocks`
         holds (llama.cpp's LoRA adapter: W + B·A), or None: formats that carry a correction say so."""

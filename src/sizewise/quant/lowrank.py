@@ -131,6 +131,10 @@ class LowRankFormat(Format):
                 else f"{self.base.label} has no exact ggml type"))
         return self.base.ggml_blocks(st.base)
 
+    @property
+    def carries_lora(self) -> bool:
+        return True
+
     def lora(self, st: "LowRankTensor"):
         return st.a, st.b
 

@@ -236,6 +236,10 @@ class SparseFormat(Format):
         codes = torch.where(st.keep, q.codes, torch.full_like(q.codes, 1 << (self.inner.bits - 1)))
         return self.inner.ggml_blocks(QuantizedTensor(q.fmt, codes, q.scales, q.zeros))
 
+    @property
+    def carries_lora(self) -> bool:
+        return self.inner.carries_lora
+
     def lora(self, st: "SparseTensor"):
         return self.inner.lora(st.inner)
 
