@@ -175,6 +175,20 @@ def test_sweep_with_joint_candidates_reports_the_kinds(tiny_dirs, tmp_path, caps
         assert manifest["totals"]["linear_stored_bits"] == p["linear_stored_bits"] <= p["budget_value"] * res["linear_params"]
 
 
+def test_compress_budget_with_joint_candidates(tiny_dirs, tmp_path, capsys):
+    text = tiny_dirs["text"]
+    out = tmp_path / "b"
+    code, stdout, err = run(capsys, "compress", tiny_dirs["llama"], "--budget", "3.5bpw", "--method",
+                            "rtn,magnitude,lowrank", "--calib", text, "--calib-samples", 8, "--calib-len", 32,
+                            "--measure-samples", 0, "-o", out, "--quiet")
+    assert code == 0, err
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["totals"]["bits_per_weight"] <= 3.5
+    assert "kinds chosen: quant " in stdout
+    assert manifest["allocation"]["budget"] == "3.5bpw"
+    assert manifest["totals"]["linear_stored_bits"] == manifest["allocation"]["linear_bits"]
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--budget", "3bpw", "--method", "lowrank"], "lowrank corrects a quantizer's grid"),
     (["--budget", "3bpw", "--method", "rtn,magnitude", "--format", "gguf"], "llama.cpp's types"),
