@@ -90,7 +90,10 @@ def main() -> None:
     ap.add_argument("--measure-samples", default="8", help="the sweeps' (0: the knapsack's plan, not measured)")
     args = ap.parse_args()
 
-    out = ROOT / "out" / "bench" / per_model("joint", args.model)
+    # the default comparison keeps the bare name; others say what they compare
+    name = "joint" if (args.quantizer, args.joint) == ("gptq", "sparsegpt,lowrank") else \
+        f"joint-{args.quantizer}-{args.joint.replace(',', '-')}"
+    out = ROOT / "out" / "bench" / per_model(name, args.model)
     out.mkdir(parents=True, exist_ok=True)
     at_start = machine()
     joint, joint_wall, joint_cmd = sweep(args.model, f"{args.quantizer},{args.joint}", out / "joint", args)
@@ -121,7 +124,7 @@ def main() -> None:
                      f"{j['kinds_chosen'].removeprefix('kinds chosen: ')} |")
     table = "\n".join(lines)
     print(f"float perplexity {ref:.3f}\n{table}")
-    save(per_model("joint", args.model), {
+    save(per_model(name, args.model), {
         "benchmark": "joint", "model": args.model, "commands": {"quant": quant_cmd, "joint": joint_cmd},
         "reference_perplexity": ref, "evaluation": joint["evaluation"],
         "candidates": {"quant": len(quant["candidates"]), "joint": joint["candidates"]},
