@@ -26,7 +26,7 @@ def sweep(model: str, method: str, out, args) -> tuple[dict, float, str]:
     cmd = SIZEWISE + ["sweep", model, "--budgets", args.budgets, "--method", method, "--calib", args.calib,
                       "--calib-samples", args.calib_samples, "--calib-len", args.calib_len,
                       "--calib-dtype", args.calib_dtype, "--windows", args.windows, "--measure-samples",
-                      args.measure_samples, "-o", str(out), "--force", "--quiet"]
+                      args.measure_samples, "--fisher-samples", args.fisher_samples, "-o", str(out), "--force", "--quiet"]
     print("$", shlex.join(cmd[2:]), file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True)
@@ -87,6 +87,7 @@ def main() -> None:
     ap.add_argument("--calib-len", default="512")
     ap.add_argument("--calib-dtype", default="bfloat16")
     ap.add_argument("--windows", default="16")
+    ap.add_argument("--fisher-samples", default="8")
     ap.add_argument("--measure-samples", default="8", help="the sweeps' (0: the knapsack's plan, not measured)")
     args = ap.parse_args()
 
