@@ -24,21 +24,8 @@ from ..errors import SizewiseError
 from .formats import DTYPE_BITS, TORCH_DTYPES, Format, Part, dense
 
 
-def whitening(xtx: torch.Tensor, damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Λ^½, Q) float64 with XᵀX + damping = Q Λ Qᵀ: the input whitening `whitened_factors` uses.
-
-    An eigendecomposition, not a Cholesky, because XᵀX summed from half-precision passes can be
-    slightly indefinite; negative eigenvalues are clipped, then damped."""
-    h = xtx.detach().double()
-    lam, q = torch.linalg.eigh((h + h.t()) / 2)
-    lam = lam.clamp_min(0) + damp * float(h.diagonal().clamp_min(0).mean()) + 1e-30
-    return lam.sqrt(), q
-
-
-def whitened_factors(r: torch.Tensor, rank: int, xtx: torch.Tensor | None, damp: float = 0.01,
-                     basis: tuple[torch.Tensor, torch.Tensor] | None = None):
+def whitened_factors(r: torch.Tensor, rank: int, xtx: torch.Tensor | None, damp: float = 0.01):
     """(A [rank, in], B [out, rank]) float32 minimizing ‖(r − B·A) Xᵀ‖ for xtx = XᵀX (Frobenius if None).
-    `basis`: `whitening(xtx, damp)` computed already (layers sharing an input share it).
 
     Σ's square root goes to both sides so that neither factor's range dwarfs the other's (they are
     stored in float16)."""
@@ -47,9 +34,12 @@ def whitened_factors(r: torch.Tensor, rank: int, xtx: torch.Tensor | None, damp:
         u, sv, vh = torch.linalg.svd(rd, full_matrices=False)
         root = sv[:rank].sqrt()
         return (root[:, None] * vh[:rank]).float(), (u[:, :rank] * root).float()
-    # H = Q Λ Qᵀ = S Sᵀ with S = Q Λ^½
-    root_lam, q = basis if basis is not None else whitening(xtx, damp)
-    root_lam, q = root_lam.to(rd.device), q.to(rd.device)
+    # H = Q Λ Qᵀ = S Sᵀ with S = Q Λ^½: an eigendecomposition, not a Cholesky, because XᵀX summed from
+    # half-precision passes can be slightly indefinite; negative eigenvalues are clipped, then damped.
+    h = xtx.detach().double().to(rd.device)
+    lam, q = torch.linalg.eigh((h + h.t()) / 2)
+    lam = lam.clamp_min(0) + damp * float(h.diagonal().clamp_min(0).mean()) + 1e-30
+    root_lam = lam.sqrt()
     u, sv, vh = torch.linalg.svd(rd @ (q * root_lam), full_matrices=False)
     root = sv[:rank].sqrt()
     # A = Σ^½ Vᵀ S⁻¹ = Σ^½ Vᵀ Λ^-½ Qᵀ
@@ -146,21 +136,15 @@ class LowRankFormat(Format):
 
     # --- solving --------------------------------------------------------------------------------------
 
-    def _factored(self, w, base, xtx, damp=0.01, basis=None) -> "LowRankTensor":
+    def _factored(self, w, base, xtx, damp=0.01) -> "LowRankTensor":
         r = w.float() - (0 if base is None else dense(base).to(w.device))
-        a, b = whitened_factors(r, self.rank, xtx, damp, basis)
+        a, b = whitened_factors(r, self.rank, xtx, damp)
         dt = TORCH_DTYPES[self.factor_dtype]
         return LowRankTensor(self, base, a.to(dt).contiguous(), b.to(dt).contiguous())
 
     def solve(self, solver, w: torch.Tensor, stats):
         base = None if self.base is None else self.base.solve(solver, w, stats)
-        if stats is None or stats.xtx is None:
-            return self._factored(w, base, None)
-        # one eigendecomposition per input, shared by every rank and base (the allocator profiles many)
-        key = ("whitening", 0.01)
-        if key not in stats.cache:
-            stats.cache[key] = whitening(stats.xtx, 0.01)
-        return self._factored(w, base, stats.xtx, basis=stats.cache[key])
+        return self._factored(w, base, None if stats is None else stats.xtx)
 
     def round(self, w: torch.Tensor, importance: torch.Tensor | None = None) -> "LowRankTensor":
         return self._factored(w, None if self.base is None else self.base.round(w), None)
