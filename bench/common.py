@@ -54,6 +54,13 @@ def summary(manifest: dict) -> dict:
             "load_avg": manifest.get("load_avg")}
 
 
+def machine() -> dict:
+    """The CPU the numbers were measured on (model name, cores) and how busy it was (1-min load)."""
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), None) if Path("/proc/cpuinfo").is_file() else None
+    return {"cpu_model": cpu, "cpu_count": os.cpu_count(), "load_avg": round(os.getloadavg()[0], 2)}
+
+
 def per_model(name: str, model: str) -> str:
     """Results and output names per model: the default model keeps the bare name (older results)."""
     if model == "smollm2-135m":

@@ -120,14 +120,18 @@ class Recipe:
         applied with AWQ's scales searched for each layer's chosen format. Rotations change the model
         the profile measures, so they are not offered here (`compress --plan` applies them).
         """
-        pipes = [methods.parse(m) for m in self.method.split(",")]
+        pipes = [methods.parse(m) for m in self.method.split(",") if m.strip() != methods.LOWRANK]
+        if not pipes:
+            raise SizewiseError(f"--method {self.method}: {methods.LOWRANK} corrects a quantizer's grid: list one "
+                                f"too (e.g. gptq,{methods.LOWRANK})")
         if len({(p.rotate, p.awq) for p in pipes}) > 1:
             raise SizewiseError(f"--method {self.method}: every quantizer must share the same transforms "
                                 "(e.g. awq+gptq,awq+rtn)")
         if pipes[0].rotate:
             raise SizewiseError("--budget does not combine with rotate+ (the profile would measure the unrotated "
                                 "model); make a plan with `sizewise plan`, then `compress --plan FILE --method rotate+gptq`")
-        return ("awq+rtn" if pipes[0].awq else "rtn"), tuple(p.quantizer for p in pipes)
+        lowrank = (methods.LOWRANK,) if methods.LOWRANK in (m.strip() for m in self.method.split(",")) else ()
+        return ("awq+rtn" if pipes[0].awq else "rtn"), tuple(p.quantizer for p in pipes) + lowrank
 
     def check(self) -> "Recipe":
         """Every field names something that exists and fits the others; one-line error otherwise."""
@@ -148,9 +152,14 @@ class Recipe:
         if self.structured is not None:
             self.structured.check()
         quantizers = self.budget_methods()[1] if self.budget is not None else (self.pipeline.quantizer,)
-        if self.budget is not None and any(methods.get(q).stores for q in quantizers):
-            raise SizewiseError("--budget chooses among quantizers (rtn, rtn-mse, gptq); pruning and low-rank "
-                                "methods set one format (--sparsity, --lowrank) or a --plan")
+        if self.budget is not None:
+            kinds = methods.split_budget_methods(quantizers)
+            if kinds.joint and self.pipeline.awq:
+                raise SizewiseError("awq+ does not combine with pruning or low-rank candidates under --budget")
+            if kinds.joint and self.output == "gguf":
+                raise SizewiseError("--budget with --format gguf chooses among llama.cpp's types; pruning and "
+                                    "low-rank candidates are for the artifact")
+            quantizers = kinds.quantizers + kinds.pruners + (("svd",) if kinds.svd else ())
         used = {methods.get(q).name for q in quantizers} | (self.plan.methods() if self.plan else set())
         for name in used:
             methods.get(name)

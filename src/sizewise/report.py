@@ -88,13 +88,17 @@ def _pyplot():
     return plt
 
 
+def _allocated(result: dict) -> list[dict]:
+    return sorted((p for p in result["points"] if p["kind"] == "allocated"), key=lambda p: p["bits_per_weight"])
+
+
 def plot_sweep(result: dict, path: Path) -> None:
     """Perplexity against bits per weight (log y): allocated points as a line, uniform and peer points as markers."""
     plt = _pyplot()
     from matplotlib.ticker import FormatStrFormatter
 
     fig, ax = plt.subplots(figsize=(8, 5))
-    alloc = sorted((p for p in result["points"] if p["kind"] == "allocated"), key=lambda p: p["bits_per_weight"])
+    alloc = _allocated(result)
     ax.plot([p["bits_per_weight"] for p in alloc], [p["perplexity"] for p in alloc], "o-", color="C0",
             label="allocated (sizewise budget)")
     for p in alloc:
@@ -132,26 +136,26 @@ def plot_sweep(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_bits_heatmap(result: dict, path: Path) -> None:
-    """Chosen code bits per decoder linear (columns, in model order) for each budget (rows)."""
+def _layer_heatmap(result: dict, path: Path, rows: list[list], levels: list, colors, legend: str,
+                   title: str) -> None:
+    """One row per allocated point (by size), one column per decoder linear (model order), one discrete
+    color per level in `levels` (`rows` hold levels)."""
     import re
 
     import numpy as np
     from matplotlib.colors import ListedColormap
 
     plt = _pyplot()
-    alloc = sorted((p for p in result["points"] if p["kind"] == "allocated"), key=lambda p: p["bits_per_weight"])
-    grid = np.array([p["bits"] for p in alloc])
-    levels = sorted(set(grid.ravel().tolist()))
-    index = np.searchsorted(levels, grid)                      # discrete colors: one per bit-width present
+    alloc = _allocated(result)
+    index = np.array([[levels.index(v) for v in row] for row in rows])     # discrete colors: one per level present
     names = result["linears"]
     fig, ax = plt.subplots(figsize=(min(18, 4 + 0.08 * len(names) + (0.25 * len(names) if len(names) <= 32 else 0)),
                                     1.6 + 0.4 * len(alloc)))
-    cmap = ListedColormap(plt.get_cmap("viridis")(np.linspace(0, 1, len(levels))))
-    im = ax.imshow(index, aspect="auto", cmap=cmap, vmin=-0.5, vmax=len(levels) - 0.5, interpolation="nearest")
+    im = ax.imshow(index, aspect="auto", cmap=ListedColormap(colors), vmin=-0.5, vmax=len(levels) - 0.5,
+                   interpolation="nearest")
     bar = fig.colorbar(im, ax=ax, ticks=range(len(levels)), pad=0.01)
     bar.ax.set_yticklabels([str(v) for v in levels])
-    bar.set_label(f"bits per code ({result['float_dtype']} kept = {DTYPE_BITS[result['float_dtype']]})")
+    bar.set_label(legend)
     ax.set_yticks(range(len(alloc)), [f"{p['budget']} ({p['bits_per_weight']:.2f})" for p in alloc])
     short = [n.removesuffix(".weight") for n in names]
     if len(names) <= 32:
@@ -162,10 +166,35 @@ def plot_bits_heatmap(result: dict, path: Path) -> None:
         step = max(1, len(starts) // 30)
         ax.set_xticks(starts[::step], [layer[i][1] for i in starts[::step]], fontsize=7)
         ax.set_xlabel("decoder layer (linears in model order)")
-    ax.set_title("bits chosen per linear layer")
+    ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_bits_heatmap(result: dict, path: Path) -> None:
+    """Chosen code bits per decoder linear (columns, in model order) for each budget (rows)."""
+    import numpy as np
+
+    rows = [p["bits"] for p in _allocated(result)]
+    levels = sorted({b for row in rows for b in row})
+    _layer_heatmap(result, path, rows, levels, _pyplot().get_cmap("viridis")(np.linspace(0, 1, len(levels))),
+                   f"bits per code ({result['float_dtype']} kept = {DTYPE_BITS[result['float_dtype']]})",
+                   "bits chosen per linear layer")
+
+
+# fixed colors, so that every sweep's plot reads the same
+KIND_COLORS = {"quant": "#4c72b0", "sparse": "#dd8452", "low-rank": "#55a868", "sparse+low-rank": "#c44e52",
+               "float": "#8c8c8c"}
+
+
+def plot_kinds_heatmap(result: dict, path: Path) -> None:
+    """Which kind of compression (quantization, pruning, low-rank factors) each decoder linear got, per budget."""
+    rows = [p["kinds"] for p in _allocated(result)]
+    levels = [k for k in KIND_COLORS if any(k in row for row in rows)]
+    levels += sorted({k for row in rows for k in row} - set(levels))
+    _layer_heatmap(result, path, rows, levels, [KIND_COLORS.get(k, "#000000") for k in levels], "kind",
+                   "kind of compression chosen per linear layer")
 
 
 def sweep_table(result: dict) -> str:
@@ -187,6 +216,8 @@ def sweep_table(result: dict) -> str:
                          f"{p['kl']:.4g} | {100 * p['top1_agreement']:.1f}% | {p['compress_s']:.1f} |")
     for p in result["peers"]:
         lines.append(f"| {p['label']} (peer) | | {p['bits_per_weight']:.3f} | |{blank} | {p['perplexity']:.3f} | | | | |")
+    if result.get("joint"):
+        lines += [""] + [f"{p['label']}: {p['kinds_chosen']}" for p in _allocated(result)]
     return "\n".join(lines)
 
 
@@ -194,6 +225,8 @@ def write_sweep(result: dict, out: Path) -> None:
     """report.md, ppl_vs_bits.png and bits_per_layer.png into the directory `out` (the sweep writes it atomically)."""
     plot_sweep(result, out / "ppl_vs_bits.png")
     plot_bits_heatmap(result, out / "bits_per_layer.png")
+    if result.get("joint"):
+        plot_kinds_heatmap(result, out / "kinds_per_layer.png")
     e, prof, t = result["evaluation"], result["profile"], result["timing"]
     cal = prof.get("calibration") or {}
     cal_text = cal.get("text") or "text the model generates itself"
@@ -222,4 +255,8 @@ def write_sweep(result: dict, out: Path) -> None:
         lines[-2:-2] = [f"Peer points are read as given from {', '.join(sorted({p['source'] for p in result['peers']}))}; "
                         "they were not measured in this run, so their protocol may differ.", ""]
     lines += ["![bits chosen per linear layer, per budget](bits_per_layer.png)", ""]
+    if result.get("joint"):
+        lines += ["Pruning and low-rank candidates were offered too (sweep.json lists them); the kinds the "
+                  "allocator chose per layer:", "",
+                  "![kind of compression chosen per linear layer, per budget](kinds_per_layer.png)", ""]
     (out / "report.md").write_text("\n".join(lines))

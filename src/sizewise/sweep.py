@@ -197,7 +197,7 @@ def sweep(model: str | Path, budgets: str | list[str | Budget], out: str | Path,
     if format == "gguf":
         cands = allocate.gguf_candidate_set(tuple(quantizers), float_dtype=config.float_dtype)
     else:
-        cands = allocate.candidate_set(tuple(quantizers), float_dtype=config.float_dtype)
+        cands = allocate.budget_candidates(tuple(quantizers), config.float_dtype)
     layout = api_budget.file_layout(format, src)      # what byte budgets bound: the artifact's file, or the .gguf
     sizes = allocate.size_table(src.model, arch, cands, config.float_dtype, layout)
     for b in blist:
@@ -246,6 +246,9 @@ def sweep(model: str | Path, budgets: str | list[str | Budget], out: str | Path,
                            "how": alloc.note, "measured_plans": alloc.measured,
                            "choices": [_choice_label(c) for c in alloc.plan.choices if c.name in linear_set],
                            "bits": [_bits(c) for c in alloc.plan.choices if c.name in linear_set],
+                           "kinds": [c.format.compression for c in alloc.plan.choices if c.name in linear_set],
+                           "kinds_chosen": allocate.kinds_line([c.format.compression for c in alloc.plan.choices
+                                                                if c.name in linear_set]),
                            "tables": {c.name: _choice_label(c) for c in alloc.plan.choices if c.name not in linear_set},
                            **_gguf_fields(res.exported, d)})
         for i, (m, f) in enumerate(ulist, 1):
@@ -276,6 +279,7 @@ def sweep(model: str | Path, budgets: str | list[str | Budget], out: str | Path,
         result = {
             "model": str(model), "source": src_info, "format": format, "file_layout": layout.describe(),
             "quantizers": list(quantizers), "float_dtype": config.float_dtype,
+            "joint": any(c.format.compression not in ("quant", "float") for c in cands),
             "candidates": [c.label for c in cands], "linears": linears, "linear_params": sizes.linear_params,
             "profile": prof.protocol, "evaluation": res["protocol"],
             "reference": {"perplexity": res["reference"]["perplexity"]},

@@ -9,7 +9,8 @@
     print(render(alloc)); Path("plan.json").write_text(alloc.plan.to_json())
 
 The modules, each depending only on those before it:
-    candidates  Candidate, the candidate sets (GGML_FORMATS), which token tables take which
+    candidates  Candidate, the candidate sets (GGML_FORMATS; pruning and low-rank ones: budget_candidates),
+                which token tables take which
     sizes       exact file sizes: ArtifactLayout, SizeTable, size_table
     budgets     Budget, parse_budget, check_budget
     profile     the sensitivity proxy: Fisher diagonal, profile_model, token-table costs
@@ -25,15 +26,16 @@ neither the API nor the exporters.
 
 from .budgets import Budget, check_budget, parse_budget
 from .cache import SolvedCache
-from .candidates import GGML_FORMATS, Candidate, candidate_set, gguf_candidate_set
-from .choice import Allocation, allocate, measure_plans, plan_variants, render, uniform_allocations
+from .candidates import GGML_FORMATS, JOINT_AXES, Candidate, JointAxes, budget_candidates, candidate_set, gguf_candidate_set
+from .choice import Allocation, allocate, kinds_line, measure_plans, plan_variants, render, uniform_allocations
 from .knapsack import Solution, solve_mckp
 from .profile import (PROFILE_VERSION, LayerProfile, Profile, add_table_costs, fisher_diagonal, has_table_costs,
                       profile_model)
 from .sizes import ARTIFACT, ArtifactLayout, LayerSizes, Row, SizeTable, file_layout, size_table
 
-__all__ = ["ARTIFACT", "Allocation", "ArtifactLayout", "Budget", "Candidate", "GGML_FORMATS", "LayerProfile",
+__all__ = ["ARTIFACT", "Allocation", "ArtifactLayout", "Budget", "Candidate", "GGML_FORMATS", "JOINT_AXES", "JointAxes",
+           "LayerProfile", "budget_candidates",
            "LayerSizes", "PROFILE_VERSION", "Profile", "Row", "SizeTable", "Solution", "SolvedCache",
-           "add_table_costs", "allocate", "candidate_set", "check_budget", "file_layout", "fisher_diagonal",
+           "add_table_costs", "allocate", "kinds_line", "candidate_set", "check_budget", "file_layout", "fisher_diagonal",
            "gguf_candidate_set", "has_table_costs", "measure_plans", "parse_budget", "plan_variants",
            "profile_model", "render", "size_table", "solve_mckp", "uniform_allocations"]

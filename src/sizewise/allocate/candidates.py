@@ -13,7 +13,9 @@ from ..errors import SizewiseError
 from ..plan import Choice
 from ..quant import methods
 from ..quant.formats import TORCH_DTYPES, FloatFormat, Format
+from ..quant.lowrank import LowRankFormat
 from ..quant.registry import GGML_FORMATS, format_from_dict  # noqa: F401 (GGML_FORMATS: re-exported)
+from ..quant.sparse import SparseFormat
 from ..quant.uniform import QuantFormat
 
 
@@ -54,8 +56,7 @@ def candidate_set(quantizers: tuple[str, ...] = ("rtn",), bits: tuple[int, ...] 
     """
     for q in quantizers:
         methods.get(q)
-    cands = [Candidate(q, QuantFormat(b, g, symmetric=False, scale_dtype="float16", zero="int"))
-             for q in quantizers for b in bits for g in group_sizes]
+    cands = [Candidate(q, _grid(b, g)) for q in quantizers for b in bits for g in group_sizes]
     if float_dtype is not None:
         cands.append(Candidate("float", FloatFormat(float_dtype)))
     if not cands:
@@ -63,6 +64,54 @@ def candidate_set(quantizers: tuple[str, ...] = ("rtn",), bits: tuple[int, ...] 
     return tuple(cands)
 
 
+def _grid(bits: int, group: int | None) -> QuantFormat:
+    return QuantFormat(bits, group, symmetric=False, scale_dtype="float16", zero="int")
+
+
+@dataclass(frozen=True)
+class JointAxes:
+    """The grids, sparsity patterns and ranks that pruning and low-rank candidates take. Few on purpose:
+    profiling solves every candidate on every layer. Group 64 divides the input sizes of most models."""
+
+    patterns: tuple[str, ...] = ("2:4", "50%")
+    sparse_bits: tuple[int, ...] = (3, 4, 5)           # the kept weights' grids (group 64)
+    lowrank_bits: tuple[int, ...] = (2, 3, 4)          # the corrected grids (group 64)
+    ranks: tuple[int, ...] = (8, 16)                   # float16 factors
+    sparse_lowrank: tuple[tuple[str, int, int], ...] = (("2:4", 4, 8),)   # (pattern, kept bits, rank)
+    svd_ranks: tuple[int, ...] = (32, 64)              # factors alone
+    group_size: int = 64
+
+
+JOINT_AXES = JointAxes()
+
+
+def budget_candidates(names: tuple[str, ...], float_dtype: str = "float16",
+                      axes: JointAxes = JOINT_AXES) -> tuple[Candidate, ...]:
+    """The candidates a budget's method list names (`methods.split_budget_methods`).
+
+    Quantizers alone (rtn, gptq): exactly `candidate_set(quantizers)`. Each pruner listed adds sparse
+    candidates (`axes.patterns` × kept weights on `axes.sparse_bits` grids; SparseGPT rounds them with
+    GPTQ in the same pass, Wanda and magnitude to nearest); "lowrank" adds the quantizers' grids at
+    `axes.lowrank_bits` plus rank-r factors, and with a pruner, sparse grids plus factors
+    (`axes.sparse_lowrank`); "svd" adds factors alone at `axes.svd_ranks`. Each is one composed
+    format, so its size and cost come from the same code as any other candidate's.
+    """
+    kinds = methods.split_budget_methods(tuple(names))
+    cands = list(candidate_set(kinds.quantizers, float_dtype=float_dtype))
+    g = axes.group_size
+    # the pruner's quantizing variant where it has one (sparsegpt -> sparsegpt+gptq: one pass)
+    pruners = [p if p.endswith("+gptq") or f"{p}+gptq" not in methods.METHODS else f"{p}+gptq"
+               for p in kinds.pruners]
+    cands += [Candidate(p, SparseFormat(_grid(b, g), pat)) for p in pruners for pat in axes.patterns
+              for b in axes.sparse_bits]
+    if kinds.lowrank:
+        cands += [Candidate(q, LowRankFormat(_grid(b, g), r)) for q in kinds.quantizers for b in axes.lowrank_bits
+                  for r in axes.ranks]
+        cands += [Candidate(p, LowRankFormat(SparseFormat(_grid(b, g), pat), r)) for p in pruners
+                  for pat, b, r in axes.sparse_lowrank]
+    if kinds.svd:
+        cands += [Candidate("svd", LowRankFormat(None, r)) for r in axes.svd_ranks]
+    return tuple(dict.fromkeys(cands))
 
 
 def gguf_candidate_set(quantizers: tuple[str, ...] = ("rtn",), float_dtype: str | None = "float16") -> tuple[Candidate, ...]:
@@ -70,9 +119,10 @@ def gguf_candidate_set(quantizers: tuple[str, ...] = ("rtn",), float_dtype: str 
     Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL with its non-uniform levels, MXFP4 at 4.25 bits) and the k-quants (Q2_K .. Q6_K; only on layers whose input size is a
     multiple of 256). A plan made of these exports to GGUF unchanged, as a mixed-type file. Token
     tables take them too (`_table_takes`)."""
+    if methods.split_budget_methods(tuple(quantizers)).joint:
+        raise SizewiseError("with --format gguf the allocator chooses among llama.cpp's types: pruning and "
+                            "low-rank candidates are for the artifact (or apply one with --sparsity/--lowrank)")
     cands = [Candidate(q, f) for q in quantizers for f in GGML_FORMATS.values()]
-    for q in quantizers:
-        methods.get(q)
     if float_dtype is not None:
         cands.append(Candidate("float", FloatFormat(float_dtype)))
     return tuple(cands)
@@ -106,4 +156,5 @@ def _table_takes(arch: Architecture, name: str, c: Candidate) -> bool:
     """Whether token table `name` may be quantized with candidate `c` (float is always its fallback):
     an input embedding only data-free, the head (or the embedding tied to it) also calibrated, from
     the statistics of its input, the final hidden states (`engine.head_statistics`)."""
-    return c.method != "float" and c.fits(arch.tables[name][1]) and (_data_free(c) or name == arch.head_table)
+    return (c.format.compression == "quant" and c.fits(arch.tables[name][1])
+            and (_data_free(c) or name == arch.head_table))

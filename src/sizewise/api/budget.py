@@ -31,7 +31,7 @@ import numpy as np
 
 from .. import artifact, builtins, data, engine, memory
 from ..allocate import (PROFILE_VERSION, Allocation, Budget, Candidate, Profile, SizeTable, SolvedCache,
-                        add_table_costs, allocate, candidate_set, check_budget, gguf_candidate_set,
+                        add_table_costs, allocate, budget_candidates, check_budget, gguf_candidate_set,
                         has_table_costs, measure_plans, parse_budget, plan_variants, profile_model, size_table)
 from ..allocate import file_layout as _allocator_layout
 from ..allocate.profile import needs_head_stats
@@ -182,7 +182,7 @@ def plan_for_budget(model, budget: str | Budget, *, calib=None, quantizers: tupl
     arch = discover(src.model)
     layout = file_layout(layout, src)
     cands = candidates or (gguf_candidate_set(quantizers, float_dtype) if layout.kind == "gguf"
-                           else candidate_set(quantizers, float_dtype=float_dtype))
+                           else budget_candidates(quantizers, float_dtype))
     sizes = size_table(src.model, arch, cands, float_dtype, layout)
     check_budget(budget, sizes)                         # before any expensive work
     calib = (calib or CalibConfig()).resolved(next(src.model.parameters()).device)

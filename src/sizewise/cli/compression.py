@@ -13,6 +13,7 @@ from .options import (
     NO_CLIP_HELP,
     POSITIVE,
     RESTART,
+    JOINT_HELP,
     budget_method,
     calib_config,
     calib_options,
@@ -27,7 +28,7 @@ from .options import (
 @click.option("-o", "--output", required=True, type=click.Path(), help="Artifact directory to write (must not exist or be empty).")
 @click.option("--method", default=None, help="rtn (the default), rtn-mse, gptq; pruning: sparsegpt, sparsegpt+gptq, "
               "wanda, magnitude; svd (see `sizewise methods`). With --budget: the quantizers to choose among "
-              "(default: rtn,gptq with --calib, rtn without).")
+              "(default: rtn,gptq with --calib, rtn without). " + JOINT_HELP)
 @click.option("--bits", default=4, show_default=True, type=int, help="Bits per weight code, 2 to 8.")
 @click.option("--sparsity", default=None, help="With a pruning method: 50% (of each row, bitmap mask), 2:4 or 4:8 (N kept of "
               "every M, stored as indices).")
@@ -104,7 +105,8 @@ def compress(ctx, model, output, method, bits, sparsity, lowrank, group_size, sy
         method = budget_method(method, calib, quiet) if budget is not None else (method or "rtn")
         grid = QuantFormat(bits, parse_group_size(group_size), symmetric=sym, scale_dtype=scale_dtype, zero=zero)
         if budget is not None and (sparsity or lowrank):
-            raise SizewiseError("--budget chooses among quantizers only; --sparsity and --lowrank set one format")
+            raise SizewiseError("--sparsity and --lowrank set one format; --budget chooses sparsity and ranks per "
+                                "layer when --method names them (e.g. gptq,sparsegpt,lowrank)")
         recipe = Recipe(
             method=method,
             format=grid if budget is not None else format_for(method, grid, sparsity=sparsity, rank=lowrank,
@@ -135,8 +137,11 @@ def compress(ctx, model, output, method, bits, sparsity, lowrank, group_size, sy
                    f"{pruned['params_before'] / 1e6:.2f}M -> {pruned['params_after'] / 1e6:.2f}M "
                    f"(-{1 - pruned['params_after'] / pruned['params_before']:.1%})")
     if alloc is not None and recipe.output != "gguf":
+        from ..allocate import kinds_line
+
         click.echo(f"allocated for {recipe.budget}: predicted KL {alloc.predicted_total:.4g} nats/token "
-                   f"(`sizewise info {output}` lists every layer)")
+                   f"(`sizewise info {output}` lists every layer); "
+                   + kinds_line([c.format.compression for c in alloc.plan.choices]))
     if recipe.output == "gguf":
         e = res.exported
         types = ", ".join(f"{n} x {t}" for t, n in sorted(e["tensor_types"].items(), key=lambda kv: -kv[1]))
@@ -163,7 +168,7 @@ _RECIPE_FLAGS = ("method", "bits", "sparsity", "lowrank", "group_size", "sym", "
 @click.option("--budget", required=True, help="Bits per weight over the linear layers (3.25bpw) or packed file size (70MB = 70e6 bytes; MiB, GB, GiB).")
 @click.option("-o", "--output", type=click.Path(), help="Write the plan as JSON (apply it with `sizewise compress MODEL --plan FILE`).")
 @click.option("--method", default=None, help="Quantizers to choose among, comma-separated: rtn, rtn-mse, gptq "
-              "(default: rtn,gptq with --calib, rtn without).")
+              "(default: rtn,gptq with --calib, rtn without). " + JOINT_HELP)
 @calib_options
 @click.option("--format", "out_format", type=click.Choice(["artifact", "gguf"]), default="artifact", show_default=True,
               help="gguf: choose among llama.cpp's types only, and a byte budget bounds the .gguf file (apply with "
@@ -201,7 +206,7 @@ def plan_cmd(model, budget, output, method, fisher_samples, measure_samples, out
               "All are checked before any work.")
 @click.option("-o", "--output", required=True, type=click.Path(), help="Sweep directory to write (must not exist or be empty).")
 @click.option("--method", default=None, help="Quantizers the allocator chooses among, comma-separated: rtn, rtn-mse, gptq "
-              "(default: rtn,gptq with --calib, rtn without).")
+              "(default: rtn,gptq with --calib, rtn without). " + JOINT_HELP)
 @calib_options
 @click.option("--uniform", multiple=True, help="Uniform baselines, METHOD:BITS:GROUP, comma-separated or repeated "
               "(rtn:4:64,gptq:3:channel); same format family as the allocator's (asymmetric, float16 scales). "
@@ -231,6 +236,8 @@ def sweep(model, budgets, output, method, fisher_samples, measure_samples, unifo
           --calib enwiki-sample --uniform rtn:4:64,gptq:3:64 --windows 16 -o out/sweep
       sizewise sweep smollm2-135m --format gguf --budgets 70MB,78MB,90MB --method rtn,gptq \\
           --calib enwiki-sample --uniform gptq:Q4_K --windows 16 -o out/gguf-sweep
+      sizewise sweep smollm2-135m --budgets 2.5,3,3.5,4 --method gptq,sparsegpt,lowrank \\
+          --calib enwiki-sample --windows 16 -o out/joint        # also kinds_per_layer.png
     """
     from .. import api
 

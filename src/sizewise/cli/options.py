@@ -41,6 +41,13 @@ def claimed(output, force: bool, kind: str, *inputs):
     return claim(output, overwrite=force, kind=kind, inputs=[i for i in inputs if i])
 
 
+# --method with a budget: the words that add pruning and low-rank candidates (`allocate.budget_candidates`)
+JOINT_HELP = ("Name more kinds to add pruning and low-rank candidates (opt in: each is profiled on every layer): "
+              "a pruner (sparsegpt, wanda, magnitude: 2:4 and 50% sparse, kept weights on 3-5 bit g64 grids; "
+              "sparsegpt rounds them with GPTQ), lowrank (the quantizers' 2-4 bit g64 grids plus rank 8 or 16 "
+              "float16 factors), svd (factors alone, rank 32 or 64); e.g. gptq,sparsegpt,lowrank. The plan then "
+              "says which kinds it chose (a sweep also plots them: kinds_per_layer.png).")
+
 # Calibration and allocator options shared by `plan` and `sweep` (same names, defaults and help).
 NO_CLIP_HELP = ("GPTQ: fit each group's grid to its min/max instead of searching the clipping range "
                  "that minimizes the Hessian-weighted error (the default; a few percent slower).")

@@ -123,6 +123,12 @@ class Format:
         raise NotImplementedError
 
     @property
+    def compression(self) -> str:
+        """Which kind of compression this is, for reports: "float", "quant", "sparse", "low-rank"
+        (factors alone, or correcting a quantized base) or "sparse+low-rank"."""
+        return "quant" if self.quantized else "float"
+
+    @property
     def group_label(self) -> str:
         """How many weights share a scale, for tables: '64', 'channel', '16/256' (sub-blocks of a
         super-block), '-' (none)."""

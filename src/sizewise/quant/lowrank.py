@@ -88,6 +88,16 @@ class LowRankFormat(Format):
     def group_label(self) -> str:
         return "-" if self.base is None else self.base.group_label
 
+    @property
+    def bits(self) -> int:
+        """The base's bits per code, or the factors' dtype bits for factors alone."""
+        return DTYPE_BITS[self.factor_dtype] if self.base is None else self.base.bits
+
+    @property
+    def compression(self) -> str:
+        base = "quant" if self.base is None else self.base.compression
+        return "low-rank" if base == "quant" else f"{base}+low-rank"
+
     def check(self, in_features: int, name: str = "layer") -> None:
         if self.base is not None:
             self.base.check(in_features, name)

@@ -145,6 +145,43 @@ def check_format(name: str, fmt: Format) -> None:
         raise SizewiseError(f"{name} stores low-rank factors alone; give --lowrank R")
 
 
+# In a budget's method list: rank-r factors correcting the listed quantizers' grids (not a method itself)
+LOWRANK = "lowrank"
+
+
+@dataclass(frozen=True)
+class BudgetMethods:
+    """What a budget's method list ("gptq,sparsegpt,lowrank") asks the allocator to choose among."""
+
+    quantizers: tuple[str, ...]      # dense grids (rtn, rtn-mse, gptq)
+    pruners: tuple[str, ...] = ()    # sparse candidates, kept weights on the grids
+    lowrank: bool = False            # the quantizers' grids plus rank-r corrections
+    svd: bool = False                # factors alone
+
+    @property
+    def joint(self) -> bool:
+        return bool(self.pruners or self.lowrank or self.svd)
+
+
+def split_budget_methods(names: tuple[str, ...]) -> BudgetMethods:
+    """Sort a budget's method names (transforms already stripped) by what they add; one-line errors."""
+    quantizers, pruners, lowrank, svd = [], [], False, False
+    for n in names:
+        if n == LOWRANK:
+            lowrank = True
+        elif get(n).stores == "factors":
+            svd = True
+        elif get(n).stores:
+            pruners.append(n)
+        else:
+            quantizers.append(n)
+    if lowrank and not quantizers:
+        raise SizewiseError(f"{LOWRANK} corrects a quantizer's grid: list one too (e.g. gptq,{LOWRANK})")
+    if not quantizers and not pruners and not svd:
+        raise SizewiseError("the method list names no quantizer")
+    return BudgetMethods(tuple(dict.fromkeys(quantizers)), tuple(dict.fromkeys(pruners)), lowrank, svd)
+
+
 @dataclass(frozen=True)
 class Pipeline:
     """A method name such as "rotate+awq+gptq": optional model/layer transforms, then a quantizer."""

@@ -149,6 +149,15 @@ class SparseFormat(Format):
     def group_label(self) -> str:
         return self.inner.group_label
 
+    @property
+    def bits(self) -> int:
+        """Bits per kept value (its grid's, or the float dtype's)."""
+        return self.inner.bits
+
+    @property
+    def compression(self) -> str:
+        return "sparse"
+
     def check(self, in_features: int, name: str = "layer") -> None:
         self.inner.check(in_features, name)
         sp = self.spec
