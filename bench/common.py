@@ -55,10 +55,8 @@ def summary(manifest: dict) -> dict:
 
 
 def machine() -> dict:
-    """The CPU the numbers were measured on (model name, cores) and how busy it was (1-min load)."""
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), None) if Path("/proc/cpuinfo").is_file() else None
-    return {"cpu_model": cpu, "cpu_count": os.cpu_count(), "load_avg": round(os.getloadavg()[0], 2)}
+    """The CPU the numbers were measured on, and how busy it was (1-min load)."""
+    return {"cpu_model": cpu_model(), "cpu_count": os.cpu_count(), "load_avg": round(os.getloadavg()[0], 2)}
 
 
 def per_model(name: str, model: str) -> str:
