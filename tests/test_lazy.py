@@ -126,3 +126,17 @@ def test_a_checkpoint_that_does_not_match_its_config_is_one_error_line(sharded, 
     assert main(["eval", str(d), "--text", str(text), "--ctx", "16", "--windows", "1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and key in err[-1] and not any("Traceback" in line for line in err)
+
+
+def test_peak_estimate_counts_one_layer_from_disk_for_eval(sharded, monkeypatch):
+    from sizewise.memory import peak_memory
+
+    src, eager = _load(sharded, monkeypatch, True), _load(sharded, monkeypatch, False)
+    layers = discover(eager.model).layers
+    layer_bytes = sum(p.numel() * p.element_size() for p in layers[0].parameters())
+    got, want = peak_memory(src.model, task="eval", ctx=64), peak_memory(eager.model, task="eval", ctx=64)
+    assert want.total - got.total == (len(layers) - 1) * layer_bytes
+    assert got.parts["layer read from disk"] == layer_bytes
+    # compressing keeps the solved layers: the same peak as the eager model's, plus one layer read
+    got, want = peak_memory(src.model, task="compress"), peak_memory(eager.model, task="compress")
+    assert got.total - want.total == layer_bytes

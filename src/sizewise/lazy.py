@@ -19,6 +19,7 @@ Memory-mapped pages count in RSS while mapped, so a file is opened only while a 
 
 from __future__ import annotations
 
+import logging
 import os
 import weakref
 from contextlib import contextmanager
@@ -259,8 +260,14 @@ def load(directory: Path, config, dtype: torch.dtype) -> nn.Module:
                   and (m._parameters or m._buffers)}
     device_map[path] = "disk"
     del skeleton
-    model = AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=False, dtype=dtype,
-                                                 use_safetensors=True, device_map=device_map)
+    quiet = logging.getLogger("accelerate.big_modeling")      # "some parameters are on the meta device": by design
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=False, dtype=dtype,
+                                                     use_safetensors=True, device_map=device_map)
+    finally:
+        quiet.setLevel(level)
     remove_hook_from_submodules(model)              # accelerate's offload hooks: replaced by ours
     if hasattr(model, "hf_device_map"):
         del model.hf_device_map
