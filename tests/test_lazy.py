@@ -140,3 +140,14 @@ def test_peak_estimate_counts_one_layer_from_disk_for_eval(sharded, monkeypatch)
     # compressing keeps the solved layers: the same peak as the eager model's, plus one layer read
     got, want = peak_memory(src.model, task="compress"), peak_memory(eager.model, task="compress")
     assert got.total - want.total == layer_bytes
+
+
+@pytest.mark.parametrize("family", list(__import__("tiny").CONFIGS))
+def test_every_family_loads_lazily_with_the_eager_logits(tiny_dirs, monkeypatch, family):
+    src, eager = _load(tiny_dirs[family], monkeypatch, True), _load(tiny_dirs[family], monkeypatch, False)
+    layers = discover(src.model).layers
+    assert lazy.is_lazy(src.model) and _resident_layers(layers) == []
+    x = torch.randint(3, 300, (1, 12))
+    with torch.no_grad():
+        assert torch.equal(src.model(x, use_cache=False).logits, eager.model(x, use_cache=False).logits)
+    assert _resident_layers(layers) == []

@@ -3,9 +3,9 @@
 Every source ends as (model on CPU, tokenizer, provenance). A Hugging Face directory's model keeps
 its weights' storage dtype (bf16/fp16 as stored; transformers memory-maps safetensors whose dtype it
 keeps), so the whole model never exists in float32: the engine and the evaluator bring one decoder
-layer at a time to float32 (`precision`). A model whose float32 copy would not fit comfortably keeps its
-decoder layers on disk until each runs (`lazy`; SIZEWISE_LAZY=0/1 decides). Weights load from safetensors only unless the caller
-explicitly allows pickle; remote code is never run.
+layer at a time to float32 (`precision`). A model whose float32 copy would not fit comfortably keeps
+its decoder layers on disk until each runs (`lazy`; SIZEWISE_LAZY=0/1 decides). Weights load from
+safetensors only unless the caller explicitly allows pickle; remote code is never run.
 """
 
 from __future__ import annotations
