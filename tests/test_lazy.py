@@ -151,3 +151,13 @@ def test_every_family_loads_lazily_with_the_eager_logits(tiny_dirs, monkeypatch,
     with torch.no_grad():
         assert torch.equal(src.model(x, use_cache=False).logits, eager.model(x, use_cache=False).logits)
     assert _resident_layers(layers) == []
+
+
+def test_a_layer_the_plan_leaves_float_is_read_again_for_the_artifact(sharded, monkeypatch, tmp_path):
+    cfg = CompressConfig("rtn", QuantFormat(4, 32), skip=("*.layers.1.*",), float_dtype="bfloat16")
+    src = _load(sharded, monkeypatch, True)
+    sizewise.compress(src, cfg, tmp_path / "lazy", progress=False)
+    sizewise.compress(_load(sharded, monkeypatch, False), cfg, tmp_path / "eager", progress=False)
+    a, b = (artifact.load_weights(tmp_path / d) for d in ("lazy", "eager"))
+    assert a.keys() == b.keys() and any(".layers.1." in k for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)
