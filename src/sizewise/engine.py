@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from .arch import Architecture, LinearRef
 from .defaults import HEAD_SAMPLES
 from .errors import SizewiseError
+from .lazy import held
 from .observers import DEFAULT_OBSERVERS, LinearStats, Observer
 from .precision import float32_execution, weights_in
 
@@ -111,8 +112,8 @@ def _run_with_capture(model, layers, samples: torch.Tensor, buffer: ActivationBu
         buffer.data[start:start + b] = h.detach().float().cpu()
         raise _Stop
 
-    # registered before float32_execution's hooks: layer 0 stops the pass before it is converted
-    handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+    # first of layer 0's hooks: the pass stops before the layer is read from disk (`lazy`) or converted
+    handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True, prepend=True)
     try:
         with float32_execution(model, layers):
             for start in range(0, samples.shape[0], batch):
@@ -134,7 +135,8 @@ def _run_with_capture(model, layers, samples: torch.Tensor, buffer: ActivationBu
                     raise _Stop
             return hook
 
-        handles = [layers[i].register_forward_pre_hook(other(i), with_kwargs=True) for i in firsts.values()]
+        handles = [layers[i].register_forward_pre_hook(other(i), with_kwargs=True, prepend=True)
+                   for i in firsts.values()]
         try:
             with float32_execution(model, layers):
                 for b in sorted(extra[kinds[0]]):
@@ -229,7 +231,8 @@ def _resume(checkpoint: LayerCheckpoint | None, arch: Architecture, buffer: Acti
         return 0
     checkpoint.announce()
     for i in range(checkpoint.done):
-        checkpoint.restore(i, arch.layers[i], arch.linears[i])
+        with held(arch.layers[i]):              # restored weights keep the layer resident
+            checkpoint.restore(i, arch.layers[i], arch.linears[i])
     if buffer is not None and checkpoint.done < len(arch.layers):
         checkpoint.activations(buffer.data)
     return checkpoint.done
@@ -261,10 +264,11 @@ def run(model, arch: Architecture, solve: Solver, samples: torch.Tensor | None, 
         done = _resume(checkpoint, arch, None)
         for i, refs in enumerate(arch.linears):
             if i >= done:
-                for ref in refs:
-                    ref.set_weight(solve(ref, ref.weight(), None if stats is None else stats[ref.name]))
-                if checkpoint is not None:
-                    checkpoint.save_layer(i, arch.layers[i], refs, None)
+                with held(arch.layers[i]):      # read from disk if lazy; stays resident once changed
+                    for ref in refs:
+                        ref.set_weight(solve(ref, ref.weight(), None if stats is None else stats[ref.name]))
+                    if checkpoint is not None:
+                        checkpoint.save_layer(i, arch.layers[i], refs, None)
             bar.update()
         bar.close()
         return {"engine_s": time.perf_counter() - t0, "activation_bytes": 0}
@@ -280,10 +284,11 @@ def run(model, arch: Architecture, solve: Solver, samples: torch.Tensor | None, 
         done = _resume(checkpoint, arch, buffer)
         for i, layer in enumerate(arch.layers):
             if i >= done:
-                _process_layer(i, layer, arch.linears[i], solve, transform, buffer, batch, extras[i], device,
-                               compute_dtype, observers)
-                if checkpoint is not None:
-                    checkpoint.save_layer(i, layer, arch.linears[i], buffer.data)
+                with held(layer):               # read from disk if lazy; stays resident once changed
+                    _process_layer(i, layer, arch.linears[i], solve, transform, buffer, batch, extras[i], device,
+                                   compute_dtype, observers)
+                    if checkpoint is not None:
+                        checkpoint.save_layer(i, layer, arch.linears[i], buffer.data)
             bar.update()
     bar.close()
     return {"engine_s": time.perf_counter() - t0,
@@ -366,7 +371,7 @@ def capture_final_hidden(model, arch: Architecture, samples: torch.Tensor, batch
     with torch.no_grad():
         extras = _run_with_capture(model, arch.layers, samples, buffer, batch)
         for layer, extra in zip(arch.layers, extras):
-            with weights_in(layer, torch.float32):
+            with held(layer), weights_in(layer, torch.float32):
                 for s in range(0, n, batch):
                     buffer.data[s:s + batch] = _layer_forward(layer, buffer.data[s:s + batch], extra)
     return buffer.data

@@ -2,7 +2,8 @@
 
 `peak_memory` is the one estimate (compress, plan, sweep, eval); `require` prints it and refuses a
 run that cannot fit in the memory available now. The terms follow what the code holds at once:
-the model in its storage dtype (memory-mapped pages count once touched), one decoder layer in
+the model in its storage dtype (memory-mapped pages count once touched; decoder layers kept on disk
+(`lazy`) only while one is read, until compression keeps the solved ones), one decoder layer in
 float32 (`precision`), the solver's statistics of that layer (GPTQ's Hessians), the calibration
 activations (`engine.ActivationBuffer`), one layer's solved weights until they are written, and for
 evaluation one window's activations and a chunk of logits (`evaluate.CHUNK_ELEMENTS`).
@@ -20,6 +21,7 @@ import torch
 from .arch import discover
 from .errors import SizewiseError
 from .evaluate import CHUNK_ELEMENTS
+from .lazy import disk_bytes
 from .precision import HEAD_BLOCK_ELEMENTS
 
 OVERRIDE_ENV = "SIZEWISE_IGNORE_MEMORY"     # "1": warn instead of refusing
@@ -76,8 +78,13 @@ def peak_memory(model, *, task: str, calibrated: bool = False, samples: int = 0,
                 total += t.numel() * t.element_size()
         return total
 
-    parts = {"model (storage dtype)": stored(model)}
+    on_disk = disk_bytes(model)             # decoder layers left on disk until they run (`lazy`)
+    parts = {"model (storage dtype)": stored(model) - on_disk}
+    if on_disk:
+        parts["layer read from disk"] = stored(layer)
     if task in ("compress", "plan"):
+        # solved layers stay resident in the model (the result holds them)
+        parts["layers kept after solving"] = on_disk
         # one decoder layer's solved weights, kept until the layer is finished and written (`api.compression.
         # LayerOutput`): uint8 codes + scales (~1.1 B/weight) and the bit-packed copy being written
         layer_linear = max(sum(ref.shape[0] * ref.shape[1] for ref in refs) for refs in arch.linears)
@@ -103,7 +110,7 @@ def peak_memory(model, *, task: str, calibrated: bool = False, samples: int = 0,
         else:
             parts["one linear in float32"] = largest_linear * 4 * 4   # its copy, groups, codes, dequantized
     elif task == "eval":
-        parts["other models"] = sum(stored(m) for m in models)
+        parts["other models"] = sum(stored(m) - disk_bytes(m) for m in models)
         n = 1 + len(models)
         parts["layer in float32"] = layer_params * 4
         parts["window activations"] = n * ctx * (3 * inter + 6 * hidden) * 4 + heads * ctx * ctx * 4

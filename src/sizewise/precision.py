@@ -119,7 +119,9 @@ def float32_execution(model: nn.Module, layers: nn.ModuleList):
         handles = []
         for layer in layers:
             handles.append(layer.register_forward_pre_hook(enter, with_kwargs=True))
-            handles.append(layer.register_forward_hook(leave, with_kwargs=True))
+            # prepend: the original tensors are back before a lazy layer (`lazy`) checks them and
+            # puts them back on disk
+            handles.append(layer.register_forward_hook(leave, with_kwargs=True, prepend=True))
         if isinstance(emb, nn.Embedding) and emb.weight.dtype != torch.float32:
             pre, post, restore = _embedding_rows(emb)
             outer.callback(restore)

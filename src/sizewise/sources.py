@@ -3,8 +3,9 @@
 Every source ends as (model on CPU, tokenizer, provenance). A Hugging Face directory's model keeps
 its weights' storage dtype (bf16/fp16 as stored; transformers memory-maps safetensors whose dtype it
 keeps), so the whole model never exists in float32: the engine and the evaluator bring one decoder
-layer at a time to float32 (`precision`). Weights load from safetensors only unless the caller
-explicitly allows pickle; remote code is never run.
+layer at a time to float32 (`precision`). A model whose float32 copy would not fit comfortably keeps
+its decoder layers on disk until each runs (`lazy`; SIZEWISE_LAZY=0/1 decides). Weights load from
+safetensors only unless the caller explicitly allows pickle; remote code is never run.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
-from . import artifact, builtins, locate
+from . import artifact, builtins, lazy, locate
 from .data import files_sha256
 from .errors import SizewiseError
 from .filecheck import check_safetensors
@@ -69,8 +70,13 @@ def _load_hf(directory: Path, allow_pickle: bool):
         raise SizewiseError(f"cannot load a causal LM from {directory}: {e}") from None
     try:
         config = AutoConfig.from_pretrained(directory, trust_remote_code=False)
-        model = AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=False,
-                                                     dtype=_storage_dtype(config), use_safetensors=has_safetensors or None)
+        dtype = _storage_dtype(config)
+        stored = sum(f.stat().st_size for f in directory.glob("*.safetensors"))
+        if has_safetensors and lazy.wanted(directory, stored * 4 // dtype.itemsize):
+            model = lazy.load(directory, config, dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=False, dtype=dtype,
+                                                         use_safetensors=has_safetensors or None)
         tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=False)
     except pickle.UnpicklingError:     # torch.load(weights_only=True) met a pickle that is more than tensors
         raise SizewiseError(f"{directory}: weights-only loading refused its pickled weights (they hold more than "

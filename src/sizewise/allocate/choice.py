@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from ..arch import Architecture
 from ..errors import SizewiseError
+from ..lazy import materialize_all
 from ..plan import Plan
 from ..quant import methods
 from ..quant.formats import DTYPE_BITS, TORCH_DTYPES, FloatFormat
@@ -191,6 +192,7 @@ def measure_plans(model, arch: Architecture, allocs: list[Allocation], samples: 
     from ..runtime.llamacpp import rounded_inputs
 
     cache = SolvedCache() if cache is None else cache
+    materialize_all(model)          # a plan's weights are put in every layer at once
     refs = {r.weight_name: r for r in arch.all_linears()}
     params = dict(model.named_parameters())
     originals = {n: r.weight() for n, r in refs.items()} | {n: params[n].detach().clone() for n in arch.tables}

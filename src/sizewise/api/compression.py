@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .. import artifact, data, engine, memory
+from .. import artifact, data, engine, lazy, memory
 from ..arch import discover
 from ..checkpoint import LayerCheckpoint, versions
 from ..data import tensor_sha256
@@ -89,7 +89,7 @@ def compress(model: str | Path | Source, config: CompressConfig | None = None, o
     src = _source(model, allow_pickle)
     m, arch = src.model, discover(src.model)
     linear_names = {r.weight_name: r.transposed for r in arch.all_linears()}
-    for name, p in m.named_parameters():      # before any work: what the artifact could not store faithfully
+    for name, p in lazy.each_parameter(m):    # before any work: what the artifact could not store faithfully
         check_storable(name, p.detach(), None if name in linear_names else config.float_dtype)
     config = replace(config, calib=config.calib.resolved(next(m.parameters()).device))
     transforms = {}
@@ -100,6 +100,7 @@ def compress(model: str | Path | Source, config: CompressConfig | None = None, o
         from ..prune.structured import check, prune
 
         check(m, config.structured)                 # an impossible request fails before any work
+        lazy.materialize_all(m)                     # it reshapes layers across the whole model
         pruned = _calibration(src, config.calib, progress)
         transforms["structured"] = prune(m, pruned[0], config.structured, batch=config.calib.batch,
                                          compute_dtype=TORCH_DTYPES[config.calib.dtype], progress=progress,
@@ -108,6 +109,7 @@ def compress(model: str | Path | Source, config: CompressConfig | None = None, o
     if pipeline.rotate:
         from ..quant.rotate import rotate_model
 
+        lazy.materialize_all(m)
         if next(m.parameters()).dtype != torch.float32:    # a rotated weight rounded to bf16 would not be
             m.float()                                       # the same function: the whole model in float32
         transforms["rotate"] = rotate_model(m, arch, seed=config.calib.seed)
@@ -239,6 +241,7 @@ def _fingerprint_parts(src: Source, config: Recipe, samples: torch.Tensor | None
 def _finish(m, src, arch, config, plan, samples, stats, solved, quantized, transforms, calib_proto, pruned,
             facts, t0, writer) -> Result:
     """Token tables, float storage, manifest and artifact, after the decoder layers."""
+    lazy.materialize_all(m)         # layers the plan left unchanged: the artifact stores every weight
     # Token tables the plan quantizes: data-free, or (the head, or the embedding tied to it) calibrated
     # on the head's input: from the saved float-model statistics, else the compressed model's.
     params = dict(m.named_parameters())

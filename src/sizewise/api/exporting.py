@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from .. import artifact
+from .. import artifact, lazy
 from ..errors import SizewiseError
 from ..quant.formats import TORCH_DTYPES, check_storable
 from .compression import _source
@@ -111,6 +111,7 @@ def _export_float(model: str | Path, out: Path, float_dtype: str, tokenizer_pre:
     from ..export.gguf import write_gguf
 
     src = _source(model)
+    lazy.materialize_all(src.model)     # every weight is written at once
     dtype = TORCH_DTYPES[float_dtype]
     for name, t in src.model.state_dict().items():
         check_storable(name, t, float_dtype)

@@ -1,0 +1,275 @@
+"""Decoder layers whose weights stay on disk until the layer runs (a model larger than memory).
+
+`load` builds the model with transformers' own loader, asking it to leave the decoder stack on
+"disk": everything else (embedding, final norm, head, rotary tables, ties) is loaded and
+initialised as transformers does, and the decoder layers' parameters stay on the meta device.
+Each layer then records which safetensors file and key holds each of its parameters (checked:
+present, same shape, a float dtype) and is *materialized* (read with `safe_open`, in the
+model's storage dtype) only while it is held: inside its own forward (hooks), or inside `held`
+for code that reads or changes a layer's weights directly (the engine). On release the layer's
+parameters go back to meta, unless something changed them (a solved layer): a changed layer stays
+resident from then on and is never re-read from disk.
+
+Why not accelerate's offload hooks, which transformers attaches for a "disk" device map: they
+reload each leaf module from their own weight map at every forward and write it back to meta
+afterwards, so weights the engine assigns (solved layers, AWQ folds) would be lost, and they know
+nothing of `precision`'s float32 swap. Here the unit is one decoder layer, and changes are kept.
+Memory-mapped pages count in RSS while mapped, so a file is opened only while a layer is read.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import weakref
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from .arch import discover
+from .errors import SizewiseError
+
+ENV = "SIZEWISE_LAZY"           # "1": always lazy, "0": never; unset: lazy when float32 would not fit comfortably
+_FLOATS = {"F64", "F32", "F16", "BF16"}
+
+
+@dataclass
+class _Layer:
+    """One decoder layer's on-disk parameters and whether they are materialized now."""
+
+    module: nn.Module
+    where: dict[str, tuple[Path, str]]              # parameter name inside the layer -> (file, key)
+    empty: dict[str, nn.Parameter] = field(default_factory=dict)    # the meta parameters, put back on release
+    loaded: dict[str, tuple[nn.Parameter, int, int]] = field(default_factory=dict)  # name -> (param, ptr, version)
+    depth: int = 0                                  # holders now (`held`, forwards)
+    running: int = 0                                # forwards entered by our pre-hook, not yet left
+    handles: list = field(default_factory=list)
+
+
+_LAYERS: "weakref.WeakKeyDictionary[nn.Module, _Layer]" = weakref.WeakKeyDictionary()
+
+
+def _owner(layer: nn.Module, name: str) -> tuple[nn.Module, str]:
+    prefix, _, leaf = name.rpartition(".")
+    return (layer.get_submodule(prefix) if prefix else layer), leaf
+
+
+def _read(rec: _Layer, names) -> dict[str, torch.Tensor]:
+    """The stored tensors of `names`, in the model's dtype; each file mapped only while it is read."""
+    by_file: dict[Path, list[str]] = {}
+    for name in names:
+        by_file.setdefault(rec.where[name][0], []).append(name)
+    out = {}
+    for file, group in by_file.items():
+        with safe_open(file, framework="pt") as f:
+            for name in group:
+                out[name] = f.get_tensor(rec.where[name][1]).to(rec.empty[name].dtype)
+    return out
+
+
+def _materialize(rec: _Layer) -> None:
+    for name, t in _read(rec, rec.where).items():
+        module, leaf = _owner(rec.module, name)
+        p = nn.Parameter(t, requires_grad=rec.empty[name].requires_grad)
+        module._parameters[leaf] = p
+        rec.loaded[name] = (p, p.data_ptr(), p._version)
+
+
+def _changed(rec: _Layer) -> bool:
+    """Whether a parameter is no longer what was read: another tensor, or written in place. An
+    in-place write (the version counter moved, e.g. an unchanged weight copied back) is compared
+    with the file."""
+    written = []
+    for name, (p, ptr, version) in rec.loaded.items():
+        module, leaf = _owner(rec.module, name)
+        now = module._parameters[leaf]
+        if now is not p or now.data_ptr() != ptr:
+            return True
+        if now._version != version:
+            written.append(name)
+    stored = _read(rec, written)
+    return any(not torch.equal(rec.loaded[name][0].data, t) for name, t in stored.items())
+
+
+def _release(rec: _Layer) -> None:
+    """Back to meta, or (if anything changed a parameter) resident for good."""
+    if _changed(rec):
+        _make_resident(rec)
+        return
+    for name in rec.loaded:
+        module, leaf = _owner(rec.module, name)
+        module._parameters[leaf] = rec.empty[name]
+    rec.loaded.clear()
+
+
+def _make_resident(rec: _Layer) -> None:
+    for h in rec.handles:
+        h.remove()
+    _LAYERS.pop(rec.module, None)
+
+
+def _enter(rec: _Layer) -> None:
+    if rec.depth == 0 and not rec.loaded:
+        _materialize(rec)
+    rec.depth += 1
+
+
+def _leave(rec: _Layer) -> None:
+    rec.depth -= 1
+    if rec.depth == 0 and rec.module in _LAYERS:
+        _release(rec)
+
+
+def _forward_enter(rec: _Layer) -> None:
+    rec.running += 1
+    _enter(rec)
+
+
+def _forward_leave(rec: _Layer) -> None:
+    """Also called when a forward fails, possibly in a hook that ran before ours (the engine stops
+    a pass in layer 0's first hook): leave only what this forward entered."""
+    if rec.running:
+        rec.running -= 1
+        _leave(rec)
+
+
+@contextmanager
+def held(layer: nn.Module):
+    """Inside the block `layer`'s parameters are real tensors (read from disk if it is lazy). Left
+    unchanged, they go back to disk on leaving; changed, the layer stays resident."""
+    rec = _LAYERS.get(layer)
+    if rec is None:
+        yield
+        return
+    _enter(rec)
+    try:
+        yield
+    finally:
+        _leave(rec)
+
+
+def is_lazy(model: nn.Module) -> bool:
+    """Whether some decoder layer of `model` still has its weights on disk."""
+    return any(rec.module in _LAYERS for rec in _records(model))
+
+
+def _records(model: nn.Module) -> list[_Layer]:
+    return [rec for m in model.modules() if (rec := _LAYERS.get(m)) is not None]
+
+
+def materialize_all(model: nn.Module) -> None:
+    """Read every lazy layer of `model` and keep it resident (what needs the whole model at once:
+    rotations, structured pruning, writing every weight)."""
+    for rec in _records(model):
+        if not rec.loaded:
+            _materialize(rec)
+        _make_resident(rec)
+
+
+def each_parameter(model: nn.Module):
+    """`model.named_parameters()` with real tensors: each lazy layer is read while its own are given."""
+    owners = {id(p): (rec, name) for rec in _records(model) for name, p in rec.empty.items()}
+    current = None
+    try:
+        for name, p in model.named_parameters():
+            rec, local = owners.get(id(p), (None, None))
+            if rec is not current:
+                if current is not None:
+                    _leave(current)
+                current = rec
+                if rec is not None:
+                    _enter(rec)
+            yield name, (p if rec is None else rec.loaded[local][0])
+    finally:
+        if current is not None:
+            _leave(current)
+
+
+def disk_bytes(model: nn.Module) -> int:
+    """Bytes of `model`'s parameters now on disk (meta) rather than in memory."""
+    return sum(p.numel() * p.element_size() for rec in _records(model) for p in rec.empty.values()
+               if not rec.loaded)
+
+
+def wanted(directory: Path, float32_bytes: int) -> bool:
+    """Whether to keep decoder layers on disk: `SIZEWISE_LAZY` if set, else when the model in float32
+    would take more than half the memory available now (re-reading layers costs little, but the
+    eager path is the one most code was measured with)."""
+    choice = os.environ.get(ENV)
+    if choice in ("0", "1"):
+        return choice == "1"
+    return float32_bytes > psutil.virtual_memory().available // 2
+
+
+def _checkpoint_index(directory: Path) -> dict[str, tuple[Path, str, list[int]]]:
+    """key -> (file, dtype, shape) over every safetensors file of `directory` (the headers only)."""
+    index: dict[str, tuple[Path, str, list[int]]] = {}
+    for file in sorted(directory.glob("*.safetensors")):
+        with safe_open(file, framework="pt") as f:
+            for key in f.keys():
+                if key in index:
+                    raise SizewiseError(f"{directory}: tensor {key} is stored twice ({index[key][0].name} and {file.name})")
+                s = f.get_slice(key)
+                index[key] = (file, s.get_dtype(), list(s.get_shape()))
+    return index
+
+
+def _attach(model: nn.Module, directory: Path) -> None:
+    """Record where each meta parameter of the decoder stack is stored, checked; add the hooks."""
+    arch = discover(model)
+    index = _checkpoint_index(directory)
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    for i, layer in enumerate(arch.layers):
+        rec = _Layer(layer, {})
+        for name, p in layer.named_parameters():
+            full = f"{arch.layers_path}.{i}.{name}"
+            keys = [full, full.removeprefix(f"{prefix}."), f"{prefix}.{full}"] if prefix else [full]
+            key = next((k for k in keys if k in index), None)
+            if key is None:
+                raise SizewiseError(f"cannot load a causal LM from {directory}: its weights lack {full}")
+            file, dtype, shape = index[key]
+            if list(p.shape) != shape:
+                raise SizewiseError(f"cannot load a causal LM from {directory}: {key} has shape {shape}, "
+                                    f"the config implies {list(p.shape)}")
+            if dtype not in _FLOATS:
+                raise SizewiseError(f"cannot load a causal LM from {directory}: {key} is {dtype}, not a float dtype")
+            if p.device.type != "meta":
+                raise SizewiseError(f"cannot load a causal LM from {directory}: {full} was loaded, not left on disk")
+            rec.where[name], rec.empty[name] = (file, key), p
+        rec.handles = [layer.register_forward_pre_hook(lambda m, a, rec=rec: _forward_enter(rec)),
+                       layer.register_forward_hook(lambda m, a, o, rec=rec: _forward_leave(rec), always_call=True)]
+        _LAYERS[layer] = rec
+
+
+def load(directory: Path, config, dtype: torch.dtype) -> nn.Module:
+    """The causal LM of a HF directory with its decoder layers left on disk (see the module doc)."""
+    from accelerate.hooks import remove_hook_from_submodules
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=False, dtype=dtype)
+    path = discover(skeleton).layers_path
+    # every tensor outside the decoder stack on the CPU, the stack on "disk" (left unread)
+    device_map = {name: "cpu" for name, m in skeleton.named_modules(remove_duplicate=False)
+                  if name and not (name == path or name.startswith(f"{path}."))
+                  and (m._parameters or m._buffers)}
+    device_map[path] = "disk"
+    del skeleton
+    quiet = logging.getLogger("accelerate.big_modeling")      # "some parameters are on the meta device": by design
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=False, dtype=dtype,
+                                                     use_safetensors=True, device_map=device_map)
+    finally:
+        quiet.setLevel(level)
+    remove_hook_from_submodules(model)              # accelerate's offload hooks: replaced by ours
+    if hasattr(model, "hf_device_map"):
+        del model.hf_device_map
+    _attach(model, directory)
+    return model

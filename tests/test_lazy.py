@@ -1,0 +1,163 @@
+"""Decoder layers kept on disk (`sizewise.lazy`): at most one is read at a time, and every result is
+the eagerly loaded model's, bit for bit."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import sizewise
+from sizewise import artifact, engine, lazy, sources
+from sizewise.api import CompressConfig
+from sizewise.arch import discover
+from sizewise.cli import main
+from sizewise.errors import SizewiseError
+from sizewise.quant.uniform import QuantFormat
+from sizewise.recipe import CalibConfig
+from tiny import SAMPLE_TEXT, tiny_model, tiny_tokenizer
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])      # tied head; untied head and biases
+def sharded(request, tmp_path_factory):
+    d = tmp_path_factory.mktemp("lazy") / request.param
+    tiny_model(request.param, 3).to(torch.bfloat16).save_pretrained(d, max_shard_size="40KB")
+    tiny_tokenizer().save_pretrained(d)
+    assert len(list(d.glob("*.safetensors"))) > 3
+    return d
+
+
+def _load(d, monkeypatch, on_disk: bool):
+    monkeypatch.setenv(lazy.ENV, "1" if on_disk else "0")
+    return sources.load(d)
+
+
+def _resident_layers(layers) -> list[int]:
+    return [i for i, layer in enumerate(layers) if not any(p.is_meta for p in layer.parameters())]
+
+
+def _watch(layers):
+    """Per linear forward: (layer running, layers whose weights are in memory then)."""
+    seen = []
+    hooks = [m.register_forward_pre_hook(lambda *a, i=i: seen.append((i, _resident_layers(layers))))
+             for i, layer in enumerate(layers) for m in layer.modules() if isinstance(m, torch.nn.Linear)]
+    return seen, hooks
+
+
+def test_forward_and_eval_read_one_layer_at_a_time_and_equal_the_eager_model(sharded, monkeypatch, tmp_path):
+    src, eager = _load(sharded, monkeypatch, True), _load(sharded, monkeypatch, False)
+    layers = discover(src.model).layers
+    assert lazy.is_lazy(src.model) and not lazy.is_lazy(eager.model)
+    assert _resident_layers(layers) == [] and src.info["parameters"] == eager.info["parameters"]
+    seen, hooks = _watch(layers)
+    x = torch.randint(0, 300, (2, 24))
+    with torch.no_grad():
+        assert torch.equal(src.model(x).logits, eager.model(x).logits)
+    text = tmp_path / "t.txt"
+    text.write_text(SAMPLE_TEXT * 4)
+    got = sizewise.evaluate(src, text, ctx=32, windows=3, progress=False)
+    want = sizewise.evaluate(eager, text, ctx=32, windows=3, progress=False)
+    for h in hooks:
+        h.remove()
+    assert got["perplexity"] == want["perplexity"] and got["per_window"] == want["per_window"]
+    assert seen and {i for i, _ in seen} == set(range(len(layers)))
+    assert all(resident == [i] for i, resident in seen)             # only the running layer
+    assert _resident_layers(layers) == [] and lazy.is_lazy(src.model)
+
+
+def test_statistics_leave_every_layer_on_disk(sharded, monkeypatch):
+    src = _load(sharded, monkeypatch, True)
+    arch = discover(src.model)
+    samples = torch.randint(0, 300, (4, 16))
+    stats, _ = engine.statistics(src.model, arch, samples, batch=2, progress=False)
+    eager = _load(sharded, monkeypatch, False)
+    want, _ = engine.statistics(eager.model, discover(eager.model), samples, batch=2, progress=False)
+    assert stats.keys() == want.keys() and all(torch.equal(stats[k].xtx, want[k].xtx) for k in want)
+    assert _resident_layers(arch.layers) == []     # unchanged weights go back to disk
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq", "awq+gptq"])
+def test_compress_is_bit_identical_and_solved_layers_stay(sharded, monkeypatch, tmp_path, method):
+    text = tmp_path / "calib.txt"
+    text.write_text(SAMPLE_TEXT)
+    cfg = CompressConfig(method, QuantFormat(4, 32), calib=CalibConfig(str(text), samples=4, length=32,
+                                                                       dtype="float32"))
+    src = _load(sharded, monkeypatch, True)
+    layers = discover(src.model).layers
+    seen, hooks = _watch(layers)
+    res = sizewise.compress(src, cfg, tmp_path / "lazy", progress=False)
+    for h in hooks:
+        h.remove()
+    sizewise.compress(_load(sharded, monkeypatch, False), cfg, tmp_path / "eager", progress=False)
+    a, b = (load_file(str(tmp_path / d / artifact.PACKED)) for d in ("lazy", "eager"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    if method != "rtn":                     # calibration passes: no layer ahead of the running one is read
+        assert seen and all(max(resident, default=-1) <= i for i, resident in seen)
+    assert _resident_layers(layers) == list(range(len(layers)))      # solved weights kept, not re-read
+    assert not lazy.is_lazy(res.model)
+
+
+def _rewrite_shard(d, key, change):
+    """Apply `change(tensors)` to the shard holding `key`, and its index entry."""
+    index = json.loads((d / "model.safetensors.index.json").read_text())
+    shard = d / index["weight_map"][key]
+    tensors = load_file(str(shard))
+    change(tensors)
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("fault", ["missing", "shape", "dtype"])
+def test_a_checkpoint_that_does_not_match_its_config_is_one_error_line(sharded, tmp_path, monkeypatch, capsys, fault):
+    import shutil
+
+    d = tmp_path / "m"
+    shutil.copytree(sharded, d)
+    key = "model.layers.1.mlp.up_proj.weight"
+    changes = {"missing": lambda t: t.pop(key),
+               "shape": lambda t: t.__setitem__(key, t[key][:-1].clone()),
+               "dtype": lambda t: t.__setitem__(key, t[key].to(torch.int8))}
+    _rewrite_shard(d, key, changes[fault])
+    monkeypatch.setenv(lazy.ENV, "1")
+    with pytest.raises(SizewiseError) as e:
+        sources.load(d)
+    assert "\n" not in str(e.value) and key in str(e.value)
+    text = tmp_path / "t.txt"
+    text.write_text(SAMPLE_TEXT)
+    assert main(["eval", str(d), "--text", str(text), "--ctx", "16", "--windows", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and key in err[-1] and not any("Traceback" in line for line in err)
+
+
+def test_peak_estimate_counts_one_layer_from_disk_for_eval(sharded, monkeypatch):
+    from sizewise.memory import peak_memory
+
+    src, eager = _load(sharded, monkeypatch, True), _load(sharded, monkeypatch, False)
+    layers = discover(eager.model).layers
+    layer_bytes = sum(p.numel() * p.element_size() for p in layers[0].parameters())
+    got, want = peak_memory(src.model, task="eval", ctx=64), peak_memory(eager.model, task="eval", ctx=64)
+    assert want.total - got.total == (len(layers) - 1) * layer_bytes
+    assert got.parts["layer read from disk"] == layer_bytes
+    # compressing keeps the solved layers: the same peak as the eager model's, plus one layer read
+    got, want = peak_memory(src.model, task="compress"), peak_memory(eager.model, task="compress")
+    assert got.total - want.total == layer_bytes
+
+
+@pytest.mark.parametrize("family", list(__import__("tiny").CONFIGS))
+def test_every_family_loads_lazily_with_the_eager_logits(tiny_dirs, monkeypatch, family):
+    src, eager = _load(tiny_dirs[family], monkeypatch, True), _load(tiny_dirs[family], monkeypatch, False)
+    layers = discover(src.model).layers
+    assert lazy.is_lazy(src.model) and _resident_layers(layers) == []
+    x = torch.randint(3, 300, (1, 12))
+    with torch.no_grad():
+        assert torch.equal(src.model(x, use_cache=False).logits, eager.model(x, use_cache=False).logits)
+    assert _resident_layers(layers) == []
+
+
+def test_a_layer_the_plan_leaves_float_is_read_again_for_the_artifact(sharded, monkeypatch, tmp_path):
+    cfg = CompressConfig("rtn", QuantFormat(4, 32), skip=("*.layers.1.*",), float_dtype="bfloat16")
+    src = _load(sharded, monkeypatch, True)
+    sizewise.compress(src, cfg, tmp_path / "lazy", progress=False)
+    sizewise.compress(_load(sharded, monkeypatch, False), cfg, tmp_path / "eager", progress=False)
+    a, b = (artifact.load_weights(tmp_path / d) for d in ("lazy", "eager"))
+    assert a.keys() == b.keys() and any(".layers.1." in k for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)
