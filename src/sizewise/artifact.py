@@ -87,7 +87,8 @@ def unique_state(model) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     seen: dict[int, str] = {}
     state, aliases = {}, {}
     for name, t in model.state_dict(keep_vars=False).items():
-        key = t.data_ptr() if t.numel() else id(t)
+        # a decoder layer kept on disk (`lazy`) has meta tensors (data_ptr 0): never tied, each its own
+        key = t.data_ptr() if t.numel() and not t.is_meta else id(t)
         if key in seen:
             aliases[name] = seen[key]
         else:
