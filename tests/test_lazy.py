@@ -161,3 +161,35 @@ def test_a_layer_the_plan_leaves_float_is_read_again_for_the_artifact(sharded, m
     a, b = (artifact.load_weights(tmp_path / d) for d in ("lazy", "eager"))
     assert a.keys() == b.keys() and any(".layers.1." in k for k in a)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _linears_in_memory(layers) -> list[int]:
+    """Per layer, how many of its linear weights are real tensors (not meta)."""
+    return [sum(not m.weight.is_meta for m in layer.modules() if isinstance(m, torch.nn.Linear)) for layer in layers]
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_written_layers_leave_the_model_when_it_is_not_kept(sharded, monkeypatch, tmp_path, method):
+    """keep_model=False (what the CLI asks): a layer's linears leave memory once written, so a model read
+    from disk layer by layer never accumulates; the artifact is the same bytes, Result.model is None."""
+    text = tmp_path / "calib.txt"
+    text.write_text(SAMPLE_TEXT)
+    cfg = CompressConfig(method, QuantFormat(4, 32), calib=CalibConfig(str(text), samples=4, length=32,
+                                                                       dtype="float32"))
+    src = _load(sharded, monkeypatch, True)
+    layers = discover(src.model).layers
+    counts = []
+    put = artifact.ArtifactWriter.put
+    monkeypatch.setattr(artifact.ArtifactWriter, "put",
+                        lambda self, name, qt: (counts.append(_linears_in_memory(layers)), put(self, name, qt))[1])
+    res = sizewise.compress(src, cfg, tmp_path / "dropped", progress=False, keep_model=False)
+    monkeypatch.undo()
+    assert res.model is None
+    # a tiny decoder layer has 7 linears: never more than one layer's in memory (the one being written)
+    assert counts and max(sum(c) for c in counts) <= 7
+    assert _linears_in_memory(layers) == [0] * len(layers)
+    sizewise.compress(_load(sharded, monkeypatch, False), cfg, tmp_path / "kept", progress=False)
+    a, b = (load_file(str(tmp_path / d / artifact.PACKED)) for d in ("dropped", "kept"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((tmp_path / "dropped" / artifact.MANIFEST).read_text())["totals"] == \
+        json.loads((tmp_path / "kept" / artifact.MANIFEST).read_text())["totals"]

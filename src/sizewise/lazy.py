@@ -190,6 +190,13 @@ def each_parameter(model: nn.Module):
             _leave(current)
 
 
+def drop_weight(module: nn.Module) -> None:
+    """Replace `module.weight` (a linear whose stored form is already written) by a meta tensor of the
+    same shape and dtype: its memory goes, and a layer holding it counts as changed (never re-read)."""
+    w = module.weight
+    module.weight = nn.Parameter(torch.empty(w.shape, dtype=w.dtype, device="meta"), requires_grad=False)
+
+
 def disk_bytes(model: nn.Module) -> int:
     """Bytes of `model`'s parameters now on disk (meta) rather than in memory."""
     return sum(p.numel() * p.element_size() for rec in _records(model) for p in rec.empty.values()

@@ -50,7 +50,7 @@ def _text_config(model):
 
 def peak_memory(model, *, task: str, calibrated: bool = False, samples: int = 0, length: int = 0,
                 batch: int = 8, ctx: int = 0, models: tuple = (), quantized_fraction: float = 1.0,
-                kept_statistics: bool = False, export_gguf: bool = False) -> Peak:
+                kept_statistics: bool = False, export_gguf: bool = False, keep_model: bool = True) -> Peak:
     """Estimated peak resident bytes of `task` ("compress", "plan", "eval") on `model` (loaded, or
     built on the meta device: only shapes and dtypes are read).
 
@@ -83,8 +83,10 @@ def peak_memory(model, *, task: str, calibrated: bool = False, samples: int = 0,
     if on_disk:
         parts["layer read from disk"] = stored(layer)
     if task in ("compress", "plan"):
-        # solved layers stay resident in the model (the result holds them)
-        parts["layers kept after solving"] = on_disk
+        # solved layers stay resident in the model when the result holds it (else their linears leave once
+        # written: `compress(keep_model=False)`; the norms that stay are small)
+        if keep_model:
+            parts["layers kept after solving"] = on_disk
         # one decoder layer's solved weights, kept until the layer is finished and written (`api.compression.
         # LayerOutput`): uint8 codes + scales (~1.1 B/weight) and the bit-packed copy being written
         layer_linear = max(sum(ref.shape[0] * ref.shape[1] for ref in refs) for refs in arch.linears)

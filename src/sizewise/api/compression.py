@@ -32,7 +32,7 @@ CompressConfig = Recipe
 
 @dataclass
 class Result:
-    model: torch.nn.Module
+    model: torch.nn.Module | None    # None when the run did not keep it (`compress(keep_model=False)`)
     tokenizer: object
     manifest: dict
     exported: dict | None = None     # a GGUF written as well: {"path", "bytes", "tensor_types"}
@@ -61,7 +61,7 @@ def _calibration(src: Source, calib: CalibConfig, progress: bool) -> tuple[torch
 def compress(model: str | Path | Source, config: CompressConfig | None = None, out: str | Path | None = None, *,
              overwrite: bool = False, progress: bool = True, allow_pickle: bool = False,
              stats: dict | None = None, solved: dict | None = None, checkpoint: str | Path | None = None,
-             restart: bool = False) -> Result:
+             restart: bool = False, keep_model: bool = True) -> Result:
     """Compress every decoder linear per the plan (or the uniform method/format); write `out` if given.
 
     `stats` (linear name -> `engine.LinearStats` of the float model on `config.calib`, as a
@@ -74,6 +74,9 @@ def compress(model: str | Path | Source, config: CompressConfig | None = None, o
     `checkpoint` (a directory, `checkpoint.location(out)` for the CLI): each finished decoder layer is
     kept there, and a run stopped before writing `out` resumes from it (bit-identical to one that was
     not stopped); one made by another run is refused unless `restart` discards it. Removed on success.
+    `keep_model=False` (with `out`): each decoder linear leaves the model once its layer is written, so
+    that neither the source nor the compressed weights accumulate (a model larger than memory, read
+    layer by layer from disk); `Result.model` is then None: load `out` to use the result.
     """
     config = config or CompressConfig()
     if out is not None:
@@ -142,7 +145,7 @@ def compress(model: str | Path | Source, config: CompressConfig | None = None, o
     memory.require(memory.peak_memory(m, task="compress", calibrated=samples is not None,
                                       samples=0 if c.offload else c.samples, length=c.length, batch=c.batch,
                                       quantized_fraction=quantized_share, kept_statistics=stats is not None,
-                                      export_gguf=config.output == "gguf"))
+                                      export_gguf=config.output == "gguf", keep_model=keep_model or out is None))
     quantized, notes = {}, {}
 
     def solve(ref, w, stats):
@@ -185,11 +188,12 @@ def compress(model: str | Path | Source, config: CompressConfig | None = None, o
         facts = engine.run(m, arch, solve, samples, batch=config.calib.batch,
                            offload=Path(config.calib.offload) if config.calib.offload else None,
                            progress=progress, compute_dtype=TORCH_DTYPES[config.calib.dtype], transform=layer_transform,
-                           stats=stats, observers=observers_for(observed), checkpoint=LayerOutput(kept, quantized, writer))
+                           stats=stats, observers=observers_for(observed), checkpoint=LayerOutput(kept, quantized, writer,
+                                                                      drop=not keep_model and writer is not None))
         if pipeline.awq:
             transforms["awq"] = [notes[i]["awq"] for i in sorted(notes)]
         return _finish(m, src, arch, config, plan, samples, stats, solved, quantized, transforms, calib_proto,
-                       pruned, facts, t0, writer)
+                       pruned, facts, t0, writer, keep_model)
 
 
 class LayerOutput:
@@ -199,8 +203,8 @@ class LayerOutput:
     held. A stopped run's output is a staging area that goes with it; a resumed run writes the layers
     it restores again, so its output is the same bytes."""
 
-    def __init__(self, checkpoint: LayerCheckpoint | None, quantized: dict, writer):
-        self.checkpoint, self.quantized, self.writer = checkpoint, quantized, writer
+    def __init__(self, checkpoint: LayerCheckpoint | None, quantized: dict, writer, drop: bool = False):
+        self.checkpoint, self.quantized, self.writer, self.drop = checkpoint, quantized, writer, drop
 
     @property
     def done(self) -> int:
@@ -226,6 +230,8 @@ class LayerOutput:
             qt = self.quantized.pop(ref.weight_name, None)
             if qt is not None and self.writer is not None:
                 self.writer.put(ref.weight_name, qt)
+                if self.drop:       # written: the model need not hold it (`compress(keep_model=False)`)
+                    lazy.drop_weight(ref.module)
 
 
 def _fingerprint_parts(src: Source, config: Recipe, samples: torch.Tensor | None) -> dict:
@@ -239,7 +245,7 @@ def _fingerprint_parts(src: Source, config: Recipe, samples: torch.Tensor | None
 
 
 def _finish(m, src, arch, config, plan, samples, stats, solved, quantized, transforms, calib_proto, pruned,
-            facts, t0, writer) -> Result:
+            facts, t0, writer, keep_model: bool = True) -> Result:
     """Token tables, float storage, manifest and artifact, after the decoder layers."""
     lazy.materialize_all(m)         # layers the plan left unchanged: the artifact stores every weight
     # Token tables the plan quantizes: data-free, or (the head, or the embedding tied to it) calibrated
@@ -291,4 +297,4 @@ def _finish(m, src, arch, config, plan, samples, stats, solved, quantized, trans
     if writer is not None:
         manifest = writer.finish(model=m, tokenizer=src.tokenizer, quantized=quantized, linears=linear_names,
                                  methods={c.name: c.method for c in plan.choices}, manifest=manifest)
-    return Result(m, src.tokenizer, manifest)
+    return Result(m if keep_model or writer is None else None, src.tokenizer, manifest)

@@ -18,24 +18,25 @@ from .exporting import export
 
 def run(model: str | Path | Source, recipe: Recipe, out: str | Path, *, overwrite: bool = False,
         progress: bool = True, allow_pickle: bool = False, resume: bool = True,
-        restart: bool = False) -> tuple[Result, object | None]:
+        restart: bool = False, keep_model: bool = True) -> tuple[Result, object | None]:
     """Compress `model` as `recipe` says and write `out` (an artifact directory, or with
     `recipe.output == "gguf"` a .gguf file). Returns (Result, the allocation if a budget chose the
     plan); `Result.exported` describes a GGUF written.
 
     With `resume`, each finished decoder layer of the compression is kept in `checkpoint.location(out)`
     and a stopped run resumes from it; `restart` discards one first. With a budget, so is the
-    profiling pass, in `checkpoint.location(out, "profile")`."""
+    profiling pass, in `checkpoint.location(out, "profile")`. `keep_model=False`: the compressed model is
+    not kept in memory as it is written (`Result.model` None; budgets keep it: their plans are measured)."""
     recipe.check()
     resumable = {"checkpoint": location(out) if resume else None, "restart": restart}
     if recipe.output == "gguf":
         return _run_gguf(model, recipe, Path(out), overwrite, progress, allow_pickle, resumable,
-                         location(out, "profile") if resume else None)
+                         location(out, "profile") if resume else None, keep_model)
     if recipe.budget is not None:
         return _to_budget(model, recipe, out, overwrite=overwrite, progress=progress, allow_pickle=allow_pickle,
                           profile_checkpoint=location(out, "profile") if resume else None, **resumable)
     return compress(model, recipe, out, overwrite=overwrite, progress=progress, allow_pickle=allow_pickle,
-                    **resumable), None
+                    keep_model=keep_model, **resumable), None
 
 
 def _to_budget(model, recipe: Recipe, out, **kwargs):
@@ -50,7 +51,7 @@ def _to_budget(model, recipe: Recipe, out, **kwargs):
 
 
 def _run_gguf(model, recipe: Recipe, out: Path, overwrite: bool, progress: bool, allow_pickle: bool, resumable: dict,
-              profile_checkpoint):
+              profile_checkpoint, keep_model: bool = True):
     """The artifact is built in a temporary directory beside the output, exported, dropped."""
     if out.suffix != ".gguf":
         raise SizewiseError(f"with --format gguf, -o names the file to write (model.gguf), got {out}")
@@ -68,6 +69,7 @@ def _run_gguf(model, recipe: Recipe, out: Path, overwrite: bool, progress: bool,
             res, alloc = _to_budget(model, recipe, art, progress=progress, allow_pickle=allow_pickle, gguf=out,
                                     overwrite=overwrite, profile_checkpoint=profile_checkpoint, **resumable)
         else:
-            res, alloc = compress(model, recipe, art, progress=progress, allow_pickle=allow_pickle, **resumable), None
+            res, alloc = compress(model, recipe, art, progress=progress, allow_pickle=allow_pickle,
+                                  keep_model=keep_model, **resumable), None
             res.exported = export(art, out, format="gguf", overwrite=overwrite)
     return res, alloc

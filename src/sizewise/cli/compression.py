@@ -127,8 +127,9 @@ def compress(ctx, model, output, method, bits, sparsity, lowrank, group_size, sy
             recipe.plan = Plan.load(plan_path)
     with claimed(output, force, "file" if recipe.output == "gguf" else "dir", model, recipe.calib.text, plan_path,
                   recipe_path, recipe.calib.offload):
+        # the command uses only what was written: written layers need not stay in memory
         res, alloc = api.run(model, recipe, output, overwrite=force, progress=not quiet, allow_pickle=allow_pickle,
-                             restart=restart)
+                             restart=restart, keep_model=False)
     pruned = res.manifest["transforms"].get("structured")
     if pruned:
         b, a = pruned["before"], pruned["after"]
