@@ -65,3 +65,16 @@ def table(rows: list[dict], ref_ppl: float) -> str:
                      f"{100 * (r['perplexity'] / ref_ppl - 1):+.1f}% | {r['kl']:.4f} | {100 * r['top1_agreement']:.1f}% | "
                      f"{r['compress_wall_s']:.0f} | {r['peak_rss_mb']:.0f} |")
     return "\n".join(lines)
+
+
+def cpu_model() -> str:
+    """The CPU's model name (timings are per machine)."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
