@@ -72,6 +72,23 @@ def fresh_cache(work: Path) -> Path:
     return cache
 
 
+def truncated(model: str, layers: int, work: Path) -> str:
+    """A copy of MODEL (a built-in name or HF directory) with only its first `layers` decoder layers: the
+    costs per layer, for a quick comparison on a busy machine (its quality means nothing)."""
+    src = Path(model)
+    if not (src / "config.json").is_file():          # a built-in name: its cached download
+        src = Path(os.environ.get("SIZEWISE_CACHE") or Path.home() / ".cache" / "sizewise").expanduser() / "models" / model
+    out = work / f"first{layers}"
+    out.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.name != "config.json" and not (out / f.name).exists():
+            (out / f.name).symlink_to(f.resolve())
+    config = json.loads((src / "config.json").read_text())
+    config["num_hidden_layers"] = layers
+    (out / "config.json").write_text(json.dumps(config, indent=1))
+    return str(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
@@ -81,20 +98,24 @@ def main() -> None:
     ap.add_argument("--src", default=str(ROOT / "src"), help="the sizewise source tree to run")
     ap.add_argument("--runs", default=",".join(RUNS), help="which of " + ",".join(RUNS))
     ap.add_argument("--no-eval", action="store_true")
+    ap.add_argument("--layers", type=int, default=None,
+                    help="only the model's first N decoder layers (per-layer costs; no evaluation)")
     args = ap.parse_args()
 
     src = Path(args.src).resolve()
-    work = ROOT / "out" / "bench" / per_model(f"default_cost-{args.tag}", args.model)
+    name = per_model("default_cost", args.model) + (f"-first{args.layers}" if args.layers else "")
+    work = ROOT / "out" / "bench" / f"{name}-{args.tag}"
     work.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": str(src), "SIZEWISE_CACHE": str(fresh_cache(work))}
     sw = [sys.executable, "-m", "sizewise.cli"]
+    model = truncated(args.model, args.layers, work) if args.layers else args.model
     commit = subprocess.run(["git", "-C", str(src), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    results = {"model": args.model, "cpu": cpu_model(), "cores": os.cpu_count(), "src": str(src),
+    results = {"model": args.model, "layers": args.layers, "cpu": cpu_model(), "cores": os.cpu_count(), "src": str(src),
                "commit": commit or None, "calib": args.calib, "windows": int(args.windows), "runs": {}}
     for name in args.runs.split(","):
         out = work / name
         flags = [f.format(calib=args.calib) for f in RUNS[name]]
-        row = run(sw + ["compress", args.model, "-o", str(out), "--force", "--quiet", *flags], env)
+        row = run(sw + ["compress", model, "-o", str(out), "--force", "--quiet", *flags], env)
         row.pop("stdout")
         if row["exit"] == 0:
             manifest = json.loads((out / "manifest.json").read_text())
@@ -104,9 +125,9 @@ def main() -> None:
             if alloc:
                 row["profile_s"] = (alloc.get("profile") or {}).get("profile_s")
                 row["measure_s"] = ((alloc.get("profile") or {}).get("measure") or {}).get("measure_s")
-            if not args.no_eval:
+            if not args.no_eval and not args.layers:
                 ev = run(sw + ["eval", str(out), "--text", "wikitext2-test", "--windows", args.windows,
-                               "--against", args.model, "--json", "--quiet"], env)
+                               "--against", model, "--json", "--quiet"], env)
                 if ev["exit"] == 0:
                     r = json.loads(ev["stdout"])
                     row["eval"] = {k: r.get(k) for k in ("perplexity", "kl", "top1_agreement")}
@@ -114,12 +135,12 @@ def main() -> None:
                 else:
                     row["eval_error"] = ev.get("error")
         results["runs"][name] = row
-        save(per_model("default_cost", args.model) + f"-{args.tag}", results)
+        save(f"{name}-{args.tag}", results)
     runs = results["runs"]
     if "uniform" in runs and "budget" in runs and runs["uniform"]["exit"] == 0 and runs["budget"]["exit"] == 0:
         results["budget_over_uniform_cpu"] = round(runs["budget"]["cpu_s"] / runs["uniform"]["cpu_s"], 2)
         results["budget_over_uniform_wall"] = round(runs["budget"]["wall_s"] / runs["uniform"]["wall_s"], 2)
-        save(per_model("default_cost", args.model) + f"-{args.tag}", results)
+        save(f"{name}-{args.tag}", results)
     print(json.dumps({k: v for k, v in results.items() if k != "runs"}, indent=1))
 
 
