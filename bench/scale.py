@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import RESULTS, SIZEWISE, save
+from common import RESULTS, SIZEWISE, cpu_model, save
 
 TOKENIZER_DIR = Path.home() / ".cache" / "sizewise" / "models" / "smollm2-135m"
 TEXT = "enwiki-sample"
@@ -160,16 +160,6 @@ def commands(run: str, model: Path, work: Path) -> list[str]:
     raise ValueError(run)
 
 
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -225,7 +215,7 @@ def main() -> None:
                 row["target_mb"] = targets[shape] / 1e6
                 row["meets_target"] = row["exit"] == 0 and row["peak_rss_mb"] <= targets[shape] / 1e6
             rows.append(row)
-            save("scale", {"benchmark": "scale", "cpu": _cpu(), "cpu_count": os.cpu_count(),
+            save("scale", {"benchmark": "scale", "cpu": cpu_model(), "cpu_count": os.cpu_count(),
                            "machine": platform.machine(), "python": platform.python_version(), "rows": rows})
         if not args.keep:
             shutil.rmtree(model)

@@ -15,6 +15,7 @@ from sizewise.arch import discover
 from sizewise.observers import LinearStats
 from sizewise.quant import methods
 from sizewise.quant.gptq import gptq, hessian_factor
+from sizewise.quant.grid import decode, encode, fit, grouped, round_trip
 from sizewise.quant.gptq_stack import gptq_stacked, stackable
 from sizewise.quant.lowrank import LowRankFormat
 from sizewise.quant.uniform import QuantFormat
@@ -86,7 +87,7 @@ def test_profile_costs_are_those_of_one_candidate_at_a_time():
     error sum: the same dW, so equal up to the last bits of `float(row.sum())` (rel 1e-6)."""
     model = tiny_model("llama")
     arch = discover(model)
-    cands = A.candidate_set(("rtn", "gptq"), bits=(2, 4, 8), group_sizes=(32, None))
+    cands = A.candidate_set(("rtn", "gptq"), bits=(2, 8), group_sizes=(32, None))
     samples = torch.randint(0, model.config.vocab_size, (8, 32), generator=torch.Generator().manual_seed(0))
     prof = A.profile_model(model, arch, samples, cands, progress=False, keep_stats=True, tables=False)
     checked = 0
@@ -101,3 +102,35 @@ def test_profile_costs_are_those_of_one_candidate_at_a_time():
             assert lp.errors[i] == pytest.approx(expect, rel=1e-6, abs=1e-12)
             checked += c.method == "gptq"
     assert checked >= len(arch.all_linears()) * 3
+
+
+def test_measured_plans_hold_each_candidates_own_solve():
+    """`measure_plans` solves every plan's weights up front, each weight's candidates together; the
+    weights it measured (and hands on to `compress`) are each candidate's own solve, exactly."""
+    model = tiny_model("llama")
+    arch = discover(model)
+    cands = A.candidate_set(("rtn", "gptq"), bits=(2, 3, 4, 8), group_sizes=(32, None))
+    samples = torch.randint(0, model.config.vocab_size, (8, 32), generator=torch.Generator().manual_seed(0))
+    prof = A.profile_model(model, arch, samples, cands, progress=False, keep_stats=True, tables=False)
+    sizes = A.size_table(model, arch, cands)
+    variants = A.plan_variants(prof, sizes, "3.5bpw")
+    cache = A.SolvedCache()
+    A.measure_plans(model, arch, variants, samples[:2], stats=prof.stats, cache=cache, progress=False)
+    refs = {r.weight_name: r for r in arch.all_linears()}
+    assert {(c.name, C.Candidate(c.method, c.format)) for v in variants for c in v.plan.choices} == set(cache.weights)
+    assert any(c.method == "gptq" for _, c in cache.weights)
+    for (name, cand), solved in cache.weights.items():
+        st = prof.stats[refs[name].name]
+        own = C._solved(cand, refs[name].weight(), LinearStats(xtx=st.xtx, count=st.count), None)
+        assert torch.equal(C._dense(own), C._dense(solved))
+
+
+@pytest.mark.parametrize("fmt", [QuantFormat(3, 16), QuantFormat(4, 16, symmetric=True), QuantFormat(2, 16, zero="float16")])
+def test_round_trip_is_decode_of_encode(fmt):
+    """The clip search's error uses `grid.round_trip`: the values `decode(encode(w))` gives, clamping included."""
+    gen = torch.Generator().manual_seed(2)
+    w = torch.randn(8, 64, generator=gen)
+    scale, zero = fit(grouped(w, fmt), fmt, 0.6)                 # clipped: some weights beyond the grid
+    s, z = scale[..., None], None if zero is None else zero[..., None]
+    wg = grouped(w, fmt)
+    assert torch.equal(round_trip(wg, s, z, fmt), decode(encode(wg, s, z, fmt), s, z, fmt))
