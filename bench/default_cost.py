@@ -112,9 +112,9 @@ def main() -> None:
     commit = subprocess.run(["git", "-C", str(src), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     results = {"model": args.model, "layers": args.layers, "cpu": cpu_model(), "cores": os.cpu_count(), "src": str(src),
                "commit": commit or None, "calib": args.calib, "windows": int(args.windows), "runs": {}}
-    for name in args.runs.split(","):
-        out = work / name
-        flags = [f.format(calib=args.calib) for f in RUNS[name]]
+    for run_name in args.runs.split(","):
+        out = work / run_name
+        flags = [f.format(calib=args.calib) for f in RUNS[run_name]]
         row = run(sw + ["compress", model, "-o", str(out), "--force", "--quiet", *flags], env)
         row.pop("stdout")
         if row["exit"] == 0:
@@ -134,7 +134,7 @@ def main() -> None:
                     row["eval_cpu_s"], row["eval_wall_s"] = ev["cpu_s"], ev["wall_s"]
                 else:
                     row["eval_error"] = ev.get("error")
-        results["runs"][name] = row
+        results["runs"][run_name] = row
         save(f"{name}-{args.tag}", results)
     runs = results["runs"]
     if "uniform" in runs and "budget" in runs and runs["uniform"]["exit"] == 0 and runs["budget"]["exit"] == 0:
