@@ -84,3 +84,4 @@ def table(rows: list[dict], ref_ppl: float) -> str:
                      f"{100 * (r['perplexity'] / ref_ppl - 1):+.1f}% | {r['kl']:.4f} | {100 * r['top1_agreement']:.1f}% | "
                      f"{r['compress_wall_s']:.0f} | {r['peak_rss_mb']:.0f} |")
     return "\n".join(lines)
+

@@ -160,8 +160,6 @@ def commands(run: str, model: Path, work: Path) -> list[str]:
     raise ValueError(run)
 
 
-
-
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")

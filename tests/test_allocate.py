@@ -402,8 +402,9 @@ def test_measure_memo_reuses_weights_reference_and_plans(llama, profiled, monkey
     variants = A.plan_variants(prof, sizes, "3.5bpw")[:2]
     plain = A.measure_plans(model, arch, variants, samples[:4], progress=False)
     solved, forwards = [], []
-    real_solve, real_logp = choice._solved, choice._log_probs      # what measure_plans calls
+    real_solve, real_all, real_logp = choice._solved, choice._solved_all, choice._log_probs   # what measure_plans calls
     monkeypatch.setattr(choice, "_solved", lambda *a, **k: solved.append(1) or real_solve(*a, **k))
+    monkeypatch.setattr(choice, "_solved_all", lambda *a, **k: solved.append(1) or real_all(*a, **k))
     monkeypatch.setattr(choice, "_log_probs", lambda *a, **k: forwards.append(1) or real_logp(*a, **k))
     memo = A.SolvedCache()
     first = A.measure_plans(model, arch, variants, samples[:4], progress=False, cache=memo)

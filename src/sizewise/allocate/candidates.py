@@ -139,6 +139,21 @@ def _solved(cand: Candidate, w: torch.Tensor, stats, options: dict | None):
     return methods.solve(cand.method, w, stats, cand.format, options)
 
 
+def _solved_all(cands: list[Candidate], w: torch.Tensor, stats, options: dict | None) -> list:
+    """`_solved` of every candidate, each method solving all its formats at once (`methods.solve_many`)."""
+    out: list = [None] * len(cands)
+    by_method: dict[str, list[int]] = {}
+    for k, c in enumerate(cands):
+        if c.method == "float":
+            out[k] = _solved(c, w, stats, options)
+        else:
+            by_method.setdefault(c.method, []).append(k)
+    for m, ks in by_method.items():
+        for k, t in zip(ks, methods.solve_many(m, w, stats, [cands[k].format for k in ks], options)):
+            out[k] = t
+    return out
+
+
 def _dense(solved) -> torch.Tensor:
     return solved if isinstance(solved, torch.Tensor) else solved.dequantize()
 

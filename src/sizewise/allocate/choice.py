@@ -22,7 +22,7 @@ from ..quant import methods
 from ..quant.formats import DTYPE_BITS, TORCH_DTYPES, FloatFormat
 from .budgets import Budget, check_budget, parse_budget
 from .cache import SolvedCache
-from .candidates import Candidate, _choice, _dense, _solved
+from .candidates import Candidate, _choice, _dense, _solved, _solved_all
 from .knapsack import solve_mckp
 from .profile import Profile, _input_roundings, _log_probs
 from .sizes import ARTIFACT, SizeTable
@@ -204,6 +204,25 @@ def measure_plans(model, arch: Architecture, allocs: list[Allocation], samples: 
             with torch.no_grad():
                 params[name].copy_(w)
 
+    def stats_of(name: str, cand: Candidate):
+        # linears' statistics are keyed by module name, the head table's by its weight name
+        st = stats.get(refs[name].name if name in refs else name) if stats is not None else None
+        if st is None and cand.method != "float" and methods.get(cand.method).needs_calibration:
+            raise SizewiseError(f"measuring a {cand.method} plan needs the calibration statistics")
+        return st
+
+    # every plan's weights solved up front, each weight's candidates together (GPTQ's in one column loop)
+    todo: dict[str, list[Candidate]] = {}
+    for alloc in allocs:
+        for c in alloc.plan.choices:
+            cand = Candidate(c.method, c.format)
+            if (c.name, cand) not in cache.weights and cand not in todo.setdefault(c.name, []):
+                todo[c.name].append(cand)
+    for name, cands in todo.items():
+        st = [stats_of(name, c) for c in cands][0]         # (each candidate's need checked)
+        for cand, solved in zip(cands, _solved_all(cands, originals[name], st, options)):
+            cache.weight(name, cand, lambda: solved)
+
     key = cache.samples_key(samples)
     # whole plans: KL ≫ float32 rounding
     reference = cache.reference(key, lambda: _log_probs(model, samples, batch, torch.float32))
@@ -222,12 +241,9 @@ def measure_plans(model, arch: Architecture, allocs: list[Allocation], samples: 
             rounding = _plan_roundings(model, arch, alloc)
             for c in alloc.plan.choices:
                 cand = Candidate(c.method, c.format)
-                # linears' statistics are keyed by module name, the head table's by its weight name
-                st = stats.get(refs[c.name].name if c.name in refs else c.name) if stats is not None else None
-                if st is None and cand.method != "float" and methods.get(cand.method).needs_calibration:
-                    raise SizewiseError(f"measuring a {cand.method} plan needs the calibration statistics")
                 # kept solved (uint8 codes), not dense: 4x less memory
-                solved = cache.weight(c.name, cand, lambda: _solved(cand, originals[c.name], st, options))
+                solved = cache.weight(c.name, cand, lambda: _solved(cand, originals[c.name], stats_of(c.name, cand),
+                                                                    options))
                 put(c.name, _dense(solved))
             with rounded_inputs(rounding):
                 logp = _log_probs(model, samples, batch, torch.float32)

@@ -46,7 +46,7 @@ from ..errors import SizewiseError
 from ..observers import DEFAULT_OBSERVERS, RoundingGram
 from ..precision import float32_execution
 from ..quant.formats import TORCH_DTYPES
-from .candidates import Candidate, _data_free, _dequantized, _table_takes
+from .candidates import Candidate, _data_free, _dense, _dequantized, _solved_all, _table_takes
 
 PROFILE_VERSION = 5          # bump when the proxy's definition changes: cached profiles are then ignored (5: llama.cpp's input rounding)
 
@@ -170,12 +170,14 @@ def profile_model(model, arch: Architecture, samples: torch.Tensor, candidates: 
         rounding = {k: 0.5 * float((f * ((w @ e) * w).sum(1).clamp_min(0)).sum()) / stats.rounding_count
                     for k, e in stats.rounding.items()}
         costs, errors = [], []
+        # all at once (GPTQ's formats in one column loop), each dropped once measured
+        solved = _solved_all([c for c in candidates if c.fits(ref.shape[1])], w, stats, options)[::-1]
         for cand, kind in zip(candidates, rounds):
             if not cand.fits(ref.shape[1]):
                 costs.append(None)
                 errors.append(None)
                 continue
-            dw = _dequantized(cand, w, stats, options) - w
+            dw = _dense(solved.pop()) - w
             row = ((dw @ h) * dw).sum(1).clamp_min(0) / stats.count     # e_j, mean (Δy_j)² per token
             errors.append(float(row.sum()))
             costs.append(0.5 * float((f * row).sum()))

@@ -72,6 +72,16 @@ def decode(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, 
     return scale * q + zero
 
 
+def round_trip(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, fmt) -> torch.Tensor:
+    """`decode(encode(w, ...), ...)`, the same values, in fewer passes (no uint8 codes; for searches)."""
+    if fmt.symmetric:
+        off = 1 << (fmt.bits - 1)
+        return torch.div(w, scale).round_().add_(off).clamp_(0, fmt.qmax).sub_(off).mul_(scale)
+    if fmt.zero == "int":
+        return torch.div(w, scale).round_().add_(zero).clamp_(0, fmt.qmax).sub_(zero).mul_(scale)
+    return torch.sub(w, zero).div_(scale).round_().clamp_(0, fmt.qmax).mul_(scale).add_(zero)
+
+
 def grouped(w: torch.Tensor, fmt) -> torch.Tensor:
     """View [out, in] as [out, groups, group_len]."""
     out, inp = w.shape

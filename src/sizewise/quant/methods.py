@@ -27,6 +27,9 @@ class Method:
     # what it stores: "" any format, "float"/"quant": a sparse format whose kept values are float or on a
     # grid (pruning), "factors": low-rank factors alone
     stores: str = ""
+    # (weight, stats, [fmt], **options) -> [stored tensor, or None where it leaves that format to `solve`]:
+    # several formats of one weight at once, each equal to its own solve (`solve_many`)
+    solve_many: Callable[..., list] | None = None
 
 
 def round_to_nearest(w: torch.Tensor, fmt: Format):
@@ -54,6 +57,21 @@ def _gptq(w, stats, fmt, block_size=128, act_order=True, damp=0.01, clip_search=
         factor = stats.cache[key]
     return gptq(w, stats.xtx, fmt, block_size=block_size, act_order=act_order, damp=damp,
                 clip_search=clip_search, factor=factor)
+
+
+def _gptq_many(w, stats, fmts, block_size=128, act_order=True, damp=0.01, clip_search=True, **_):
+    from .gptq import hessian_factor
+    from .gptq_stack import gptq_stacked, stackable
+
+    key = ("gptq-factor", damp, act_order)
+    if key not in stats.cache:
+        stats.cache[key] = hessian_factor(stats.xtx, damp=damp, act_order=act_order)
+    factor = stats.cache[key]
+    ks = [k for k, f in enumerate(fmts) if stackable(f, factor)]
+    out = [None] * len(fmts)
+    for k, t in zip(ks, gptq_stacked(w, [fmts[k] for k in ks], factor, block_size=block_size, clip_search=clip_search)):
+        out[k] = t
+    return out
 
 
 def _sparsegpt(w, stats, fmt, block_size=128, damp=0.01, clip_search=True, **_):
@@ -88,7 +106,8 @@ METHODS = {m.name: m for m in [
     Method("rtn-mse", False, _rtn_mse, "round-to-nearest with an MSE-optimal clipping search per group (data-free)"),
     Method("gptq", True, _gptq, "GPTQ: second-order error compensation from calibration data, clipping range searched per group",
            # clip_search on: at 3 bits g64 on SmolLM2, 40.99 perplexity vs 51.12 from min/max grids
-           {"block_size": 128, "act_order": True, "damp": 0.01, "clip_search": True}, observes=("xtx",)),
+           {"block_size": 128, "act_order": True, "damp": 0.01, "clip_search": True}, observes=("xtx",),
+           solve_many=_gptq_many),
     Method("sparsegpt", True, _sparsegpt, "SparseGPT: prune (--sparsity 50%, 2:4, 4:8) with the OBS update on "
            "GPTQ's column loop; kept weights in float", _SPARSEGPT_OPTIONS, ("xtx",), "float"),
     Method("sparsegpt+gptq", True, _sparsegpt, "SparseGPT pruning and GPTQ rounding of the kept weights in one "
@@ -223,3 +242,12 @@ def solve(name: str, w: torch.Tensor, stats, fmt: Format, options: dict | None =
     m = get(name)
     opts = {**m.options, **(options or {})}
     return fmt.solve(lambda w2, f2: m.solve(w2, stats, f2, **opts), w, stats)
+
+
+def solve_many(name: str, w: torch.Tensor, stats, fmts: list[Format], options: dict | None = None) -> list:
+    """`solve(name, w, stats, fmt, options)` for every fmt, sharing what the method can share across
+    formats (GPTQ: one column loop for all its uniform grids, `gptq_stack`)."""
+    m = get(name)
+    opts = {**m.options, **(options or {})}
+    out = m.solve_many(w, stats, fmts, **opts) if m.solve_many is not None and fmts else [None] * len(fmts)
+    return [solve(name, w, stats, f, options) if t is None else t for f, t in zip(fmts, out)]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .grid import _TINY, _stored, decode, encode, fit, grouped
+from .grid import _TINY, _stored, encode, fit, grouped, round_trip
 
 # 1.0 first: ties keep the unclipped grid, so the search never does worse than plain min/max.
 DEFAULT_CLIP_GRID = tuple(round(1.0 - 0.05 * k, 2) for k in range(11))   # 1.0, 0.95, ..., 0.5
@@ -30,9 +30,9 @@ def _error(wg, scale, zero, fmt, wt, norm):
     """Σ wt·|w − decode(encode(w))|^norm per group, [out, groups]."""
     s = scale[..., None]
     z = None if zero is None else zero[..., None]
-    err = (decode(encode(wg, s, z, fmt), s, z, fmt) - wg).abs()
-    err = err.square() if norm == 2.0 else err.pow(norm)
-    return (err if wt is None else err * wt).sum(-1)
+    err = round_trip(wg, s, z, fmt).sub_(wg)
+    err = err.square_() if norm == 2.0 else err.abs_().pow_(norm)
+    return (err if wt is None else err.mul_(wt)).sum(-1)
 
 
 def group_error(w: torch.Tensor, fmt, clip: float | torch.Tensor = 1.0, *,
