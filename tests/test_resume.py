@@ -168,12 +168,12 @@ def test_plan_resumes_its_profiling_pass_to_the_same_plan(model_dir, tmp_path, m
                      "--calib", str(model_dir / "text.txt"), "--calib-samples", "12", "--calib-len", "32",
                      "--fisher-samples", "2", "--measure-samples", "4", "--calib-dtype", "float32", "--quiet"])
 
-    real, calls = profile._dequantized, [0]
+    real, calls = profile._solved_all, [0]
 
     def counted(*a, **k):
         calls[0] += 1
         return real(*a, **k)
-    monkeypatch.setattr(profile, "_dequantized", counted)
+    monkeypatch.setattr(profile, "_solved_all", counted)
     assert plan(tmp_path / "whole.json", "c1") == 0
     per_layer = calls[0] // LAYERS                  # the profile's candidates on one layer's linears (all alike)
 
@@ -183,12 +183,12 @@ def test_plan_resumes_its_profiling_pass_to_the_same_plan(model_dir, tmp_path, m
         calls[0] += 1
         return real(*a, **k)
     calls[0] = 0
-    monkeypatch.setattr(profile, "_dequantized", failing)
+    monkeypatch.setattr(profile, "_solved_all", failing)
     out = tmp_path / "stopped.json"
     assert plan(out, "c2") != 0 and not out.exists()
     state = json.loads((tmp_path / ".stopped.json.profile.checkpoint" / "state.json").read_text())
     assert state["done"] == 2 and "injected at layer 2" in capsys.readouterr().err
-    monkeypatch.setattr(profile, "_dequantized", real)
+    monkeypatch.setattr(profile, "_solved_all", real)
     assert plan(out, "c3") == 0
     assert "resuming at layer 3/4" in capsys.readouterr().err
     assert out.read_text() == (tmp_path / "whole.json").read_text()
@@ -206,7 +206,7 @@ def test_sweep_resumes_its_profiling_pass_to_the_same_points(model_dir, tmp_path
                      "--calib-samples", "8", "--calib-len", "32", "--fisher-samples", "2", "--measure-samples", "2",
                      "--text", str(text), "--ctx", "32", "--windows", "2", "--calib-dtype", "float32", "--quiet"])
 
-    real = profile._dequantized
+    real = profile._solved_all
 
     def failing(*a, **k):
         failing.calls += 1
@@ -214,7 +214,7 @@ def test_sweep_resumes_its_profiling_pass_to_the_same_points(model_dir, tmp_path
             raise Injected("injected in the profile")
         return real(*a, **k)
     failing.calls, failing.limit = 0, 10**9
-    monkeypatch.setattr(profile, "_dequantized", failing)
+    monkeypatch.setattr(profile, "_solved_all", failing)
     assert sweep(tmp_path / "whole", "c1") == 0
     failing.limit = 3 * failing.calls // LAYERS        # stop on layer 3's first linear (all layers alike)
     failing.calls = 0
