@@ -76,12 +76,16 @@ def test_statistics_leave_every_layer_on_disk(sharded, monkeypatch):
     assert _resident_layers(arch.layers) == []     # unchanged weights go back to disk
 
 
-@pytest.mark.parametrize("method", ["rtn", "gptq", "awq+gptq"])
-def test_compress_is_bit_identical_and_solved_layers_stay(sharded, monkeypatch, tmp_path, method):
+def _config(tmp_path, method: str) -> CompressConfig:
+    """4-bit g32 with `method`, calibrated on a few short samples of the tiny text."""
     text = tmp_path / "calib.txt"
     text.write_text(SAMPLE_TEXT)
-    cfg = CompressConfig(method, QuantFormat(4, 32), calib=CalibConfig(str(text), samples=4, length=32,
-                                                                       dtype="float32"))
+    return CompressConfig(method, QuantFormat(4, 32), calib=CalibConfig(str(text), samples=4, length=32, dtype="float32"))
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq", "awq+gptq"])
+def test_compress_is_bit_identical_and_solved_layers_stay(sharded, monkeypatch, tmp_path, method):
+    cfg = _config(tmp_path, method)
     src = _load(sharded, monkeypatch, True)
     layers = discover(src.model).layers
     seen, hooks = _watch(layers)
@@ -172,10 +176,7 @@ def _linears_in_memory(layers) -> list[int]:
 def test_written_layers_leave_the_model_when_it_is_not_kept(sharded, monkeypatch, tmp_path, method):
     """keep_model=False (what the CLI asks): a layer's linears leave memory once written, so a model read
     from disk layer by layer never accumulates; the artifact is the same bytes, Result.model is None."""
-    text = tmp_path / "calib.txt"
-    text.write_text(SAMPLE_TEXT)
-    cfg = CompressConfig(method, QuantFormat(4, 32), calib=CalibConfig(str(text), samples=4, length=32,
-                                                                       dtype="float32"))
+    cfg = _config(tmp_path, method)
     src = _load(sharded, monkeypatch, True)
     layers = discover(src.model).layers
     counts = []
