@@ -320,11 +320,30 @@ def test_weights_that_cannot_be_stored_are_refused_naming_the_tensor(value, mess
         model.model.norm.weight[3] = value
     model.save_pretrained(tmp_path / "m", safe_serialization=True)
     tiny_tokenizer().save_pretrained(tmp_path / "m")
+    capsys.readouterr()         # transformers' own progress bar while saving
     line = one_error(capsys, "compress", tmp_path / "m", "-o", tmp_path / "out", "--quiet", contains=message)
     assert "model.norm.weight" in line and not (tmp_path / "out").exists()
     if value == 1e6:        # kept in float32 when asked
         assert main(["compress", str(tmp_path / "m"), "-o", str(tmp_path / "out"), "--float-dtype", "float32",
                      "--quiet"]) == 0
+
+
+def test_storability_is_checked_slice_by_slice_to_the_last_element(monkeypatch):
+    """`check_storable` reads a tensor in slices (an 8B embedding whole would need GB of temporaries):
+    a bad value in the last, short slice is still found."""
+    import torch
+
+    from sizewise.errors import SizewiseError
+    from sizewise.quant import formats
+
+    monkeypatch.setattr(formats, "_CHECK_SLICE", 4)
+    for value, dtype, message in [(float("nan"), None, "NaN"), (1e6, "float16", "beyond float16")]:
+        t = torch.zeros(3, 5)
+        t[2, 4] = value
+        with pytest.raises(SizewiseError, match=message):
+            formats.check_storable("w", t, dtype)
+    formats.check_storable("w", torch.zeros(3, 5), "float16")
+    formats.check_storable("w", torch.zeros(0, 5), "float16")
 
 
 # --- bounded memory --------------------------------------------------------------------------------

@@ -194,3 +194,56 @@ def test_written_layers_leave_the_model_when_it_is_not_kept(sharded, monkeypatch
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert json.loads((tmp_path / "dropped" / artifact.MANIFEST).read_text())["totals"] == \
         json.loads((tmp_path / "kept" / artifact.MANIFEST).read_text())["totals"]
+
+
+def test_each_parameter_reads_every_layer_once_and_holds_none_after(sharded, monkeypatch):
+    """`named_parameters()`'s memo would keep every layer read (an 8B model whole); its lazy walk would
+    read a layer once per module. `each_parameter` gives the same names, reading each layer once."""
+    src = _load(sharded, monkeypatch, True)
+    layers = discover(src.model).layers
+    reads, held_then, read = [], [], lazy._materialize
+    monkeypatch.setattr(lazy, "_materialize", lambda rec: (reads.append(rec.module), read(rec)))
+    names = []
+    for name, p in lazy.each_parameter(src.model):
+        assert not p.is_meta
+        names.append(name)
+        held_then.append(len(_resident_layers(layers)))
+    assert names == [n for n, _ in src.model.named_parameters()]       # (ties once, as there)
+    assert [list(layers).index(m) for m in reads] == list(range(len(layers)))
+    assert max(held_then) == 1 and _resident_layers(layers) == []
+
+
+def _mapped_anonymous_kb(directory) -> int:
+    """Written (copy-on-write) pages this process still maps from `directory`'s files (Linux)."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()
+            if "-" in head[0] and len(head) >= 5 and ":" in head[3]:   # a mapping's first line
+                inside = len(head) > 5 and head[5].startswith(str(directory))
+            elif inside and head[0] == "Anonymous:":
+                total += int(head[1])
+    return total
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/smaps"), reason="reads /proc/self/smaps")
+def test_a_kept_norm_does_not_pin_its_layers_written_weights(tmp_path, monkeypatch):
+    """A tensor read with `safe_open` holds its file's whole mapping, written pages included: the
+    norms a solved layer keeps must not keep its dropped weights' memory mapped."""
+    d = tmp_path / "m"
+    import transformers as tf
+    config = tf.LlamaConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2, vocab_size=320, max_position_embeddings=64)
+    tf.AutoModelForCausalLM.from_config(config).to(torch.bfloat16).save_pretrained(d)
+    tiny_tokenizer().save_pretrained(d)
+    src = _load(d, monkeypatch, True)
+    arch = discover(src.model)
+    for i, layer in enumerate(arch.layers):
+        with lazy.held(layer):
+            for ref in arch.linears[i]:
+                ref.set_weight(ref.weight() * 0.5)       # in place: copy-on-write pages of the mapping
+            assert _mapped_anonymous_kb(d) > 0           # (the measure sees them)
+            for ref in arch.linears[i]:
+                lazy.drop_weight(ref.module)
+        assert not any(p.is_meta for n, p in layer.named_parameters() if "norm" in n)
+    assert _mapped_anonymous_kb(d) == 0

@@ -111,6 +111,16 @@ def _make_resident(rec: _Layer) -> None:
     for h in rec.handles:
         h.remove()
     _LAYERS.pop(rec.module, None)
+    # A tensor `safe_open` gives holds its whole file's mapping, and the mapping keeps its written
+    # (copy-on-write) pages: a kept norm would pin every solved weight of its layer after the weights
+    # themselves were dropped (~0.4 GB per 8B layer). What stays of the read tensors gets its own memory.
+    with torch.no_grad():
+        for name, (_, ptr, _) in rec.loaded.items():
+            module, leaf = _owner(rec.module, name)
+            now = module._parameters[leaf]
+            if now is not None and not now.is_meta and now.data_ptr() == ptr:
+                now.data = now.data.clone()
+    rec.loaded.clear()
 
 
 def _enter(rec: _Layer) -> None:
@@ -172,22 +182,35 @@ def materialize_all(model: nn.Module) -> None:
 
 
 def each_parameter(model: nn.Module):
-    """`model.named_parameters()` with real tensors: each lazy layer is read while its own are given."""
-    owners = {id(p): (rec, name) for rec in _records(model) for name, p in rec.empty.items()}
-    current = None
-    try:
-        for name, p in model.named_parameters():
-            rec, local = owners.get(id(p), (None, None))
-            if rec is not current:
-                if current is not None:
-                    _leave(current)
-                current = rec
-                if rec is not None:
-                    _enter(rec)
-            yield name, (p if rec is None else rec.loaded[local][0])
-    finally:
-        if current is not None:
-            _leave(current)
+    """`model.named_parameters()` with real tensors: each lazy layer is read once, while its own are given.
+
+    Not `named_parameters()` itself: its de-duplication memo keeps every tensor it has yielded until the
+    walk ends, so every layer read from disk would stay in memory (an 8B model's whole 16 GB), and it
+    reads a module's parameters as it reaches them, after the layer's earlier ones were handed out."""
+    records = {rec.module: rec for rec in _records(model)}
+    seen: set[int] = set()          # resident parameters already given (ties); they stay in the model anyway
+    resident: list = []             # ...kept referenced so that their ids cannot be reused meanwhile
+
+    def walk(module: nn.Module, prefix: str):
+        rec = records.pop(module, None)
+        if rec is not None:         # a lazy layer: all its parameters are recorded in `where`
+            _enter(rec)
+            try:
+                for name in rec.where:
+                    yield prefix + name, rec.loaded[name][0]
+            finally:
+                _leave(rec)
+            return
+        for name, p in module._parameters.items():
+            if p is not None and id(p) not in seen:
+                seen.add(id(p))
+                resident.append(p)
+                yield prefix + name, p
+        for name, child in module._modules.items():
+            if child is not None:
+                yield from walk(child, f"{prefix}{name}.")
+
+    yield from walk(model, "")
 
 
 def drop_weight(module: nn.Module) -> None:

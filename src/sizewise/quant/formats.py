@@ -284,6 +284,9 @@ class FloatFormat(Format):
 
 
 
+_CHECK_SLICE = 1 << 24      # elements per slice of `check_storable`
+
+
 def check_storable(name: str, t: torch.Tensor, dtype: str | None = None) -> None:
     """Refuse a weight holding NaN or inf, or (with `dtype`) finite values beyond that float dtype's
     range, which it would store as inf, with one line naming the tensor. Refused rather than kept in
@@ -291,10 +294,13 @@ def check_storable(name: str, t: torch.Tensor, dtype: str | None = None) -> None
     another --float-dtype, which the user should choose knowingly."""
     if not t.is_floating_point():
         return
-    if not torch.isfinite(t).all():
+    flat = t.reshape(-1)
+    # in slices: whole-tensor temporaries of an 8B model's embedding would be several GB
+    if not all(torch.isfinite(flat[i:i + _CHECK_SLICE]).all() for i in range(0, flat.numel(), _CHECK_SLICE)):
         raise SizewiseError(f"weight {name} holds NaN or infinite values; refusing to compress a broken model")
     if dtype is not None and TORCH_DTYPES[dtype].itemsize < 4:
-        big = float(t.abs().max()) if t.numel() else 0.0
+        big = max((float(flat[i:i + _CHECK_SLICE].abs().max()) for i in range(0, flat.numel(), _CHECK_SLICE)),
+                  default=0.0)
         limit = torch.finfo(TORCH_DTYPES[dtype]).max
         if big > limit:
             raise SizewiseError(f"weight {name} holds {big:.4g}, beyond {dtype}'s range ({limit:.4g}); "
