@@ -97,6 +97,21 @@ def test_bit_packing_round_trip(bits, count):
     assert np.array_equal(unpack_bits(packed, bits, count), codes)
 
 
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_bit_packing_lays_code_j_bit_i_at_stream_bit_j_times_bits_plus_i(bits, monkeypatch):
+    """The documented layout, against a bit-by-bit reference, across slice boundaries."""
+    from sizewise.quant import pack
+
+    monkeypatch.setattr(pack, "_SLICE", 16)
+    count = 16 * 3 + 5
+    codes = np.random.default_rng(bits).integers(0, 2 ** bits, size=count).astype(np.uint8)
+    stream = [(int(c) >> i) & 1 for c in codes for i in range(bits)]
+    stream += [0] * (-len(stream) % 8)
+    want = [sum(stream[8 * b + i] << i for i in range(8)) for b in range(len(stream) // 8)]
+    assert pack_bits(codes, bits).tolist() == want
+    assert np.array_equal(unpack_bits(np.array(want, dtype=np.uint8), bits, count), codes)
+
+
 def test_bit_packing_rejects_overflow_and_wrong_length():
     with pytest.raises(ValueError):
         pack_bits(np.array([4], dtype=np.uint8), 2)
