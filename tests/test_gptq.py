@@ -242,3 +242,24 @@ def test_fixed_grids_match_slow_reference_across_blocks(fmt):
     assert (q.codes == ref).float().mean() > 0.995
     e_q, e_rtn = _out_err(w, q, x), _out_err(w, fmt.round(w, h.diagonal()), x)
     assert e_q < 0.95 * e_rtn
+
+
+@pytest.mark.parametrize("act_order", [True, False])
+def test_factor_is_the_upper_cholesky_of_the_damped_inverse(act_order):
+    """U (computed in place, from H index-reversed, several blocks deep) satisfies UᵀU = (H + λI)⁻¹
+    in processing order, with dead channels pinned."""
+    torch.manual_seed(3)
+    n = 300                                          # > 2 leaves of the block recursion
+    x = torch.randn(900, n, dtype=torch.float64) * torch.rand(n, dtype=torch.float64) * 3
+    x[:, [4, 77]] = 0
+    xtx = (x.t() @ x).float()
+    f = hessian_factor(xtx, damp=0.01, act_order=act_order)
+    h = xtx.double()
+    h[f.dead, :] = 0
+    h[:, f.dead] = 0
+    h.diagonal()[f.dead] = 1
+    h = h[f.perm][:, f.perm]
+    h.diagonal().add_(f.damp * float(h.diagonal().mean()))
+    u = f.u.double()
+    assert torch.equal(u, u.triu()) and bool((u.diagonal() > 0).all())
+    assert torch.allclose(u.t() @ u, torch.linalg.inv(h), rtol=1e-4, atol=1e-9)
