@@ -41,6 +41,10 @@ CONFIGS = {   # label -> compress flags
 }
 
 
+def group(flags: list[str]) -> str:
+    return flags[flags.index("--group-size") + 1] if "--group-size" in flags else "channel"
+
+
 def made(model: str, out: Path, flags: list[str]) -> dict:
     """Compress in its own process; the flags go beside the artifact so that --reuse knows what it is."""
     manifest = compress(model, out, flags)
@@ -72,11 +76,13 @@ def main() -> None:
 
     cfg = sizewise.sources.load(args.model).model.config
     widths = {cfg.hidden_size, cfg.intermediate_size}
-    def group(flags: list[str]) -> str:
-        return flags[flags.index("--group-size") + 1] if "--group-size" in flags else "channel"
     tiles = {k for k, flags in CONFIGS.items()          # group sizes that divide every linear's input size
              if group(flags) == "channel" or all(w % int(group(flags)) == 0 for w in widths)}
-    wanted = [k for k in CONFIGS if k in tiles and (not args.only or k in args.only.split(","))]
+    # in the order --only lists them (the first finish first when time runs short)
+    wanted = [k for k in (args.only.split(",") if args.only else CONFIGS) if k in tiles]
+    if args.only and set(args.only.split(",")) - set(CONFIGS):
+        sys.exit(f"unknown labels in --only: {', '.join(sorted(set(args.only.split(',')) - set(CONFIGS)))}; "
+                 f"labels: {', '.join(CONFIGS)}")
     if not wanted:
         sys.exit(f"no configuration matches --only {args.only}; labels: {', '.join(CONFIGS)}")
     name = per_model("pruning", args.model)
