@@ -92,7 +92,7 @@ def main() -> None:
     manifests = {k: (args.reuse and reused(out / dirs[k], [*CONFIGS[k], *CALIB]))
                  or made(args.model, out / dirs[k], [*CONFIGS[k], *CALIB]) for k in wanted}
     res = sizewise.api.compare(args.model, [out / d for d in dirs.values()], args.text, ctx=1024,
-                               windows=args.windows, out=out / "report")
+                               windows=args.windows, out=out / "report", overwrite=True)   # this run's own report
     ref = res["reference"]["perplexity"]
     rows = [{"label": k, **summary(m), **{x: res["candidates"][dirs[k]][x] for x in ("perplexity", "kl", "top1_agreement")}}
             for k, m in manifests.items()]
