@@ -10,6 +10,10 @@ A job is one of:
   {"evaluate": {"model", "windows", "score_from", "threads", "kv_type", "extra_bufts", "check", "check_rounded",
                 "speed", "lora"}, "out": path}
         "lora" (optional): a LoRA adapter GGUF applied at scale 1 (sizewise's low-rank corrections)
+  {"speeds": {"models": {label: path}, "prompt", "prompt_tokens", "gen_tokens", "repeats", "threads", "kv_type",
+              "extra_bufts"}, "out": path}
+        prompt and generation tokens/s of every model, all loaded in this one process, runs interleaved
+        (`speeds`); "prompt" an int32 .npy of token ids
   {"tokenize": {"model", "texts"}, "out": path}
         llama.cpp's token ids of each text (its vocabulary only; no BOS added, special tokens as text)
 The evaluation writes its result as JSON to "out". Token windows come as an int32 .npy [n, T]; the
@@ -138,22 +142,45 @@ def speed(job: dict, prompt_window: np.ndarray) -> dict:
     n_ctx = len(prompt) + cfg["gen_tokens"] + 1
     llm = _llama(job["model"], n_ctx, job["threads"], job["kv_type"], logits_all=False,
                  extra_bufts=job.get("extra_bufts", False), lora=job.get("lora"))
-    pp, tg = [], []
-    for _ in range(cfg["repeats"]):
-        llm.reset()
-        t0 = time.perf_counter()
-        llm.eval(prompt)
-        pp.append(len(prompt) / (time.perf_counter() - t0))
-        # greedy: each token is the argmax of the last logits, fed back one at a time (without logits_all
-        # the Llama object keeps no scores, so the logits come from the context itself)
-        t0 = time.perf_counter()
-        for _ in range(cfg["gen_tokens"]):
-            last = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
-            llm.eval([int(np.argmax(last))])
-        tg.append(cfg["gen_tokens"] / (time.perf_counter() - t0))
+    runs = [_timed(llm, prompt, cfg["gen_tokens"]) for _ in range(cfg["repeats"])]
+    pp, tg = [r[0] for r in runs], [r[1] for r in runs]
     return {"prompt_tokens_per_s": statistics.median(pp), "gen_tokens_per_s": statistics.median(tg),
             "prompt_tokens_per_s_runs": pp, "gen_tokens_per_s_runs": tg,
             "speed_protocol": {**cfg, "threads": job["threads"], "kv_type": job["kv_type"], "sampling": "greedy"}}
+
+
+def _timed(llm, prompt: list[int], gen_tokens: int) -> tuple[float, float]:
+    """(prompt tokens/s, generated tokens/s) of one run from an empty KV cache."""
+    llm.reset()
+    t0 = time.perf_counter()
+    llm.eval(prompt)
+    pp = len(prompt) / (time.perf_counter() - t0)
+    # greedy: each token is the argmax of the last logits, fed back one at a time (without logits_all
+    # the Llama object keeps no scores, so the logits come from the context itself)
+    t0 = time.perf_counter()
+    for _ in range(gen_tokens):
+        last = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
+        llm.eval([int(np.argmax(last))])
+    return pp, gen_tokens / (time.perf_counter() - t0)
+
+
+def speeds(job: dict) -> dict:
+    """Several models' speed in this one process, runs interleaved: each round runs every model once, the
+    order rotated each round (A B C, B C A, ...), so that a change in the machine's load hits all alike."""
+    prompt = np.load(job["prompt"])[:job["prompt_tokens"]].tolist()
+    n_ctx = len(prompt) + job["gen_tokens"] + 1
+    llms = {k: _llama(path, n_ctx, job["threads"], job["kv_type"], logits_all=False,
+                      extra_bufts=job.get("extra_bufts", False)) for k, path in job["models"].items()}
+    labels = list(llms)
+    runs: dict[str, list] = {k: [] for k in labels}
+    for r in range(job["repeats"]):
+        for k in labels[r % len(labels):] + labels[:r % len(labels)]:
+            runs[k].append(_timed(llms[k], prompt, job["gen_tokens"]))
+    return {"runs": {k: {"prompt_tokens_per_s": [p for p, _ in v], "gen_tokens_per_s": [g for _, g in v]}
+                     for k, v in runs.items()},
+            "speed_protocol": {"prompt_tokens": len(prompt), "gen_tokens": job["gen_tokens"], "repeats": job["repeats"],
+                               "threads": job["threads"], "kv_type": job["kv_type"], "sampling": "greedy",
+                               "order": "interleaved in one process, rotated each round"}}
 
 
 def tokenize(job: dict) -> dict:
@@ -173,6 +200,8 @@ def main() -> None:
         result = quantize(q["src"], q["dst"], q["ftype"], q["threads"], q.get("imatrix"), q.get("token_embedding_type"))
     elif "evaluate" in job:
         result = evaluate(job["evaluate"])
+    elif "speeds" in job:
+        result = speeds(job["speeds"])
     elif "tokenize" in job:
         result = tokenize(job["tokenize"])
     else:

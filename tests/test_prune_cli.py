@@ -156,3 +156,38 @@ def test_methods_lists_pruning_and_recipe_round_trips(tiny_dirs, tmp_path, capsy
     assert code == 0, err
     a, b = artifact.load_weights(tmp_path / "a"), artifact.load_weights(tmp_path / "b")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_data_free_lowrank_skips_calibration(tiny_dirs, tmp_path, capsys, monkeypatch):
+    """RTN + factors without --calib draws no calibration samples (not even self-generated ones) and stores
+    the plain truncated SVD of W − Q(W); with --calib the same factors are whitened by the inputs."""
+    from transformers import AutoModelForCausalLM
+
+    from sizewise import data
+    from sizewise.quant.uniform import QuantFormat
+
+    def refused(*_, **__):
+        raise AssertionError("a data-free run drew calibration samples")
+
+    flags = ("--method", "rtn", "--bits", 3, "--group-size", 32, "--lowrank", 4, "--quiet")
+    with monkeypatch.context() as mp:
+        for name in ("generate_samples", "calibration_samples", "read_text"):
+            mp.setattr(data, name, refused)
+        code, _, err = run(capsys, "compress", tiny_dirs["llama"], *flags, "-o", tmp_path / "free")
+    assert code == 0, err
+    assert artifact.read_manifest(tmp_path / "free").get("calibration") is None
+    _compress(capsys, tiny_dirs, tmp_path / "calib", *flags)
+    free, calib = artifact.load_stored(tmp_path / "free")[0], artifact.load_stored(tmp_path / "calib")[0]
+    weights = dict(AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"]).named_parameters())
+    factored = [n for n, st in free.items() if hasattr(st, "a")]
+    assert len(factored) == 14
+    for name in factored:
+        w, st = weights[name].detach().float(), free[name]
+        q = QuantFormat(3, 32).round(w).dequantize()
+        assert torch.equal(st.base.dequantize(), q)
+        u, s, vh = torch.linalg.svd((w - q).double(), full_matrices=False)
+        best = (u[:, :4] * s[:4]) @ vh[:4]            # the truncated SVD of the error
+        low = (st.b.double() @ st.a.double())
+        assert torch.allclose(low, best, atol=2e-3 * float(best.abs().max()), rtol=0), name
+        whitened = calib[name].b.double() @ calib[name].a.double()
+        assert not torch.allclose(whitened, best, atol=2e-2 * float(best.abs().max()), rtol=0), name

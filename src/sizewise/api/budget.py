@@ -123,9 +123,10 @@ def profile_statistics(src, arch: Architecture, calib, profile: Profile, progres
     """The linears' input statistics the profile was made from (and the head's, if calibrated
     candidates may quantize it): kept ones, or one float pass again.
 
-    None when no candidate needs calibration data.
+    None when no candidate reads calibration data (`methods.calibrates`: as `compress` decides).
     """
-    if not any(c.method != "float" and methods.get(c.method).needs_calibration for c in profile.candidates):
+    if not any(c.method != "float" and methods.calibrates(c.method, c.format, calib.text is not None)
+               for c in profile.candidates):
         return None
     if profile.stats is None:
         samples, _ = _calibration(src, calib, progress)

@@ -121,13 +121,14 @@ def compress(model: str | Path | Source, config: CompressConfig | None = None, o
                                        float_dtype=config.float_dtype)
     plan.check(arch)
 
-    calibrated_formats = any(c.format.calibrated for c in plan.choices if c.method != "float")
-    needs_calib = pipeline.awq or calibrated_formats or any(methods.get(x).needs_calibration for x in plan.methods())
+    text_given = config.calib.text is not None
+    needs_calib = pipeline.awq or any(methods.calibrates(c.method, c.format, text_given)
+                                      for c in plan.choices if c.method != "float")
     # accumulate only what the plan's methods read (Wanda: Σx², not the [in, in] Gram)
     observed = {s for x in plan.methods() for s in methods.get(x).observes}
     if pipeline.awq:
         observed |= {"xtx", "abs_sum"}
-    if calibrated_formats:
+    if needs_calib and any(c.format.reads_statistics for c in plan.choices if c.method != "float"):
         observed.add("xtx")
     if stats is not None and (pipeline.awq or pipeline.rotate):
         raise SizewiseError("AWQ and rotations transform the model: they cannot reuse saved statistics")

@@ -33,7 +33,8 @@ from .options import (
 @click.option("--sparsity", default=None, help="With a pruning method: 50% (of each row, bitmap mask), 2:4 or 4:8 (N kept of "
               "every M, stored as indices).")
 @click.option("--lowrank", default=None, type=int, help="Add rank-R float16 factors: with rtn/gptq they correct the "
-              "quantization error (activation-whitened SVD; GGUF: a LoRA adapter OUT.lora.gguf); with svd they are the weight.")
+              "quantization error (SVD whitened by the inputs when the run calibrates, i.e. gptq or --calib given; rtn without "
+              "--calib: plain SVD, no data; GGUF: a LoRA adapter OUT.lora.gguf); with svd they are the weight.")
 @click.option("--group-size", default="64", show_default=True, help="Weights sharing one scale, dividing each layer's input size; 'channel' for one per row.")
 @click.option("--sym/--asym", default=False, show_default=True, help="Symmetric grid (no zero stored) or asymmetric.")
 @click.option("--zero", type=click.Choice(["int", "float16"]), default="int", show_default=True, help="Asymmetric zero point: a b-bit integer, or a float16 minimum (ggml Q4_1 style).")

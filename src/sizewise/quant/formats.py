@@ -106,8 +106,9 @@ class Format:
 
     kind: ClassVar[str]
     quantized: ClassVar[bool] = True
-    # solving it needs the inputs' statistics whatever the method (a whitened low-rank correction)
-    calibrated: ClassVar[bool] = False
+    # solving reads the inputs' statistics when the run has them, whatever the method (a low-rank
+    # correction is whitened by them); without them it is data-free (`methods.calibrates`)
+    reads_statistics: ClassVar[bool] = False
 
     def check(self, in_features: int, name: str = "layer") -> None:
         """Raise a one-line error if this format cannot store rows of `in_features` weights."""

@@ -65,7 +65,7 @@ class LowRankFormat(Format):
     rank: int = 32
     factor_dtype: str = "float16"
     kind: ClassVar[str] = "lowrank"
-    calibrated: ClassVar[bool] = True
+    reads_statistics: ClassVar[bool] = True
 
     def __post_init__(self):
         if not isinstance(self.rank, int) or self.rank < 1:

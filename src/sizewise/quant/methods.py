@@ -237,6 +237,14 @@ def get(name: str) -> Method:
     return METHODS[name]
 
 
+def calibrates(name: str, fmt: Format, text_given: bool) -> bool:
+    """Whether solving method `name` in `fmt` reads calibration statistics: the method needs them, or the
+    format reads them (a low-rank correction, whitened by the inputs) and calibration text was given.
+    Without text a data-free method's correction is the plain SVD of its error: text the model would
+    generate itself is not data to fit weights to, and not worth a calibration pass."""
+    return get(name).needs_calibration or (fmt.reads_statistics and text_given)
+
+
 def solve(name: str, w: torch.Tensor, stats, fmt: Format, options: dict | None = None):
     """Method `name` applied to `w` in `fmt`; a wrapping format (low-rank factors) solves its base with it."""
     m = get(name)
