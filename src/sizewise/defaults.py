@@ -16,3 +16,8 @@ HEAD_SAMPLES = 32
 # block of every token alike, so its second moment settles on far fewer tokens than XᵀX needs;
 # 8192 (16 x 512) keeps the extra Gram products to an eighth of the profile pass's.
 ROUNDING_TOKENS = 8192
+
+# Logits held at once when the allocator measures a KL (plans, token tables, rounding costs): the
+# forward batch is cut so that one batch's logits take at most this much (SmolLM2's vocabulary: 2
+# samples x 512 tokens), and each is reduced against the reference as soon as it is computed.
+LOGIT_BYTES = 256 << 20

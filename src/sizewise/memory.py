@@ -19,6 +19,7 @@ import psutil
 import torch
 
 from .arch import discover
+from .defaults import LOGIT_BYTES
 from .errors import SizewiseError
 from .evaluate import CHUNK_ELEMENTS
 from .lazy import disk_bytes
@@ -50,14 +51,16 @@ def _text_config(model):
 
 def peak_memory(model, *, task: str, calibrated: bool = False, samples: int = 0, length: int = 0,
                 batch: int = 8, ctx: int = 0, models: tuple = (), quantized_fraction: float = 1.0,
-                kept_statistics: bool = False, export_gguf: bool = False, keep_model: bool = True) -> Peak:
+                kept_statistics: bool = False, export_gguf: bool = False, keep_model: bool = True,
+                measure_samples: int = 0) -> Peak:
     """Estimated peak resident bytes of `task` ("compress", "plan", "eval") on `model` (loaded, or
     built on the meta device: only shapes and dtypes are read).
 
     compress/plan: `calibrated` (GPTQ/AWQ statistics), `samples` × `length` calibration tokens in
     batches of `batch`; `quantized_fraction` of the linear weights are solved (one layer's kept
     until written); `kept_statistics`: every layer's statistics are kept (a budget's measured plans, a
-    sweep); `export_gguf`: the artifact is then read back one tensor at a time and written as GGUF. eval:
+    sweep); `export_gguf`: the artifact is then read back one tensor at a time and written as GGUF;
+    `measure_samples` (plan): held-out samples of `length` tokens plans are measured on. eval:
     windows of `ctx` tokens, and `models` (other models evaluated beside it).
     """
     cfg = _text_config(model)
@@ -109,6 +112,10 @@ def peak_memory(model, *, task: str, calibrated: bool = False, samples: int = 0,
                 batch * heads * length * length * 4
             if task == "plan":      # each candidate's dequantized copy of one linear while measured
                 parts["candidates"] = largest_linear * 4 * 4
+            if task == "plan" and measure_samples:
+                # the float model's log-probabilities kept as the reference (float32), one forward batch's
+                # logits and one sample's temporaries, float64 at most (`allocate.profile._kl_to`)
+                parts["measured plans"] = measure_samples * length * vocab * 4 + LOGIT_BYTES + 3 * length * vocab * 8
         else:
             parts["one linear in float32"] = largest_linear * 4 * 4   # its copy, groups, codes, dequantized
     elif task == "eval":

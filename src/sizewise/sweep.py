@@ -193,7 +193,8 @@ def sweep(model: str | Path, budgets: str | list[str | Budget], out: str | Path,
     config = replace(config, calib=config.calib.resolved(next(src.model.parameters()).device))
     c = config.calib
     memory.require(memory.peak_memory(src.model, task="plan", calibrated=True, batch=c.batch, kept_statistics=True,
-                                      samples=0 if c.offload else c.samples, length=c.length))
+                                      samples=0 if c.offload else c.samples, length=c.length,
+                                      measure_samples=measure_samples))
     if format == "gguf":
         cands = allocate.gguf_candidate_set(tuple(quantizers), float_dtype=config.float_dtype)
     else:

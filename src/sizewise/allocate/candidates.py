@@ -128,6 +128,17 @@ def gguf_candidate_set(quantizers: tuple[str, ...] = ("rtn",), float_dtype: str 
     return tuple(cands)
 
 
+def profiled(cands: tuple[Candidate, ...]) -> list[bool]:
+    """Per candidate, whether the allocator profiles it on decoder linears: not where a method that
+    dominates it (`Method.dominates`: GPTQ over RTN) is a candidate on the same format, since the knapsack
+    never picks a candidate of the same size and a higher cost. Solving and pricing RTN's 24 grids was
+    a sixth of profiling a SmolLM2 layer beside GPTQ's; token tables still take them (an input embedding
+    takes only data-free ones)."""
+    on = {(c.method, c.format) for c in cands}
+    return [c.method == "float" or not any((m.name, c.format) in on for m in methods.METHODS.values()
+                                           if c.method in m.dominates) for c in cands]
+
+
 def _choice(name: str, cand: Candidate) -> Choice:
     return Choice(name, cand.method, cand.format)
 

@@ -24,7 +24,7 @@ from .budgets import Budget, check_budget, parse_budget
 from .cache import SolvedCache
 from .candidates import Candidate, _choice, _dense, _solved, _solved_all
 from .knapsack import solve_mckp
-from .profile import Profile, _input_roundings, _log_probs
+from .profile import Profile, _input_roundings, _kl_to, _log_probs
 from .sizes import ARTIFACT, SizeTable
 
 
@@ -144,7 +144,8 @@ def uniform_allocations(profile: Profile, sizes: SizeTable, budget: Budget | str
     if None in floats:
         return out
     for i, cand in enumerate(sizes.candidates):
-        if cand.method == "float" or any(i not in l.options for l in sizes.layers):
+        if cand.method == "float" or any(i not in l.options or profile.by_name[l.name].costs[i] is None
+                                         for l in sizes.layers):
             continue
         picks = [l.options.index(i) for l in sizes.layers] + floats
         if sum(budget.weights(l)[k] for l, k in zip(items, picks)) <= capacity:
@@ -246,9 +247,7 @@ def measure_plans(model, arch: Architecture, allocs: list[Allocation], samples: 
                                                                     options))
                 put(c.name, _dense(solved))
             with rounded_inputs(rounding):
-                logp = _log_probs(model, samples, batch, torch.float32)
-            kl = sum(float((r.exp() * (r - l)).double().sum()) for r, l in zip(reference, logp))
-            kls.append(kl / samples.numel())
+                kls.append(_kl_to(model, reference, samples, batch, torch.float32))
             cache.put_kl(pkey, kls[-1])
     finally:
         for n, w in originals.items():

@@ -41,12 +41,12 @@ from tqdm.auto import tqdm
 from .. import engine
 from ..arch import Architecture, discover
 from ..checkpoint import NotesCheckpoint
-from ..defaults import HEAD_SAMPLES, ROUNDING_TOKENS
+from ..defaults import HEAD_SAMPLES, LOGIT_BYTES, ROUNDING_TOKENS
 from ..errors import SizewiseError
 from ..observers import DEFAULT_OBSERVERS, RoundingGram
 from ..precision import float32_execution
 from ..quant.formats import TORCH_DTYPES
-from .candidates import Candidate, _data_free, _dense, _dequantized, _solved_all, _table_takes
+from .candidates import Candidate, _data_free, _dense, _dequantized, _solved_all, _table_takes, profiled
 
 PROFILE_VERSION = 5          # bump when the proxy's definition changes: cached profiles are then ignored (5: llama.cpp's input rounding)
 
@@ -163,6 +163,7 @@ def profile_model(model, arch: Architecture, samples: torch.Tensor, candidates: 
     layer_of = {ref.weight_name: i for i, refs in enumerate(arch.linears) for ref in refs}
     notes = {} if checkpoint is None else checkpoint.notes       # decoder layer -> its linears' profiles
     resumed = checkpoint is not None and checkpoint.done > 0
+    profiled_here = profiled(candidates)          # dominated candidates get no cost on linears
 
     def measure(ref, w, stats):
         f = fisher[ref.name].to(w.device)
@@ -170,10 +171,11 @@ def profile_model(model, arch: Architecture, samples: torch.Tensor, candidates: 
         rounding = {k: 0.5 * float((f * ((w @ e) * w).sum(1).clamp_min(0)).sum()) / stats.rounding_count
                     for k, e in stats.rounding.items()}
         costs, errors = [], []
+        todo = [c.fits(ref.shape[1]) and p for c, p in zip(candidates, profiled_here)]
         # all at once (GPTQ's formats in one column loop), each dropped once measured
-        solved = _solved_all([c for c in candidates if c.fits(ref.shape[1])], w, stats, options)[::-1]
-        for cand, kind in zip(candidates, rounds):
-            if not cand.fits(ref.shape[1]):
+        solved = _solved_all([c for c, t in zip(candidates, todo) if t], w, stats, options)[::-1]
+        for cand, kind, t in zip(candidates, rounds, todo):
+            if not t:
                 costs.append(None)
                 errors.append(None)
                 continue
@@ -242,8 +244,7 @@ def _calibrate_rounding(model, arch: Architecture, layers: list, samples: torch.
     for (role, kind), lps in tqdm(groups.items(), desc="rounding costs", unit="role", disable=not progress,
                                   file=sys.stderr):
         with rounded_inputs({modules[lp.name]: kind for lp in lps}):
-            logp = _log_probs(model, samples, batch)
-        kl = max(0.0, sum(float((r.exp() * (r - l)).sum()) for r, l in zip(reference, logp)) / samples.numel())
+            kl = _kl_to(model, reference, samples, batch)
         proxy = sum(lp.rounding[kind] for lp in lps)
         for lp in lps:
             lp.rounding[kind] *= kl / proxy if proxy > 0 else 1.0
@@ -333,8 +334,7 @@ def _table_costs(model, arch: Architecture, candidates, samples: torch.Tensor, b
                 with torch.no_grad():
                     params[name].copy_(changed)
                 with rounded_inputs({head: rounds[i]} if name == arch.head_table else {}):
-                    logp = _log_probs(model, samples, batch)
-                costs[i] = max(0.0, sum(float((r.exp() * (r - l)).sum()) for r, l in zip(reference, logp)) / samples.numel())
+                    costs[i] = _kl_to(model, reference, samples, batch)
         finally:
             with torch.no_grad():
                 params[name].copy_(w)
@@ -343,12 +343,42 @@ def _table_costs(model, arch: Architecture, candidates, samples: torch.Tensor, b
     return out
 
 
+def _logit_batch(model, samples: torch.Tensor, batch: int) -> int:
+    """Samples per forward pass when measuring: at most `batch`, and logits of at most `LOGIT_BYTES`."""
+    vocab = model.get_output_embeddings().weight.shape[0]
+    return max(1, min(batch, LOGIT_BYTES // max(1, samples.shape[1] * vocab * 4)))
+
+
 @torch.no_grad()
 def _log_probs(model, samples: torch.Tensor, batch: int, dtype: torch.dtype = torch.float64) -> list[torch.Tensor]:
+    """The model's log-probabilities on `samples`, one [rows, length, vocab] tensor per forward batch
+    (`_logit_batch`): the reference that `_kl_to` compares with."""
     device = next(model.parameters()).device
+    rows = _logit_batch(model, samples, batch)
     # float64 by default: single-layer changes at 8 bits move the KL by ~1e-8, below float32 rounding;
     # a model kept in bf16/fp16 computes as its float32 copy would (`precision`)
     with float32_execution(model, discover(model).layers):
-        return [F.log_softmax(model(input_ids=samples[s:s + batch].to(device), use_cache=False).logits.to(dtype), -1)
-                .cpu() for s in range(0, len(samples), batch)]
+        return [F.log_softmax(model(input_ids=samples[s:s + rows].to(device), use_cache=False).logits.to(dtype), -1)
+                .cpu() for s in range(0, len(samples), rows)]
 
+
+@torch.no_grad()
+def _kl_to(model, reference: list[torch.Tensor], samples: torch.Tensor, batch: int,
+           dtype: torch.dtype = torch.float64) -> float:
+    """KL(reference ‖ model) in nats per token on `samples`, `reference` from `_log_probs(..., batch, dtype)`.
+
+    The model's log-probabilities are reduced one sample at a time as each forward batch comes out, so
+    only one batch's logits are held beside the reference (they were all held, with three temporaries
+    as large, which made measuring plans the peak of a budget run: 5.2 GB on SmolLM2).
+    """
+    device = next(model.parameters()).device
+    rows = _logit_batch(model, samples, batch)
+    total = 0.0
+    with float32_execution(model, discover(model).layers):
+        for ref, s in zip(reference, range(0, len(samples), rows)):
+            logits = model(input_ids=samples[s:s + rows].to(device), use_cache=False).logits
+            for r, x in zip(ref, logits):
+                lp = F.log_softmax(x.to(dtype), -1).cpu()
+                total += float(torch.sub(r, lp, out=lp).mul_(r.exp()).sum(dtype=torch.float64))
+            del logits
+    return max(0.0, total / samples.numel())

@@ -189,7 +189,7 @@ def plan_for_budget(model, budget: str | Budget, *, calib=None, quantizers: tupl
     calib = (calib or CalibConfig()).resolved(next(src.model.parameters()).device)
     memory.require(memory.peak_memory(src.model, task="plan", calibrated=True, batch=calib.batch,
                                       samples=0 if calib.offload else calib.samples, length=calib.length,
-                                      kept_statistics=measure_samples > 0))
+                                      kept_statistics=measure_samples > 0, measure_samples=measure_samples))
     prof = cached_profile(src, arch, calib, cands, options=options, fisher_samples=fisher_samples, cache=cache,
                           progress=progress, keep_stats=measure_samples > 0, tables=budget.kind == "bytes",
                           arithmetic=layout.arithmetic, checkpoint=checkpoint, restart=restart)

@@ -28,18 +28,28 @@ def _stored_scale(x: torch.Tensor, dtype: str) -> torch.Tensor:
     return torch.where(y.float() < x, up, y).float().clamp_min(_TINY)
 
 
+def extent(w: torch.Tensor, fmt) -> tuple[torch.Tensor, ...]:
+    """What `fit` reads of groups laid along the last dim of `w`: (|w| max,) if symmetric, else (min, max)."""
+    w = w.float()
+    return (w.abs().amax(dim=-1),) if fmt.symmetric else (w.amin(dim=-1), w.amax(dim=-1))
+
+
 def fit(w: torch.Tensor, fmt, clip: float | torch.Tensor = 1.0):
     """Scale and zero for groups laid along the last dim of `w` (reduced away).
 
     `clip` < 1 shrinks the range (MSE-optimal clipping searches it). Returns float32 tensors
     already rounded to their stored precision; zero is None for symmetric formats.
     """
-    w = w.float()
+    return fit_extent(extent(w, fmt), fmt, clip)
+
+
+def fit_extent(ext: tuple[torch.Tensor, ...], fmt, clip: float | torch.Tensor = 1.0):
+    """`fit` from the groups' `extent`: a search over clip ratios reduces the weights once."""
     if fmt.symmetric:
-        amax = w.abs().amax(dim=-1) * clip
+        amax = ext[0] * clip
         scale = _stored_scale(amax * 2 / fmt.qmax, fmt.scale_dtype)
         return scale, None
-    lo, hi = w.amin(dim=-1) * clip, w.amax(dim=-1) * clip
+    lo, hi = ext[0] * clip, ext[1] * clip
     if fmt.zero == "int":
         # The range must contain 0 so that the integer zero point lies on the grid.
         lo, hi = lo.clamp(max=0), hi.clamp(min=0)
