@@ -188,8 +188,7 @@ def each_parameter(model: nn.Module):
     walk ends, so every layer read from disk would stay in memory (an 8B model's whole 16 GB), and it
     reads a module's parameters as it reaches them, after the layer's earlier ones were handed out."""
     records = {rec.module: rec for rec in _records(model)}
-    seen: set[int] = set()          # resident parameters already given (ties); they stay in the model anyway
-    resident: list = []             # ...kept referenced so that their ids cannot be reused meanwhile
+    seen: dict[int, nn.Parameter] = {}     # resident parameters given (ties); held so that ids are not reused
 
     def walk(module: nn.Module, prefix: str):
         rec = records.pop(module, None)
@@ -203,8 +202,7 @@ def each_parameter(model: nn.Module):
             return
         for name, p in module._parameters.items():
             if p is not None and id(p) not in seen:
-                seen.add(id(p))
-                resident.append(p)
+                seen[id(p)] = p
                 yield prefix + name, p
         for name, child in module._modules.items():
             if child is not None:
