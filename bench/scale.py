@@ -1,7 +1,7 @@
 """Scale: peak resident memory and wall time of sizewise on random-weight models with the shapes of
 Qwen2.5-0.5B, Qwen2.5-1.5B and Llama-3-8B (issue 15, "Scale, measured").
 
-    python bench/scale.py [--shapes 0.5b,1.5b,8b] [--runs rtn-gguf,gptq,eval] [--dir /tmp/sizewise-scale]
+    python bench/scale.py [--shapes 0.5b,1.5b,8b] [--runs rtn-gguf,gptq,eval] [--dir /tmp/sizewise-scale] [--lazy]
 
 Each model is written once (bf16 safetensors, sharded like Hugging Face's, one tensor generated and
 one shard held at a time, so writing the 8B needs ~16 GB of disk and about 1 GB of memory) with the
@@ -133,13 +133,14 @@ def _random(shape, name: str, gen):
     return out
 
 
-def measure(cmd: list[str]) -> dict:
+def measure(cmd: list[str], lazy: bool = False) -> dict:
     """Run one sizewise command; its peak RSS (kernel's ru_maxrss of that child), wall time, estimate."""
     print("$", shlex.join(cmd[2:]), file=sys.stderr, flush=True)
     t0, load0 = time.perf_counter(), os.getloadavg()[0]
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as errf:
         proc = subprocess.Popen(cmd, stdout=out, stderr=errf,
-                                env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent / "src")})
+                                env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent / "src"),
+                                     **({"SIZEWISE_LAZY": "1"} if lazy else {})})
         _, status, usage = os.wait4(proc.pid, 0)       # this child's own rusage (Popen.wait would discard it)
         proc.returncode = code = os.waitstatus_to_exitcode(status)
         wall = time.perf_counter() - t0
@@ -201,12 +202,15 @@ def main() -> None:
     ap.add_argument("--as-llama", action="store_true",
                     help="write every shape as a Llama (Qwen2.5's shapes without its q/k/v biases), for a GGUF "
                          "export that does not take qwen2 yet")
+    ap.add_argument("--lazy", action="store_true",
+                    help="keep decoder layers on disk whatever the model's size (SIZEWISE_LAZY=1); rows say so")
     args = ap.parse_args()
     shapes, runs = args.shapes.split(","), args.runs.split(",")
     previous = RESULTS / "scale.json"
     model_type = (lambda shape: "llama") if args.as_llama else (lambda shape: SHAPES[shape][1])
     rows = [r for r in (json.loads(previous.read_text())["rows"] if previous.is_file() else [])
-            if not (r["shape"] in shapes and r["run"] in runs and r.get("model_type") == model_type(r["shape"]))]
+            if not (r["shape"] in shapes and r["run"] in runs and r.get("model_type") == model_type(r["shape"])
+                    and r.get("lazy", False) == args.lazy)]
     for shape in shapes:
         model = args.dir / f"random-{shape}{'-llama' if args.as_llama else ''}"
         t0 = time.perf_counter()
@@ -219,7 +223,7 @@ def main() -> None:
                 continue
             row = {"shape": shape, "like": info["like"], "model_type": info.get("model_type"),
                    "parameters": info["parameters"], "run": run,
-                   **measure(commands(run, model, args.dir))}
+                   **({"lazy": True} if args.lazy else {}), **measure(commands(run, model, args.dir), args.lazy)}
             if (run, shape) in WITHIN_FLOAT32:
                 targets = {shape: 4 * info["parameters"] + WITHIN_FLOAT32[run, shape]}
             if shape in targets:
