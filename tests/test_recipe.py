@@ -53,6 +53,8 @@ def test_load_from_file(tmp_path):
     {"budget": "3bpw", "skip": ["*.q_proj"]},
     {"budget": "3bpw", "method": "rotate+gptq"},
     {"budget": "3bpw", "method": "awq+gptq,rtn"},
+    {"method": "awq+gptq", "sequential": False},             # AWQ changes the model: no float statistics
+    {"sequential": "yes"},
     {"colour": "blue"},
     {"format": {"kind": "quant", "bits": 9}},
     {"recipe_version": 99},
@@ -94,3 +96,34 @@ def test_a_manifest_recipe_rebuilds_the_same_artifact(tiny_dirs, tmp_path, capsy
                  "-o", str(tmp_path / "c")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "drop --bits" in err
+
+
+def test_a_budget_is_solved_from_its_profiles_statistics_and_its_recipe_rebuilds_it(tiny_dirs, tmp_path, capsys):
+    """`compress --budget` solves its plan from the float statistics the profile observed (no further
+    pass), records `sequential: false`, and its recipe, a plan solved the same way, gives the same bytes;
+    `--sequential` runs the passes, each layer seeing its compressed predecessors, and gives other weights."""
+    from safetensors.torch import load_file
+
+    from sizewise.cli import main
+
+    common = ["--calib", str(tiny_dirs["text"]), "--calib-samples", "8", "--calib-len", "32", "--quiet"]
+    first = tmp_path / "a"
+    assert main(["compress", str(tiny_dirs["llama"]), "--budget", "3.5bpw", "-o", str(first), *common]) == 0
+    manifest = json.loads((first / "manifest.json").read_text())
+    assert manifest["recipe"]["sequential"] is False and manifest["recipe"]["budget"] is None
+    assert manifest["calibration"]["statistics"].startswith("saved from one float-model pass")
+    assert {c["method"] for c in manifest["plan"]} & {"gptq"}      # a calibrated method was chosen somewhere
+    (tmp_path / "r.json").write_text(json.dumps(manifest["recipe"]))
+    again = tmp_path / "b"
+    assert main(["compress", str(tiny_dirs["llama"]), "--recipe", str(tmp_path / "r.json"), "-o", str(again),
+                 "--quiet"]) == 0
+    assert json.loads((again / "manifest.json").read_text())["calibration"]["statistics"].startswith("one float-model pass")
+    a, b = load_file(str(first / "packed.safetensors")), load_file(str(again / "packed.safetensors"))
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+
+    seq = tmp_path / "s"
+    assert main(["compress", str(tiny_dirs["llama"]), "--budget", "3.5bpw", "--sequential", "-o", str(seq), *common]) == 0
+    manifest = json.loads((seq / "manifest.json").read_text())
+    assert manifest["recipe"]["sequential"] is True and "statistics" not in manifest["calibration"]
+    c = load_file(str(seq / "packed.safetensors"))
+    assert c.keys() == a.keys() and not all(a[k].equal(c[k]) for k in a)     # the same plan, solved otherwise

@@ -33,7 +33,7 @@ from .quant.formats import TORCH_DTYPES, Format
 from .quant.registry import format_from_dict
 from .quant.uniform import QuantFormat
 
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2          # 2: `sequential`
 
 
 def _plain(x):
@@ -98,6 +98,10 @@ class Recipe:
     measure_samples: int = MEASURE_SAMPLES          # with a budget: held-out samples to measure plans on
     output: str = "artifact"                        # "artifact" or "gguf"
     structured: StructuredConfig | None = None      # layers, MLP channels, heads removed before quantizing
+    # how calibrated layers are solved: True, each from inputs through the layers before it already
+    # compressed (a pass per layer); False, every layer from one pass over the float model (what a
+    # budget's profile has already observed); None: True for one format or a plan, False with a budget
+    sequential: bool | None = None
 
     # --- what the run does --------------------------------------------------------------------
 
@@ -107,6 +111,14 @@ class Recipe:
         GPTQ beside RTN (on both real models GPTQ wins most layers at 3-4 bits), without it data-free RTN
         (self-generated samples serve the sensitivity profile, not as data to fit weights to)."""
         return "rtn,gptq" if calib_text else "rtn"
+
+    @property
+    def solves_sequentially(self) -> bool:
+        """`sequential` resolved: by default a budget's plan is solved from the float statistics its profile
+        holds, unless AWQ changes the model first."""
+        if self.sequential is not None:
+            return self.sequential
+        return self.budget is None or self.pipeline.awq or self.pipeline.rotate or self.structured is not None
 
     @property
     def pipeline(self) -> methods.Pipeline:
@@ -151,6 +163,11 @@ class Recipe:
                                 "then compress that artifact to the budget")
         if self.structured is not None:
             self.structured.check()
+        if self.sequential not in (None, True, False):
+            raise SizewiseError(f"sequential must be true, false or null, got {self.sequential!r}")
+        if self.sequential is False and (self.pipeline.awq or self.pipeline.rotate or self.structured is not None):
+            raise SizewiseError("AWQ, rotations and structured pruning change the model before solving: they are "
+                                "solved sequentially, not from the float model's statistics")
         quantizers = self.budget_methods()[1] if self.budget is not None else (self.pipeline.quantizer,)
         if self.budget is not None:
             kinds = methods.split_budget_methods(quantizers)

@@ -156,8 +156,8 @@ def sweep(model: str | Path, budgets: str | list[str | Budget], out: str | Path,
     Returns the contents of sweep.json, plus "table" (the Markdown table) and "report" (its path).
     Each budget's plan is chosen as `compress --budget` chooses it (measured among variants unless
     `measure_samples` is 0). The profile's float-model statistics are reused to solve every plan
-    at once; `sequential` instead runs the calibration passes again per budget (as `compress
-    --budget` does), which propagates compressed outputs but costs one engine run per budget.
+    at once (as `compress --budget` does); `sequential` instead runs the calibration passes again per
+    budget, which propagates compressed outputs but costs one engine run per budget.
     `format="gguf"` also writes every point as POINT.gguf (see the module docstring).
     With `resume`, a stopped profiling pass resumes from `checkpoint.location(out, "profile")` (the
     profile itself is cached once made); `restart` discards that checkpoint first.

@@ -178,6 +178,17 @@ def plan_for_budget(model, budget: str | Budget, *, calib=None, quantizers: tupl
     must then be ggml types, by default `gguf_candidate_set(quantizers)`), or a layout object.
     `checkpoint`, `restart`: the profiling pass's (`cached_profile`).
     """
+    return _allocated(model, budget, calib=calib, quantizers=quantizers, candidates=candidates,
+                      float_dtype=float_dtype, options=options, fisher_samples=fisher_samples, cache=cache,
+                      measure_samples=measure_samples, progress=progress, allow_pickle=allow_pickle, layout=layout,
+                      checkpoint=checkpoint, restart=restart)[0]
+
+
+def _allocated(model, budget: str | Budget, *, calib, quantizers, candidates, float_dtype, options, fisher_samples,
+               cache, measure_samples, progress, allow_pickle, layout, checkpoint, restart, solve: bool = False):
+    """`plan_for_budget`'s work; with `solve` it also returns what compressing the plan can reuse: the
+    float model's statistics (`profile_statistics`) and the weights measuring the plans solved from them.
+    Returns (Allocation, statistics or None, solved weights)."""
     budget = parse_budget(budget)                       # a typo fails before anything loads
     src = _source(model, allow_pickle)
     arch = discover(src.model)
@@ -187,16 +198,22 @@ def plan_for_budget(model, budget: str | Budget, *, calib=None, quantizers: tupl
     sizes = size_table(src.model, arch, cands, float_dtype, layout)
     check_budget(budget, sizes)                         # before any expensive work
     calib = (calib or CalibConfig()).resolved(next(src.model.parameters()).device)
+    keep = measure_samples > 0 or solve
     memory.require(memory.peak_memory(src.model, task="plan", calibrated=True, batch=calib.batch,
                                       samples=0 if calib.offload else calib.samples, length=calib.length,
-                                      kept_statistics=measure_samples > 0, measure_samples=measure_samples))
+                                      kept_statistics=keep, measure_samples=measure_samples))
     prof = cached_profile(src, arch, calib, cands, options=options, fisher_samples=fisher_samples, cache=cache,
-                          progress=progress, keep_stats=measure_samples > 0, tables=budget.kind == "bytes",
+                          progress=progress, keep_stats=keep, tables=budget.kind == "bytes",
                           arithmetic=layout.arithmetic, checkpoint=checkpoint, restart=restart)
+    solved = SolvedCache()
     if measure_samples > 0:
-        return choose_measured(src, arch, calib, prof, sizes, budget, options=options, samples=measure_samples,
-                               progress=progress)
-    return allocate(prof, sizes, budget)
+        alloc = choose_measured(src, arch, calib, prof, sizes, budget, options=options, samples=measure_samples,
+                                progress=progress, cache=solved)
+    else:
+        alloc = allocate(prof, sizes, budget)
+    if not solve:
+        return alloc, None, {}
+    return alloc, profile_statistics(src, arch, calib, prof, progress), solved.solved_weights()
 
 
 def compress_to_budget(model, budget: str | Budget, out: str | Path | None = None, config=None, *,
@@ -209,6 +226,12 @@ def compress_to_budget(model, budget: str | Budget, out: str | Path | None = Non
     `checkpoint`, `restart`: as `api.compress`'s, for that last step; `profile_checkpoint`: the
     profiling pass's (`cached_profile`).
 
+    Unless `config.sequential` says otherwise (`Recipe.solves_sequentially`), the plan is solved from
+    the float statistics the profile kept, reusing the weights its measurement solved (what the measured
+    KL was of, and what `sweep` writes for the same budget): no calibration pass after profiling.
+    Sequentially, each layer observes the compressed outputs of the layers before it: one more pass,
+    as long as a uniform GPTQ run.
+
     The artifact's manifest gets an "allocation" entry (budget, predicted KL per layer, profile protocol).
     With `layout="gguf"` a byte budget bounds the GGUF file, which `gguf` names (the artifact `out`
     is then exported to it and its size checked; see `compress_allocation`).
@@ -218,12 +241,14 @@ def compress_to_budget(model, budget: str | Budget, out: str | Path | None = Non
     if out is not None:
         artifact.check_output(Path(out), overwrite)
     src = _source(model, allow_pickle)
-    alloc = plan_for_budget(src, budget, calib=config.calib, quantizers=quantizers, candidates=candidates,
-                            float_dtype=config.float_dtype, options=config.options, fisher_samples=fisher_samples,
-                            cache=cache, measure_samples=measure_samples, progress=progress, layout=layout,
-                            checkpoint=profile_checkpoint, restart=restart)
+    alloc, stats, solved = _allocated(src, budget, calib=config.calib, quantizers=quantizers, candidates=candidates,
+                                      float_dtype=config.float_dtype, options=config.options,
+                                      fisher_samples=fisher_samples, cache=cache, measure_samples=measure_samples,
+                                      progress=progress, allow_pickle=allow_pickle, layout=layout,
+                                      checkpoint=profile_checkpoint, restart=restart,
+                                      solve=not config.solves_sequentially)
     return compress_allocation(src, alloc, out, config, overwrite=overwrite, progress=progress, gguf=gguf,
-                               checkpoint=checkpoint, restart=restart), alloc
+                               checkpoint=checkpoint, restart=restart, stats=stats, solved=solved), alloc
 
 
 def compress_allocation(model, alloc: Allocation, out: str | Path | None = None, config=None, *,

@@ -132,21 +132,33 @@ def compress(model: str | Path | Source, config: CompressConfig | None = None, o
         observed.add("xtx")
     if stats is not None and (pipeline.awq or pipeline.rotate):
         raise SizewiseError("AWQ and rotations transform the model: they cannot reuse saved statistics")
-    if needs_calib and stats is not None:
-        c = config.calib
-        samples, calib_proto = None, {"samples": c.samples, "length": c.length, "seed": c.seed, "dtype": c.dtype,
-                                      "text": c.text, "statistics": "saved from one float-model pass; every layer "
-                                      "solved from them at once (compressed outputs not propagated)"}
-    else:
-        samples, calib_proto = (pruned or _calibration(src, config.calib, progress)) if needs_calib else (None, None)
-        stats = None
-
     c = config.calib
+    # solved from the float model's statistics: given (a budget's profile kept them), or observed here
+    # in one pass before any layer is solved; otherwise each layer observes its compressed predecessors
+    float_stats = needs_calib and (stats is not None or not config.solves_sequentially)
+    stats = stats if float_stats else None
     quantized_share = sum(ch.method != "float" for ch in plan.choices) / max(1, len(plan.choices))
-    memory.require(memory.peak_memory(m, task="compress", calibrated=samples is not None,
+    memory.require(memory.peak_memory(m, task="compress", calibrated=needs_calib and stats is None,
                                       samples=0 if c.offload else c.samples, length=c.length, batch=c.batch,
-                                      quantized_fraction=quantized_share, kept_statistics=stats is not None,
+                                      quantized_fraction=quantized_share, kept_statistics=float_stats,
                                       export_gguf=config.output == "gguf", keep_model=keep_model or out is None))
+    samples, calib_proto = None, None
+    if needs_calib and stats is None:
+        samples, calib_proto = pruned or _calibration(src, config.calib, progress)
+    if float_stats:
+        how = "saved from one float-model pass"
+        if stats is None:
+            how = "one float-model pass, before any layer is solved"
+            stats, _ = engine.statistics(m, arch, samples, batch=c.batch, offload=Path(c.offload) if c.offload else None,
+                                         progress=progress, compute_dtype=TORCH_DTYPES[c.dtype],
+                                         observers=observers_for(observed),
+                                         head=any(ch.name == arch.head_table and ch.method != "float"
+                                                  and methods.calibrates(ch.method, ch.format, text_given)
+                                                  for ch in plan.choices))
+        samples = None
+        calib_proto = {**(calib_proto or {"samples": c.samples, "length": c.length, "seed": c.seed, "dtype": c.dtype,
+                                          "text": c.text}),
+                       "statistics": f"{how}; every layer solved from them at once (compressed outputs not propagated)"}
     quantized, notes = {}, {}
 
     def solve(ref, w, stats):
@@ -291,7 +303,8 @@ def _finish(m, src, arch, config, plan, samples, stats, solved, quantized, trans
         "transforms": transforms,
         "plan": [c.to_dict() for c in plan.choices],
         # what `compress --recipe` runs to rebuild these weights: the applied plan, calibration as resolved
-        "recipe": replace(config, plan=plan, budget=None, output="artifact").to_dict(),
+        "recipe": replace(config, plan=plan, budget=None, output="artifact",
+                          sequential=stats is None).to_dict(),
         "timing": {"wall_s": time.perf_counter() - t0, **facts, "peak_rss_mb": _peak_rss_mb()},
         "environment": environment(),
     }

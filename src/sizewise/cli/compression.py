@@ -57,6 +57,10 @@ from .options import (
               "artifact's, or with --format gguf the .gguf file's. --method may then list several quantizers (rtn,gptq).")
 @click.option("--fisher-samples", default=8, show_default=True, type=POSITIVE, help="With --budget: calibration samples for the layer-importance (Fisher) pass.")
 @click.option("--measure-samples", default=MEASURE_SAMPLES, show_default=True, type=COUNT, help="With --budget: held-out calibration samples on which the chosen plan is measured against alternatives; 0 skips.")
+@click.option("--sequential/--float-stats", default=None, help="How calibrated layers are solved: --sequential, each from "
+              "its inputs with the layers before it already compressed (the default without --budget); --float-stats, "
+              "every layer from one pass over the float model (the default with --budget: its profile has made that "
+              "pass, so no further one is run). AWQ, rotations and structured pruning are always sequential.")
 @click.option("--format", "out_format", type=click.Choice(["artifact", "gguf"]), default="artifact", show_default=True,
               help="gguf: write -o FILE.gguf for llama.cpp instead of an artifact directory; the formats must be "
               "ggml block types (group size 32, float16 scales, --sym or --zero float16; or k-quants in a --plan); "
@@ -77,8 +81,8 @@ from .options import (
 @click.pass_context
 def compress(ctx, model, output, method, bits, sparsity, lowrank, group_size, sym, zero, scale_dtype, float_dtype, skip, plan_path, calib,
              calib_samples, calib_len, calib_dtype, batch, seed, offload, no_act_order, no_clip_search, damp, budget,
-             fisher_samples, measure_samples, out_format, drop_layers, prune_mlp, prune_heads, force, restart, allow_pickle,
-             quiet, recipe_path):
+             fisher_samples, measure_samples, sequential, out_format, drop_layers, prune_mlp, prune_heads, force, restart,
+             allow_pickle, quiet, recipe_path):
     """Compress MODEL and write an artifact (manifest, packed tensors, config and tokenizer) to -o DIR,
     or with --format gguf a GGUF file for llama.cpp.
 
@@ -116,7 +120,8 @@ def compress(ctx, model, output, method, bits, sparsity, lowrank, group_size, sy
             plan=Plan([]) if plan_path else None,     # checked with the recipe before the file is read
             calib=api.CalibConfig(text=calib, samples=calib_samples, length=calib_len, seed=seed, batch=batch,
                                   offload=offload, dtype=calib_dtype),
-            budget=budget, fisher_samples=fisher_samples, measure_samples=measure_samples, output=out_format).check()
+            budget=budget, fisher_samples=fisher_samples, measure_samples=measure_samples, output=out_format,
+            sequential=sequential).check()
         structured = StructuredConfig(drop_layers, parse_fraction(prune_mlp) if prune_mlp else 0.0, prune_heads)
         if structured.active:
             recipe.structured = structured.check()
@@ -161,7 +166,7 @@ def compress(ctx, model, output, method, bits, sparsity, lowrank, group_size, sy
 # compress's flags that a --recipe file replaces
 _RECIPE_FLAGS = ("method", "bits", "sparsity", "lowrank", "group_size", "sym", "zero", "scale_dtype", "float_dtype", "skip", "plan_path", "calib",
                  "calib_samples", "calib_len", "calib_dtype", "batch", "seed", "offload", "no_act_order",
-                 "no_clip_search", "damp", "budget", "fisher_samples", "measure_samples", "out_format", "drop_layers",
+                 "no_clip_search", "damp", "budget", "fisher_samples", "measure_samples", "sequential", "out_format", "drop_layers",
                  "prune_mlp", "prune_heads")
 
 
