@@ -247,3 +247,51 @@ def test_a_kept_norm_does_not_pin_its_layers_written_weights(tmp_path, monkeypat
                 lazy.drop_weight(ref.module)
         assert not any(p.is_meta for n, p in layer.named_parameters() if "norm" in n)
     assert _mapped_anonymous_kb(d) == 0
+
+
+def _packed(d):
+    return load_file(str(d / artifact.PACKED))
+
+
+def test_budgets_plans_and_sweeps_on_a_lazy_model_are_the_eager_ones(sharded, monkeypatch, tmp_path, capsys):
+    """The allocator's passes (Fisher, profile, measured plans, the plan solved from the profile's
+    statistics) run on layers read from disk as on the loaded model: same plan, same bytes."""
+    text = tmp_path / "calib.txt"
+    text.write_text(SAMPLE_TEXT * 4)
+    common = ["--calib", str(text), "--calib-samples", "8", "--calib-len", "32", "--calib-dtype", "float32", "--quiet"]
+    for on_disk in (True, False):
+        monkeypatch.setenv(lazy.ENV, "1" if on_disk else "0")
+        monkeypatch.setenv("SIZEWISE_CACHE", str(tmp_path / f"cache{on_disk}"))     # each profiles its own model
+        d = tmp_path / f"budget{on_disk}"
+        assert main(["compress", str(sharded), "--budget", "3.5bpw", "-o", str(d), *common]) == 0
+        assert main(["plan", str(sharded), "--budget", "3bpw", "-o", str(tmp_path / f"plan{on_disk}.json"),
+                     *common]) == 0
+        assert main(["sweep", str(sharded), "--budgets", "3,4", "--method", "rtn,gptq", "--text", str(text),
+                     "--ctx", "32", "--windows", "2", "-o", str(tmp_path / f"sweep{on_disk}"), *common]) == 0
+    capsys.readouterr()
+    manifests = [json.loads((tmp_path / f"budget{x}" / "manifest.json").read_text()) for x in (True, False)]
+    assert manifests[0]["plan"] == manifests[1]["plan"]
+    a, b = _packed(tmp_path / "budgetTrue"), _packed(tmp_path / "budgetFalse")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "planTrue.json").read_text() == (tmp_path / "planFalse.json").read_text()
+    for point in ("b3bpw", "b4bpw"):
+        a, b = _packed(tmp_path / "sweepTrue" / point), _packed(tmp_path / "sweepFalse" / point)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    sweeps = [json.loads((tmp_path / f"sweep{x}" / "sweep.json").read_text()) for x in (True, False)]
+    assert [p["perplexity"] for p in sweeps[0]["points"]] == [p["perplexity"] for p in sweeps[1]["points"]]
+
+
+def test_a_lazy_float_model_exports_dense(sharded, monkeypatch, tmp_path):
+    monkeypatch.setenv(lazy.ENV, "1")
+    assert main(["export", str(sharded), "--format", "hf", "--dtype", "bfloat16", "-o", str(tmp_path / "h")]) == 0
+    monkeypatch.setenv(lazy.ENV, "0")
+    want = dict(sources.load(sharded).model.named_parameters())
+    got = dict(sources.load(tmp_path / "h").model.named_parameters())
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_models_above_the_size_threshold_stay_on_disk_by_default(monkeypatch, tmp_path):
+    from sizewise.defaults import LAZY_ABOVE_BYTES
+
+    monkeypatch.delenv(lazy.ENV, raising=False)
+    assert lazy.wanted(tmp_path, LAZY_ABOVE_BYTES + 1) and not lazy.wanted(tmp_path, 1 << 20)

@@ -21,3 +21,10 @@ ROUNDING_TOKENS = 8192
 # forward batch is cut so that one batch's logits take at most this much (SmolLM2's vocabulary: 2
 # samples x 512 tokens), and each is reduced against the reference as soon as it is computed.
 LOGIT_BYTES = 256 << 20
+
+# A safetensors model whose float32 copy is larger than this keeps its decoder layers on disk
+# (`lazy`), each read only while it runs, so that compressing it needs about one layer's memory and
+# not the model's: a 1.5B model loaded whole holds its 3.1 GB of bf16 weights (and their file pages)
+# beside each float32 layer. Below it (SmolLM2-135M: 0.5 GB) the whole model stays in memory, which
+# saves re-reading every layer at each of the many forward passes a budget's measurements make.
+LAZY_ABOVE_BYTES = 2 << 30

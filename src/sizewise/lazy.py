@@ -32,9 +32,10 @@ from safetensors import safe_open
 from torch import nn
 
 from .arch import discover
+from .defaults import LAZY_ABOVE_BYTES
 from .errors import SizewiseError
 
-ENV = "SIZEWISE_LAZY"           # "1": always lazy, "0": never; unset: lazy when float32 would not fit comfortably
+ENV = "SIZEWISE_LAZY"           # "1": always lazy, "0": never; unset: lazy for large models (`wanted`)
 _FLOATS = {"F64", "F32", "F16", "BF16"}
 
 
@@ -226,12 +227,11 @@ def disk_bytes(model: nn.Module) -> int:
 
 def wanted(directory: Path, float32_bytes: int) -> bool:
     """Whether to keep decoder layers on disk: `SIZEWISE_LAZY` if set, else when the model in float32
-    would take more than half the memory available now (re-reading layers costs little, but the
-    eager path is the one most code was measured with)."""
+    would take more than `defaults.LAZY_ABOVE_BYTES` or half the memory available now."""
     choice = os.environ.get(ENV)
     if choice in ("0", "1"):
         return choice == "1"
-    return float32_bytes > psutil.virtual_memory().available // 2
+    return float32_bytes > min(LAZY_ABOVE_BYTES, psutil.virtual_memory().available // 2)
 
 
 def _checkpoint_index(directory: Path) -> dict[str, tuple[Path, str, list[int]]]:

@@ -57,6 +57,7 @@ def export(path: str | Path, out: str | Path, *, format: str = "gguf", overwrite
 
         artifact.check_output(Path(out), overwrite)
         src = _source(path)
+        lazy.materialize_all(src.model)     # save_pretrained writes every weight at once
         return write_dense(src.model, src.tokenizer, out, dtype=float_dtype or "bfloat16", overwrite=overwrite)
     if format == "compressed-tensors":
         from ..export.compressed_tensors import write_compressed_tensors
