@@ -199,3 +199,29 @@ def test_joint_budget_errors_are_one_line(tiny_dirs, tmp_path, capsys, argv, mes
     code, _, err = run(capsys, "compress", tiny_dirs["llama"], "-o", out, "--quiet", *argv)
     assert code == 2 and err.count("\n") == 1 and message in err, err
     assert not out.exists()
+
+
+def test_without_calibration_text_factors_are_priced_as_compress_makes_them():
+    """Without text `compress` corrects a data-free grid with the plain SVD of its error; the profile
+    (on samples the model wrote) must price that weight, not the input-whitened one it would make with text."""
+    from sizewise.quant import methods
+
+    model = tiny_model("llama")
+    arch = discover(model)
+    samples = torch.randint(0, model.config.vocab_size, (8, 32), generator=torch.Generator().manual_seed(0))
+    cands = tuple(c for c in A.budget_candidates(("rtn", "lowrank"), axes=AXES) if c.format.compression == "low-rank")
+    ref = arch.all_linears()[0]
+    w = ref.weight().float()
+    for text_given in (False, True):
+        prof = A.profile_model(model, arch, samples, cands, progress=False, keep_stats=True, tables=False,
+                               text_given=text_given)
+        stats = prof.stats[ref.name]
+        got = prof.by_name[ref.weight_name].errors
+        for c, err in zip(cands, got):
+            made = methods.solve(c.method, w, stats if text_given else None, c.format).dequantize()
+            dw = made - w
+            want = float((((dw @ stats.xtx) * dw).sum(1).clamp_min(0) / stats.count).sum())
+            assert err == pytest.approx(want, rel=1e-6), (text_given, c.label)
+        if text_given:
+            assert all(a < b for a, b in zip(got, plain))   # whitening fits the inputs: less output error
+        plain = got

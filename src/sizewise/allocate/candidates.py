@@ -143,24 +143,30 @@ def _choice(name: str, cand: Candidate) -> Choice:
     return Choice(name, cand.method, cand.format)
 
 
-def _solved(cand: Candidate, w: torch.Tensor, stats, options: dict | None):
-    """What `api.compress` stores for this candidate: a QuantizedTensor, or the float weight."""
+def _solved(cand: Candidate, w: torch.Tensor, stats, options: dict | None, text_given: bool = True):
+    """What `api.compress` stores for this candidate: a QuantizedTensor, or the float weight. As there,
+    the statistics reach only candidates that read them with this calibration (`methods.calibrates`:
+    without text, a data-free quantizer's low-rank correction is the plain SVD of its error)."""
     if cand.method == "float":
         return w.to(TORCH_DTYPES[cand.format.dtype]).float()
-    return methods.solve(cand.method, w, stats, cand.format, options)
+    return methods.solve(cand.method, w, _stats_for(cand, stats, text_given), cand.format, options)
 
 
-def _solved_all(cands: list[Candidate], w: torch.Tensor, stats, options: dict | None) -> list:
+def _stats_for(cand: Candidate, stats, text_given: bool):
+    return stats if methods.calibrates(cand.method, cand.format, text_given) else None
+
+
+def _solved_all(cands: list[Candidate], w: torch.Tensor, stats, options: dict | None, text_given: bool = True) -> list:
     """`_solved` of every candidate, each method solving all its formats at once (`methods.solve_many`)."""
     out: list = [None] * len(cands)
-    by_method: dict[str, list[int]] = {}
+    by_method: dict[tuple[str, bool], list[int]] = {}
     for k, c in enumerate(cands):
         if c.method == "float":
             out[k] = _solved(c, w, stats, options)
         else:
-            by_method.setdefault(c.method, []).append(k)
-    for m, ks in by_method.items():
-        for k, t in zip(ks, methods.solve_many(m, w, stats, [cands[k].format for k in ks], options)):
+            by_method.setdefault((c.method, _stats_for(c, stats, text_given) is not None), []).append(k)
+    for (m, reads), ks in by_method.items():
+        for k, t in zip(ks, methods.solve_many(m, w, stats if reads else None, [cands[k].format for k in ks], options)):
             out[k] = t
     return out
 
@@ -169,9 +175,9 @@ def _dense(solved) -> torch.Tensor:
     return solved if isinstance(solved, torch.Tensor) else solved.dequantize()
 
 
-def _dequantized(cand: Candidate, w: torch.Tensor, stats, options: dict | None) -> torch.Tensor:
+def _dequantized(cand: Candidate, w: torch.Tensor, stats, options: dict | None, text_given: bool = True) -> torch.Tensor:
     """The weight the model would hold with this candidate (what `api.compress` computes)."""
-    return _dense(_solved(cand, w, stats, options))
+    return _dense(_solved(cand, w, stats, options, text_given))
 
 
 def _data_free(c: Candidate) -> bool:

@@ -181,7 +181,7 @@ def plan_variants(profile: Profile, sizes: SizeTable, budget: Budget | str) -> l
 
 def measure_plans(model, arch: Architecture, allocs: list[Allocation], samples: torch.Tensor, *,
                   stats: dict | None = None, options: dict | None = None, batch: int = 8,
-                  progress: bool = True, cache: SolvedCache | None = None) -> list[float]:
+                  progress: bool = True, cache: SolvedCache | None = None, text_given: bool = True) -> list[float]:
     """Measured KL(float ‖ plan) in nats/token on `samples`, per plan; the model is restored.
 
     Each plan's weights are solved from `stats` (the float model's input statistics, needed by
@@ -221,7 +221,7 @@ def measure_plans(model, arch: Architecture, allocs: list[Allocation], samples: 
                 todo[c.name].append(cand)
     for name, cands in todo.items():
         st = [stats_of(name, c) for c in cands][0]         # (each candidate's need checked)
-        for cand, solved in zip(cands, _solved_all(cands, originals[name], st, options)):
+        for cand, solved in zip(cands, _solved_all(cands, originals[name], st, options, text_given)):
             cache.weight(name, cand, lambda: solved)
 
     key = cache.samples_key(samples)
@@ -244,7 +244,7 @@ def measure_plans(model, arch: Architecture, allocs: list[Allocation], samples: 
                 cand = Candidate(c.method, c.format)
                 # kept solved (uint8 codes), not dense: 4x less memory
                 solved = cache.weight(c.name, cand, lambda: _solved(cand, originals[c.name], stats_of(c.name, cand),
-                                                                    options))
+                                                                    options, text_given))
                 put(c.name, _dense(solved))
             with rounded_inputs(rounding):
                 kls.append(_kl_to(model, reference, samples, batch, torch.float32))

@@ -48,7 +48,7 @@ from ..precision import float32_execution
 from ..quant.formats import TORCH_DTYPES
 from .candidates import Candidate, _data_free, _dense, _dequantized, _solved_all, _table_takes, profiled
 
-PROFILE_VERSION = 5          # bump when the proxy's definition changes: cached profiles are then ignored (5: llama.cpp's input rounding)
+PROFILE_VERSION = 6          # bump when the proxy's definition changes: cached profiles are then ignored (5: llama.cpp's input rounding; 6: data-free factors without text)
 
 
 @dataclass
@@ -141,7 +141,7 @@ def profile_model(model, arch: Architecture, samples: torch.Tensor, candidates: 
                   compute_dtype: torch.dtype = torch.float32, offload: Path | None = None,
                   progress: bool = True, keep_stats: bool = False, table_samples: int = 4,
                   tables: bool = True, arithmetic: str | None = None,
-                  checkpoint: NotesCheckpoint | None = None) -> Profile:
+                  checkpoint: NotesCheckpoint | None = None, text_given: bool = True) -> Profile:
     """Predicted KL of every candidate on every decoder linear: one Fisher pass, one engine pass;
     with `tables`, for the token tables (embedding, untied head), the KL measured on
     `table_samples` samples (only byte budgets choose for tables; `add_table_costs` adds them later).
@@ -152,7 +152,9 @@ def profile_model(model, arch: Architecture, samples: torch.Tensor, candidates: 
     input statistics (`profile.stats`, in memory only), so plans can be solved without another pass.
     `checkpoint` (its `notes` this function's): each layer's measurements are kept there as the pass
     goes, and a stopped pass resumes at its first unfinished layer (the statistics are then not kept:
-    the layers before it were measured by the earlier run).
+    the layers before it were measured by the earlier run). `text_given`: whether `samples` come from
+    calibration text (else the model wrote them): candidates are solved as `compress` would solve them
+    with that calibration (`methods.calibrates`), only their costs read these samples either way.
     """
     if fisher_samples < 1:
         raise SizewiseError(f"the Fisher estimate needs at least 1 sample, got {fisher_samples}")
@@ -173,7 +175,7 @@ def profile_model(model, arch: Architecture, samples: torch.Tensor, candidates: 
         costs, errors = [], []
         todo = [c.fits(ref.shape[1]) and p for c, p in zip(candidates, profiled_here)]
         # all at once (GPTQ's formats in one column loop), each dropped once measured
-        solved = _solved_all([c for c, t in zip(candidates, todo) if t], w, stats, options)[::-1]
+        solved = _solved_all([c for c, t in zip(candidates, todo) if t], w, stats, options, text_given)[::-1]
         for cand, kind, t in zip(candidates, rounds, todo):
             if not t:
                 costs.append(None)
@@ -211,7 +213,7 @@ def profile_model(model, arch: Architecture, samples: torch.Tensor, candidates: 
     prof = Profile(tuple(candidates), layers, protocol)
     if tables:
         add_table_costs(prof, model, arch, samples, batch=batch, table_samples=table_samples, options=options,
-                        progress=progress, stats=stats, compute_dtype=compute_dtype)
+                        progress=progress, stats=stats, compute_dtype=compute_dtype, text_given=text_given)
     prof.protocol["profile_s"] = time.perf_counter() - t0
     if keep_stats:
         prof.stats = stats
@@ -277,7 +279,8 @@ def needs_head_stats(arch: Architecture, candidates) -> bool:
 
 def add_table_costs(profile: Profile, model, arch: Architecture, samples: torch.Tensor, *, batch: int = 8,
                     table_samples: int = 4, options: dict | None = None, progress: bool = True,
-                    stats: dict | None = None, compute_dtype: torch.dtype = torch.float32) -> None:
+                    stats: dict | None = None, compute_dtype: torch.dtype = torch.float32,
+                    text_given: bool = True) -> None:
     """Measure the token tables' candidates (`_table_costs`) into `profile`, if not there yet, on
     the first `table_samples` calibration samples. The head's statistics come from `stats` or, if
     calibrated candidates need them, a pass over the last ones (`engine.head_statistics`)."""
@@ -289,13 +292,13 @@ def add_table_costs(profile: Profile, model, arch: Architecture, samples: torch.
         if profile.stats is not None:         # kept for solving plans: they may now quantize the head
             profile.stats.update(stats)
     profile.layers += _table_costs(model, arch, profile.candidates, samples[:table_samples], batch, options, progress,
-                                   stats, profile.protocol.get("arithmetic"))
+                                   stats, profile.protocol.get("arithmetic"), text_given)
     profile.by_name = {l.name: l for l in profile.layers}
     profile.protocol.update(table_samples=min(table_samples, len(samples)), tables_s=time.perf_counter() - t0)
 
 
 def _table_costs(model, arch: Architecture, candidates, samples: torch.Tensor, batch: int, options, progress: bool,
-                 stats: dict | None = None, arithmetic: str | None = None):
+                 stats: dict | None = None, arithmetic: str | None = None, text_given: bool = True):
     """KL(float ‖ model with one token table changed) per candidate the table takes, measured directly.
 
     A table touches every position (and, tied, every output logit): no layer-local proxy applies,
@@ -327,7 +330,7 @@ def _table_costs(model, arch: Architecture, candidates, samples: torch.Tensor, b
                 if cand.method == "float":
                     changed = w.to(TORCH_DTYPES[cand.format.dtype]).float()
                 elif takes(name, cand):
-                    changed = _dequantized(cand, w, stats.get(name), options)
+                    changed = _dequantized(cand, w, stats.get(name), options, text_given)
                     bar.update()
                 else:
                     continue

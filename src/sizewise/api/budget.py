@@ -98,7 +98,7 @@ def cached_profile(src, arch: Architecture, calib, candidates: tuple[Candidate, 
     samples, calib_proto = _calibration(src, calib, progress)
     if prof is not None:                          # cached, but without the tables this budget needs
         add_table_costs(prof, src.model, arch, samples, batch=calib.batch, options=options, progress=progress,
-                        compute_dtype=TORCH_DTYPES[calib.dtype])
+                        compute_dtype=TORCH_DTYPES[calib.dtype], text_given=calib.text is not None)
         if cache and src.info.get("sha256"):
             write_text(path, prof.to_json())
         return prof
@@ -111,7 +111,7 @@ def cached_profile(src, arch: Architecture, calib, candidates: tuple[Candidate, 
                              seed=calib.seed, batch=calib.batch, compute_dtype=TORCH_DTYPES[calib.dtype],
                              offload=Path(calib.offload) if calib.offload else None, progress=progress,
                              keep_stats=keep_stats, tables=tables, arithmetic=arithmetic,
-                             checkpoint=kept)
+                             checkpoint=kept, text_given=calib.text is not None)
         prof.protocol.update(model=src.info.get("spec"), model_sha256=src.info.get("sha256"),
                              calibration=calib_proto)
         if cache and src.info.get("sha256"):
@@ -155,7 +155,7 @@ def choose_measured(src, arch: Architecture, calib, profile: Profile, sizes: Siz
                           lambda: _calibration(src, replace(calib, samples=samples, seed=calib.seed + 1), progress)[0])
     t0 = time.perf_counter()
     kls = measure_plans(src.model, arch, allocs, held, stats=stats, options=options, batch=calib.batch,
-                        progress=progress, cache=cache)
+                        progress=progress, cache=cache, text_given=calib.text is not None)
     best = allocs[int(np.argmin(kls))]
     best.measured = [{"how": a.note, "bits_per_weight": a.bits_per_weight, "predicted_kl": a.predicted_total,
                       "measured_kl": kl, "chosen": a is best} for a, kl in zip(allocs, kls)]
