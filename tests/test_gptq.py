@@ -263,3 +263,13 @@ def test_factor_is_the_upper_cholesky_of_the_damped_inverse(act_order):
     u = f.u.double()
     assert torch.equal(u, u.triu()) and bool((u.diagonal() > 0).all())
     assert torch.allclose(u.t() @ u, torch.linalg.inv(h), rtol=1e-4, atol=1e-9)
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 64])
+def test_reverse_in_place_is_flip_both_ways(n):
+    from sizewise.quant.gptq import _reverse_in_place
+
+    m = torch.randn(n, n, dtype=torch.float64)
+    want = m.flip(0, 1)
+    _reverse_in_place(m, chunk=3)          # chunks smaller than the matrix: the seams are exercised
+    assert torch.equal(m, want)

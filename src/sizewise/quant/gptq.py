@@ -55,16 +55,29 @@ def _inverse_cholesky_upper(hr: torch.Tensor) -> torch.Tensor | None:
     explicit inverse and a second Cholesky.
     """
     top = float(hr.diagonal().max())
-    lf, info = torch.linalg.cholesky_ex(hr)
-    del hr                  # the caller passes its only reference
+    info = torch.empty((), dtype=torch.int32, device=hr.device)
+    torch.linalg.cholesky_ex(hr, out=(hr, info))      # into hr: no second factor kept beside it
     # A pivot this small means H is singular up to rounding: the factor "exists" but its
     # inverse would blow GPTQ's updates up, so treat it as a failure and damp more.
-    if int(info) != 0 or float(lf.diagonal().min()) ** 2 <= 1e-10 * top:
+    if int(info) != 0 or float(hr.diagonal().min()) ** 2 <= 1e-10 * top:
         return None
-    r = lf.flip(0, 1)
-    del lf
-    _invert_upper(r)
-    return r if bool(torch.isfinite(r).all()) else None
+    _reverse_in_place(hr)                             # L flipped both ways: R, upper
+    _invert_upper(hr)
+    # checked a block of rows at a time: isfinite of the whole would take more than H itself (8960: +0.8 GB)
+    step = max(1, (1 << 22) // hr.shape[1])
+    return hr if all(bool(torch.isfinite(hr[i:i + step]).all()) for i in range(0, hr.shape[0], step)) else None
+
+
+def _reverse_in_place(t: torch.Tensor, chunk: int = 1 << 22) -> None:
+    """`t.flip(0, 1)` for a contiguous matrix, in place: reversing a matrix both ways reverses its
+    row-major buffer, swapped here a chunk from each end at a time (`flip` would copy all of it)."""
+    flat = t.view(-1)
+    n = flat.numel()
+    for k in range(0, n // 2, chunk):
+        c = min(chunk, n // 2 - k)
+        head = flat[k:k + c].flip(0)
+        flat[k:k + c] = flat[n - k - c:n - k].flip(0)
+        flat[n - k - c:n - k] = head
 
 
 def _invert_upper(r: torch.Tensor, leaf: int = 128) -> None:
@@ -88,9 +101,10 @@ def _invert_upper(r: torch.Tensor, leaf: int = 128) -> None:
 def hessian_factor(xtx: torch.Tensor, *, damp: float = 0.01, act_order: bool = True) -> HessianFactor:
     """Prepare XᵀX for GPTQ: dead channels, damping (retried if singular), order, Cholesky.
 
-    Memory: at most about three float64 copies of H at once (an 8960-wide H is 0.6 GB each): H is
-    permuted and index-reversed in one gather (the Cholesky wants it reversed), and a retry rebuilds
-    it from `xtx` instead of keeping a spare copy."""
+    Memory: two float64 copies of H at most (an 8960-wide H is 0.6 GB; torch's Cholesky works on a copy
+    of its input): H is permuted and index-reversed in one gather, a block of rows at a time (the Cholesky
+    wants it reversed), flipped and inverted in place, checked in blocks, and a retry rebuilds it from
+    `xtx` instead of keeping a spare copy."""
     if xtx.ndim != 2 or xtx.shape[0] != xtx.shape[1]:
         raise SizewiseError(f"XᵀX must be a square matrix, got shape {tuple(xtx.shape)}")
     if not bool(torch.isfinite(xtx).all()):
@@ -111,7 +125,10 @@ def hessian_factor(xtx: torch.Tensor, *, damp: float = 0.01, act_order: bool = T
 
     def reversed_h(rel: float) -> torch.Tensor:
         # float64 for the factorization: H of a 1536-wide layer spans many orders of magnitude.
-        hr = xtx.index_select(0, rev).index_select(1, rev).to(torch.float64)
+        hr = torch.empty((n, n), dtype=torch.float64, device=xtx.device)
+        step = max(1, (1 << 22) // n)
+        for i in range(0, n, step):
+            hr[i:i + step] = xtx.index_select(0, rev[i:i + step]).index_select(1, rev)
         # A channel that never fired has no curvature: pin it so H stays invertible.
         hr[dead_rev, :] = 0
         hr[:, dead_rev] = 0
