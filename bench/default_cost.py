@@ -9,6 +9,7 @@ average are recorded: wall times on a shared machine are noisy, CPU times much l
   - uniform:  compress MODEL --method gptq --bits 4 --group-size 64 --calib TEXT
   - budget:   compress MODEL --budget 3.5bpw --calib TEXT             (the default: rtn,gptq candidates)
   - rtn:      compress MODEL --method rtn --bits 4 --group-size 64    (the baseline the budget must beat)
+  - budget-rtn-size: compress MODEL --budget 4.3125bpw --calib TEXT (the default at that baseline's size)
 then `eval` of each on the first --windows windows of wikitext2-test, against the float model.
 
 `--src` runs another checkout's `src/` (e.g. a `git archive` of main for "before"); results go to
@@ -33,6 +34,7 @@ RUNS = {
     "uniform": ["--method", "gptq", "--bits", "4", "--group-size", "64", "--calib", "{calib}"],
     "budget": ["--budget", "3.5bpw", "--calib", "{calib}"],
     "rtn": ["--method", "rtn", "--bits", "4", "--group-size", "64"],
+    "budget-rtn-size": ["--budget", "4.3125bpw", "--calib", "{calib}"],   # the default at RTN w4g64's size
 }
 
 
@@ -85,6 +87,8 @@ def truncated(model: str, layers: int, work: Path) -> str:
             (out / f.name).symlink_to(f.resolve())
     config = json.loads((src / "config.json").read_text())
     config["num_hidden_layers"] = layers
+    if isinstance(config.get("layer_types"), list):        # per-layer attention kinds (Qwen2, Gemma): as many
+        config["layer_types"] = config["layer_types"][:layers]
     (out / "config.json").write_text(json.dumps(config, indent=1))
     return str(out)
 

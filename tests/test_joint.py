@@ -9,6 +9,7 @@ import torch
 
 import sizewise
 from sizewise import allocate as A
+from sizewise.allocate import candidates
 from sizewise.arch import discover
 from sizewise.cli import main
 from sizewise.errors import SizewiseError
@@ -29,8 +30,18 @@ def run(capsys, *args):
 
 
 def test_quantizers_alone_are_todays_candidate_set():
-    for q in (("rtn",), ("rtn", "gptq"), ("gptq",)):
+    for q in (("rtn",), ("gptq",)):
         assert A.budget_candidates(q) == A.candidate_set(q)
+    # beside RTN, GPTQ is not solved at 8 bits or in groups of 32: RTN's grid is the candidate there
+    both = A.budget_candidates(("rtn", "gptq"))
+    assert set(both) < set(A.candidate_set(("rtn", "gptq")))
+    gptq = {c.format for c in both if c.method == "gptq"}
+    assert {(f.bits, f.group_size) for f in gptq} == {(b, g) for b in (2, 3, 4, 5, 6) for g in (64, 128, None)}
+    assert {c.format for c in both if c.method == "rtn"} == {c.format for c in A.candidate_set(("rtn",))
+                                                             if c.method == "rtn"}
+    profiled = {c for c, p in zip(both, candidates.profiled(both)) if p and c.method == "rtn"}
+    assert {(c.format.bits, c.format.group_size) for c in profiled} == \
+        {(8, g) for g in (32, 64, 128, None)} | {(b, 32) for b in (2, 3, 4, 5, 6)}
     joint = A.budget_candidates(("gptq", "sparsegpt", "lowrank"))
     assert joint[:len(A.candidate_set(("gptq",)))] == A.candidate_set(("gptq",))
     kinds = {c.format.compression for c in joint}
