@@ -9,8 +9,8 @@ SW ?= $(VENV)/bin/sizewise
 DEMO := out/demo
 # The demo allocates RTN formats at exactly uniform RTN w4g64's size (4.3125 bits/weight) and compares the
 # two: same bytes, per-layer choice. A small calibration set (for the sensitivity profile only) and RTN
-# candidates keep it to minutes on 2 cores; GPTQ candidates (the default with --calib) profile 48
-# candidates per linear and take far longer there.
+# candidates keep it to minutes on 2 cores; GPTQ candidates (the default with --calib) solve 24 grids
+# per linear with 128 samples (SmolLM2: about 7 CPU-minutes on an AMX Xeon, far longer on AVX2).
 DEMO_CALIB := --calib enwiki-sample --calib-samples 32 --calib-len 256 --fisher-samples 4 --measure-samples 4
 
 .PHONY: install test test-slow demo demo-run bench clean
