@@ -192,6 +192,19 @@ def test_remote_code_config_through_the_cli_runs_nothing(tiny_dirs, tmp_path, ca
     assert not (tmp_path / "RAN").exists() and not (tmp_path / "out").exists()
 
 
+def test_a_config_transformers_rejects_is_one_error_line(tiny_dirs, tmp_path, capsys):
+    """Per-layer attention kinds for fewer layers than the config has: transformers' own validation
+    refuses it, and that reaches the user as one line naming the model, not "unexpected ... please report"."""
+    d = tmp_path / "m"
+    shutil.copytree(tiny_dirs["qwen2"], d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["layer_types"] = ["full_attention"] * (cfg["num_hidden_layers"] + 1)
+    (d / "config.json").write_text(json.dumps(cfg))
+    line = one_error(capsys, "compress", d, "-o", tmp_path / "out", "--quiet")
+    assert f"cannot load a causal LM from {d}" in line and "unexpected" not in line
+    assert not (tmp_path / "out").exists()
+
+
 # --- artifacts: edited manifests and flipped bytes -------------------------------------------------
 
 

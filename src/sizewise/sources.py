@@ -19,6 +19,11 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
+try:        # transformers validates configs with huggingface_hub's strict dataclasses (newer versions)
+    from huggingface_hub.errors import StrictDataclassError
+except ImportError:                 # older: such checks raise ValueError, caught already
+    StrictDataclassError = ValueError
+
 from . import artifact, builtins, lazy, locate
 from .data import files_sha256
 from .errors import SizewiseError
@@ -81,7 +86,7 @@ def _load_hf(directory: Path, allow_pickle: bool):
     except pickle.UnpicklingError:     # torch.load(weights_only=True) met a pickle that is more than tensors
         raise SizewiseError(f"{directory}: weights-only loading refused its pickled weights (they hold more than "
                             "tensors, e.g. code to run); sizewise never unpickles arbitrary objects") from None
-    except (OSError, ValueError, KeyError, SafetensorError) as e:
+    except (OSError, ValueError, KeyError, SafetensorError, StrictDataclassError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise SizewiseError(f"cannot load a causal LM from {directory}: {first}") from None
     return model.eval(), tokenizer, config
