@@ -225,7 +225,8 @@ def plan_cmd(model, budget, output, method, fisher_samples, measure_samples, out
 @click.option("--stride", default=None, type=POSITIVE, help="Window step (default: ctx, non-overlapping).")
 @click.option("--windows", default=None, type=POSITIVE, help="Use the first N windows (default: all).")
 @click.option("--sequential", is_flag=True, help="Run the calibration passes again for every budget (compressed "
-              "outputs propagate, as in `compress --budget`); default: solve every plan from the profile's statistics.")
+              "outputs propagate, as in `compress --budget --sequential`); default: solve every plan from the profile's statistics, "
+              "as `compress --budget` does.")
 @click.option("--format", "out_format", type=click.Choice(["artifact", "gguf"]), default="artifact", show_default=True,
               help="gguf: also write every point as POINT.gguf (llama.cpp) beside its artifact; the allocator then "
               "chooses among llama.cpp's types (as `compress --format gguf --budget`), byte budgets bound the .gguf "
