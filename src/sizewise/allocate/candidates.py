@@ -172,12 +172,12 @@ def _stats_for(cand: Candidate, stats, text_given: bool):
 def _solved_all(cands: list[Candidate], w: torch.Tensor, stats, options: dict | None, text_given: bool = True) -> list:
     """`_solved` of every candidate, each method solving all its formats at once (`methods.solve_many`)."""
     out: list = [None] * len(cands)
-    by_method: dict[tuple[str, bool], list[int]] = {}
+    by_method: dict[tuple[str, bool], list[int]] = {}       # (method, reads the statistics) -> candidates
     for k, c in enumerate(cands):
         if c.method == "float":
             out[k] = _solved(c, w, stats, options)
         else:
-            by_method.setdefault((c.method, _stats_for(c, stats, text_given) is not None), []).append(k)
+            by_method.setdefault((c.method, methods.calibrates(c.method, c.format, text_given)), []).append(k)
     for (m, reads), ks in by_method.items():
         for k, t in zip(ks, methods.solve_many(m, w, stats if reads else None, [cands[k].format for k in ks], options)):
             out[k] = t

@@ -63,9 +63,23 @@ def _inverse_cholesky_upper(hr: torch.Tensor) -> torch.Tensor | None:
         return None
     _reverse_in_place(hr)                             # L flipped both ways: R, upper
     _invert_upper(hr)
-    # checked a block of rows at a time: isfinite of the whole would take more than H itself (8960: +0.8 GB)
-    step = max(1, (1 << 22) // hr.shape[1])
-    return hr if all(bool(torch.isfinite(hr[i:i + step]).all()) for i in range(0, hr.shape[0], step)) else None
+    return hr if _all_finite(hr) else None
+
+
+def _row_blocks(t: torch.Tensor) -> range:
+    """Starts of blocks of `_rows_per_block(t)` rows of matrix `t`: about 4M elements each."""
+    return range(0, t.shape[0], _rows_per_block(t))
+
+
+def _rows_per_block(t: torch.Tensor) -> int:
+    return max(1, (1 << 22) // max(1, t.shape[1]))
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    """No inf or NaN in matrix `t`, checked a block of rows at a time: `isfinite` of a whole 8960-wide
+    float64 matrix takes more memory than the matrix itself (+0.8 GB)."""
+    step = _rows_per_block(t)
+    return all(bool(torch.isfinite(t[i:i + step]).all()) for i in _row_blocks(t))
 
 
 def _reverse_in_place(t: torch.Tensor, chunk: int = 1 << 22) -> None:
@@ -107,7 +121,7 @@ def hessian_factor(xtx: torch.Tensor, *, damp: float = 0.01, act_order: bool = T
     `xtx` instead of keeping a spare copy."""
     if xtx.ndim != 2 or xtx.shape[0] != xtx.shape[1]:
         raise SizewiseError(f"XᵀX must be a square matrix, got shape {tuple(xtx.shape)}")
-    if not bool(torch.isfinite(xtx).all()):
+    if not _all_finite(xtx):
         raise SizewiseError("XᵀX contains NaN or infinite values; check the calibration activations")
     n = xtx.shape[0]
     diag = xtx.diagonal().to(torch.float64)
@@ -126,8 +140,8 @@ def hessian_factor(xtx: torch.Tensor, *, damp: float = 0.01, act_order: bool = T
     def reversed_h(rel: float) -> torch.Tensor:
         # float64 for the factorization: H of a 1536-wide layer spans many orders of magnitude.
         hr = torch.empty((n, n), dtype=torch.float64, device=xtx.device)
-        step = max(1, (1 << 22) // n)
-        for i in range(0, n, step):
+        step = _rows_per_block(hr)
+        for i in _row_blocks(hr):
             hr[i:i + step] = xtx.index_select(0, rev[i:i + step]).index_select(1, rev)
         # A channel that never fired has no curvature: pin it so H stays invertible.
         hr[dead_rev, :] = 0
