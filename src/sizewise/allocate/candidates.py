@@ -88,8 +88,8 @@ JOINT_AXES = JointAxes()
 # cost grows with their number, and two kinds buy least there: 8 bits (its error is already ~1% of 4
 # bits') and groups of 32 (64 is chosen far more often). RTN's grid of the same format stays a
 # candidate. On both real models' profiles the knapsack's predicted KL without GPTQ at those rises by
-# at most 0.3% at 2.5-4 bits per weight and 1.4% at 5 (an upper bound: RTN's were not offered in that
-# check); the default budget run solves 15 GPTQ grids per linear instead of 24.
+# at most 0.34% at 2.5-3.5 bits per weight, 0.8% at 4 and 4% at 5 (upper bounds: RTN's were not offered
+# in that check; bench/candidate_grids.py); the default budget run solves 15 GPTQ grids, not 24.
 BUDGET_GPTQ_BITS = (2, 3, 4, 5, 6)
 BUDGET_GPTQ_GROUPS = (64, 128, None)
 
