@@ -1,4 +1,4 @@
-"""What keeps a budget run cheap: measured KLs reduced a forward batch at a time (bounded memory), and
+"""What keeps a budget run cheap: measured KLs reduced a head chunk at a time (bounded memory), and
 candidates a dominating method replaces left unprofiled on linears."""
 
 import pytest
@@ -28,30 +28,54 @@ def _full_kl(reference, logp, tokens):
 @pytest.mark.parametrize("logit_bytes", [1 << 30, 1])
 def test_streamed_kl_equals_the_kl_of_held_log_probs(llama, monkeypatch, logit_bytes):
     model, arch, samples = llama
-    monkeypatch.setattr(P, "LOGIT_BYTES", logit_bytes)      # 1 byte: one sample per forward pass
-    rows = P._logit_batch(model, samples, 8)
-    assert rows == (8 if logit_bytes > 1 else 1)
-    reference = P._log_probs(model, samples, 8)
-    assert len(reference) == -(-len(samples) // rows)
+    monkeypatch.setattr(P, "LOGIT_BYTES", logit_bytes)      # 1 byte: one position per head chunk
+    vocab = model.get_output_embeddings().weight.shape[0]
+    reference = P._log_probs(model, samples, 2)
+    assert sum(r.shape[0] * r.shape[1] for r in reference) == samples.numel()
+    assert all(r.shape[1] == 1 or r.numel() * 4 <= logit_bytes for r in reference)
+    assert len(reference) == (3 if logit_bytes > 1 else 3 * samples.shape[1])   # 5 samples in batches of 2
+    whole = torch.log_softmax(model(input_ids=samples).logits.double(), -1)
+    assert torch.allclose(torch.cat([torch.cat(reference[:len(reference) // 3], 1)]), whole[:2], atol=1e-6)
     ref = arch.linears[0][0]
     w = ref.weight()
     try:
         ref.set_weight(w + 0.5 * torch.randn(w.shape, generator=torch.Generator().manual_seed(0)))
-        kl = P._kl_to(model, reference, samples, 8)
-        held = _full_kl(reference, P._log_probs(model, samples, 8), samples.numel())
+        kl = P._kl_to(model, reference, samples, 2)
+        held = _full_kl(reference, P._log_probs(model, samples, 2), samples.numel())
     finally:
         ref.set_weight(w)
     assert kl > 1e-5 and kl == pytest.approx(held, rel=1e-9)
-    assert P._kl_to(model, reference, samples, 8) == pytest.approx(0.0, abs=1e-12)   # the model itself
+    assert P._kl_to(model, reference, samples, 2) == pytest.approx(0.0, abs=1e-12)   # the model itself
 
 
-def test_logit_batch_bounds_the_logits_held():
-    model = tiny_model("llama")
-    vocab = model.get_output_embeddings().weight.shape[0]
-    for length in (16, 512, 4096):
-        samples = torch.zeros(8, length, dtype=torch.long)
-        rows = P._logit_batch(model, samples, 8)
-        assert 1 <= rows <= 8 and (rows == 1 or rows * length * vocab * 4 <= P.LOGIT_BYTES)
+def test_each_decoder_layer_runs_once_per_batch_whatever_the_head_chunks(llama, monkeypatch):
+    """What lets `measure_plans` put a plan's weights into one layer at a time: a layer's weights
+    are swapped in once per forward batch, however many head chunks the vocabulary needs."""
+    model, arch, samples = llama
+    monkeypatch.setattr(P, "LOGIT_BYTES", 1)
+    calls = []
+    h = arch.layers[-1].register_forward_pre_hook(lambda m, a: calls.append(1))
+    try:
+        chunks = P._log_probs(model, samples, 2)
+    finally:
+        h.remove()
+    assert len(chunks) == 3 * samples.shape[1] and len(calls) == 3
+
+
+def test_a_float16_reference_measures_whole_plans_as_float32_does(llama):
+    model, arch, samples = llama
+    ref16 = P._log_probs(model, samples, 8, torch.float32, store=torch.float16)
+    ref32 = P._log_probs(model, samples, 8, torch.float32)
+    assert all(r.dtype == torch.float16 for r in ref16)
+    ref = arch.linears[0][0]
+    w = ref.weight()
+    try:
+        ref.set_weight(w + 3.0 * torch.randn(w.shape, generator=torch.Generator().manual_seed(1)))
+        a = P._kl_to(model, ref16, samples, 8, torch.float32)
+        b = P._kl_to(model, ref32, samples, 8, torch.float32)
+    finally:
+        ref.set_weight(w)
+    assert b > 1e-3 and a == pytest.approx(b, rel=1e-2)
 
 
 def _grid(bits, group):

@@ -5,6 +5,8 @@ import json
 
 import pytest
 import torch
+
+import sizewise.allocate as A
 from safetensors.torch import load_file, save_file
 
 import sizewise
@@ -279,6 +281,28 @@ def test_budgets_plans_and_sweeps_on_a_lazy_model_are_the_eager_ones(sharded, mo
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     sweeps = [json.loads((tmp_path / f"sweep{x}" / "sweep.json").read_text()) for x in (True, False)]
     assert [p["perplexity"] for p in sweeps[0]["points"]] == [p["perplexity"] for p in sweeps[1]["points"]]
+
+
+def test_measured_plans_read_one_layer_at_a_time_and_leave_every_layer_on_disk(sharded, monkeypatch):
+    """A plan's weights go into a layer only while it runs: the lazy model's layers go back to disk
+    unchanged, and the KLs are the loaded model's."""
+    samples = torch.randint(0, 300, (6, 16), generator=torch.Generator().manual_seed(0))
+    kls = []
+    for on_disk in (True, False):
+        src = _load(sharded, monkeypatch, on_disk)
+        arch = discover(src.model)
+        stats, _ = engine.statistics(src.model, arch, samples, batch=3, progress=False)
+        cands = A.candidate_set(("rtn", "gptq"), bits=(3, 4), group_sizes=(16,))
+        prof = A.profile_model(src.model, arch, samples, cands, progress=False, tables=False)
+        variants = A.plan_variants(prof, A.size_table(src.model, arch, cands), "5bpw")
+        seen, hooks = _watch(arch.layers)
+        kls.append(A.measure_plans(src.model, arch, variants, samples[:4], stats=stats, batch=2, progress=False))
+        for h in hooks:
+            h.remove()
+        if on_disk:
+            assert seen and all(resident == [i] for i, resident in seen)
+            assert _resident_layers(arch.layers) == [] and lazy.is_lazy(src.model)
+    assert kls[0] == kls[1] and all(k > 0 for k in kls[0])
 
 
 def test_a_lazy_float_model_exports_dense(sharded, monkeypatch, tmp_path):

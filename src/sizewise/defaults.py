@@ -18,9 +18,15 @@ HEAD_SAMPLES = 32
 ROUNDING_TOKENS = 8192
 
 # Logits held at once when the allocator measures a KL (plans, token tables, rounding costs): the
-# forward batch is cut so that one batch's logits take at most this much (SmolLM2's vocabulary: 2
-# samples x 512 tokens), and each is reduced against the reference as soon as it is computed.
+# head runs on a few positions of a forward batch at a time so that its logits take at most this
+# much, and each chunk is reduced against the reference as soon as it is computed.
 LOGIT_BYTES = 256 << 20
+
+# The float model's log-probabilities that measured plans are compared with are kept in float32 up
+# to this size, in float16 above it (Qwen2.5's 151,936-token vocabulary over 8 x 512 tokens: 2.5 GB
+# in float32). Float16 moves a plan's KL by ~1e-5 nats, about the same for every plan: negligible
+# beside whole plans' KLs (0.01-1), not beside tiny ones, hence float32 where it is affordable.
+REFERENCE_FLOAT32_BYTES = 1 << 30
 
 # A safetensors model whose float32 copy is larger than this keeps its decoder layers on disk
 # (`lazy`), each read only while it runs, so that compressing it needs about one layer's memory and

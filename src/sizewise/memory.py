@@ -19,7 +19,7 @@ import psutil
 import torch
 
 from .arch import discover
-from .defaults import LOGIT_BYTES
+from .defaults import LOGIT_BYTES, REFERENCE_FLOAT32_BYTES
 from .errors import SizewiseError
 from .evaluate import CHUNK_ELEMENTS
 from .lazy import disk_bytes
@@ -113,9 +113,12 @@ def peak_memory(model, *, task: str, calibrated: bool = False, samples: int = 0,
             if task == "plan":      # each candidate's dequantized copy of one linear while measured
                 parts["candidates"] = largest_linear * 4 * 4
             if task == "plan" and measure_samples:
-                # the float model's log-probabilities kept as the reference (float32), one forward batch's
-                # logits and one sample's temporaries, float64 at most (`allocate.profile._kl_to`)
-                parts["measured plans"] = measure_samples * length * vocab * 4 + LOGIT_BYTES + 3 * length * vocab * 8
+                # the float model's log-probabilities kept as the reference (float32, or float16 when
+                # large), a head chunk's logits and its temporaries (`allocate.profile._kl_to`), and the
+                # token tables rounded to the plan's float dtype beside their own tensors
+                ref = measure_samples * length * vocab * 4
+                parts["measured plans"] = (ref if ref <= REFERENCE_FLOAT32_BYTES else ref // 2) + 4 * LOGIT_BYTES \
+                    + sum(rows * cols * 4 for rows, cols in arch.tables.values())
         else:
             parts["one linear in float32"] = largest_linear * 4 * 4   # its copy, groups, codes, dequantized
     elif task == "eval":

@@ -9,14 +9,16 @@ knapsack without its lowest bit widths and the best uniform plan (`api.budget.ch
 from __future__ import annotations
 
 import sys
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
 
 from ..arch import Architecture
+from ..defaults import REFERENCE_FLOAT32_BYTES
 from ..errors import SizewiseError
-from ..lazy import materialize_all
+from ..lazy import held
 from ..plan import Plan
 from ..quant import methods
 from ..quant.formats import DTYPE_BITS, TORCH_DTYPES, FloatFormat
@@ -193,17 +195,9 @@ def measure_plans(model, arch: Architecture, allocs: list[Allocation], samples: 
     from ..runtime.llamacpp import rounded_inputs
 
     cache = SolvedCache() if cache is None else cache
-    materialize_all(model)          # a plan's weights are put in every layer at once
     refs = {r.weight_name: r for r in arch.all_linears()}
+    layer_of = {r.weight_name: layer for layer, lrefs in zip(arch.layers, arch.linears) for r in lrefs}
     params = dict(model.named_parameters())
-    originals = {n: r.weight() for n, r in refs.items()} | {n: params[n].detach().clone() for n in arch.tables}
-
-    def put(name: str, w: torch.Tensor) -> None:
-        if name in refs:
-            refs[name].set_weight(w)
-        else:
-            with torch.no_grad():
-                params[name].copy_(w)
 
     def stats_of(name: str, cand: Candidate):
         # linears' statistics are keyed by module name, the head table's by its weight name
@@ -212,7 +206,11 @@ def measure_plans(model, arch: Architecture, allocs: list[Allocation], samples: 
             raise SizewiseError(f"measuring a {cand.method} plan needs the calibration statistics")
         return st
 
-    # every plan's weights solved up front, each weight's candidates together (GPTQ's in one column loop)
+    def original(name: str) -> torch.Tensor:
+        return refs[name].weight() if name in refs else params[name].detach().float()
+
+    # every plan's weights solved up front, each weight's candidates together (GPTQ's in one column
+    # loop), a decoder layer read (if on disk: `lazy`) only while its weights are solved
     todo: dict[str, list[Candidate]] = {}
     for alloc in allocs:
         for c in alloc.plan.choices:
@@ -221,38 +219,99 @@ def measure_plans(model, arch: Architecture, allocs: list[Allocation], samples: 
                 todo[c.name].append(cand)
     for name, cands in todo.items():
         st = [stats_of(name, c) for c in cands][0]         # (each candidate's need checked)
-        for cand, solved in zip(cands, _solved_all(cands, originals[name], st, options, text_given)):
+        with held(layer_of[name]) if name in layer_of else nullcontext():
+            w = original(name)
+        for cand, solved in zip(cands, _solved_all(cands, w, st, options, text_given)):
             cache.weight(name, cand, lambda: solved)
+        del w
 
     key = cache.samples_key(samples)
-    # whole plans: KL ≫ float32 rounding
-    reference = cache.reference(key, lambda: _log_probs(model, samples, batch, torch.float32))
+    # whole plans: KL ≫ float32 rounding; a large reference in float16 (`REFERENCE_FLOAT32_BYTES`)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    store = torch.float16 if samples.numel() * vocab * 4 > REFERENCE_FLOAT32_BYTES else torch.float32
+    reference = cache.reference(key, lambda: _log_probs(model, samples, batch, torch.float32, store=store))
     kls = []
     bar = tqdm(allocs, desc="measuring plans", unit="plan", disable=not progress, file=sys.stderr)
-    try:
-        for alloc in bar:
-            pkey = (key, alloc.plan_float_dtype, _arithmetic(alloc),
-                    tuple((c.name, c.method, c.format) for c in alloc.plan.choices))
-            known = cache.measured_kl(pkey)
-            if known is not None:               # the same plan, measured for another budget
-                kls.append(known)
-                continue
-            for n in arch.tables:               # tables the plan does not name stay float
-                put(n, originals[n].to(TORCH_DTYPES[alloc.plan_float_dtype]).float())
-            rounding = _plan_roundings(model, arch, alloc)
-            for c in alloc.plan.choices:
-                cand = Candidate(c.method, c.format)
-                # kept solved (uint8 codes), not dense: 4x less memory
-                solved = cache.weight(c.name, cand, lambda: _solved(cand, originals[c.name], stats_of(c.name, cand),
-                                                                    options, text_given))
-                put(c.name, _dense(solved))
-            with rounded_inputs(rounding):
-                kls.append(_kl_to(model, reference, samples, batch, torch.float32))
-            cache.put_kl(pkey, kls[-1])
-    finally:
-        for n, w in originals.items():
-            put(n, w)
+    for alloc in bar:
+        pkey = (key, alloc.plan_float_dtype, _arithmetic(alloc),
+                tuple((c.name, c.method, c.format) for c in alloc.plan.choices))
+        known = cache.measured_kl(pkey)
+        if known is not None:               # the same plan, measured for another budget
+            kls.append(known)
+            continue
+        chosen = {c.name: Candidate(c.method, c.format) for c in alloc.plan.choices}
+
+        def dense(name: str) -> torch.Tensor | None:
+            cand = chosen.get(name)
+            if cand is None:
+                return None
+            # kept solved (uint8 codes), not dense: 4x less memory
+            return _dense(cache.weight(name, cand, lambda: _solved(cand, original(name), stats_of(name, cand),
+                                                                      options, text_given)))
+
+        # tables the plan does not name stay float, in the plan's float dtype
+        tables = {n: dense(n) if n in chosen else params[n].detach().to(TORCH_DTYPES[alloc.plan_float_dtype]).float()
+                  for n in arch.tables}
+        rounding = _plan_roundings(model, arch, alloc)
+        with _tables_in(params, tables), _linears_in(arch, refs, dense), rounded_inputs(rounding):
+            kls.append(_kl_to(model, reference, samples, batch, torch.float32))
+        del tables
+        cache.put_kl(pkey, kls[-1])
     return kls
+
+
+@contextmanager
+def _tables_in(params: dict, tables: dict[str, torch.Tensor]):
+    """Inside the block the token tables hold `tables` (a tied table is one parameter: both of its
+    uses see the change); their own tensors come back after, never copied."""
+    saved = []
+    try:
+        for name, w in tables.items():
+            p = params[name]
+            saved.append((p, p.data))
+            p.data = w.to(p.dtype)
+        yield
+    finally:
+        for p, data in reversed(saved):
+            p.data = data
+
+
+@contextmanager
+def _linears_in(arch: Architecture, refs: dict, dense):
+    """Inside the block each decoder layer holds the plan's weights (`dense(weight name)`, [out, in]
+    float32, or None to keep the float weight) only while it runs: one layer's dense weights at a
+    time, the float weights never copied, and a layer on disk (`lazy`) goes back there unchanged.
+
+    The layer must run once per forward pass, as `_kl_to` runs it (`profile._log_prob_chunks`)."""
+    by_layer = {id(layer): lrefs for layer, lrefs in zip(arch.layers, arch.linears)}
+    swapped: dict[int, list] = {}
+
+    def enter(layer, args, kwargs):
+        for r in by_layer[id(layer)]:
+            w = dense(r.weight_name)
+            if w is not None:
+                p = r.module.weight
+                swapped.setdefault(id(layer), []).append((p, p.data))
+                p.data = (w.t() if r.transposed else w).to(p.dtype).contiguous()
+
+    def leave(layer, args, kwargs, out):
+        for p, data in swapped.pop(id(layer), ()):
+            p.data = data
+        return out
+
+    handles = []
+    try:
+        for layer in arch.layers:
+            handles.append(layer.register_forward_pre_hook(enter, with_kwargs=True))
+            # prepend: the float weights are back before a lazy layer checks them (`lazy`)
+            handles.append(layer.register_forward_hook(leave, with_kwargs=True, prepend=True))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for saved in swapped.values():          # a forward that failed inside a layer
+            for p, data in saved:
+                p.data = data
 
 
 def _arithmetic(alloc: Allocation) -> str | None:

@@ -346,42 +346,45 @@ def _table_costs(model, arch: Architecture, candidates, samples: torch.Tensor, b
     return out
 
 
-def _logit_batch(model, samples: torch.Tensor, batch: int) -> int:
-    """Samples per forward pass when measuring: at most `batch`, and logits of at most `LOGIT_BYTES`."""
-    vocab = model.get_output_embeddings().weight.shape[0]
-    return max(1, min(batch, LOGIT_BYTES // max(1, samples.shape[1] * vocab * 4)))
-
-
 @torch.no_grad()
-def _log_probs(model, samples: torch.Tensor, batch: int, dtype: torch.dtype = torch.float64) -> list[torch.Tensor]:
-    """The model's log-probabilities on `samples`, one [rows, length, vocab] tensor per forward batch
-    (`_logit_batch`): the reference that `_kl_to` compares with."""
+def _log_prob_chunks(model, samples: torch.Tensor, batch: int, dtype: torch.dtype):
+    """The model's log-probabilities on `samples` as [rows, positions, vocab] chunks in `dtype`, in a
+    fixed order: the decoder runs once per `batch` samples, and the head a few positions at a time
+    (logits of at most `LOGIT_BYTES`), so the vocabulary does not multiply memory and each decoder
+    layer runs once per batch (what `choice.measure_plans` swaps a plan's weights in for)."""
+    from ..evaluate import _decoder_output
+
     device = next(model.parameters()).device
-    rows = _logit_batch(model, samples, batch)
-    # float64 by default: single-layer changes at 8 bits move the KL by ~1e-8, below float32 rounding;
+    vocab = model.get_output_embeddings().weight.shape[0]
     # a model kept in bf16/fp16 computes as its float32 copy would (`precision`)
     with float32_execution(model, discover(model).layers):
-        return [F.log_softmax(model(input_ids=samples[s:s + rows].to(device), use_cache=False).logits.to(dtype), -1)
-                .cpu() for s in range(0, len(samples), rows)]
+        for s in range(0, len(samples), batch):
+            x = samples[s:s + batch].to(device)
+            step = max(1, LOGIT_BYTES // (len(x) * vocab * 4))
+            with _decoder_output(model, x):
+                for p in range(0, x.shape[1], step):
+                    pos = torch.arange(p, min(p + step, x.shape[1]), device=device)
+                    logits = model(input_ids=x, use_cache=False, logits_to_keep=pos).logits
+                    yield F.log_softmax(logits.to(dtype), -1).cpu()
+                    del logits
+
+
+def _log_probs(model, samples: torch.Tensor, batch: int, dtype: torch.dtype = torch.float64,
+               store: torch.dtype | None = None) -> list[torch.Tensor]:
+    """The reference that `_kl_to` compares with: `_log_prob_chunks`, kept in `store` (default `dtype`).
+
+    float64 by default: single-layer changes at 8 bits move the KL by ~1e-8, below float32 rounding.
+    Whole plans may keep a float16 copy (`defaults.REFERENCE_FLOAT32_BYTES`)."""
+    return [c.to(store or dtype) for c in _log_prob_chunks(model, samples, batch, dtype)]
 
 
 @torch.no_grad()
 def _kl_to(model, reference: list[torch.Tensor], samples: torch.Tensor, batch: int,
            dtype: torch.dtype = torch.float64) -> float:
-    """KL(reference ‖ model) in nats per token on `samples`, `reference` from `_log_probs(..., batch, dtype)`.
-
-    The model's log-probabilities are reduced one sample at a time as each forward batch comes out, so
-    only one batch's logits are held beside the reference (they were all held, with three temporaries
-    as large, which made measuring plans the peak of a budget run: 5.2 GB on SmolLM2).
-    """
-    device = next(model.parameters()).device
-    rows = _logit_batch(model, samples, batch)
+    """KL(reference ‖ model) in nats per token on `samples`, `reference` from `_log_probs(..., batch, dtype)`:
+    one chunk of the model's log-probabilities is held beside it at a time."""
     total = 0.0
-    with float32_execution(model, discover(model).layers):
-        for ref, s in zip(reference, range(0, len(samples), rows)):
-            logits = model(input_ids=samples[s:s + rows].to(device), use_cache=False).logits
-            for r, x in zip(ref, logits):
-                lp = F.log_softmax(x.to(dtype), -1).cpu()
-                total += float(torch.sub(r, lp, out=lp).mul_(r.exp()).sum(dtype=torch.float64))
-            del logits
+    for r, lp in zip(reference, _log_prob_chunks(model, samples, batch, dtype), strict=True):
+        r = r.to(dtype)
+        total += float(torch.sub(r, lp, out=lp).mul_(r.exp()).sum(dtype=torch.float64))
     return max(0.0, total / samples.numel())
