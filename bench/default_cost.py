@@ -10,6 +10,7 @@ average are recorded: wall times on a shared machine are noisy, CPU times much l
   - budget:   compress MODEL --budget 3.5bpw --calib TEXT             (the default: rtn,gptq candidates)
   - rtn:      compress MODEL --method rtn --bits 4 --group-size 64    (the baseline the budget must beat)
   - budget-rtn-size: compress MODEL --budget 4.3125bpw --calib TEXT (the default at that baseline's size)
+  - budget-noclip: compress MODEL --budget 3.5bpw --calib TEXT --no-clip-search
 then `eval` of each on the first --windows windows of wikitext2-test, against the float model.
 
 `--src` runs another checkout's `src/` (e.g. a `git archive` of main for "before"); results go to
@@ -35,6 +36,8 @@ RUNS = {
     "budget": ["--budget", "3.5bpw", "--calib", "{calib}"],
     "rtn": ["--method", "rtn", "--bits", "4", "--group-size", "64"],
     "budget-rtn-size": ["--budget", "4.3125bpw", "--calib", "{calib}"],   # the default at RTN w4g64's size
+    # the default with GPTQ's clip search off (on Qwen2.5-Coder the search raises perplexity: bench/clip_effect.py)
+    "budget-noclip": ["--budget", "3.5bpw", "--calib", "{calib}", "--no-clip-search"],
 }
 
 
