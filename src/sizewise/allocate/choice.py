@@ -269,7 +269,7 @@ def _tables_in(params: dict, tables: dict[str, torch.Tensor]):
         for name, w in tables.items():
             p = params[name]
             saved.append((p, p.data))
-            p.data = w.to(p.dtype)
+            p.data = w.to(p.device, p.dtype)
         yield
     finally:
         for p, data in reversed(saved):
@@ -292,7 +292,7 @@ def _linears_in(arch: Architecture, refs: dict, dense):
             if w is not None:
                 p = r.module.weight
                 swapped.setdefault(id(layer), []).append((p, p.data))
-                p.data = (w.t() if r.transposed else w).to(p.dtype).contiguous()
+                p.data = (w.t() if r.transposed else w).to(p.device, p.dtype).contiguous()
 
     def leave(layer, args, kwargs, out):
         for p, data in swapped.pop(id(layer), ()):
