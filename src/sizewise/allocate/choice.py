@@ -253,7 +253,7 @@ def measure_plans(model, arch: Architecture, allocs: list[Allocation], samples: 
         tables = {n: dense(n) if n in chosen else params[n].detach().to(TORCH_DTYPES[alloc.plan_float_dtype]).float()
                   for n in arch.tables}
         rounding = _plan_roundings(model, arch, alloc)
-        with _tables_in(params, tables), _linears_in(arch, refs, dense), rounded_inputs(rounding):
+        with _tables_in(params, tables), _linears_in(arch, dense), rounded_inputs(rounding):
             kls.append(_kl_to(model, reference, samples, batch, torch.float32))
         del tables
         cache.put_kl(pkey, kls[-1])
@@ -277,7 +277,7 @@ def _tables_in(params: dict, tables: dict[str, torch.Tensor]):
 
 
 @contextmanager
-def _linears_in(arch: Architecture, refs: dict, dense):
+def _linears_in(arch: Architecture, dense):
     """Inside the block each decoder layer holds the plan's weights (`dense(weight name)`, [out, in]
     float32, or None to keep the float weight) only while it runs: one layer's dense weights at a
     time, the float weights never copied, and a layer on disk (`lazy`) goes back there unchanged.
