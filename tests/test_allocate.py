@@ -403,8 +403,7 @@ def test_measure_memo_reuses_weights_reference_and_plans(llama, profiled, monkey
     plain = A.measure_plans(model, arch, variants, samples[:4], progress=False)
     solved, forwards = [], []
     # what measure_plans calls: the reference's forward passes (_log_probs), each plan's (_kl_to)
-    real_solve, real_all, real_logp, real_kl = choice._solved, choice._solved_all, choice._log_probs, choice._kl_to
-    monkeypatch.setattr(choice, "_solved", lambda *a, **k: solved.append(1) or real_solve(*a, **k))
+    real_all, real_logp, real_kl = choice._solved_all, choice._log_probs, choice._kl_to
     monkeypatch.setattr(choice, "_solved_all", lambda *a, **k: solved.append(1) or real_all(*a, **k))
     monkeypatch.setattr(choice, "_log_probs", lambda *a, **k: forwards.append(1) or real_logp(*a, **k))
     monkeypatch.setattr(choice, "_kl_to", lambda *a, **k: forwards.append(1) or real_kl(*a, **k))

@@ -34,7 +34,7 @@ CHUNK_ELEMENTS = 2**24
 
 
 @contextmanager
-def _decoder_output(model, x: torch.Tensor):
+def decoder_output(model, x: torch.Tensor):
     """Run `model`'s decoder once on `x`; inside the block, `model(...)` reuses that output instead of
     running it again, so the head (and whatever the family applies after it: soft-capping, scaling)
     can be asked for a few positions at a time with `logits_to_keep`. If a model's forward does not
@@ -142,11 +142,11 @@ def _score_window(x, first, models, reference, tallies, ref_tally, roundings, st
     scored = torch.arange(first, x.shape[1] - 1, device=x.device)   # positions whose next token is scored
     with ExitStack() as stack:
         if reference is not None:
-            stack.enter_context(_decoder_output(reference, x))
+            stack.enter_context(decoder_output(reference, x))
             ref_tally.start_window(False)
         for label, model in models.items():
             with rounded_inputs(roundings.get(label, {})):
-                stack.enter_context(_decoder_output(model, x))
+                stack.enter_context(decoder_output(model, x))
             tallies[label].start_window(reference is not None)
         for s in range(0, len(scored), step):
             pos = scored[s:s + step]

@@ -116,8 +116,8 @@ def peak_memory(model, *, task: str, calibrated: bool = False, samples: int = 0,
                 # the float model's log-probabilities kept as the reference (float32, or float16 when
                 # large), a head chunk's logits and its temporaries (`allocate.profile._kl_to`), and the
                 # token tables rounded to the plan's float dtype beside their own tensors
-                ref = measure_samples * length * vocab * 4
-                parts["measured plans"] = (ref if ref <= REFERENCE_FLOAT32_BYTES else ref // 2) + 4 * LOGIT_BYTES \
+                values = measure_samples * length * vocab
+                parts["measured plans"] = values * reference_dtype(values).itemsize + 4 * LOGIT_BYTES \
                     + sum(rows * cols * 4 for rows, cols in arch.tables.values())
         else:
             parts["one linear in float32"] = largest_linear * 4 * 4   # its copy, groups, codes, dequantized
@@ -131,6 +131,12 @@ def peak_memory(model, *, task: str, calibrated: bool = False, samples: int = 0,
         raise ValueError(f"unknown task {task!r}")
     parts["runtime"] = 400 * 2**20          # Python, torch, transformers and their allocator slack
     return Peak(parts)
+
+
+def reference_dtype(values: int) -> torch.dtype:
+    """How measured plans keep the float model's `values` log-probabilities: float32, or float16 above
+    `REFERENCE_FLOAT32_BYTES`."""
+    return torch.float16 if values * 4 > REFERENCE_FLOAT32_BYTES else torch.float32
 
 
 _said: set[str] = set()

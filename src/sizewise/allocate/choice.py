@@ -16,15 +16,15 @@ import torch
 from tqdm.auto import tqdm
 
 from ..arch import Architecture
-from ..defaults import REFERENCE_FLOAT32_BYTES
 from ..errors import SizewiseError
 from ..lazy import held
+from ..memory import reference_dtype
 from ..plan import Plan
 from ..quant import methods
 from ..quant.formats import DTYPE_BITS, TORCH_DTYPES, FloatFormat
 from .budgets import Budget, check_budget, parse_budget
 from .cache import SolvedCache
-from .candidates import Candidate, _choice, _dense, _solved, _solved_all
+from .candidates import Candidate, _choice, _dense, _solved_all
 from .knapsack import solve_mckp
 from .profile import Profile, _input_roundings, _kl_to, _log_probs
 from .sizes import ARTIFACT, SizeTable
@@ -210,25 +210,28 @@ def measure_plans(model, arch: Architecture, allocs: list[Allocation], samples: 
         return refs[name].weight() if name in refs else params[name].detach().float()
 
     # every plan's weights solved up front, each weight's candidates together (GPTQ's in one column
-    # loop), a decoder layer read (if on disk: `lazy`) only while its weights are solved
+    # loop); a decoder layer on disk (`lazy`) is read once, for all of its weights
     todo: dict[str, list[Candidate]] = {}
     for alloc in allocs:
         for c in alloc.plan.choices:
             cand = Candidate(c.method, c.format)
             if (c.name, cand) not in cache.weights and cand not in todo.setdefault(c.name, []):
                 todo[c.name].append(cand)
-    for name, cands in todo.items():
-        st = [stats_of(name, c) for c in cands][0]         # (each candidate's need checked)
-        with held(layer_of[name]) if name in layer_of else nullcontext():
-            w = original(name)
-        for cand, solved in zip(cands, _solved_all(cands, w, st, options, text_given)):
-            cache.weight(name, cand, lambda: solved)
-        del w
+    by_layer: dict[int, list[str]] = {}
+    for name in todo:
+        by_layer.setdefault(id(layer_of.get(name)), []).append(name)
+    for names in by_layer.values():
+        with held(layer_of[names[0]]) if names[0] in layer_of else nullcontext():
+            originals = {n: original(n) for n in names}
+        for name in names:
+            st = [stats_of(name, c) for c in todo[name]][0]         # (each candidate's need checked)
+            for cand, solved in zip(todo[name], _solved_all(todo[name], originals.pop(name), st, options,
+                                                            text_given)):
+                cache.weight(name, cand, lambda: solved)
 
     key = cache.samples_key(samples)
-    # whole plans: KL ≫ float32 rounding; a large reference in float16 (`REFERENCE_FLOAT32_BYTES`)
-    vocab = model.get_output_embeddings().weight.shape[0]
-    store = torch.float16 if samples.numel() * vocab * 4 > REFERENCE_FLOAT32_BYTES else torch.float32
+    # whole plans: KL ≫ float32 rounding; a large reference in float16
+    store = reference_dtype(samples.numel() * model.get_output_embeddings().weight.shape[0])
     reference = cache.reference(key, lambda: _log_probs(model, samples, batch, torch.float32, store=store))
     kls = []
     bar = tqdm(allocs, desc="measuring plans", unit="plan", disable=not progress, file=sys.stderr)
@@ -242,12 +245,8 @@ def measure_plans(model, arch: Architecture, allocs: list[Allocation], samples: 
         chosen = {c.name: Candidate(c.method, c.format) for c in alloc.plan.choices}
 
         def dense(name: str) -> torch.Tensor | None:
-            cand = chosen.get(name)
-            if cand is None:
-                return None
-            # kept solved (uint8 codes), not dense: 4x less memory
-            return _dense(cache.weight(name, cand, lambda: _solved(cand, original(name), stats_of(name, cand),
-                                                                      options, text_given)))
+            # solved above and kept solved (uint8 codes), not dense: 4x less memory
+            return _dense(cache.weights[(name, chosen[name])]) if name in chosen else None
 
         # tables the plan does not name stay float, in the plan's float dtype
         tables = {n: dense(n) if n in chosen else params[n].detach().to(TORCH_DTYPES[alloc.plan_float_dtype]).float()

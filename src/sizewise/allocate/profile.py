@@ -43,6 +43,7 @@ from ..arch import Architecture, discover
 from ..checkpoint import NotesCheckpoint
 from ..defaults import HEAD_SAMPLES, LOGIT_BYTES, ROUNDING_TOKENS
 from ..errors import SizewiseError
+from ..evaluate import decoder_output
 from ..observers import DEFAULT_OBSERVERS, RoundingGram
 from ..precision import float32_execution
 from ..quant.formats import TORCH_DTYPES
@@ -352,8 +353,6 @@ def _log_prob_chunks(model, samples: torch.Tensor, batch: int, dtype: torch.dtyp
     fixed order: the decoder runs once per `batch` samples, and the head a few positions at a time
     (logits of at most `LOGIT_BYTES`), so the vocabulary does not multiply memory and each decoder
     layer runs once per batch (what `choice.measure_plans` swaps a plan's weights in for)."""
-    from ..evaluate import _decoder_output
-
     device = next(model.parameters()).device
     vocab = model.get_output_embeddings().weight.shape[0]
     # a model kept in bf16/fp16 computes as its float32 copy would (`precision`)
@@ -361,7 +360,7 @@ def _log_prob_chunks(model, samples: torch.Tensor, batch: int, dtype: torch.dtyp
         for s in range(0, len(samples), batch):
             x = samples[s:s + batch].to(device)
             step = max(1, LOGIT_BYTES // (len(x) * vocab * 4))
-            with _decoder_output(model, x):
+            with decoder_output(model, x):
                 for p in range(0, x.shape[1], step):
                     pos = torch.arange(p, min(p + step, x.shape[1]), device=device)
                     logits = model(input_ids=x, use_cache=False, logits_to_keep=pos).logits
@@ -374,7 +373,7 @@ def _log_probs(model, samples: torch.Tensor, batch: int, dtype: torch.dtype = to
     """The reference that `_kl_to` compares with: `_log_prob_chunks`, kept in `store` (default `dtype`).
 
     float64 by default: single-layer changes at 8 bits move the KL by ~1e-8, below float32 rounding.
-    Whole plans may keep a float16 copy (`defaults.REFERENCE_FLOAT32_BYTES`)."""
+    Whole plans may keep a float16 copy (`memory.reference_dtype`)."""
     return [c.to(store or dtype) for c in _log_prob_chunks(model, samples, batch, dtype)]
 
 
