@@ -111,4 +111,17 @@ def test_the_plan_measurement_is_in_the_memory_estimate():
     base, measured = peak_memory(model, **kw), peak_memory(model, measure_samples=8, **kw)
     vocab = model.config.vocab_size
     assert measured.parts["measured plans"] >= 8 * 512 * vocab * 4
-    assert measured.total - base.total == measured.parts["measured plans"]
+    linear_params = sum(r.shape[0] * r.shape[1] for r in discover(model).all_linears())
+    assert measured.parts["solved plans"] >= 2 * linear_params       # codes, and the other options' codes
+    assert measured.total - base.total == measured.parts["measured plans"] + measured.parts["solved plans"]
+
+
+def test_option_variants_flip_what_the_plans_methods_take_and_the_user_left_unset():
+    from sizewise.plan import Choice, Plan
+
+    g4 = QuantFormat(4, 64)
+    gptq = Plan([Choice("a.weight", "gptq", g4), Choice("b.weight", "rtn", g4)])
+    assert A.option_variants(gptq, None) == [{"clip_search": False}]
+    assert A.option_variants(gptq, {"damp": 0.1}) == [{"clip_search": False}]
+    assert A.option_variants(gptq, {"clip_search": True}) == []
+    assert A.option_variants(Plan([Choice("a.weight", "rtn", g4)]), None) == []

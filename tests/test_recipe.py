@@ -127,3 +127,74 @@ def test_a_budget_is_solved_from_its_profiles_statistics_and_its_recipe_rebuilds
     assert manifest["recipe"]["sequential"] is True and "statistics" not in manifest["calibration"]
     c = load_file(str(seq / "packed.safetensors"))
     assert c.keys() == a.keys() and not all(a[k].equal(c[k]) for k in a)     # the same plan, solved otherwise
+
+
+@pytest.mark.parametrize("winner", ["search off", "search on"])
+def test_a_budget_measures_gptqs_clip_search_both_ways_and_its_recipe_rebuilds_the_winner(
+        tiny_dirs, tmp_path, monkeypatch, winner):
+    """The budget's best plan is measured again with GPTQ's clip search off; the plan keeps the options
+    of the lower KL (made to win here), the manifest and recipe record them, and the recipe rebuilds
+    the same bytes. With --no-clip-search nothing is measured twice."""
+    from safetensors.torch import load_file
+
+    import sizewise.api.budget as B
+    from sizewise.cli import main
+
+    real = B.measure_plans
+
+    def measure(*args, options=None, **kwargs):        # the real KLs, the losing side's made worse
+        kls = real(*args, options=options, **kwargs)
+        off = (options or {}).get("clip_search") is False
+        return [kl + 1.0 if off == (winner == "search on") else kl for kl in kls]
+
+    monkeypatch.setattr(B, "measure_plans", measure)
+    common = ["--calib", str(tiny_dirs["text"]), "--calib-samples", "8", "--calib-len", "32", "--quiet"]
+    first = tmp_path / "a"
+    assert main(["compress", str(tiny_dirs["llama"]), "--budget", "3.5bpw", "-o", str(first), *common]) == 0
+    manifest = json.loads((first / "manifest.json").read_text())
+    rows = manifest["allocation"]["measured_plans"]
+    variant = [r for r in rows if r.get("options")]
+    assert len(variant) == 1 and variant[0]["options"] == {"clip_search": False}
+    assert sum(r["chosen"] for r in rows) == 1 and variant[0]["chosen"] == (winner == "search off")
+    chosen = {"clip_search": False} if winner == "search off" else {}
+    assert manifest["allocation"]["options"] == chosen and manifest["recipe"]["options"] == chosen
+    assert manifest["method"]["effective_options"]["gptq"]["clip_search"] is (winner == "search on")
+    (tmp_path / "r.json").write_text(json.dumps(manifest["recipe"]))
+    again = tmp_path / "b"
+    assert main(["compress", str(tiny_dirs["llama"]), "--recipe", str(tmp_path / "r.json"), "-o", str(again),
+                 "--quiet"]) == 0
+    a, b = load_file(str(first / "packed.safetensors")), load_file(str(again / "packed.safetensors"))
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+
+    # solved with the other option: other bytes (the winner's weights were the ones written)
+    other = tmp_path / "c"
+    flag = ["--no-clip-search"] if winner == "search on" else []
+    recipe = {**manifest["recipe"], "options": {"clip_search": False} if flag else {"clip_search": True}}
+    (tmp_path / "o.json").write_text(json.dumps(recipe))
+    assert main(["compress", str(tiny_dirs["llama"]), "--recipe", str(tmp_path / "o.json"), "-o", str(other),
+                 "--quiet"]) == 0
+    c = load_file(str(other / "packed.safetensors"))
+    assert not all(a[k].equal(c[k]) for k in a)
+
+    # `plan -o` writes the options with the plan, and `compress --plan` applies them
+    assert main(["plan", str(tiny_dirs["llama"]), "--budget", "3.5bpw", "-o", str(tmp_path / "p.json"), *common]) == 0
+    assert json.loads((tmp_path / "p.json").read_text()).get("options", {}) == chosen
+    assert main(["compress", str(tiny_dirs["llama"]), "--plan", str(tmp_path / "p.json"), "-o", str(tmp_path / "e"),
+                 *common]) == 0
+    assert json.loads((tmp_path / "e" / "manifest.json").read_text())["recipe"]["options"] == chosen
+
+    given = tmp_path / "d"
+    assert main(["compress", str(tiny_dirs["llama"]), "--budget", "3.5bpw", "--no-clip-search", "-o", str(given),
+                 *common]) == 0
+    manifest = json.loads((given / "manifest.json").read_text())
+    assert not any(r.get("options") for r in manifest["allocation"]["measured_plans"])
+    assert manifest["recipe"]["options"] == {"clip_search": False} and manifest["allocation"]["options"] == {}
+
+
+def test_a_plan_carries_the_options_it_was_measured_with():
+    plan = Plan([Choice("a.weight", "gptq", QuantFormat(4, 64))], {"clip_search": False})
+    assert Plan.from_json(plan.to_json()) == plan
+    assert "options" not in json.loads(Plan(plan.choices).to_json())
+    for bad in ({"clip_search": "no"}, {"nonsense": 1}):
+        with pytest.raises(SizewiseError, match="option"):
+            Plan.from_json(json.dumps({"plan_version": 1, "choices": [], "options": bad}))

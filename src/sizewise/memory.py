@@ -119,6 +119,9 @@ def peak_memory(model, *, task: str, calibrated: bool = False, samples: int = 0,
                 values = measure_samples * length * vocab
                 parts["measured plans"] = values * reference_dtype(values).itemsize + 4 * LOGIT_BYTES \
                     + sum(rows * cols * 4 for rows, cols in arch.tables.values())
+                # the plans' weights kept solved (a byte per code), and the best plan's solved again with
+                # other method options (`allocate.option_variants`)
+                parts["solved plans"] = sum(r.shape[0] * r.shape[1] for r in arch.all_linears()) * 2
         else:
             parts["one linear in float32"] = largest_linear * 4 * 4   # its copy, groups, codes, dequantized
     elif task == "eval":

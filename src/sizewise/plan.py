@@ -1,19 +1,22 @@
 """A plan is data: one row per weight saying which method and stored format it gets.
 
-Plans are written by hand, by `Plan.uniform`, or (later) by the budget allocator, and applied by
-`api.compress`. They round-trip through JSON unchanged.
+Plans are written by hand, by `Plan.uniform`, or by the budget allocator, and applied by
+`api.compress`. They round-trip through JSON unchanged. A plan may also carry method options
+(`Plan.options`): those its weights were measured with when the allocator chose between them
+(GPTQ's clip search on or off), so that applying the plan solves the weights it chose.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .arch import Architecture
 from .errors import SizewiseError
 from .quant.formats import FloatFormat, Format
+from .quant.methods import check_options
 from .quant.registry import format_from_dict
 from .quant.uniform import QuantFormat
 
@@ -35,8 +38,10 @@ class Choice:
 @dataclass
 class Plan:
     choices: list[Choice]
+    options: dict = field(default_factory=dict)     # method options it was chosen with; a run's own win
 
     def __post_init__(self):
+        check_options(self.options)
         self.by_name = {c.name: c for c in self.choices}
         if len(self.by_name) != len(self.choices):
             raise SizewiseError("plan names a weight twice")
@@ -58,13 +63,16 @@ class Plan:
         return {c.method for c in self.choices} - {"float"}
 
     def to_json(self) -> str:
-        return json.dumps({"plan_version": 1, "choices": [c.to_dict() for c in self.choices]}, indent=1)
+        d = {"plan_version": 1, "choices": [c.to_dict() for c in self.choices]}
+        if self.options:
+            d["options"] = self.options
+        return json.dumps(d, indent=1)
 
     @classmethod
     def from_json(cls, text: str) -> "Plan":
         try:
             d = json.loads(text)
-            return cls([Choice.from_dict(c) for c in d["choices"]])
+            return cls([Choice.from_dict(c) for c in d["choices"]], d.get("options", {}))
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise SizewiseError(f"not a sizewise plan: {e}") from None
 

@@ -182,24 +182,8 @@ class Recipe:
             methods.get(name)
         if self.plan is None and self.budget is None:
             methods.check_format(self.pipeline.quantizer, self.format)
-        self._check_options()
+        methods.check_options(self.options)
         return self
-
-    def _check_options(self) -> None:
-        """Options are typed by the defaults of the methods that take them (GPTQ: block_size int,
-        act_order bool, damp float, clip_search bool)."""
-        known = {k: v for m in methods.METHODS.values() for k, v in m.options.items()}
-        for key, value in self.options.items():
-            if key not in known:
-                raise SizewiseError(f"unknown method option {key!r}; known: {', '.join(sorted(known))}")
-            want = type(known[key])
-            ok = isinstance(value, want) and not (want is not bool and isinstance(value, bool))
-            if want is float and isinstance(value, int) and not isinstance(value, bool):
-                ok = True
-            if not ok:
-                raise SizewiseError(f"method option {key}={value!r} must be a {want.__name__}")
-        if self.options.get("damp", 0) < 0 or self.options.get("block_size", 1) < 1:
-            raise SizewiseError("GPTQ's damp must be >= 0 and its block size >= 1")
 
     # --- JSON ---------------------------------------------------------------------------------
 

@@ -226,7 +226,8 @@ def sweep(model: str | Path, budgets: str | list[str | Budget], out: str | Path,
         allocs = [api_budget.choose_measured(src, arch, config.calib, prof, sizes, b, options=config.options,
                                              samples=measure_samples, progress=progress, cache=solved_cache)
                   for b in blist]
-        solved = {} if sequential else solved_cache.solved_weights()    # the chosen plans' weights, reused
+        # the chosen plans' weights, reused (solved with each plan's own options: `Plan.options`)
+        solved = [{} if sequential else solved_cache.solved_weights(a.plan.options) for a in allocs]
         del solved_cache
         choose_s = time.perf_counter() - t0
         src_info = src.info
@@ -240,11 +241,11 @@ def sweep(model: str | Path, budgets: str | list[str | Budget], out: str | Path,
             t0 = time.perf_counter()
             res = api_budget.compress_allocation(model, alloc, tmp / d, config, progress=progress,
                                                  allow_pickle=allow_pickle, stats=None if sequential else stats,
-                                                 solved=solved, gguf=tmp / f"{d}.gguf" if format == "gguf" else None)
+                                                 solved=solved[i - 1], gguf=tmp / f"{d}.gguf" if format == "gguf" else None)
             compress_s[d] = time.perf_counter() - t0
             points.append({"kind": "allocated", "label": d, "dir": d, "budget": b.text, "budget_kind": b.kind,
                            "budget_value": float(b.value), "predicted_kl": alloc.predicted_total,
-                           "how": alloc.note, "measured_plans": alloc.measured,
+                           "how": alloc.note, "options": alloc.plan.options, "measured_plans": alloc.measured,
                            "choices": [_choice_label(c) for c in alloc.plan.choices if c.name in linear_set],
                            "bits": [_bits(c) for c in alloc.plan.choices if c.name in linear_set],
                            "kinds": [c.format.compression for c in alloc.plan.choices if c.name in linear_set],

@@ -16,7 +16,7 @@ The modules, each depending only on those before it:
     profile     the sensitivity proxy: Fisher diagonal, profile_model, token-table costs
     knapsack    solve_mckp, exact
     cache       SolvedCache: solved weights and reference log-probabilities that measuring shares
-    choice      Allocation, allocate, uniform plans, plan_variants, measure_plans, render
+    choice      Allocation, allocate, uniform plans, plan_variants, option_variants, measure_plans, render
 
 Loading a model, caching profiles, choosing among measured plans and compressing to a budget sit
 above the allocator, in `sizewise.api.budget` (plan_for_budget, compress_to_budget, ...); the GGUF
@@ -27,7 +27,8 @@ neither the API nor the exporters.
 from .budgets import Budget, check_budget, parse_budget
 from .cache import SolvedCache
 from .candidates import GGML_FORMATS, JOINT_AXES, Candidate, JointAxes, budget_candidates, candidate_set, gguf_candidate_set
-from .choice import Allocation, allocate, kinds_line, measure_plans, plan_variants, render, uniform_allocations
+from .choice import (Allocation, allocate, kinds_line, measure_plans, option_variants, plan_variants, render,
+                     uniform_allocations)
 from .knapsack import Solution, solve_mckp
 from .profile import (PROFILE_VERSION, LayerProfile, Profile, add_table_costs, fisher_diagonal, has_table_costs,
                       profile_model)
@@ -37,5 +38,5 @@ __all__ = ["ARTIFACT", "Allocation", "ArtifactLayout", "Budget", "Candidate", "G
            "LayerProfile", "budget_candidates",
            "LayerSizes", "PROFILE_VERSION", "Profile", "Row", "SizeTable", "Solution", "SolvedCache",
            "add_table_costs", "allocate", "kinds_line", "candidate_set", "check_budget", "file_layout", "fisher_diagonal",
-           "gguf_candidate_set", "has_table_costs", "measure_plans", "parse_budget", "plan_variants",
+           "gguf_candidate_set", "has_table_costs", "measure_plans", "option_variants", "parse_budget", "plan_variants",
            "profile_model", "render", "size_table", "solve_mckp", "uniform_allocations"]

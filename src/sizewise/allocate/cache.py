@@ -24,12 +24,15 @@ class SolvedCache:
         or the float weight), not dense; `solved_weights` hands the quantized ones to
         `api.compress(..., solved=...)`;
       - held-out calibration samples (`held_out`), drawn once per calibration setting.
+    Weights solved with other method options (GPTQ's clip search off) and the KLs of plans made of
+    them live in a sibling cache (`with_options`), which shares the references and held-out samples.
     """
 
     references: dict[tuple, list[torch.Tensor]] = field(default_factory=dict)   # samples key -> log-probs
     kls: dict[tuple, float] = field(default_factory=dict)    # (samples key, float dtype, arithmetic, plan) -> KL
     weights: dict[tuple[str, Candidate], object] = field(default_factory=dict)  # (weight name, candidate) -> solved
     held_outs: dict[tuple, torch.Tensor] = field(default_factory=dict)   # (text, samples, length, seed) -> samples
+    variants: dict[tuple, "SolvedCache"] = field(default_factory=dict)  # sorted option items -> sibling cache
 
     @staticmethod
     def samples_key(samples: torch.Tensor) -> tuple:
@@ -61,8 +64,18 @@ class SolvedCache:
             self.held_outs[key] = draw()
         return self.held_outs[key]
 
-    def solved_weights(self) -> dict:
-        """(weight name, method, format) -> QuantizedTensor: the weights the plans were measured with,
-        which `api.compress(..., stats=..., solved=...)` then reuses (float weights left out)."""
-        return {(name, cand.method, cand.format): v for (name, cand), v in self.weights.items()
+    def with_options(self, options: dict) -> "SolvedCache":
+        """The cache of weights solved with `options` over the caller's own (this cache's when empty)."""
+        key = tuple(sorted(options.items()))
+        if not key:
+            return self
+        if key not in self.variants:
+            self.variants[key] = SolvedCache(references=self.references, held_outs=self.held_outs)
+        return self.variants[key]
+
+    def solved_weights(self, options: dict | None = None) -> dict:
+        """(weight name, method, format) -> QuantizedTensor: the weights the plans were measured with
+        (solved with `options`, a plan's own: `with_options`), which `api.compress(..., stats=...,
+        solved=...)` then reuses (float weights left out)."""
+        return {(name, cand.method, cand.format): v for (name, cand), v in self.with_options(options or {}).weights.items()
                 if not isinstance(v, torch.Tensor)}

@@ -1,5 +1,5 @@
 """Choosing a plan: the knapsack's plan for a budget (`allocate`), uniform plans, the variants worth
-measuring (`plan_variants`), their measured KL (`measure_plans`), and the plan as a table (`render`).
+measuring (`plan_variants`, and the method options worth measuring: `option_variants`), their measured KL (`measure_plans`), and the plan as a table (`render`).
 
 Costs stop adding up when many layers are coarse (errors compound: at 3.3 bpw on SmolLM2 the
 prediction was 0.79 nats, the measurement 1.29), so the knapsack's plan is measured next to the
@@ -62,7 +62,8 @@ class Allocation:
                 "bits_per_weight": self.bits_per_weight, "file_bytes_bound": self.file_bytes,
                 "file_layout": self.layout.describe(),
                 "predicted_kl": self.predicted_total, "predicted": self.predicted,
-                "knapsack_states": self.states, "how": self.note, "measured_plans": self.measured,
+                "knapsack_states": self.states, "how": self.note, "options": self.plan.options,
+                "measured_plans": self.measured,
                 "profile": self.profile_protocol}
 
 
@@ -179,6 +180,24 @@ def plan_variants(profile: Profile, sizes: SizeTable, budget: Budget | str) -> l
             seen.add(key)
             unique.append(a)
     return unique
+
+
+# method options a budget measures both ways where its plan's methods take them and the user left them
+# unset. GPTQ's clip search lowers each layer's own output error at int3 (by ~10% on the first layers
+# of SmolLM2 and Qwen2.5-Coder-0.5B) but not always the model's: at int3 g64 the KL on WikiText-2 falls
+# 0.737 -> 0.511 on SmolLM2 and rises 0.190 -> 0.224 on Qwen2.5-Coder (bench/clip_effect.py).
+MEASURED_OPTIONS = ("clip_search",)
+
+
+def option_variants(plan: Plan, options: dict | None) -> list[dict]:
+    """The options worth measuring `plan` with besides the defaults: each boolean of `MEASURED_OPTIONS`
+    that one of its methods takes and `options` leaves unset, flipped from the method's default."""
+    out = []
+    for key in MEASURED_OPTIONS:
+        defaults = [methods.get(m).options[key] for m in sorted(plan.methods()) if key in methods.get(m).options]
+        if defaults and key not in (options or {}):
+            out.append({key: not defaults[0]})
+    return out
 
 
 def measure_plans(model, arch: Architecture, allocs: list[Allocation], samples: torch.Tensor, *,
@@ -362,4 +381,7 @@ def render(alloc: Allocation) -> str:
     rows.append(f"total: {alloc.bits_per_weight:.4f} bits/weight over {alloc.linear_params / 1e6:.2f}M linear weights; "
                 f"{alloc.layout.noun} at most {alloc.file_bytes / 1e6:.2f} MB; budget {alloc.budget.describe()}; "
                 f"predicted KL {alloc.predicted_total:.4g} nats/token")
+    if alloc.plan.options:
+        rows.append("method options chosen by measurement: "
+                    + ", ".join(f"{k}={v}" for k, v in sorted(alloc.plan.options.items())))
     return "\n".join(rows)

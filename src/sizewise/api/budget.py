@@ -32,7 +32,8 @@ import numpy as np
 from .. import artifact, builtins, data, engine, memory
 from ..allocate import (PROFILE_VERSION, Allocation, Budget, Candidate, Profile, SizeTable, SolvedCache,
                         add_table_costs, allocate, budget_candidates, check_budget, gguf_candidate_set,
-                        has_table_costs, measure_plans, parse_budget, plan_variants, profile_model, size_table)
+                        has_table_costs, measure_plans, option_variants, parse_budget, plan_variants, profile_model,
+                        size_table)
 from ..allocate import file_layout as _allocator_layout
 from ..allocate.profile import needs_head_stats
 from ..arch import Architecture, discover
@@ -41,6 +42,7 @@ from ..atomic import write_text
 from ..checkpoint import NotesCheckpoint, versions
 from ..data import tensor_sha256
 from ..errors import SizewiseError
+from ..plan import Plan
 from ..quant import methods
 from ..quant.formats import TORCH_DTYPES
 from .compression import CalibConfig, CompressConfig, _calibration, _source, compress
@@ -145,20 +147,38 @@ def choose_measured(src, arch: Architecture, calib, profile: Profile, sizes: Siz
 
     The knapsack is exact for its additive prediction, but real costs stop adding up when many
     layers are coarse: this keeps the allocation from ever losing to a plan it could have made.
+    The winner is then measured with each option of `allocate.option_variants` flipped (GPTQ's clip
+    search off, unless `options` sets it); the plan keeps the better (`Plan.options`).
     """
     allocs = plan_variants(profile, sizes, budget)
-    if len(allocs) == 1 or samples < 1:
+    if samples < 1 or (len(allocs) == 1 and not option_variants(allocs[0].plan, options)):
         return allocs[0]
     stats = profile_statistics(src, arch, calib, profile, progress)
     cache = SolvedCache() if cache is None else cache
     held = cache.held_out((calib.text, samples, calib.length, calib.seed + 1),
                           lambda: _calibration(src, replace(calib, samples=samples, seed=calib.seed + 1), progress)[0])
     t0 = time.perf_counter()
-    kls = measure_plans(src.model, arch, allocs, held, stats=stats, options=options, batch=calib.batch,
-                        progress=progress, cache=cache, text_given=calib.text is not None)
+
+    def measure(plans, extra=None):
+        return measure_plans(src.model, arch, plans, held, stats=stats, options={**(options or {}), **(extra or {})},
+                             batch=calib.batch, progress=progress, cache=cache.with_options(extra or {}),
+                             text_given=calib.text is not None)
+
+    kls = measure(allocs)
     best = allocs[int(np.argmin(kls))]
-    best.measured = [{"how": a.note, "bits_per_weight": a.bits_per_weight, "predicted_kl": a.predicted_total,
-                      "measured_kl": kl, "chosen": a is best} for a, kl in zip(allocs, kls)]
+    rows = [{"how": a.note, "bits_per_weight": a.bits_per_weight, "predicted_kl": a.predicted_total,
+             "measured_kl": kl, "chosen": a is best} for a, kl in zip(allocs, kls)]
+    chosen_kl, chosen = min(kls), rows[int(np.argmin(kls))]
+    # the best plan again with each method option measured both ways (GPTQ's clip search off), its
+    # weights solved again from the same statistics; the plan keeps the options of the least KL
+    for extra in option_variants(best.plan, options):
+        kl = measure([best], extra)[0]
+        rows.append({"how": best.note, "options": extra, "bits_per_weight": best.bits_per_weight,
+                     "predicted_kl": best.predicted_total, "measured_kl": kl, "chosen": False})
+        if kl < chosen_kl:
+            chosen["chosen"], rows[-1]["chosen"], chosen_kl, chosen = False, True, kl, rows[-1]
+            best.plan = Plan(best.plan.choices, extra)
+    best.measured = rows
     best.profile_protocol = {**best.profile_protocol, "measure": {
         "samples": samples, "length": calib.length, "seed": calib.seed + 1, "tokens": int(held.numel()),
         "weights": "solved at once from the float model's statistics", "measure_s": time.perf_counter() - t0}}
@@ -213,7 +233,7 @@ def _allocated(model, budget: str | Budget, *, calib, quantizers, candidates, fl
         alloc = allocate(prof, sizes, budget)
     if not solve:
         return alloc, None, {}
-    return alloc, profile_statistics(src, arch, calib, prof, progress), solved.solved_weights()
+    return alloc, profile_statistics(src, arch, calib, prof, progress), solved.solved_weights(alloc.plan.options)
 
 
 def compress_to_budget(model, budget: str | Budget, out: str | Path | None = None, config=None, *,

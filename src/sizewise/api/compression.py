@@ -79,6 +79,8 @@ def compress(model: str | Path | Source, config: CompressConfig | None = None, o
     layer by layer from disk); `Result.model` is then None: load `out` to use the result.
     """
     config = config or CompressConfig()
+    if config.plan is not None and config.plan.options:    # what the plan was measured with, unless overridden
+        config = replace(config, options={**config.plan.options, **config.options})
     if out is not None:
         artifact.check_output(Path(out), overwrite)
     if config.float_dtype not in TORCH_DTYPES:

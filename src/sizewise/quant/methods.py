@@ -126,6 +126,25 @@ METHODS = {m.name: m for m in [
 ]}
 
 
+def check_options(options: dict) -> None:
+    """Method options are typed by the defaults of the methods that take them (GPTQ: block_size int,
+    act_order bool, damp float, clip_search bool); one-line error otherwise."""
+    if not isinstance(options, dict):
+        raise SizewiseError("method options are a JSON object")
+    known = {k: v for m in METHODS.values() for k, v in m.options.items()}
+    for key, value in options.items():
+        if key not in known:
+            raise SizewiseError(f"unknown method option {key!r}; known: {', '.join(sorted(known))}")
+        want = type(known[key])
+        ok = isinstance(value, want) and not (want is not bool and isinstance(value, bool))
+        if want is float and isinstance(value, int) and not isinstance(value, bool):
+            ok = True
+        if not ok:
+            raise SizewiseError(f"method option {key}={value!r} must be a {want.__name__}")
+    if options.get("damp", 0) < 0 or options.get("block_size", 1) < 1:
+        raise SizewiseError("GPTQ's damp must be >= 0 and its block size >= 1")
+
+
 def format_for(name: str, grid: Format, *, sparsity: str | None = None, rank: int | None = None,
                float_dtype: str = "float16") -> Format:
     """The format a method stores, from the flags: `grid` (--bits, --group-size) for quantizers and for
