@@ -305,13 +305,47 @@ def test_measured_plans_read_one_layer_at_a_time_and_leave_every_layer_on_disk(s
     assert kls[0] == kls[1] and all(k > 0 for k in kls[0])
 
 
-def test_a_lazy_float_model_exports_dense(sharded, monkeypatch, tmp_path):
+def test_a_lazy_float_model_exports_dense_without_reading_a_layer_whole(sharded, monkeypatch, tmp_path):
+    """HF and GGUF exports of a model on disk read one tensor at a time (no layer is materialized) and
+    write what the loaded model would: the same weights, the same GGUF bytes."""
     monkeypatch.setenv(lazy.ENV, "1")
+    read = lazy._materialize
+    monkeypatch.setattr(lazy, "_materialize", lambda rec: pytest.fail("a layer was read whole"))
+    gguf = sharded.name == "llama"       # (the tiny qwen2's vocabulary is smaller than its tokenizer's)
     assert main(["export", str(sharded), "--format", "hf", "--dtype", "bfloat16", "-o", str(tmp_path / "h")]) == 0
+    assert not gguf or main(["export", str(sharded), "--format", "gguf", "--float-dtype", "float16",
+                             "-o", str(tmp_path / "lazy.gguf")]) == 0
+    monkeypatch.setattr(lazy, "_materialize", read)
     monkeypatch.setenv(lazy.ENV, "0")
     want = dict(sources.load(sharded).model.named_parameters())
     got = dict(sources.load(tmp_path / "h").model.named_parameters())
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    if gguf:
+        assert main(["export", str(sharded), "--format", "gguf", "--float-dtype", "float16",
+                     "-o", str(tmp_path / "eager.gguf")]) == 0
+        assert (tmp_path / "lazy.gguf").read_bytes() == (tmp_path / "eager.gguf").read_bytes()
+
+
+def test_a_dense_copy_is_written_in_shards_transformers_loads(tiny_dirs, tmp_path):
+    """Shards of at most `shard_bytes` (one tensor may exceed it) and transformers' index; a tied head
+    is written once and tied again on loading."""
+    import transformers as tf
+
+    from sizewise.export.hf import INDEX, write_dense
+
+    src = sources.load(tiny_dirs["llama"])
+    assert src.model.config.tie_word_embeddings
+    res = write_dense(src.model, src.tokenizer, tmp_path / "h", dtype="float32", shard_bytes=20_000)
+    index = json.loads((tmp_path / "h" / INDEX).read_text())
+    assert res["shards"] > 2 and len(set(index["weight_map"].values())) == res["shards"]
+    assert "lm_head.weight" not in index["weight_map"]
+    for file in set(index["weight_map"].values()):
+        tensors = load_file(str(tmp_path / "h" / file))
+        assert len(tensors) == 1 or sum(t.nbytes for t in tensors.values()) <= 20_000
+    back = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "h")
+    x = torch.randint(0, 300, (1, 12))
+    with torch.no_grad():
+        assert torch.equal(back(x).logits, src.model(x).logits)
 
 
 def test_models_above_the_size_threshold_stay_on_disk_by_default(monkeypatch, tmp_path):

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import weakref
+from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -210,6 +211,44 @@ def each_parameter(model: nn.Module):
                 yield from walk(child, f"{prefix}{name}.")
 
     yield from walk(model, "")
+
+
+class StateTensors(Mapping):
+    """`model.state_dict()` read one tensor at a time, when asked for: a parameter of a layer on disk is
+    read alone (the layer stays on disk), the others are given as they are. For writers that stream a
+    whole model (GGUF, safetensors shards) without holding it: `described()` sizes the file first,
+    `tied` names the tensors that are another name's (a tied head)."""
+
+    def __init__(self, model: nn.Module):
+        self._state = model.state_dict()          # in order; a layer on disk gives meta tensors
+        self._disk = {f"{prefix}.{name}": (rec, name) for prefix, m in model.named_modules()
+                      if (rec := _LAYERS.get(m)) is not None for name in rec.where}
+        first: dict[tuple, str] = {}
+        self.tied: dict[str, str] = {}
+        for name, t in self._state.items():
+            if not t.is_meta:
+                key = (t.data_ptr(), t.dtype, tuple(t.shape))
+                if key in first:
+                    self.tied[name] = first[key]
+                else:
+                    first[key] = name
+
+    def __iter__(self):
+        return iter(self._state)
+
+    def __len__(self) -> int:
+        return len(self._state)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        t = self._state[name]
+        if t.is_meta and name in self._disk:
+            rec, inner = self._disk[name]
+            return rec.loaded[inner][0].detach() if rec.loaded else _read(rec, [inner])[inner]
+        return t
+
+    def described(self) -> dict[str, torch.Tensor]:
+        """Every tensor as a meta tensor of its shape and dtype (nothing read)."""
+        return {name: torch.empty(t.shape, dtype=t.dtype, device="meta") for name, t in self._state.items()}
 
 
 def drop_weight(module: nn.Module) -> None:

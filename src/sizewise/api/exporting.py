@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -57,7 +58,6 @@ def export(path: str | Path, out: str | Path, *, format: str = "gguf", overwrite
 
         artifact.check_output(Path(out), overwrite)
         src = _source(path)
-        lazy.materialize_all(src.model)     # save_pretrained writes every weight at once
         return write_dense(src.model, src.tokenizer, out, dtype=float_dtype or "bfloat16", overwrite=overwrite)
     if format == "compressed-tensors":
         from ..export.compressed_tensors import write_compressed_tensors
@@ -112,14 +112,26 @@ def _export_float(model: str | Path, out: Path, float_dtype: str, tokenizer_pre:
     from ..export.gguf import write_gguf
 
     src = _source(model)
-    lazy.materialize_all(src.model)     # every weight is written at once
-    dtype = TORCH_DTYPES[float_dtype]
-    for name, t in src.model.state_dict().items():
-        check_storable(name, t, float_dtype)
-    weights = {name: t.detach().to(dtype) for name, t in src.model.state_dict().items()}
+    # read one tensor at a time, as the file is written (a layer on disk stays there)
+    tensors, dtype = lazy.StateTensors(src.model), TORCH_DTYPES[float_dtype]
+    described = {n: t.to(dtype) for n, t in tensors.described().items()}
+
+    class Cast(Mapping):
+        def __iter__(self):
+            return iter(tensors)
+
+        def __len__(self):
+            return len(tensors)
+
+        def __getitem__(self, name):
+            t = tensors[name]
+            check_storable(name, t, float_dtype)     # a failure leaves no file (`write_gguf` stages it)
+            return t.to(dtype)
+
     if metadata is None:
         metadata = {"general.source.url": f"sizewise {src.info['kind']} {src.info['spec']}"}
-    written = write_gguf(out, src.model.config, weights, src.tokenizer, name=name,
-                         tokenizer_pre=tokenizer_pre or src.info.get("tokenizer_pre"), metadata=metadata)
+    written = write_gguf(out, src.model.config, Cast(), src.tokenizer, name=name,
+                         tokenizer_pre=tokenizer_pre or src.info.get("tokenizer_pre"), metadata=metadata,
+                         described=described)
     types = Counter(gguf.GGMLQuantizationType(t.tensor_type).name for t in gguf.GGUFReader(written).tensors)
     return {"path": str(written), "bytes": written.stat().st_size, "tensor_types": dict(types)}
