@@ -131,7 +131,7 @@ def test_a_budget_is_solved_from_its_profiles_statistics_and_its_recipe_rebuilds
 
 @pytest.mark.parametrize("winner", ["search off", "search on"])
 def test_a_budget_measures_gptqs_clip_search_both_ways_and_its_recipe_rebuilds_the_winner(
-        tiny_dirs, tmp_path, monkeypatch, winner):
+        tiny_dirs, tmp_path, monkeypatch, capsys, winner):
     """The budget's best plan is measured again with GPTQ's clip search off; the plan keeps the options
     of the lower KL (made to win here), the manifest and recipe record them, and the recipe rebuilds
     the same bytes. With --no-clip-search nothing is measured twice."""
@@ -151,6 +151,8 @@ def test_a_budget_measures_gptqs_clip_search_both_ways_and_its_recipe_rebuilds_t
     common = ["--calib", str(tiny_dirs["text"]), "--calib-samples", "8", "--calib-len", "32", "--quiet"]
     first = tmp_path / "a"
     assert main(["compress", str(tiny_dirs["llama"]), "--budget", "3.5bpw", "-o", str(first), *common]) == 0
+    assert ("method options chosen by measurement: clip_search=False" in capsys.readouterr().out) \
+        == (winner == "search off")
     manifest = json.loads((first / "manifest.json").read_text())
     rows = manifest["allocation"]["measured_plans"]
     variant = [r for r in rows if r.get("options")]

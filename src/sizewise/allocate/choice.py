@@ -382,6 +382,10 @@ def render(alloc: Allocation) -> str:
                 f"{alloc.layout.noun} at most {alloc.file_bytes / 1e6:.2f} MB; budget {alloc.budget.describe()}; "
                 f"predicted KL {alloc.predicted_total:.4g} nats/token")
     if alloc.plan.options:
-        rows.append("method options chosen by measurement: "
-                    + ", ".join(f"{k}={v}" for k, v in sorted(alloc.plan.options.items())))
+        rows.append(options_line(alloc.plan))
     return "\n".join(rows)
+
+
+def options_line(plan: Plan) -> str:
+    """'method options chosen by measurement: clip_search=False' for a plan's own options."""
+    return "method options chosen by measurement: " + ", ".join(f"{k}={v}" for k, v in sorted(plan.options.items()))

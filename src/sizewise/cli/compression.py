@@ -144,11 +144,12 @@ def compress(ctx, model, output, method, bits, sparsity, lowrank, group_size, sy
                    f"{pruned['params_before'] / 1e6:.2f}M -> {pruned['params_after'] / 1e6:.2f}M "
                    f"(-{1 - pruned['params_after'] / pruned['params_before']:.1%})")
     if alloc is not None and recipe.output != "gguf":
-        from ..allocate import kinds_line
+        from ..allocate.choice import kinds_line, options_line
 
         click.echo(f"allocated for {recipe.budget}: predicted KL {alloc.predicted_total:.4g} nats/token "
                    f"(`sizewise info {output}` lists every layer); "
-                   + kinds_line([c.format.compression for c in alloc.plan.choices]))
+                   + kinds_line([c.format.compression for c in alloc.plan.choices])
+                   + (f"; {options_line(alloc.plan)}" if alloc.plan.options else ""))
     if recipe.output == "gguf":
         e = res.exported
         types = ", ".join(f"{n} x {t}" for t, n in sorted(e["tensor_types"].items(), key=lambda kv: -kv[1]))
