@@ -217,9 +217,11 @@ class StateTensors(Mapping):
     """`model.state_dict()` read one tensor at a time, when asked for: a parameter of a layer on disk is
     read alone (the layer stays on disk), the others are given as they are. For writers that stream a
     whole model (GGUF, safetensors shards) without holding it: `described()` sizes the file first,
-    `tied` names the tensors that are another name's (a tied head)."""
+    `tied` names the tensors that are another name's (a tied head). `convert(name, tensor)`, if given,
+    is applied to each tensor as it is read (a cast, checked)."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, convert=None):
+        self._convert = convert or (lambda name, t: t)
         self._state = model.state_dict()          # in order; a layer on disk gives meta tensors
         self._disk = {f"{prefix}.{name}": (rec, name) for prefix, m in model.named_modules()
                       if (rec := _LAYERS.get(m)) is not None for name in rec.where}
@@ -243,12 +245,13 @@ class StateTensors(Mapping):
         t = self._state[name]
         if t.is_meta and name in self._disk:
             rec, inner = self._disk[name]
-            return rec.loaded[inner][0].detach() if rec.loaded else _read(rec, [inner])[inner]
-        return t
+            t = rec.loaded[inner][0].detach() if rec.loaded else _read(rec, [inner])[inner]
+        return self._convert(name, t)
 
     def described(self) -> dict[str, torch.Tensor]:
-        """Every tensor as a meta tensor of its shape and dtype (nothing read)."""
-        return {name: torch.empty(t.shape, dtype=t.dtype, device="meta") for name, t in self._state.items()}
+        """Every tensor as a meta tensor of its shape and dtype, converted (nothing read)."""
+        return {name: self._convert(name, torch.empty(t.shape, dtype=t.dtype, device="meta"))
+                for name, t in self._state.items()}
 
 
 def drop_weight(module: nn.Module) -> None:

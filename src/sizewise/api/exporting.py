@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
 from .. import artifact, lazy
 from ..errors import SizewiseError
-from ..quant.formats import TORCH_DTYPES, check_storable
+from ..quant.formats import TORCH_DTYPES, stored_as
 from .compression import _source
 
 
@@ -112,26 +111,13 @@ def _export_float(model: str | Path, out: Path, float_dtype: str, tokenizer_pre:
     from ..export.gguf import write_gguf
 
     src = _source(model)
-    # read one tensor at a time, as the file is written (a layer on disk stays there)
-    tensors, dtype = lazy.StateTensors(src.model), TORCH_DTYPES[float_dtype]
-    described = {n: t.to(dtype) for n, t in tensors.described().items()}
-
-    class Cast(Mapping):
-        def __iter__(self):
-            return iter(tensors)
-
-        def __len__(self):
-            return len(tensors)
-
-        def __getitem__(self, name):
-            t = tensors[name]
-            check_storable(name, t, float_dtype)     # a failure leaves no file (`write_gguf` stages it)
-            return t.to(dtype)
-
+    # read one tensor at a time, as the file is written (a layer on disk stays there); a tensor the
+    # dtype cannot hold fails the export, which then leaves no file (`write_gguf` stages it)
+    tensors = lazy.StateTensors(src.model, convert=stored_as(float_dtype))
     if metadata is None:
         metadata = {"general.source.url": f"sizewise {src.info['kind']} {src.info['spec']}"}
-    written = write_gguf(out, src.model.config, Cast(), src.tokenizer, name=name,
+    written = write_gguf(out, src.model.config, tensors, src.tokenizer, name=name,
                          tokenizer_pre=tokenizer_pre or src.info.get("tokenizer_pre"), metadata=metadata,
-                         described=described)
+                         described=tensors.described())
     types = Counter(gguf.GGMLQuantizationType(t.tensor_type).name for t in gguf.GGUFReader(written).tensors)
     return {"path": str(written), "bytes": written.stat().st_size, "tensor_types": dict(types)}

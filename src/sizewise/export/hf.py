@@ -19,7 +19,7 @@ from ..artifact import check_output
 from ..atomic import staged_dir
 from ..errors import SizewiseError
 from ..lazy import StateTensors
-from ..quant.formats import TORCH_DTYPES, check_storable
+from ..quant.formats import TORCH_DTYPES, stored_as
 
 SHARD_BYTES = 1 << 30
 WEIGHTS, INDEX = "model.safetensors", "model.safetensors.index.json"     # transformers' file names
@@ -32,7 +32,7 @@ def write_dense(model, tokenizer, out: str | Path, *, dtype: str = "bfloat16", o
         raise SizewiseError(f"dtype must be one of {sorted(TORCH_DTYPES)}, got {dtype!r}")
     out = Path(out)
     check_output(out, overwrite)
-    tensors = StateTensors(model)
+    tensors = StateTensors(model, convert=stored_as(dtype))
     with staged_dir(out, overwrite=overwrite) as tmp:
         config = copy.deepcopy(model.config)
         config.dtype = TORCH_DTYPES[dtype]
@@ -51,9 +51,7 @@ def write_dense(model, tokenizer, out: str | Path, *, dtype: str = "bfloat16", o
         for name in tensors:
             if name in tensors.tied:            # a tied head: transformers ties it again on loading
                 continue
-            t = tensors[name]
-            check_storable(name, t, dtype)
-            t = t.to(TORCH_DTYPES[dtype]).contiguous()
+            t = tensors[name].contiguous()
             if shard and size + t.nbytes > shard_bytes:
                 flush()
             shard[name], size, total = t, size + t.nbytes, total + t.nbytes

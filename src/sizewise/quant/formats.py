@@ -306,3 +306,15 @@ def check_storable(name: str, t: torch.Tensor, dtype: str | None = None) -> None
         if big > limit:
             raise SizewiseError(f"weight {name} holds {big:.4g}, beyond {dtype}'s range ({limit:.4g}); "
                                 "use --float-dtype float32 (or bfloat16)")
+
+
+def stored_as(dtype: str):
+    """(name, tensor) -> the tensor in float `dtype`, checked first (`check_storable`): the `convert` of a
+    writer that streams tensors (`lazy.StateTensors`). Meta tensors are only cast; non-float ones kept."""
+    def convert(name: str, t: torch.Tensor) -> torch.Tensor:
+        if not t.is_floating_point():
+            return t
+        if not t.is_meta:
+            check_storable(name, t, dtype)
+        return t.to(TORCH_DTYPES[dtype])
+    return convert
