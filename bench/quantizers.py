@@ -78,7 +78,7 @@ def main() -> None:
         sys.exit(f"no configuration matches --only {args.only}")
     dirs = {k: f"{k}.{args.calib_dtype}" for k in manifests}
     res = sizewise.api.compare(args.model, [out / d for d in dirs.values()], args.text, ctx=1024,
-                               windows=args.windows, out=out / f"report.{args.calib_dtype}")
+                               windows=args.windows, out=out / f"report.{args.calib_dtype}", overwrite=True)   # this run's own
     ref_ppl = res["reference"]["perplexity"]
     rows = [{"label": k, **summary(m), **{x: res["candidates"][dirs[k]][x] for x in ("perplexity", "kl", "top1_agreement")}}
             for k, m in manifests.items()]
