@@ -11,6 +11,7 @@ average are recorded: wall times on a shared machine are noisy, CPU times much l
   - rtn:      compress MODEL --method rtn --bits 4 --group-size 64    (the baseline the budget must beat)
   - budget-rtn-size: compress MODEL --budget 4.3125bpw --calib TEXT (the default at that baseline's size)
   - budget-noclip: compress MODEL --budget 3.5bpw --calib TEXT --no-clip-search
+  - budget-rotate: compress MODEL --budget 3.5bpw --method rotate+gptq,rotate+rtn --calib TEXT
 then `eval` of each on the first --windows windows of wikitext2-test, against the float model.
 
 `--src` runs another checkout's `src/` (e.g. a `git archive` of main for "before"); results go to
@@ -38,6 +39,8 @@ RUNS = {
     "budget-rtn-size": ["--budget", "4.3125bpw", "--calib", "{calib}"],   # the default at RTN w4g64's size
     # the default with GPTQ's clip search off (on Qwen2.5-Coder the search raises perplexity: bench/clip_effect.py)
     "budget-noclip": ["--budget", "3.5bpw", "--calib", "{calib}", "--no-clip-search"],
+    # the model rotated before it is profiled (the Hadamard rotation is Qwen2.5-Coder's best uniform method)
+    "budget-rotate": ["--budget", "3.5bpw", "--method", "rotate+gptq,rotate+rtn", "--calib", "{calib}"],
 }
 
 

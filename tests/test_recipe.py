@@ -51,7 +51,6 @@ def test_load_from_file(tmp_path):
     {"float_dtype": "float8"},
     {"output": "onnx"},
     {"budget": "3bpw", "skip": ["*.q_proj"]},
-    {"budget": "3bpw", "method": "rotate+gptq"},
     {"budget": "3bpw", "method": "awq+gptq,rtn"},
     {"method": "awq+gptq", "sequential": False},             # AWQ changes the model: no float statistics
     {"sequential": "yes"},

@@ -118,7 +118,7 @@ class Recipe:
         holds, unless AWQ changes the model first."""
         if self.sequential is not None:
             return self.sequential
-        return self.budget is None or self.pipeline.awq or self.pipeline.rotate or self.structured is not None
+        return self.budget is None or self.pipeline.awq or self.structured is not None
 
     @property
     def pipeline(self) -> methods.Pipeline:
@@ -129,8 +129,9 @@ class Recipe:
         """With a budget: (pipeline the plan is applied with, quantizers the allocator chooses among).
 
         "awq+gptq,awq+rtn" -> (awq+rtn, ("gptq", "rtn")): the plan is chosen on the float model, then
-        applied with AWQ's scales searched for each layer's chosen format. Rotations change the model
-        the profile measures, so they are not offered here (`compress --plan` applies them).
+        applied with AWQ's scales searched for each layer's chosen format. "rotate+gptq,rotate+rtn" ->
+        (rotate+rtn, ("gptq", "rtn")): the model is rotated before it is profiled, so the plan is
+        chosen for the rotated model.
         """
         pipes = [methods.parse(m) for m in self.method.split(",") if m.strip() != methods.LOWRANK]
         if not pipes:
@@ -139,11 +140,9 @@ class Recipe:
         if len({(p.rotate, p.awq) for p in pipes}) > 1:
             raise SizewiseError(f"--method {self.method}: every quantizer must share the same transforms "
                                 "(e.g. awq+gptq,awq+rtn)")
-        if pipes[0].rotate:
-            raise SizewiseError("--budget does not combine with rotate+ (the profile would measure the unrotated "
-                                "model); make a plan with `sizewise plan`, then `compress --plan FILE --method rotate+gptq`")
         lowrank = (methods.LOWRANK,) if methods.LOWRANK in (m.strip() for m in self.method.split(",")) else ()
-        return ("awq+rtn" if pipes[0].awq else "rtn"), tuple(p.quantizer for p in pipes) + lowrank
+        prefix = ("rotate+" if pipes[0].rotate else "") + ("awq+" if pipes[0].awq else "")
+        return prefix + "rtn", tuple(p.quantizer for p in pipes) + lowrank
 
     def check(self) -> "Recipe":
         """Every field names something that exists and fits the others; one-line error otherwise."""
@@ -165,9 +164,9 @@ class Recipe:
             self.structured.check()
         if self.sequential not in (None, True, False):
             raise SizewiseError(f"sequential must be true, false or null, got {self.sequential!r}")
-        if self.sequential is False and (self.pipeline.awq or self.pipeline.rotate or self.structured is not None):
-            raise SizewiseError("AWQ, rotations and structured pruning change the model before solving: they are "
-                                "solved sequentially, not from the float model's statistics")
+        if self.sequential is False and (self.pipeline.awq or self.structured is not None):
+            raise SizewiseError("AWQ and structured pruning change the model layer by layer as it is solved: they "
+                                "are solved sequentially, not from the float model's statistics")
         quantizers = self.budget_methods()[1] if self.budget is not None else (self.pipeline.quantizer,)
         if self.budget is not None:
             kinds = methods.split_budget_methods(quantizers)

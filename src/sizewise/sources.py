@@ -36,6 +36,9 @@ class Source:
     model: torch.nn.Module
     tokenizer: object
     info: dict = field(default_factory=dict)   # spec, kind, path, sha256, model_type, parameters
+    # transforms already applied to `model` in memory (name -> record), e.g. a budget rotates the model
+    # before profiling it and the compression that follows must not rotate it again
+    transforms: dict = field(default_factory=dict)
 
 
 def _weights_sha256(directory: Path) -> str:

@@ -45,7 +45,7 @@ from ..errors import SizewiseError
 from ..plan import Plan
 from ..quant import methods
 from ..quant.formats import TORCH_DTYPES
-from .compression import CalibConfig, CompressConfig, _calibration, _source, compress
+from .compression import CalibConfig, CompressConfig, _calibration, _source, compress, rotate_source
 from .exporting import export
 
 
@@ -65,8 +65,8 @@ def write_gguf(layout, artifact_dir, out, overwrite: bool = False) -> dict:
 
 
 def _profile_key(src_info: dict, calib, text_sha: str | None, candidates, options, fisher_samples: int,
-                 arithmetic: str | None) -> str:
-    d = {"v": PROFILE_VERSION, "model": src_info.get("sha256"), "text": text_sha, "samples": calib.samples,
+                 arithmetic: str | None, transforms: dict | None = None) -> str:
+    d = {"v": PROFILE_VERSION, "model": src_info.get("sha256"), "transforms": transforms or {}, "text": text_sha, "samples": calib.samples,
          "length": calib.length, "seed": calib.seed, "dtype": calib.dtype, "fisher_samples": fisher_samples,
          "options": options or {}, "candidates": [c.to_dict() for c in candidates], "arithmetic": arithmetic}
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:32]
@@ -87,7 +87,7 @@ def cached_profile(src, arch: Architecture, calib, candidates: tuple[Candidate, 
     one resumes from it (`restart` discards it first); removed once the profile is made.
     """
     text_sha = data.read_text(calib.text).sha256 if calib.text is not None else None
-    key = _profile_key(src.info, calib, text_sha, candidates, options, fisher_samples, arithmetic)
+    key = _profile_key(src.info, calib, text_sha, candidates, options, fisher_samples, arithmetic, src.transforms)
     path = builtins.cache_dir() / "profiles" / f"{key}.json"
     prof = None
     if cache and src.info.get("sha256") and path.is_file():
@@ -189,35 +189,40 @@ def plan_for_budget(model, budget: str | Budget, *, calib=None, quantizers: tupl
                     candidates: tuple[Candidate, ...] | None = None, float_dtype: str = "float16",
                     options: dict | None = None, fisher_samples: int = 8, cache: bool = True,
                     measure_samples: int = MEASURE_SAMPLES, progress: bool = True, allow_pickle: bool = False,
-                    layout="artifact", checkpoint: str | Path | None = None, restart: bool = False) -> Allocation:
+                    layout="artifact", checkpoint: str | Path | None = None, restart: bool = False,
+                    rotate: bool = False) -> Allocation:
     """Load MODEL (a spec or `Source`), check the budget from shapes alone, profile (cached), allocate.
 
     With `measure_samples` > 0 the knapsack's plan is checked against a few alternatives by
     measurement (`choose_measured`); 0 trusts the prediction alone. `layout`: the output file a byte
     budget bounds, "artifact" (the packed file) or "gguf" (the GGUF exported from it; the candidates
     must then be ggml types, by default `gguf_candidate_set(quantizers)`), or a layout object.
-    `checkpoint`, `restart`: the profiling pass's (`cached_profile`).
+    `checkpoint`, `restart`: the profiling pass's (`cached_profile`). `rotate`: the model is rotated first
+    (`api.compression.rotate_source`, in place) and profiled rotated: the plan is for the rotated model.
     """
     return _allocated(model, budget, calib=calib, quantizers=quantizers, candidates=candidates,
                       float_dtype=float_dtype, options=options, fisher_samples=fisher_samples, cache=cache,
                       measure_samples=measure_samples, progress=progress, allow_pickle=allow_pickle, layout=layout,
-                      checkpoint=checkpoint, restart=restart)[0]
+                      checkpoint=checkpoint, restart=restart, rotate=rotate)[0]
 
 
 def _allocated(model, budget: str | Budget, *, calib, quantizers, candidates, float_dtype, options, fisher_samples,
-               cache, measure_samples, progress, allow_pickle, layout, checkpoint, restart, solve: bool = False):
+               cache, measure_samples, progress, allow_pickle, layout, checkpoint, restart, solve: bool = False,
+               rotate: bool = False):
     """`plan_for_budget`'s work; with `solve` it also returns what compressing the plan can reuse: the
     float model's statistics (`profile_statistics`) and the weights measuring the plans solved from them.
     Returns (Allocation, statistics or None, solved weights)."""
     budget = parse_budget(budget)                       # a typo fails before anything loads
     src = _source(model, allow_pickle)
+    calib = (calib or CalibConfig()).resolved(next(src.model.parameters()).device)
+    if rotate:         # before sizing: an untied head is a new table; before the estimate: float32 now
+        rotate_source(src, calib.seed)
     arch = discover(src.model)
     layout = file_layout(layout, src)
     cands = candidates or (gguf_candidate_set(quantizers, float_dtype) if layout.kind == "gguf"
                            else budget_candidates(quantizers, float_dtype))
     sizes = size_table(src.model, arch, cands, float_dtype, layout)
     check_budget(budget, sizes)                         # before any expensive work
-    calib = (calib or CalibConfig()).resolved(next(src.model.parameters()).device)
     keep = measure_samples > 0 or solve
     memory.require(memory.peak_memory(src.model, task="plan", calibrated=True, batch=calib.batch,
                                       samples=0 if calib.offload else calib.samples, length=calib.length,
@@ -266,7 +271,7 @@ def compress_to_budget(model, budget: str | Budget, out: str | Path | None = Non
                                       fisher_samples=fisher_samples, cache=cache, measure_samples=measure_samples,
                                       progress=progress, allow_pickle=allow_pickle, layout=layout,
                                       checkpoint=profile_checkpoint, restart=restart,
-                                      solve=not config.solves_sequentially)
+                                      solve=not config.solves_sequentially, rotate=methods.parse(config.method).rotate)
     return compress_allocation(src, alloc, out, config, overwrite=overwrite, progress=progress, gguf=gguf,
                                checkpoint=checkpoint, restart=restart, stats=stats, solved=solved), alloc
 

@@ -111,13 +111,11 @@ def compress(model: str | Path | Source, config: CompressConfig | None = None, o
                                          compute_dtype=TORCH_DTYPES[config.calib.dtype], progress=progress,
                                          offload=Path(config.calib.offload) if config.calib.offload else None)
         arch = discover(m)
+    rotated_before = "rotate" in src.transforms
+    if rotated_before and not pipeline.rotate:
+        raise SizewiseError("the model in memory is rotated: compress it with a rotate+ method")
     if pipeline.rotate:
-        from ..quant.rotate import rotate_model
-
-        lazy.materialize_all(m)
-        if next(m.parameters()).dtype != torch.float32:    # a rotated weight rounded to bf16 would not be
-            m.float()                                       # the same function: the whole model in float32
-        transforms["rotate"] = rotate_model(m, arch, seed=config.calib.seed)
+        transforms["rotate"] = rotate_source(src, config.calib.seed)
         arch = discover(m)
     plan = config.plan or Plan.uniform(arch, pipeline.quantizer, config.format, skip=config.skip,
                                        float_dtype=config.float_dtype)
@@ -132,8 +130,9 @@ def compress(model: str | Path | Source, config: CompressConfig | None = None, o
         observed |= {"xtx", "abs_sum"}
     if needs_calib and any(c.format.reads_statistics for c in plan.choices if c.method != "float"):
         observed.add("xtx")
-    if stats is not None and (pipeline.awq or pipeline.rotate):
-        raise SizewiseError("AWQ and rotations transform the model: they cannot reuse saved statistics")
+    if stats is not None and (pipeline.awq or (pipeline.rotate and not rotated_before)):
+        raise SizewiseError("AWQ and rotations transform the model: they cannot reuse saved statistics "
+                            "of the model before it")
     c = config.calib
     # solved from the float model's statistics: given (a budget's profile kept them), or observed here
     # in one pass before any layer is solved; otherwise each layer observes its compressed predecessors
@@ -209,6 +208,27 @@ def compress(model: str | Path | Source, config: CompressConfig | None = None, o
             transforms["awq"] = [notes[i]["awq"] for i in sorted(notes)]
         return _finish(m, src, arch, config, plan, samples, stats, solved, quantized, transforms, calib_proto,
                        pruned, facts, t0, writer, keep_model)
+
+
+def rotate_source(src: Source, seed: int) -> dict:
+    """Rotate the source's model in place (`quant.rotate.rotate_model`), once: a source already rotated
+    (a budget rotates before profiling) keeps its rotation. Returns the rotation's record.
+
+    Every decoder layer is read and the whole model goes to float32: a rotated weight rounded back to
+    bf16 would not be the same function."""
+    done = src.transforms.get("rotate")
+    if done is not None:
+        if done["seed"] != seed:
+            raise SizewiseError(f"the model in memory was rotated with seed {done['seed']}, not {seed}")
+        return done
+    from ..quant.rotate import rotate_model
+
+    m = src.model
+    lazy.materialize_all(m)
+    if next(m.parameters()).dtype != torch.float32:
+        m.float()
+    src.transforms["rotate"] = rotate_model(m, discover(m), seed=seed)
+    return src.transforms["rotate"]
 
 
 class LayerOutput:

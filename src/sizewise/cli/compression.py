@@ -60,7 +60,7 @@ from .options import (
 @click.option("--sequential/--float-stats", default=None, help="How calibrated layers are solved: --sequential, each from "
               "its inputs with the layers before it already compressed (the default without --budget); --float-stats, "
               "every layer from one pass over the float model (the default with --budget: its profile has made that "
-              "pass, so no further one is run). AWQ, rotations and structured pruning are always sequential.")
+              "pass, so no further one is run). AWQ and structured pruning are always sequential (a budget rotates the model before profiling it).")
 @click.option("--format", "out_format", type=click.Choice(["artifact", "gguf"]), default="artifact", show_default=True,
               help="gguf: write -o FILE.gguf for llama.cpp instead of an artifact directory; the formats must be "
               "ggml block types (group size 32, float16 scales, --sym or --zero float16; or k-quants in a --plan); "

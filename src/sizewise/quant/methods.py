@@ -210,6 +210,9 @@ def split_budget_methods(names: tuple[str, ...]) -> BudgetMethods:
     """Sort a budget's method names (transforms already stripped) by what they add; one-line errors."""
     quantizers, pruners, lowrank, svd = [], [], False, False
     for n in names:
+        if n.split("+")[0] in TRANSFORMS:
+            raise SizewiseError(f"{n}: a plan is made for the model a transform (rotate+, awq+) leaves, which it does "
+                                "not hold; `compress --budget` transforms, plans and compresses in one run")
         if n == LOWRANK:
             lowrank = True
         elif get(n).stores == "factors":
