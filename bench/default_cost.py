@@ -147,10 +147,12 @@ def main() -> None:
         results["runs"][run_name] = row
         save(f"{name}-{args.tag}", results)
     runs = results["runs"]
-    if "uniform" in runs and "budget" in runs and runs["uniform"]["exit"] == 0 and runs["budget"]["exit"] == 0:
-        results["budget_over_uniform_cpu"] = round(runs["budget"]["cpu_s"] / runs["uniform"]["cpu_s"], 2)
-        results["budget_over_uniform_wall"] = round(runs["budget"]["wall_s"] / runs["uniform"]["wall_s"], 2)
-        save(f"{name}-{args.tag}", results)
+    for b in ("budget", "budget-rotate"):   # the default's cost, in whichever form the model gets it
+        if "uniform" in runs and b in runs and runs["uniform"]["exit"] == 0 and runs[b]["exit"] == 0:
+            key = b.replace("-", "_")
+            results[f"{key}_over_uniform_cpu"] = round(runs[b]["cpu_s"] / runs["uniform"]["cpu_s"], 2)
+            results[f"{key}_over_uniform_wall"] = round(runs[b]["wall_s"] / runs["uniform"]["wall_s"], 2)
+            save(f"{name}-{args.tag}", results)
     print(json.dumps({k: v for k, v in results.items() if k != "runs"}, indent=1))
 
 
