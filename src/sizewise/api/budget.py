@@ -66,9 +66,9 @@ def write_gguf(layout, artifact_dir, out, overwrite: bool = False) -> dict:
 
 def _profile_key(src_info: dict, calib, text_sha: str | None, candidates, options, fisher_samples: int,
                  arithmetic: str | None, transforms: dict | None = None) -> str:
-    d = {"v": PROFILE_VERSION, "model": src_info.get("sha256"), "transforms": transforms or {}, "text": text_sha, "samples": calib.samples,
-         "length": calib.length, "seed": calib.seed, "dtype": calib.dtype, "fisher_samples": fisher_samples,
-         "options": options or {}, "candidates": [c.to_dict() for c in candidates], "arithmetic": arithmetic}
+    d = {"v": PROFILE_VERSION, "model": src_info.get("sha256"), "transforms": transforms or {}, "text": text_sha,
+         "samples": calib.samples, "length": calib.length, "seed": calib.seed, "dtype": calib.dtype,
+         "fisher_samples": fisher_samples, "options": options or {}, "candidates": [c.to_dict() for c in candidates], "arithmetic": arithmetic}
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:32]
 
 
@@ -271,7 +271,8 @@ def compress_to_budget(model, budget: str | Budget, out: str | Path | None = Non
                                       fisher_samples=fisher_samples, cache=cache, measure_samples=measure_samples,
                                       progress=progress, allow_pickle=allow_pickle, layout=layout,
                                       checkpoint=profile_checkpoint, restart=restart,
-                                      solve=not config.solves_sequentially, rotate=methods.parse(config.method).rotate)
+                                      solve=not config.solves_sequentially,
+                                      rotate=methods.parse(config.method).rotate)
     return compress_allocation(src, alloc, out, config, overwrite=overwrite, progress=progress, gguf=gguf,
                                checkpoint=checkpoint, restart=restart, stats=stats, solved=solved), alloc
 
