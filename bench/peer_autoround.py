@@ -59,13 +59,31 @@ CONFIGS = {
 # --- worker (AutoRound's venv) -----------------------------------------------------------------
 
 
+class _Shards:
+    """The float checkpoint's tensors by name across all its safetensors files (Qwen's has three)."""
+
+    def __init__(self, directory: Path):
+        from safetensors import safe_open
+
+        files = [safe_open(f, "pt") for f in sorted(directory.glob("*.safetensors"))]
+        self.where = {k: f for f in files for k in f.keys()}
+
+    def keys(self):
+        return self.where.keys()
+
+    def get_tensor(self, name: str):
+        return self.where[name].get_tensor(name)
+
+    def get_slice(self, name: str):
+        return self.where[name].get_slice(name)
+
+
 def worker(spec_path: Path) -> None:
     import resource
 
     import auto_round
     import torch
     from auto_round import AutoRound
-    from safetensors import safe_open
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -139,7 +157,7 @@ def worker(spec_path: Path) -> None:
     record["packed_dir"] = str(packed)
     record["packed_quantization_config"] = json.loads((packed / "quantization_config.json").read_text())
 
-    float_file = safe_open(next(Path(spec["float_dir"]).glob("*.safetensors")), "pt")
+    float_file = _Shards(Path(spec["float_dir"]))
     float_shapes = {k[: -len(".weight")]: tuple(float_file.get_slice(k).get_shape()) for k in float_file.keys()
                     if k.startswith("model.layers.") and k.endswith("_proj.weight")}
     t1 = time.perf_counter()
