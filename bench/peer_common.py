@@ -202,7 +202,8 @@ def evaluate(model: str, dirs: list[Path], text: str, ctx: int, windows: int, re
     """Every finished peer model against the float model, with sizewise's evaluator, on one set of windows."""
     import sizewise
 
-    return sizewise.api.compare(model, dirs, text, ctx=ctx, windows=windows, out=report)
+    return sizewise.api.compare(model, dirs, text, ctx=ctx, windows=windows, out=report,
+                                overwrite=True)        # this run's own report (an earlier one may be there)
 
 
 def save_results(path: Path, payload: dict) -> Path:
